@@ -1,0 +1,77 @@
+"""``create_model``: one builder owning the concerns every family shares: config overrides,
+pretrained loading, gradient checkpointing and ``features_only``.
+
+Each family file registers short entry points that call :func:`build_model` with the family's
+model class, the variant's config dataclass and its ``checkpoint_filter_fn``. A model class is
+constructed as ``cls(cfg, num_classes=..., in_chans=..., drop_path_rate=...)`` and offers
+``feature_info``, ``forward_features``, ``forward_head``, ``forward_intermediates``,
+``reset_classifier``, ``set_grad_checkpointing`` and ``classifier_name``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence, Type
+
+import torch.nn as nn
+
+from ._checkpoint import FilterFn, load_checkpoint
+from ._features import FeatureExtractor
+from ._registry import get_entry_point
+
+
+def build_model(
+    model_cls: Type[nn.Module],
+    cfg,
+    filter_fn: Optional[FilterFn] = None,
+    pretrained: Optional[str | os.PathLike] = None,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    grad_checkpointing: bool = False,
+    **overrides,
+) -> nn.Module:
+    """Build ``model_cls`` from ``cfg`` (a dataclass) with ``overrides`` applied to its fields."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"{model_cls.__name__} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(sorted(fields))}"
+        )
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be an int >= 1, got {in_chans!r}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    model = model_cls(cfg, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate)
+    model.cfg = cfg
+    model.num_classes = num_classes
+    model.in_chans = in_chans
+    model.checkpoint_filter_fn = filter_fn
+    if pretrained is not None:
+        load_checkpoint(model, pretrained, filter_fn)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if features_only:
+        return FeatureExtractor(model, out_indices)
+    return model
+
+
+def create_model(name: str, pretrained: Optional[str | os.PathLike] = None, **kwargs) -> nn.Module:
+    """Create the registered model ``name``.
+
+    Args:
+        name: a name from :func:`convzoo.list_models`.
+        pretrained: a local checkpoint: the family's official layout or convzoo's safetensors.
+        **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``features_only``,
+            ``out_indices``, ``grad_checkpointing`` and any field of the family's config.
+    """
+    entry = get_entry_point(name)
+    model = entry(pretrained=pretrained, **kwargs)
+    target = model.model if isinstance(model, FeatureExtractor) else model
+    target.model_name = name
+    return model

@@ -1,0 +1,165 @@
+"""Checkpoint reading, strict loading with key remapping, and convzoo's own safetensors format.
+
+Official checkpoints come as ``.pth`` files (a bare state dict, or one wrapped in ``model`` /
+``state_dict`` / ``module``); they are read with ``torch.load(weights_only=True)``. Each family
+passes a ``checkpoint_filter_fn(state_dict, model) -> state_dict`` that maps the official key
+layout onto ours and returns early when the keys are already native.
+
+convzoo's own format is a ``.safetensors`` file whose metadata holds the model name and its
+config as JSON, so :func:`load_model` can rebuild the model from the file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+_logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+FilterFn = Callable[[StateDict, nn.Module], StateDict]
+
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file on disk."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def read_metadata(path: str | os.PathLike) -> Dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (empty for other files)."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple:
+    name = getattr(model, "classifier_name", None)
+    if name is None:
+        return ()
+    return (name,) if isinstance(name, str) else tuple(name)
+
+
+def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model`` strictly; a head of another size is left re-initialised.
+
+    Keys under ``model.classifier_name`` whose shapes differ from the model's (a checkpoint
+    with another ``num_classes``) are dropped and the head keeps its fresh initialisation,
+    with a log message saying so. Any other missing, unexpected or mis-shaped key raises a
+    ``ValueError`` naming every one of them.
+    """
+    own = model.state_dict()
+    heads = _classifier_prefixes(model)
+    dropped_head, mismatched = [], []
+    for key in list(state):
+        if key in own and own[key].shape != state[key].shape:
+            if any(key == h or key.startswith(h + ".") for h in heads):
+                dropped_head.append(key)
+                del state[key]
+            else:
+                mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}")
+    missing = [k for k in own if k not in state and k not in dropped_head]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts))
+    model.load_state_dict(state, strict=False)
+    if dropped_head:
+        _logger.warning(
+            "%s: classifier re-initialised for num_classes=%s (checkpoint head %s not loaded)",
+            source, getattr(model, "num_classes", "?"), ", ".join(dropped_head),
+        )
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``)."""
+    state = read_state_dict(path)
+    meta = read_metadata(path)
+    if meta.get("reparameterized") == "true" and not getattr(model, "is_reparameterized", False):
+        from ..layers.reparam import reparameterize
+
+        reparameterize(model)
+    if filter_fn is not None and meta.get("format") != "convzoo":
+        state = filter_fn(state, model)
+    load_state_dict_strict(model, state, source=os.fspath(path))
+    return model
+
+
+def _config_dict(model: nn.Module) -> dict:
+    cfg = getattr(model, "cfg", None)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {}
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights and config to ``path`` (``.safetensors``, convzoo's format).
+
+    Written to a temporary file and renamed, so an interrupted save never leaves a torn file.
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"save_checkpoint writes .safetensors files, got {path!r}")
+    inner = getattr(model, "model", model) if hasattr(model, "out_indices") else model
+    meta = {
+        "format": "convzoo",
+        "model_name": str(getattr(inner, "model_name", "")),
+        "num_classes": str(getattr(inner, "num_classes", "")),
+        "in_chans": str(getattr(inner, "in_chans", "")),
+        "config": json.dumps(_config_dict(inner)),
+        "reparameterized": "true" if getattr(inner, "is_reparameterized", False) else "false",
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | os.PathLike, **kwargs) -> nn.Module:
+    """Rebuild a model from a convzoo ``.safetensors`` file written by :func:`save_checkpoint`."""
+    from ._builder import create_model
+
+    meta = read_metadata(path)
+    if meta.get("format") != "convzoo" or not meta.get("model_name"):
+        raise ValueError(f"{os.fspath(path)} is not a convzoo checkpoint (no model name in its metadata)")
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta.get("config") or "{}").items()}
+    args = dict(config)
+    if meta.get("num_classes", "").isdigit():
+        args["num_classes"] = int(meta["num_classes"])
+    if meta.get("in_chans", "").isdigit():
+        args["in_chans"] = int(meta["in_chans"])
+    args.update(kwargs)
+    return create_model(meta["model_name"], pretrained=path, **args)
