@@ -1,5 +1,12 @@
 import os
 
+# Triton kernels run on CPU tensors through Triton's interpreter when there is no GPU.
+# The variable must be set before any @triton.jit kernel is defined.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
