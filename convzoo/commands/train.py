@@ -118,8 +118,8 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """One plain-text line per epoch on stderr, redrawn in place on a terminal."""
 
-    def __init__(self, stream=sys.stderr, width: int = 20):
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 20):
+        self.stream, self.width = stream if stream is not None else sys.stderr, width
         self.interactive = hasattr(stream, "isatty") and stream.isatty()
         self._last_printed = -1
 
