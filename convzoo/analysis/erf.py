@@ -109,11 +109,12 @@ def high_contribution_area(scores: torch.Tensor, threshold: float) -> Tuple[Opti
     if total <= 0 or not math.isfinite(total):
         return None, None
     cy, cx = height // 2, width // 2
-    for r in range(1, max(height, width)):
+    r = 1
+    while True:  # ends at the latest when the square covers the whole image
         window = scores[max(cy - r, 0): cy + r + 1, max(cx - r, 0): cx + r + 1]
         if float(window.sum()) / total > threshold or window.numel() == height * width:
             return 2 * r + 1, window.numel() / (height * width)
-    return max(height, width), 1.0  # a 1x1 image: the square is the image
+        r += 1
 
 
 def effective_receptive_field(
