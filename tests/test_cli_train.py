@@ -377,3 +377,34 @@ def test_list_shows_parameters_and_flops(tiny, capsys):
     assert _run(["list", "--names-only", "tiny_*"], capsys)[1].split() == [TINY]
     code, _, err = _run(["list", "no_such_model*"], capsys)
     assert code == 1 and "no model matches" in err
+
+
+def test_replknet_tiny_trains_and_its_reparameterized_form_scores_the_same(tmp_path, capsys):
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", "replknet_tiny", "--epochs", "1", "--image-size", "32", "--train-size", "32",
+                         "--val-size", "24", "--batch-size", "16", "--threads", "1", "--amp", "bf16",
+                         "--channels-last", "--grad-checkpointing", "--output", output], capsys)
+    assert code == 0, err
+    checkpoint = os.path.join(output, "checkpoint.pt")
+    reports = []
+    for extra in ([], ["--reparam"]):
+        path = str(tmp_path / f"eval{len(reports)}.json")
+        code, _, err = _run(["eval", "--model", "replknet_tiny", "--checkpoint", checkpoint, "--json", path] + extra, capsys)
+        assert code == 0, err
+        reports.append(json.load(open(path)))
+    plain, reparam = reports
+    assert plain["images"] == reparam["images"] == 24
+    assert reparam["top1"] == plain["top1"] and reparam["loss"] == pytest.approx(plain["loss"], rel=1e-3, abs=1e-4)
+    assert reparam["parameters"] < plain["parameters"]
+
+
+def test_list_counts_a_zoo_model_like_the_analysis_module(capsys):
+    import convzoo
+    from convzoo.analysis import count_flops, count_params
+
+    code, out, err = _run(["list", "replknet_tiny", "--input-size", "64", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)["models"][0]
+    model = convzoo.create_model("replknet_tiny")
+    assert row["params"] == count_params(model)
+    assert row["macs"] == count_flops(model, (1, 3, 64, 64)).macs > 0
