@@ -239,6 +239,11 @@ def run(args) -> int:
         if info.is_main:
             os.makedirs(output, exist_ok=True)
         trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
+        if resume_path is None and info.is_main:
+            if os.path.exists(os.path.join(output, "checkpoint.pt")):
+                print(f"note: starting a new run in {output}; its old checkpoint will be replaced "
+                      "(use --resume to continue it instead)", file=sys.stderr)
+            _write_metrics_history(output, [])
         if resume_path is not None:
             state = load_training_checkpoint(resume_path)
             if state["meta"].get("model_name") != args.model:
