@@ -133,7 +133,7 @@ def test_train_model_args_reach_the_model(tiny, tmp_path, capsys):
     code, _, err = _run(["train", "--model", tiny, "--model-arg", "depth=3", "--output", output] + BUILTIN, capsys)
     assert code == 2 and "has no option 'depth'" in err
     code, _, err = _run(["train", "--model", tiny, "--model-arg", "nonsense", "--output", output] + BUILTIN, capsys)
-    assert code == 2 and "key=value" in err
+    assert code == 2 and "expected KEY=VALUE" in err
 
 
 def test_unknown_model_lists_close_names(tiny, tmp_path, capsys):
