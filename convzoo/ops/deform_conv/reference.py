@@ -186,21 +186,21 @@ def columns_by_weight_group(columns: torch.Tensor, kernel_size: int, weight_grou
     """(P, K, C) columns -> (wg, P, K * C/wg) (a view when there is one weight group)."""
     positions, _, channels = columns.shape
     split = columns.reshape(positions, kernel_size, weight_groups, channels // weight_groups)
-    return split.permute(2, 0, 1, 3).reshape(weight_groups, positions, -1)
+    return split.permute(2, 0, 1, 3).reshape(weight_groups, positions, kernel_size * channels // weight_groups)
 
 
 def columns_from_weight_groups(grouped: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Inverse of :func:`columns_by_weight_group`: (wg, P, K * C/wg) -> (P, K, C)."""
-    weight_groups, positions, _ = grouped.shape
-    split = grouped.reshape(weight_groups, positions, kernel_size, -1)
-    return split.permute(1, 2, 0, 3).reshape(positions, kernel_size, -1)
+    weight_groups, positions, columns = grouped.shape
+    split = grouped.reshape(weight_groups, positions, kernel_size, columns // kernel_size)
+    return split.permute(1, 2, 0, 3).reshape(positions, kernel_size, weight_groups * columns // kernel_size)
 
 
 def contract(columns: torch.Tensor, weights: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(P, K, C) columns x (wg, K*C/wg, O/wg) weight matrices -> (P, O)."""
     grouped = columns_by_weight_group(columns, kernel_size, weights.shape[0])
     out = torch.bmm(grouped, weights)  # (wg, P, O/wg)
-    return out.permute(1, 0, 2).reshape(columns.shape[0], -1)
+    return out.permute(1, 0, 2).reshape(columns.shape[0], weights.shape[0] * weights.shape[2])
 
 
 def _sample(rows: torch.Tensor, top_left: torch.Tensor, weights, steps) -> torch.Tensor:
@@ -250,7 +250,7 @@ def deform_conv2d_reference(
     out = contract(columns, weight_matrix(weight.to(dtype), geometry["weight_groups"]), kernel_size)
     if bias is not None:
         out = out + bias.to(dtype)
-    out = out.reshape(n, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
+    out = out.reshape(n, out_h, out_w, geometry["out_channels"]).permute(0, 3, 1, 2).contiguous()
     return out.to(x.dtype)
 
 
@@ -378,7 +378,7 @@ def deform_conv2d_forward(
         prep.contract(prep.columns(start, stop), out[start:stop])
     if bias is not None:
         out += bias.to(prep.dtype)
-    out = out.view(g["batch"], g["out_h"], g["out_w"], -1).permute(0, 3, 1, 2)
+    out = out.view(g["batch"], g["out_h"], g["out_w"], g["out_channels"]).permute(0, 3, 1, 2)
     return out.to(x.dtype, memory_format=torch.contiguous_format)
 
 
