@@ -397,3 +397,68 @@ def test_bad_impl():
     case = make_case()
     with pytest.raises(ValueError, match="impl must be one of"):
         call(case, impl="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (under TRITON_INTERPRET=1 on CPU tensors when there is no GPU; kept tiny)
+# ---------------------------------------------------------------------------------------------
+
+TRITON_CASES = [
+    pytest.param(dict(batch=2, channels=6, out_channels=4, size=(5, 7), weight_groups=2, offset_groups=3), id="v2-wg2-og3-nonsquare"),
+    pytest.param(dict(batch=3, channels=5, out_channels=3, size=(4, 6), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                      dilation=(1, 1), weight_groups=1, offset_groups=1, with_mask=False, offset_scale=4.0), id="v1-odd-channels-far"),
+    pytest.param(dict(batch=2, channels=34, out_channels=2, size=(3, 5), kernel=(2, 2), stride=(2, 1), padding=(1, 2),
+                      dilation=(1, 2), weight_groups=1, offset_groups=1, with_bias=False), id="channels-beyond-one-block"),
+]
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("overrides", TRITON_CASES)
+def test_triton_forward_and_gradients_match_reference(overrides):
+    case = make_case(dtype=torch.float32, **overrides)
+    case = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    # Integer offsets put some samples exactly on the border and on pixel centres.
+    case["offset"][:, ::3] = case["offset"][:, ::3].round()
+    names = [k for k in ("x", "offset", "weight", "bias", "mask") if case[k] is not None]
+    results = {}
+    for impl in ("triton", "reference"):
+        leaves = {k: case[k].clone().requires_grad_() for k in names}
+        out = call(case, impl, **leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
+        results[impl] = (out, torch.autograd.grad(out, list(leaves.values()), grad_out))
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(names, results["triton"][1], results["reference"][1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_non_finite_offsets_and_batch_zero():
+    case = make_case(dtype=torch.float32, batch=1, channels=2, out_channels=2, weight_groups=1, offset_groups=1)
+    case = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    case["offset"][0, 0, 0, 0] = float("nan")
+    case["offset"][0, 3, 1, 1] = float("inf")
+    offset = case["offset"].clone().requires_grad_()
+    out = call(case, "triton", offset=offset)
+    torch.testing.assert_close(out.cpu(), naive({k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}).float(),
+                               rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), offset)
+    assert torch.isfinite(grad).all() and grad[0, 0, 0, 0] == 0
+    empty = make_case(dtype=torch.float32, batch=0)
+    empty = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in empty.items()}
+    assert call(empty, "triton").shape == (0, 6, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    case = make_case(dtype=torch.float32, batch=1, channels=4, out_channels=3, weight_groups=1, offset_groups=2)
+    case = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    expected = call(case, "reference")
+    low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    leaves = {k: low[k].clone().requires_grad_() for k in ("x", "offset", "weight", "bias", "mask")}
+    out = call(low, "triton", **leaves)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=1e-1)
+    out.float().sum().backward()
+    assert all(leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all() for leaf in leaves.values())
