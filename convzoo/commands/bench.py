@@ -1,0 +1,116 @@
+"""``convzoo bench``: parameters, FLOPs, latency, throughput and peak memory of a model."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import List
+
+import torch
+
+from ..analysis.latency import MODES, BenchResult, benchmark
+from . import UsageError
+from ._tools import (
+    add_device_argument, add_model_arguments, image_size, load_model_or_exit, positive_int, resolve_device,
+)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+_EPILOG = """\
+Inference mode: eval(), torch.inference_mode(), forward only.
+Train mode: train(), forward + backward of the summed outputs (no optimizer step).
+Latency is the median of --repeats timed iterations after --warmup untimed ones (one
+iteration = one batch; CUDA is synchronised around each); throughput = batch / latency.
+Peak memory: CUDA max_memory_allocated on GPU; on CPU the growth of the sampled resident set
+size during one iteration (an estimate).
+
+examples:
+  convzoo bench --model replknet_31b --reparam --batch-size 8
+  convzoo bench --model resnet50 --compare resnet50_dcnv2 --input-size 224 --json bench.json"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="parameters, FLOPs, latency, throughput and peak memory of a model",
+        description="Measure parameters, forward FLOPs, latency, throughput and peak memory of a "
+                    "model in inference and training modes; print a table (and optionally JSON).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--compare", metavar="NAME2", help="a second registered model, measured the same way and shown beside the first")
+    parser.add_argument("--reparam", action="store_true", help="measure inference on the re-parameterized (deployed) form")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per iteration (default: 1)")
+    parser.add_argument("--input-size", type=image_size, default=(224, 224), metavar="S|H,W", help="input resolution (default: 224)")
+    parser.add_argument("--mode", choices=("both",) + MODES, default="both", help="what to measure (default: both)")
+    parser.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed iterations first (default: 3)")
+    parser.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed iterations (default: 10)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="parameter and input dtype (default: float32)")
+    parser.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
+    add_device_argument(parser)
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.set_defaults(func=run)
+
+
+def _format_flops(flops) -> str:
+    return "n/a" if flops is None else f"{flops / 2 / 1e9:.3f} GMACs"
+
+
+def _format_memory(mb) -> str:
+    return "n/a" if mb is None else f"{mb:.1f} MiB"
+
+
+def format_table(results: List[BenchResult]) -> str:
+    """A markdown table, one column per model."""
+    rows = [("model", [r.model + (" (reparam)" if r.reparameterized else "") for r in results])]
+    rows.append(("params", [f"{r.params / 1e6:.3f} M" + (f" (train {r.params_train / 1e6:.3f} M)" if r.params != r.params_train else "") for r in results]))
+    rows.append(("FLOPs / image", [_format_flops(r.flops) for r in results]))
+    for mode in MODES:
+        if not any(mode in r.results for r in results):
+            continue
+        picks = [r.results.get(mode) for r in results]
+        rows.append((f"{mode} latency (median)", [f"{m.latency_ms:.2f} ms" if m else "-" for m in picks]))
+        rows.append((f"{mode} throughput", [f"{m.throughput:.1f} img/s" if m else "-" for m in picks]))
+        rows.append((f"{mode} peak memory", [_format_memory(m.peak_memory_mb) if m else "-" for m in picks]))
+    first = results[0]
+    header = f"batch {first.batch_size}, input {first.input_size[0]}x{first.input_size[1]}, " \
+             f"{first.device}, {first.dtype}" + (", channels_last" if first.channels_last else "")
+    methods = sorted({m.memory_method for r in results for m in r.results.values()})
+    widths = [max(len(label) for label, _ in rows)] + [max(len(cells[i]) for _, cells in rows) for i in range(len(results))]
+    lines = [header, ""]
+    for k, (label, cells) in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip([label] + cells, widths)) + " |")
+        if k == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines.append("")
+    lines.append(f"peak memory measured with: {', '.join(methods)}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    dtype = _DTYPES[args.dtype]
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu" and args.mode != "inference":
+        raise UsageError(f"training in {args.dtype} on CPU is not supported by all kernels; add --mode inference or use --dtype float32")
+    if args.json and os.path.dirname(os.path.abspath(args.json)) and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UsageError(f"the folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    names = [args.model] + ([args.compare] if args.compare else [])
+    checkpoints = [args.checkpoint, None]
+    models = [load_model_or_exit(n, c, args.num_classes) for n, c in zip(names, checkpoints)]
+    modes = MODES if args.mode == "both" else (args.mode,)
+    results = []
+    for name, model in zip(names, models):
+        results.append(benchmark(
+            model, input_size=args.input_size, batch_size=args.batch_size, modes=modes, reparam=args.reparam,
+            warmup=args.warmup, repeats=args.repeats, device=device, dtype=dtype,
+            channels_last=args.channels_last, name=name,
+        ))
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": [r.to_dict() for r in results]}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

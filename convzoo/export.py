@@ -1,0 +1,177 @@
+"""ONNX export of the deployed (re-parameterized, eval-mode) form of a model.
+
+The convzoo operators are registered as ``torch.library`` custom ops, which no ONNX runtime
+knows. For export every module with an ``impl`` attribute is switched to ``impl="reference"``:
+the operators then run their plain-PyTorch reference path, which is written with standard ops
+(bilinear sampling by ``grid_sample`` / gathers, matmuls, convolutions), so the exported graph
+holds only standard ONNX operators (GridSample, Gather, MatMul, Conv, ...) and runs on any
+runtime. Results are checked against PyTorch with onnxruntime on the CPU.
+
+Two exporters exist in PyTorch 2.13: the ``torch.export``-based one (``"dynamo"``, the default
+of ``torch.onnx.export``; needs the ``onnxscript`` package) and the older TorchScript-based one
+(``"torchscript"``, deprecated but needing nothing else). ``exporter="auto"`` takes the dynamo
+exporter when onnxscript is installed and the TorchScript one otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import logging
+import os
+import warnings
+from contextlib import redirect_stdout
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers.reparam import reparameterize
+
+_logger = logging.getLogger(__name__)
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DEFAULT_OPSET = 18
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how closely onnxruntime reproduces PyTorch."""
+
+    path: str
+    exporter: str
+    opset: int
+    input_shape: Tuple[int, ...]
+    output_shape: Tuple[int, ...]
+    dynamic_batch: bool
+    onnx_ops: Tuple[str, ...]  # the distinct ONNX operator types in the graph, sorted
+    max_abs_error: Optional[float] = None  # None when not checked
+    max_rel_error: Optional[float] = None  # max |ort - torch| / max |torch|
+    checked_shape: Optional[Tuple[int, ...]] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def use_reference_ops(model: nn.Module) -> int:
+    """Set ``impl = "reference"`` on every module of ``model`` that has an ``impl`` attribute;
+    returns how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "impl"):
+            module.impl = "reference"
+            switched += 1
+    return switched
+
+
+def resolve_exporter(exporter: str) -> str:
+    """``"auto"`` -> ``"dynamo"`` when onnxscript is installed, else ``"torchscript"``."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if exporter == "auto":
+        return "dynamo" if importlib.util.find_spec("onnxscript") is not None else "torchscript"
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ImportError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript (or use exporter='torchscript')")
+    return exporter
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """Re-parameterize ``model`` in place (unless already done), eval mode, reference operators."""
+    if not getattr(model, "is_reparameterized", False):
+        reparameterize(model)
+    model.eval()
+    switched = use_reference_ops(model)
+    _logger.info("export: %d module(s) switched to the reference operator path", switched)
+    return model
+
+
+def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
+    names = dict(input_names=["input"], output_names=["output"])
+    if exporter == "torchscript":
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, dynamic_axes=axes,
+                              do_constant_folding=True, **names)
+        return
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    log = io.StringIO()
+    with redirect_stdout(log):  # the dynamo exporter reports its progress on stdout
+        torch.onnx.export(model, (x,), path, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                          external_data=False, verbose=False, **names)
+    _logger.debug("dynamo exporter: %s", log.getvalue())
+
+
+def onnx_op_types(path: str) -> Tuple[str, ...]:
+    """The distinct operator types of the ONNX graph at ``path`` (functions inlined by name)."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    ops = {node.op_type for node in proto.graph.node}
+    for function in proto.functions:
+        ops.discard(function.name)
+        ops.update(node.op_type for node in function.node)
+    return tuple(sorted(ops))
+
+
+def check_onnx(model: nn.Module, path: str, x: torch.Tensor) -> Tuple[float, float]:
+    """Run ``path`` with onnxruntime on the CPU and ``model`` on ``x``; (max abs, max rel) error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    with torch.no_grad():
+        expected = model(x).detach().cpu()
+    got = torch.from_numpy(got)
+    if got.shape != expected.shape:
+        raise RuntimeError(f"onnxruntime output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)}")
+    abs_error = float((got.double() - expected.double()).abs().max()) if expected.numel() else 0.0
+    scale = float(expected.double().abs().max()) if expected.numel() else 1.0
+    return abs_error, abs_error / max(scale, 1e-12)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    input_size: Sequence[int] = (224, 224),
+    batch_size: int = 1,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    dynamic_batch: bool = False,
+    check: bool = True,
+    seed: int = 0,
+) -> ExportResult:
+    """Export the deployed form of ``model`` to the ONNX file ``path``.
+
+    ``model`` is re-parameterized and switched to the reference operators in place. The graph
+    takes ``input`` of shape (batch_size, in_chans, H, W) (batch dynamic with ``dynamic_batch``)
+    and returns ``output``. With ``check`` the file is run by onnxruntime on another random
+    input (batch 2 when the batch is dynamic) and the errors against PyTorch are reported.
+    """
+    path = os.fspath(path)
+    exporter = resolve_exporter(exporter)
+    if len(input_size) != 2 or min(input_size) < 1:
+        raise ValueError(f"input_size must be (H, W) with positive sizes, got {tuple(input_size)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = prepare_for_export(model)
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, getattr(model, "in_chans", 3), *input_size)
+    x = torch.randn(shape, generator=generator, dtype=dtype)
+    with torch.no_grad():
+        output = model(x)
+        _export(model, x, path, exporter, opset, dynamic_batch)
+    result = ExportResult(
+        path=path, exporter=exporter, opset=opset, input_shape=tuple(shape), output_shape=tuple(output.shape),
+        dynamic_batch=dynamic_batch, onnx_ops=onnx_op_types(path),
+    )
+    if check:
+        check_shape = (2,) + shape[1:] if dynamic_batch else shape
+        x_check = torch.randn(check_shape, generator=generator, dtype=dtype)
+        result.max_abs_error, result.max_rel_error = check_onnx(model, path, x_check)
+        result.checked_shape = tuple(check_shape)
+    return result

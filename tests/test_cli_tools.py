@@ -1,0 +1,333 @@
+"""End-to-end tests of the deployment and analysis commands: reparam, export, erf, offsets, bench.
+
+The commands run on tiny models registered here (a few thousand parameters, 32x32 inputs), so
+the whole file stays fast on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import convzoo
+from convzoo.commands import UsageError, bench, erf, export, reparam
+from convzoo.layers.reparam import fuse_conv_bn
+from convzoo.models import build_model, register_model, save_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny registered model family: stride-2 stem, two stages of re-parameterizable depthwise blocks
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    width: int = 8
+    kernel_size: int = 3
+    depth: int = 1
+
+
+class TinyRepBlock(nn.Module):
+    """x + relu(BN(dwconv_k(x)) + BN(dwconv_3(x))); ``reparameterize`` merges the branches."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.large = nn.Sequential(nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False), nn.BatchNorm2d(channels))
+        self.small = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), nn.BatchNorm2d(channels))
+        self.fused = None
+
+    def forward(self, x):
+        y = self.fused(x) if self.fused is not None else self.large(x) + self.small(x)
+        return x + torch.relu(y)
+
+    def reparameterize(self):
+        large, small = fuse_conv_bn(*self.large), fuse_conv_bn(*self.small)
+        pad = (large.kernel_size[0] - 3) // 2
+        large.weight.data += nn.functional.pad(small.weight.data, [pad] * 4)
+        large.bias.data += small.bias.data
+        self.fused, self.large, self.small = large, None, None
+
+
+class TinyNet(nn.Module):
+    def __init__(self, cfg: TinyConfig, num_classes=1000, in_chans=3, drop_path_rate=0.0):
+        super().__init__()
+        c = cfg.width
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.stages = nn.Sequential(*[
+            nn.Sequential(*[TinyRepBlock(c, cfg.kernel_size) for _ in range(cfg.depth)]) for _ in range(2)
+        ])
+        self.feature_info = [dict(num_chs=c, reduction=2, module=f"stages.{i}") for i in range(2)]
+        self.classifier_name = "head"
+        self.head = nn.Linear(c, num_classes) if num_classes else nn.Identity()
+        for module in self.modules():  # non-trivial BN statistics, so that fusing them matters
+            if isinstance(module, nn.BatchNorm2d):
+                nn.init.uniform_(module.running_var, 0.5, 2.0)
+                nn.init.normal_(module.running_mean, 0.0, 0.2)
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+
+    def forward_intermediates(self, x, indices):
+        x, out = self.stem(x), []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in indices:
+                out.append(x)
+        return out
+
+    def forward_features(self, x):
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x):
+        return self.head(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes):
+        self.head = nn.Linear(self.head.in_features, num_classes) if num_classes else nn.Identity()
+
+    def set_grad_checkpointing(self, enable=True):
+        pass
+
+
+def _tiny(variant_cfg):
+    def entry(pretrained=None, **kwargs):
+        return build_model(TinyNet, variant_cfg, pretrained=pretrained, **kwargs)
+    return entry
+
+
+for _name, _cfg in {"test_tiny_k3": TinyConfig(), "test_tiny_k9": TinyConfig(kernel_size=9)}.items():
+    if _name not in convzoo.list_models():
+        _entry = _tiny(_cfg)
+        _entry.__name__ = _name
+        register_model(_entry)
+
+
+def cli(argv):
+    """Parse ``argv`` with the commands' own parsers and run it like the CLI does."""
+    parser = argparse.ArgumentParser(prog="convzoo")
+    sub = parser.add_subparsers(dest="command")
+    for module in (reparam, export, erf, bench):
+        module.register(sub)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    model = convzoo.create_model("test_tiny_k9", num_classes=5)
+    path = str(tmp_path / "tiny.safetensors")
+    save_checkpoint(model, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# --help
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["reparam", "export", "erf", "bench"])
+def test_help_describes_the_command(command, capsys):
+    assert cli([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert f"usage: convzoo {command}" in text
+    assert "examples:" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# reparam
+# ----------------------------------------------------------------------------------------------
+
+def test_reparam_writes_an_equivalent_inference_form(tiny_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "deploy.safetensors")
+    code = cli(["reparam", tiny_checkpoint, out, "--input-size", "32", "--repeats", "2"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "outputs match" in text and "parameters:" in text and "latency" in text
+    training = convzoo.models.load_model(tiny_checkpoint).eval()
+    deployed = convzoo.models.load_model(out).eval()
+    assert deployed.is_reparameterized
+    assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in training.parameters())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), training(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reparam_from_a_pth_checkpoint_needs_the_model_name(tmp_path, capsys):
+    model = convzoo.create_model("test_tiny_k3")
+    pth = str(tmp_path / "official.pth")
+    torch.save({"model": model.state_dict()}, pth)
+    out = str(tmp_path / "deploy.safetensors")
+    assert cli(["reparam", pth, out, "--repeats", "0", "--input-size", "16"]) == 2
+    assert "--model NAME" in capsys.readouterr().err
+    assert cli(["reparam", pth, out, "--model", "test_tiny_k3", "--repeats", "0", "--input-size", "16"]) == 0
+    assert convzoo.models.load_model(out).is_reparameterized
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_input", "input checkpoint not found"),
+    ("not_safetensors", "must be a .safetensors file"),
+    ("same_file", "must differ from IN"),
+    ("unknown_model", "did you mean test_tiny_k3"),
+])
+def test_reparam_bad_input(case, message, tiny_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "out.safetensors")
+    argv = {
+        "missing_input": [str(tmp_path / "nope.safetensors"), out],
+        "not_safetensors": [tiny_checkpoint, str(tmp_path / "out.pth")],
+        "same_file": [tiny_checkpoint, tiny_checkpoint],
+        "unknown_model": [tiny_checkpoint, out, "--model", "test_tiny_k33"],
+    }[case]
+    if case == "unknown_model":
+        pth = str(tmp_path / "w.pth")
+        torch.save(convzoo.create_model("test_tiny_k3").state_dict(), pth)
+        argv[0] = pth
+    assert cli(["reparam"] + argv) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+
+def test_export_round_trip_with_onnxruntime(tiny_checkpoint, tmp_path, capsys):
+    onnx_path = str(tmp_path / "tiny.onnx")
+    report = str(tmp_path / "export.json")
+    code = cli(["export", "--checkpoint", tiny_checkpoint, "--onnx", onnx_path, "--input-size", "32",
+                "--exporter", "torchscript", "--dynamic-batch", "--json", report])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = json.loads(open(report).read())
+    assert result["max_rel_error"] <= 1e-4
+    assert result["checked_shape"] == [2, 3, 32, 32]
+    assert "BatchNormalization" not in result["onnx_ops"]  # exported in its re-parameterized form
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 32, 32)
+    expected = convzoo.reparameterize(convzoo.models.load_model(tiny_checkpoint))(x).detach().numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "test_tiny_k3", "--onnx", "out.txt"], "must name a .onnx file"),
+    (["--model", "test_tiny_k3", "--onnx", "missing/out.onnx"], "folder of --onnx does not exist"),
+    (["--model", "test_tiny_k3", "--onnx", "out.onnx", "--opset", "13"], "GridSample"),
+    (["--model", "no_such_model", "--onnx", "out.onnx"], "unknown model"),
+    (["--onnx", "out.onnx"], "--model NAME is required"),
+    (["--model", "test_tiny_k3", "--checkpoint", "nope.pth", "--onnx", "out.onnx"], "checkpoint not found"),
+])
+def test_export_bad_input(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["export"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# erf
+# ----------------------------------------------------------------------------------------------
+
+def _image_folder(root, count=3, size=(40, 36)):
+    rng = np.random.default_rng(0)
+    folder = root / "val" / "a"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size[0], size[1], 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def test_erf_two_models_side_by_side(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    out, report = tmp_path / "erf.png", tmp_path / "erf.json"
+    code = cli(["erf", "--model", "test_tiny_k9", "--model", "test_tiny_k3", "--data", str(data),
+                "--num-images", "3", "--input-size", "32", "--batch-size", "2", "--panel-size", "64",
+                "--out", str(out), "--json", str(report)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    assert picture.shape[1] > 2 * 64 and picture.shape[0] > 64
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50  # a heatmap, not a blank canvas
+    result = json.loads(report.read_text())
+    assert [m["model"] for m in result["models"]] == ["test_tiny_k9", "test_tiny_k3"]
+    for entry in result["models"]:
+        assert entry["num_images"] == 3  # the broken JPEG was skipped
+        ratios = [entry["area_ratios"][str(t)] for t in result["thresholds"]]
+        assert all(0 < r <= 1 for r in ratios) and ratios == sorted(ratios)
+    large, small = (m["area_ratios"]["0.5"] for m in result["models"])
+    assert large > small
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "test_tiny_k3", "--out", "erf.jpg"], "must name a .png file"),
+    (["--model", "test_tiny_k3", "--out", "erf.png", "--data", "nowhere"], "data folder not found: nowhere"),
+    (["--model", "test_tiny_k3", "--model", "test_tiny_k9", "--checkpoint", "a.pth", "--out", "erf.png"], "one --checkpoint per --model"),
+    (["--model", "test_tiny_k3", "--out", "erf.png", "--input-size", "16,20"], "square --input-size"),
+    (["--model", "test_tiny", "--out", "erf.png", "--data", "."], "did you mean"),
+])
+def test_erf_bad_input(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["erf"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_erf_folder_without_images(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli(["erf", "--model", "test_tiny_k3", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e.png")]) == 2
+    assert "no images" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+# ----------------------------------------------------------------------------------------------
+
+def test_bench_compare_table_and_json(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    code = cli(["bench", "--model", "test_tiny_k9", "--compare", "test_tiny_k3", "--reparam", "--input-size", "32",
+                "--batch-size", "2", "--warmup", "1", "--repeats", "2", "--json", str(report)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "test_tiny_k9 (reparam)" in text and "test_tiny_k3 (reparam)" in text
+    assert "inference latency" in text and "train latency" in text
+    results = json.loads(report.read_text())["results"]
+    assert [r["model"] for r in results] == ["test_tiny_k9", "test_tiny_k3"]
+    for r in results:
+        assert r["params"] < r["params_train"]  # measured in the re-parameterized form
+        assert r["input_size"] == [32, 32] and r["batch_size"] == 2
+        for mode in ("inference", "train"):
+            m = r["results"][mode]
+            assert m["latency_ms"] > 0 and m["throughput"] == pytest.approx(2000 / m["latency_ms"])
+            assert m["latency_ms_min"] <= m["latency_ms"] <= m["latency_ms_max"]
+            assert m["memory_method"] in ("cpu_rss_growth", "cuda_max_memory_allocated")
+            assert m["peak_memory_mb"] >= 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "test_tiny_k3", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--model", "test_tiny_k3", "--device", "tpu"],
+     "no CUDA GPU" if not torch.cuda.is_available() else "unknown device"),
+    (["--model", "test_tiny_k3", "--compare", "tst_tiny_k9"], "did you mean"),
+    (["--model", "test_tiny_k3", "--json", "no/such/dir/b.json"], "folder of --json does not exist"),
+])
+def test_bench_bad_input(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["bench"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_rejects_a_bad_input_size(capsys):
+    assert cli(["bench", "--model", "test_tiny_k3", "--input-size", "0"]) == 2
+    assert "positive integers" in capsys.readouterr().err
