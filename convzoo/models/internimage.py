@@ -9,7 +9,7 @@ Models with Deformable Convolutions"), as OpenGVLab/InternImage's
   A level ends with a LayerNorm (absent in post-norm models, unless ``center_feature_scale``)
   and, except the last, a 3x3 stride-2 conv + LayerNorm doubling the channels.
 - Head: 1x1 conv to 1.5x the channels (no bias) -> BatchNorm -> GELU -> global average pool
-  -> Linear.
+  -> Linear. ``convzoo.reparameterize`` folds that BatchNorm into its conv (the only one).
 
 Every LayerNorm has eps 1e-6. The official configs: T = 64 channels, depths 4-4-18-4,
 groups 4-8-16-32, pre-norm; S = 80 channels, 4-4-21-4, groups 5-10-20-40, layer scale 1e-5,
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import DCNv3, DropPath, to_channels_first, to_channels_last
 from ._builder import build_model
-from ._convbn import linear_drop_path_rates
+from ._convbn import fold_bn_into_conv, linear_drop_path_rates
 from ._registry import register_model
 
 __all__ = ["InternImage", "InternImageCfg", "InternImageLayer", "checkpoint_filter_fn"]
@@ -189,6 +189,17 @@ class InternImageBlock(nn.Module):
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
+class ConvHead(nn.Sequential):
+    """(N, C, h, w) -> (N, out_chs, h, w): 1x1 conv (no bias) -> BatchNorm -> GELU, keyed 0/1/2."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__(nn.Conv2d(in_chs, out_chs, kernel_size=1, bias=False), nn.BatchNorm2d(out_chs), nn.GELU())
+
+    def reparameterize(self) -> None:
+        """Fold the BatchNorm into the conv (exact in eval mode)."""
+        fold_bn_into_conv(self, "0", "1")
+
+
 class InternImage(nn.Module):
     """InternImage classification model.
 
@@ -219,9 +230,7 @@ class InternImage(nn.Module):
         self.num_levels = num_levels
         stage_chs = cfg.channels * 2 ** (num_levels - 1)
         self.num_features = int(stage_chs * cfg.cls_scale)
-        self.conv_head = nn.Sequential(
-            nn.Conv2d(stage_chs, self.num_features, kernel_size=1, bias=False), nn.BatchNorm2d(self.num_features), nn.GELU()
-        )
+        self.conv_head = ConvHead(stage_chs, self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)

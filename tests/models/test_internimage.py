@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import convzoo
 from convzoo.models.internimage import official_key_to_native
-from _family_helpers import build_on_meta, count_macs, num_params
+from _family_helpers import assert_reparameterize_exact, build_on_meta, count_macs, num_params
 
 # Our own counts of the official architectures (intern_image.py with the *_1k_224 configs;
 # paper: 30M / 50M / 97M) and the papers' MACs (5G / 8G / 16G).
@@ -190,3 +190,9 @@ def test_reset_classifier_and_pre_logits():
     assert pooled.shape == (1, 192)
     model.reset_classifier(0)
     torch.testing.assert_close(model(x), pooled)
+
+
+def test_reparameterize_folds_the_head_batchnorm():
+    model = convzoo.create_model("internimage_s", num_classes=3, **TINY)
+    assert_reparameterize_exact(model, torch.randn(2, 3, 32, 32))
+    assert model.conv_head[0].bias is not None
