@@ -2,13 +2,12 @@ import os
 
 # Triton kernels run on CPU tensors through Triton's interpreter when there is no GPU.
 # The variable must be set before any @triton.jit kernel is defined.
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+import pytest  # noqa: E402
 
 # Keep the suite deterministic and quiet on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -11,3 +11,47 @@ input by raising :class:`UsageError` (or returning 2); the CLI prints the messag
 
 class UsageError(Exception):
     """Bad input the user can fix (missing path, unknown model, bad option): exit code 2."""
+
+
+def parse_model_args(items) -> dict:
+    """``["kernel_sizes=(3,3,3,3)", "small_kernel=None"]`` -> a dict of Python literals.
+
+    A value that is not a Python literal is kept as a string (``norm=layer`` -> ``"layer"``).
+    """
+    import ast
+
+    options = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--model-arg expects key=value (a Python literal), got {item!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()
+    return options
+
+
+def check_model_name(name: str) -> None:
+    """A :class:`UsageError` with the close names when ``name`` is not a registered model."""
+    from ..models._registry import get_entry_point
+
+    try:
+        get_entry_point(name)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+
+
+def build_model(name: str, pretrained=None, **kwargs):
+    """``convzoo.create_model`` with the user's mistakes turned into :class:`UsageError`."""
+    import os
+
+    from .. import create_model
+
+    check_model_name(name)
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise UsageError(f"checkpoint file not found: {pretrained}")
+    try:
+        return create_model(name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError) as err:  # an option the config lacks, a checkpoint that does not fit
+        raise UsageError(str(err)) from None

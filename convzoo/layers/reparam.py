@@ -1,38 +1,292 @@
 """Structural re-parameterization: folding BatchNorm into convs and merging parallel branches.
 
-# PLACEHOLDER (skeleton) for ReparamLargeKernelConv: replaced by the RepLKNet work.
+- :class:`DepthwiseConv2d`: an ``nn.Conv2d`` with ``groups == channels`` that runs through
+  :func:`convzoo.ops.dwconv2d` (same parameter names, so ``nn.Conv2d`` checkpoints load).
+- :class:`ConvNormAct`: conv -> norm -> optional activation, named ``conv``/``bn``/``nonlinear``
+  like RepLKNet-pytorch's ``conv_bn``/``conv_bn_relu``; ``reparameterize()`` folds the norm.
+- :class:`ReparamLargeKernelConv`: RepLKNet's depthwise large kernel with parallel small
+  (optionally dilated) kernels, each followed by BatchNorm; ``reparameterize()`` merges them all
+  into one depthwise conv with bias.
+- :func:`fuse_conv_bn` and :func:`reparameterize`, which walks a model.
 """
 from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 
+from .. import ops
 
-@torch.no_grad()
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Return a new ``nn.Conv2d`` equal (in eval mode) to ``bn(conv(x))``.
 
-    ``conv.weight`` is (O, I/groups, kh, kw); ``bn`` normalises the O output channels.
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise conv (``groups == in_channels == out_channels``) computed by :func:`convzoo.ops.dwconv2d`.
+
+    Input (N, C, H, W) -> output (N, C, H_out, W_out); ``weight`` is (C, 1, kh, kw). ``padding``
+    defaults to ``dilation * (kernel_size // 2)`` ("same" size for odd kernels at stride 1).
+    ``self.impl`` is passed to the op ("auto" | "triton" | "reference").
     """
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"fuse_conv_bn expects (nn.Conv2d, nn.BatchNorm2d), got ({type(conv).__name__}, {type(bn).__name__})")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels ({conv.out_channels})")
-    if bn.running_var is None:
-        raise ValueError("bn must track running statistics to be folded")
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | Tuple[int, int],
+        stride: int | Tuple[int, int] = 1,
+        padding: Optional[int | Tuple[int, int]] = None,
+        dilation: int | Tuple[int, int] = 1,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        if padding is None:
+            ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+            dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+            padding = (dil[0] * (ks[0] // 2), dil[1] * (ks[1] // 2))
+        super().__init__(
+            channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=channels, bias=bias, device=device, dtype=dtype,
+        )
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.dwconv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", impl={self.impl!r}"
+
+
+def _fused_weight_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (weight, bias) of one conv equal in eval mode to ``bn(conv(x))``."""
     std = (bn.running_var + bn.eps).sqrt()
     gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
     scale = gamma / std
     conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
-    fused = nn.Conv2d(
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = beta + (conv_bias - bn.running_mean) * scale
+    return weight, bias
+
+
+def _check_conv_bn(conv, bn) -> None:
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"fuse_conv_bn expects (nn.Conv2d, nn.BatchNorm2d), got ({type(conv).__name__}, {type(bn).__name__})")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels ({conv.out_channels})")
+    if bn.running_var is None:
+        raise ValueError("bn must track running statistics to be folded")
+
+
+def _empty_like_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A new conv of ``conv``'s class and geometry, with a bias (a DepthwiseConv2d keeps its impl)."""
+    kw = dict(device=conv.weight.device, dtype=conv.weight.dtype)
+    if isinstance(conv, DepthwiseConv2d):
+        out = DepthwiseConv2d(conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=True, **kw)
+        out.impl = conv.impl
+        return out
+    return nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode, **kw,
     )
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    fused.bias.copy_(beta + (conv_bias - bn.running_mean) * scale)
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a new conv (of ``conv``'s class, with a bias) equal in eval mode to ``bn(conv(x))``.
+
+    ``conv.weight`` is (O, I/groups, kh, kw); ``bn`` normalises the O output channels with its
+    running statistics.
+    """
+    _check_conv_bn(conv, bn)
+    weight, bias = _fused_weight_bias(conv, bn)
+    fused = _empty_like_conv(conv)
+    fused.weight.copy_(weight)
+    fused.bias.copy_(bias)
     return fused
+
+
+class ConvNormAct(nn.Sequential):
+    """``conv`` -> ``bn`` -> optional ``nonlinear``: RepLKNet-pytorch's ``conv_bn``/``conv_bn_relu``.
+
+    ``reparameterize()`` folds ``bn`` into ``conv`` (which gains a bias) and replaces ``bn``
+    with ``nn.Identity``, in place.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        if act is not None:
+            self.nonlinear = act
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if isinstance(self.bn, nn.Identity):
+            return
+        self.conv = fuse_conv_bn(self.conv, self.bn)
+        self.bn = nn.Identity()
+
+
+def conv_norm_act(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    groups: int = 1,
+    act: bool = False,
+    norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    device=None,
+    dtype=None,
+) -> ConvNormAct:
+    """Bias-free conv with padding ``kernel_size // 2`` (depthwise ones through ``dwconv2d``), a norm, optionally ReLU."""
+    kw = dict(device=device, dtype=dtype)
+    if groups == in_channels == out_channels and groups > 1:
+        conv = DepthwiseConv2d(in_channels, kernel_size, stride, kernel_size // 2, bias=False, **kw)
+    else:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False, **kw)
+    return ConvNormAct(conv, norm_layer(out_channels, **kw), nn.ReLU() if act else None)
+
+
+def _check_odd_kernel(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1 or value % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd int (the branches are centred), got {value}")
+    return value
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """Depthwise large-kernel conv + BN with parallel small-kernel conv + BN branches (RepLKNet).
+
+    Training form: ``lkb_origin`` (conv ``kernel_size`` + BN) plus one branch per entry of
+    ``small_kernels`` in ``small_convs`` (conv k, dilation d + BN), all depthwise through
+    :func:`convzoo.ops.dwconv2d`, all with the same stride and centred ("same" padding), their
+    outputs summed. A dilated k x k branch equals a sparse kernel of size d*(k-1)+1, which must
+    not exceed ``kernel_size``. RepLKNet-pytorch's single ``small_conv`` maps to
+    ``small_convs.0``.
+
+    ``reparameterize()`` merges every branch and BN into ``lkb_reparam``, one depthwise
+    ``kernel_size`` conv with bias (RepLKNet-pytorch's name), in place.
+
+    Args:
+        channels: C of the (N, C, H, W) input and output.
+        kernel_size: odd size of the large kernel.
+        small_kernels: odd sizes of the parallel branches (empty: no branch).
+        stride: stride of every branch.
+        small_dilations: dilation of each small branch (default 1 each).
+        norm_layer: the BatchNorm-like norm after each conv (running statistics are folded).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        small_kernels: Sequence[int] = (5,),
+        stride: int = 1,
+        small_dilations: Optional[Sequence[int]] = None,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        _check_odd_kernel("kernel_size", kernel_size)
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        small_kernels = tuple(small_kernels) if small_kernels is not None else ()
+        for k in small_kernels:
+            _check_odd_kernel("small_kernels", k)
+        if small_dilations is None:
+            small_dilations = (1,) * len(small_kernels)
+        small_dilations = tuple(small_dilations)
+        if len(small_dilations) != len(small_kernels):
+            raise ValueError(
+                f"small_dilations must have one entry per small kernel ({len(small_kernels)}), got {small_dilations}"
+            )
+        for k, d in zip(small_kernels, small_dilations):
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise ValueError(f"small_dilations must hold positive ints, got {small_dilations}")
+            if d * (k - 1) + 1 > kernel_size:
+                raise ValueError(
+                    f"small kernel {k} with dilation {d} spans {d * (k - 1) + 1} pixels, larger than kernel_size "
+                    f"{kernel_size}; a branch cannot be larger than the main kernel"
+                )
+        kw = dict(device=device, dtype=dtype)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.small_kernels = small_kernels
+        self.small_dilations = small_dilations
+        self.lkb_origin = ConvNormAct(DepthwiseConv2d(channels, kernel_size, stride, bias=False, **kw), norm_layer(channels, **kw))
+        self.small_convs = nn.ModuleList(
+            ConvNormAct(DepthwiseConv2d(channels, k, stride, dilation=d, bias=False, **kw), norm_layer(channels, **kw))
+            for k, d in zip(small_kernels, small_dilations)
+        )
+        self.lkb_reparam: Optional[DepthwiseConv2d] = None
+
+    def _depthwise_convs(self):
+        return [m for m in self.modules() if isinstance(m, DepthwiseConv2d)]
+
+    @property
+    def impl(self) -> str:
+        """The ``impl`` of the depthwise convs; setting it sets it on every branch."""
+        return self._depthwise_convs()[0].impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        for conv in self._depthwise_convs():
+            conv.impl = value
+
+    @property
+    def is_reparameterized(self) -> bool:
+        return self.lkb_reparam is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H_out, W_out)."""
+        if self.lkb_reparam is not None:
+            return self.lkb_reparam(x)
+        out = self.lkb_origin(x)
+        for branch in self.small_convs:
+            out = out + branch(x)
+        return out
+
+    @torch.no_grad()
+    def equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (C, 1, K, K) kernel and (C,) bias of the single conv equal to all branches in eval mode."""
+        if self.lkb_reparam is not None:
+            return self.lkb_reparam.weight.detach().clone(), self.lkb_reparam.bias.detach().clone()
+        kernel, bias = _fused_weight_bias(self.lkb_origin.conv, self.lkb_origin.bn)
+        size = self.kernel_size
+        for branch, k, d in zip(self.small_convs, self.small_kernels, self.small_dilations):
+            small_k, small_b = _fused_weight_bias(branch.conv, branch.bn)
+            span = d * (k - 1) + 1
+            start = (size - span) // 2
+            kernel[:, :, start:start + span:d, start:start + span:d] += small_k
+            bias = bias + small_b
+        return kernel, bias
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Merge every branch and BN into ``lkb_reparam`` (one depthwise conv with bias), in place."""
+        if self.lkb_reparam is not None:
+            return
+        kernel, bias = self.equivalent_kernel_bias()
+        impl = self.impl
+        merged = _empty_like_conv(self.lkb_origin.conv)
+        merged.impl = impl
+        merged.weight.copy_(kernel)
+        merged.bias.copy_(bias)
+        del self.lkb_origin
+        del self.small_convs
+        self.lkb_reparam = merged
+
+    def extra_repr(self) -> str:
+        s = f"{self.channels}, kernel_size={self.kernel_size}, small_kernels={self.small_kernels}, stride={self.stride}"
+        if any(d != 1 for d in self.small_dilations):
+            s += f", small_dilations={self.small_dilations}"
+        if self.lkb_reparam is not None:
+            s += ", reparameterized=True"
+        return s
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
@@ -44,14 +298,10 @@ def reparameterize(model: nn.Module) -> nn.Module:
     model.eval()
     handled = []
     for name, module in list(model.named_modules()):
-        if any(name == h or name.startswith(h + ".") for h in handled if h) or "" in handled:
+        if "" in handled or any(name == h or name.startswith(h + ".") for h in handled):
             continue
         if callable(getattr(module, "reparameterize", None)):
             module.reparameterize()
             handled.append(name)
     model.is_reparameterized = True
     return model.eval()
-
-
-def ReparamLargeKernelConv(*args, **kwargs):
-    raise NotImplementedError("ReparamLargeKernelConv is being written")

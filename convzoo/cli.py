@@ -1,0 +1,84 @@
+"""The ``convzoo`` command line: ``convzoo <command> [options]``.
+
+Subcommands live in :mod:`convzoo.commands`, one module each, discovered at start-up. Only
+this layer prints; the library logs through :mod:`logging`, which is routed to stderr here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from typing import List, Optional, Sequence
+
+from . import __version__, commands
+from .commands import UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_DESCRIPTION = """\
+convzoo: modern CNN kernels and the models built on them.
+
+Train and evaluate image classifiers (on an image folder or on the built-in data set),
+re-parameterize and export them, measure their speed and receptive fields.
+Run `convzoo <command> --help` for the options of a command."""
+
+
+def _command_modules() -> List[str]:
+    return sorted(info.name for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per module of :mod:`convzoo.commands`."""
+    parser = argparse.ArgumentParser(
+        prog="convzoo", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"convzoo {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name in _command_modules():
+        module = importlib.import_module(f"{commands.__name__}.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("convzoo")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.captureWarnings(True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``convzoo`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or an argparse usage error
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"convzoo {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"convzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI turns any failure into a message + exit code
+        logging.getLogger("convzoo").debug("%s failed", args.command, exc_info=True)
+        hint = "" if args.verbose >= 2 else " (run with -vv for the traceback)"
+        print(f"convzoo {args.command}: failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

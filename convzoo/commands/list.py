@@ -1,0 +1,102 @@
+"""``convzoo list``: the registered models with their parameter counts and FLOPs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import logging
+
+_logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """\
+List the registered models, optionally filtered by a shell-style PATTERN ('convnext*'),
+with their parameter count and their multiply-accumulates (MACs; FLOPs = 2 x MACs) for
+one image at --input-size. Models are built on PyTorch's meta device, so listing
+even the largest ones is quick and allocates no memory."""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "list", help="list the models with parameters and FLOPs",
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  convzoo list\n  convzoo list 'replknet*' --input-size 384\n  convzoo list --names-only",
+    )
+    parser.add_argument("pattern", nargs="?", metavar="PATTERN", help="shell-style filter on the names, e.g. 'convnext*'")
+    parser.add_argument("--input-size", type=int, default=224, metavar="PX", help="image side for the FLOP count (default: 224)")
+    parser.add_argument("--names-only", action="store_true", help="print only the names (no model is built)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _count_params(model) -> int:
+    try:
+        from ..analysis import count_params
+    except ImportError:
+        return sum(p.numel() for p in model.parameters())
+    result = count_params(model)
+    return int(getattr(result, "total", result))
+
+
+def _count_macs(model, input_size: int, device) -> int:
+    """Multiply-accumulates of one forward pass on a (1, 3, S, S) input (FlopCounterMode / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.empty(1, getattr(model, "in_chans", 3), input_size, input_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def _describe(name: str, input_size: int) -> dict:
+    import torch
+
+    from .. import create_model
+
+    row = {"name": name, "params": None, "macs": None}
+    try:
+        with torch.device("meta"):
+            model = create_model(name)
+        device = "meta"
+    except Exception:  # noqa: BLE001 - an init that needs real tensors: build on the CPU instead
+        _logger.debug("building %s on the meta device failed", name, exc_info=True)
+        model, device = create_model(name), "cpu"
+    model.eval()
+    row["params"] = _count_params(model)
+    try:
+        row["macs"] = _count_macs(model, input_size, device)
+    except Exception as err:  # noqa: BLE001 - a listing shows what it can
+        _logger.warning("could not count the FLOPs of %s: %s", name, err)
+    return row
+
+
+def _human(count) -> str:
+    if count is None:
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+def run(args) -> int:
+    from .. import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}" if args.pattern else "no models are registered", file=sys.stderr)
+        return 1 if args.pattern else 0
+    if args.names_only:
+        print("\n".join(names))
+        return 0
+    rows = [_describe(name, args.input_size) for name in names]
+    if args.json:
+        print(json.dumps({"input_size": args.input_size, "models": rows}, indent=2))
+        return 0
+    width = max(len("model"), *(len(name) for name in names))
+    print(f"{'model':<{width}}  {'params':>9}  {'MACs @' + str(args.input_size):>10}  {'FLOPs':>9}")
+    for row in rows:
+        flops = None if row["macs"] is None else 2 * row["macs"]
+        print(f"{row['name']:<{width}}  {_human(row['params']):>9}  {_human(row['macs']):>10}  {_human(flops):>9}")
+    return 0

@@ -1,0 +1,300 @@
+"""``convzoo train``: train an image classifier on an image folder or on the built-in data set."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from . import UsageError, build_model, parse_model_args
+
+DEFAULT_MODEL = "replknet_tiny"
+
+_DESCRIPTION = """\
+Train an image classifier.
+
+With --data DIR, DIR must hold train/<class>/<images> and val/<class>/<images>
+(JPEG, PNG or WebP). Without --data, the built-in data set is used: generated on the fly
+(no files, no downloads), its 4 classes tell whether two marks at opposite sides of a
+noisy image have the same shape and/or the same colour, so only a model that relates
+far-apart image parts can learn it.
+
+Each epoch appends its metrics to OUTPUT/metrics.jsonl and writes OUTPUT/checkpoint.pt
+atomically; --resume continues a run from it with exactly the same result as an
+uninterrupted run. The final weights go to OUTPUT/model.safetensors.
+Distributed: torchrun --nproc_per_node N -m convzoo train ... (--batch-size is per process)."""
+
+_EPILOG = """\
+examples:
+  convzoo train                                   # replknet_tiny on the built-in data
+  convzoo train --model replknet_tiny --model-arg "kernel_sizes=(3,3,3,3)" --model-arg small_kernel=None
+  convzoo train --model convnext_tiny --data ~/imagenet --image-size 224 --epochs 100 \\
+      --batch-size 128 --lr 4e-3 --drop-path 0.1 --model-ema 0.9999 --mixup 0.8 --cutmix 1.0
+  convzoo train --model convnext_tiny --pretrained convnext_tiny_1k_224.pth --data ./flowers
+  torchrun --nproc_per_node 4 -m convzoo train --model resnet50 --data ~/imagenet --sync-bn"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a model on an image folder or the built-in data set",
+        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME", help=f"registered model name (default: {DEFAULT_MODEL}; see `convzoo list`)")
+    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the model's config, VALUE a Python literal (repeatable)")
+    model.add_argument("--pretrained", metavar="PATH", help="fine-tune from this checkpoint (official or convzoo); the head is re-initialised for the data's classes")
+    model.add_argument("--drop-path", type=float, default=0.0, metavar="RATE", help="stochastic depth rate (default: 0)")
+    model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="image folder with train/ and val/ (default: the built-in data set)")
+    data.add_argument("--image-size", type=int, metavar="PX", help="training/eval resolution (default: 224 for --data, 48 for the built-in set)")
+    data.add_argument("--train-size", type=int, default=8192, metavar="N", help="built-in set: training images (default: 8192)")
+    data.add_argument("--val-size", type=int, default=2048, metavar="N", help="built-in set: validation images (default: 2048)")
+    data.add_argument("--data-seed", type=int, default=0, metavar="S", help="built-in set: seed of the images (default: 0)")
+    data.add_argument("--randaugment", nargs=2, type=float, metavar=("OPS", "MAGNITUDE"), help="image folders: RandAugment-lite, e.g. 2 9")
+    data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
+    data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
+    data.add_argument("--workers", type=int, default=None, metavar="N", help="data loader processes (default: 0 for the built-in set, 4 for --data)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=12, help="epochs (default: 12)")
+    optim.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per step per process (default: 64)")
+    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (default: 2e-3)")
+    optim.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule (default: 1e-5)")
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms/biases (default: 0.05)")
+    optim.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length (default: 1)")
+    optim.add_argument("--label-smoothing", type=float, default=0.1, help="(default: 0.1)")
+    optim.add_argument("--accum-steps", type=int, default=1, metavar="N", help="gradient accumulation: micro-batches per optimizer step")
+    optim.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    optim.add_argument("--model-ema", type=float, default=0.0, metavar="DECAY", help="keep an EMA of the weights with this decay, e.g. 0.999 (0: off)")
+
+    runtime = parser.add_argument_group("run")
+    runtime.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto", help="autocast precision (auto: bf16 on GPU, none on CPU)")
+    runtime.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    runtime.add_argument("--sync-bn", action="store_true", help="distributed: synchronise BatchNorm statistics across processes")
+    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    runtime.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation (default: 0)")
+    runtime.add_argument("--output", default=None, metavar="DIR", help="output folder (default: runs/<model>)")
+    runtime.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                     help="continue from OUTPUT/checkpoint.pt (or the given checkpoint)")
+    runtime.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch")
+    parser.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------ data
+
+def build_datasets(args):
+    """(train set, val set, num_classes, description) from the command's arguments."""
+    from ..train.data import DataError, RelationConfig, RelationDataset, image_folder_splits
+
+    if args.data:
+        if not os.path.isdir(args.data):
+            raise UsageError(f"data folder not found: {args.data}")
+        ra = None if args.randaugment is None else (int(args.randaugment[0]), float(args.randaugment[1]))
+        try:
+            train_set, val_set = image_folder_splits(args.data, args.image_size or 224, randaugment=ra)
+        except DataError as err:
+            raise UsageError(str(err)) from None
+        return train_set, val_set, train_set.num_classes, train_set.describe()
+    try:
+        config = RelationConfig(image_size=args.image_size or 48, num_train=args.train_size, num_val=args.val_size, seed=args.data_seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    train_set, val_set = RelationDataset("train", config), RelationDataset("val", config)
+    return train_set, val_set, train_set.num_classes, train_set.describe()
+
+
+# ------------------------------------------------------------------------------ display
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+    """One plain-text line per epoch on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, stream=sys.stderr, width: int = 20):
+        self.stream, self.width = stream, width
+        self.interactive = hasattr(stream, "isatty") and stream.isatty()
+        self._last_printed = -1
+
+    def __call__(self, p) -> None:
+        filled = int(self.width * p.step / p.steps)
+        line = (f"epoch {p.epoch + 1}/{p.epochs} [{'#' * filled}{'.' * (self.width - filled)}] {p.step}/{p.steps} "
+                f"loss {p.loss:.4f} acc {p.accuracy:5.1f}% {p.images_per_second:6.0f} img/s "
+                f"lr {p.lr:.2e} ETA {_duration(p.eta_seconds)}")
+        if self.interactive:
+            self.stream.write("\r" + line + ("\n" if p.step == p.steps else ""))
+        else:
+            decile = 10 * p.step // p.steps
+            if decile == self._last_printed and p.step != p.steps:
+                return
+            self._last_printed = decile if p.step != p.steps else -1
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _epoch_line(record: dict) -> str:
+    line = (f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.1f}% | "
+            f"val top1 {record['val_top1']:.2f}% top5 {record['val_top5']:.2f}% loss {record['val_loss']:.4f}")
+    if "ema_val_top1" in record:
+        line += f" | EMA top1 {record['ema_val_top1']:.2f}%"
+    return line + f" | {record['train_images_per_second']:.0f} img/s, {record['train_seconds']:.0f} s"
+
+
+class TensorBoardLogger:
+    """Epoch scalars to TensorBoard when the ``tensorboard`` package is installed."""
+
+    def __init__(self, log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except (ImportError, ModuleNotFoundError):
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(log_dir)
+
+    def __call__(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
+                self.writer.add_scalar(key, value, record["epoch"])
+        self.writer.flush()
+
+
+# ------------------------------------------------------------------------------ command
+
+def _train_config(args, info):
+    from ..train.loop import TrainConfig
+
+    amp = args.amp
+    if amp == "auto":
+        amp = "bf16" if info.device.type == "cuda" else "none"
+    workers = args.workers if args.workers is not None else (4 if args.data else 0)
+    try:
+        return TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+            weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+            accum_steps=args.accum_steps, clip_grad=args.clip_grad, ema_decay=args.model_ema,
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, amp=amp, channels_last=args.channels_last,
+            sync_bn=args.sync_bn, workers=workers, seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _resume_path(args, output: str):
+    if args.resume is None:
+        return None
+    path = os.path.join(output, "checkpoint.pt") if args.resume == "auto" else args.resume
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint to resume from: {path} does not exist")
+    return path
+
+
+def _write_metrics_history(output: str, history) -> None:
+    """Rewrite metrics.jsonl from the checkpoint's history (drops lines of a lost epoch)."""
+    from ..train.loop import METRICS_NAME
+
+    tmp = os.path.join(output, METRICS_NAME + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in history)
+    os.replace(tmp, os.path.join(output, METRICS_NAME))
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import save_checkpoint
+    from ..train.distributed import init_distributed, shutdown
+    from ..train.loop import Trainer, best_epoch, load_training_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_args = parse_model_args(args.model_arg)
+    output = args.output or os.path.join("runs", args.model)
+    train_set, val_set, num_classes, data_info = build_datasets(args)
+    resume_path = _resume_path(args, output)
+    try:
+        info = init_distributed(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        config = _train_config(args, info)
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+                            drop_path_rate=args.drop_path, **model_args)
+        if args.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise UsageError(f"{args.model} does not support --grad-checkpointing")
+            model.set_grad_checkpointing(True)
+        metadata = {"model_name": args.model, "model_args": {k: v for k, v in model_args.items()},
+                    "num_classes": num_classes, "data": data_info}
+        if info.is_main:
+            os.makedirs(output, exist_ok=True)
+        trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
+        if resume_path is not None:
+            state = load_training_checkpoint(resume_path)
+            if state["meta"].get("model_name") != args.model:
+                raise UsageError(f"{resume_path} was trained with --model {state['meta'].get('model_name')}, not {args.model}")
+            trainer.load_state_dict(state)
+            if info.is_main:
+                _write_metrics_history(output, trainer.history)
+                print(f"resumed from {resume_path} after epoch {trainer.epoch}", file=sys.stderr)
+        if info.is_main:
+            data_name = args.data or "built-in relation data set"
+            print(f"training {args.model} on {data_name}: {len(train_set)} train / {len(val_set)} val images, "
+                  f"{num_classes} classes, {info.world_size} process(es) on {info.device}, output {output}", file=sys.stderr)
+        on_step = ProgressBar() if info.is_main else None
+        tensorboard = TensorBoardLogger(os.path.join(output, "tensorboard")) if info.is_main else None
+
+        def on_epoch(record):
+            if info.is_main:
+                print(_epoch_line(record), file=sys.stderr)
+                tensorboard(record)
+
+        start = time.perf_counter()
+        history = trainer.fit(on_step=on_step, on_epoch=on_epoch)
+        elapsed = time.perf_counter() - start
+        if info.is_main:
+            save_checkpoint(trainer.final_model(), os.path.join(output, "model.safetensors"))
+            _print_summary(args, output, history, elapsed, trainer)
+        return 0
+    finally:
+        shutdown(info)
+
+
+def _print_summary(args, output, history, elapsed, trainer) -> None:
+    from ..train.loop import best_epoch
+
+    final = history[-1] if history else {}
+    key = "ema_val_top1" if "ema_val_top1" in final else "val_top1"
+    best = best_epoch(history, key)
+    summary = {
+        "model": args.model,
+        "epochs": len(history),
+        "final_val_top1": final.get(key),
+        "final_val_top5": final.get(key.replace("top1", "top5")),
+        "best_val_top1": best[key] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "weights": "ema" if key.startswith("ema") else "model",
+        "skipped_train_images": final.get("train_skipped_total", 0),
+        "skipped_val_images": final.get("val_skipped", 0),
+        "seconds_this_run": round(elapsed, 1),
+        "checkpoint": os.path.join(output, "checkpoint.pt"),
+        "model_file": os.path.join(output, "model.safetensors"),
+    }
+    with open(os.path.join(output, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print("\nsummary", file=sys.stdout)
+    print(f"  model           {args.model} ({summary['weights']} weights)")
+    print(f"  val top-1/top-5 {summary['final_val_top1']:.2f}% / {summary['final_val_top5']:.2f}% after {summary['epochs']} epochs"
+          f" (best {summary['best_val_top1']:.2f}% at epoch {summary['best_epoch']})")
+    print(f"  skipped images  {summary['skipped_train_images']} train, {summary['skipped_val_images']} val (unreadable)")
+    print(f"  time            {_duration(elapsed)} this run")
+    print(f"  written         {summary['model_file']}, {summary['checkpoint']}, {os.path.join(output, 'metrics.jsonl')}")

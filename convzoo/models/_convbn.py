@@ -1,0 +1,73 @@
+"""Helpers shared by the BatchNorm families (ResNet, MobileNet, ShuffleNet): the
+torchvision-style conv-norm-activation sequence, BatchNorm folding for ``reparameterize()``
+and running a sequence of blocks with optional gradient checkpointing."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Type
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers.reparam import fuse_conv_bn
+
+
+def fold_bn_into_conv(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+    """Replace ``parent.<conv_name>`` by the conv with ``parent.<bn_name>`` folded in, and the
+    BatchNorm by ``nn.Identity`` (in place; a pair folded before is left as it is)."""
+    bn = getattr(parent, bn_name)
+    if isinstance(bn, nn.Identity):
+        return
+    setattr(parent, conv_name, fuse_conv_bn(getattr(parent, conv_name), bn))
+    setattr(parent, bn_name, nn.Identity())
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> activation, keyed ``0``, ``1``, ``2`` like
+    torchvision's ``Conv2dNormActivation``; padding ``(kernel_size - 1) // 2 * dilation``.
+
+    ``act_layer=None`` leaves the activation out (a linear projection).
+    Input (N, in_chs, H, W) -> output (N, out_chs, H / stride, W / stride).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        act_layer: Optional[Type[nn.Module]] = nn.ReLU,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ):
+        padding = (kernel_size - 1) // 2 * dilation
+        layers = [
+            nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=False),
+            norm_layer(out_chs),
+        ]
+        if act_layer is not None:
+            layers.append(act_layer(inplace=True))
+        super().__init__(*layers)
+        self.out_channels = out_chs
+
+    def reparameterize(self) -> None:
+        """Fold the BatchNorm into the conv (the conv gains a bias; the norm becomes Identity)."""
+        fold_bn_into_conv(self, "0", "1")
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Apply ``blocks`` in order; with ``grad_checkpointing`` while gradients are on, each block
+    recomputes its activations in the backward pass instead of storing them."""
+    use_checkpoint = grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+    return x
+
+
+def linear_drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over ``num_blocks``
+    (computed in Python so that models can be built on the meta device)."""
+    if num_blocks < 2:
+        return [0.0] * num_blocks
+    return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]

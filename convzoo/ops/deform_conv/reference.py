@@ -1,0 +1,412 @@
+"""Deformable convolution v1/v2 in plain, vectorised PyTorch.
+
+Semantics are those of ``torchvision.ops.deform_conv2d``. For output pixel ``(oy, ox)``, kernel
+tap ``(i, j)`` (``k = i * kw + j``) and offset group ``g`` the sampling point is::
+
+    y = oy * stride_h - pad_h + i * dilation_h + offset[n, 2 * (g * K + k), oy, ox]
+    x = ox * stride_w - pad_w + j * dilation_w + offset[n, 2 * (g * K + k) + 1, oy, ox]
+
+The input channels of group ``g`` are read there by bilinear interpolation in which each of the
+four neighbouring pixels that lies outside the image reads zero (so a point with ``y <= -1``,
+``y >= H``, ``x <= -1`` or ``x >= W`` reads zero), multiplied by ``mask[n, g * K + k, oy, ox]``
+when a mask is given (DCNv2), and the sampled columns are contracted with the weight of each
+weight group. A point with a non-finite coordinate reads zero and gets zero gradient.
+
+Two implementations share the sampling maths:
+
+* :func:`deform_conv2d_reference` -- differentiable by autograd, no chunking: the test oracle and
+  the ``impl="reference"`` path (traceable by ``torch.jit.trace`` / ``torch.onnx``).
+* :func:`deform_conv2d_forward` / :func:`deform_conv2d_backward` -- the CPU kernels behind the
+  custom op: the same gather formulation processed in chunks of output positions (bounded
+  memory), with a hand-written backward that recomputes the columns chunk by chunk instead of
+  keeping them alive.
+
+Both gather from a zero-padded NHWC copy of the input: coordinates are clamped to
+``[-2, H + 1]`` x ``[-2, W + 1]`` (outside ``(-1, H)`` every neighbour reads zero, so the value and
+its gradient do not change) and the padding border of two pixels before and three after makes
+every neighbour of a clamped point a real address that holds zero. No validity masks are needed.
+Half-precision inputs are computed in float32 and rounded back at the end.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Border of zeros around the input: coordinates are clamped to [-PAD_BEFORE, size + PAD_BEFORE - 1],
+# whose floor + 1 is at most size + PAD_AFTER - 1.
+PAD_BEFORE = 2
+PAD_AFTER = 3
+
+# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, stride, padding, dilation) -> Tuple[int, int]:
+    """Spatial size ``(Ho, Wo)`` of a convolution (floor division, as ``torch.nn.Conv2d``)."""
+    out_h = (in_h + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+    out_w = (in_w + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    return out_h, out_w
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def padded_rows(x: torch.Tensor, offset_groups: int) -> Tuple[torch.Tensor, int, int]:
+    """Zero-pad ``x`` (N, C, H, W) and lay it out as rows of one offset group's channels.
+
+    Returns ``rows`` of shape (N * Hp * Wp * G, C // G) where row ``((n * Hp + yp) * Wp + xp) * G + g``
+    holds the channels of group ``g`` at padded pixel ``(yp, xp)``, and the padded size ``(Hp, Wp)``.
+    """
+    n, c, h, w = x.shape
+    padded = F.pad(x, (PAD_BEFORE, PAD_AFTER, PAD_BEFORE, PAD_AFTER))
+    hp, wp = h + PAD_BEFORE + PAD_AFTER, w + PAD_BEFORE + PAD_AFTER
+    rows = padded.permute(0, 2, 3, 1).reshape(n * hp * wp * offset_groups, c // offset_groups)
+    return rows, hp, wp
+
+
+def offsets_by_position(offset: torch.Tensor, kernel_size: int, offset_groups: int) -> torch.Tensor:
+    """(N, 2*G*K, Ho, Wo) offsets -> (N*Ho*Wo, K, G, 2) holding (dy, dx) per position, tap, group."""
+    n, _, out_h, out_w = offset.shape
+    by_group = offset.reshape(n, offset_groups, kernel_size, 2, out_h * out_w)
+    return by_group.permute(0, 4, 2, 1, 3).reshape(n * out_h * out_w, kernel_size, offset_groups, 2)
+
+
+def mask_by_position(mask: torch.Tensor, kernel_size: int, offset_groups: int) -> torch.Tensor:
+    """(N, G*K, Ho, Wo) mask -> (N*Ho*Wo, K, G)."""
+    n, _, out_h, out_w = mask.shape
+    by_group = mask.reshape(n, offset_groups, kernel_size, out_h * out_w)
+    return by_group.permute(0, 3, 2, 1).reshape(n * out_h * out_w, kernel_size, offset_groups)
+
+
+def sampling_points(
+    positions: torch.Tensor,
+    offsets: torch.Tensor,
+    geometry: dict,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corner rows and fractional parts of the sampling points of some output positions.
+
+    Args:
+        positions (Tensor[P]): flat output positions ``(n * Ho + oy) * Wo + ox`` (int64).
+        offsets (Tensor[P, K, G, 2]): (dy, dx) of those positions.
+        geometry: sizes and conv arguments (see :func:`make_geometry`).
+
+    Returns:
+        ``top_left`` (Tensor[P, K, G], int64): row in :func:`padded_rows` of the top-left neighbour;
+        ``frac_y``, ``frac_x`` (Tensor[P, K, G]): fractional parts of the clamped coordinates;
+        ``y``, ``x`` (Tensor[P, K, G]): the clamped coordinates.
+    """
+    g = geometry
+    out_hw = g["out_h"] * g["out_w"]
+    batch_index = torch.div(positions, out_hw, rounding_mode="floor")
+    within = positions - batch_index * out_hw
+    out_y = torch.div(within, g["out_w"], rounding_mode="floor")
+    out_x = within - out_y * g["out_w"]
+    dtype = offsets.dtype
+    device = offsets.device
+    tap_y = torch.arange(g["kernel_h"], device=device).repeat_interleave(g["kernel_w"]) * g["dilation"][0]
+    tap_x = torch.arange(g["kernel_w"], device=device).repeat(g["kernel_h"]) * g["dilation"][1]
+    base_y = (out_y * g["stride"][0] - g["padding"][0]).unsqueeze(1) + tap_y  # (P, K)
+    base_x = (out_x * g["stride"][1] - g["padding"][1]).unsqueeze(1) + tap_x
+    y = base_y.to(dtype).unsqueeze(-1) + offsets[..., 0]
+    x = base_x.to(dtype).unsqueeze(-1) + offsets[..., 1]
+    # A non-finite coordinate is sent outside the image, where it reads zero with zero gradient.
+    y = torch.where(torch.isfinite(y), y, torch.full_like(y, -PAD_BEFORE))
+    x = torch.where(torch.isfinite(x), x, torch.full_like(x, -PAD_BEFORE))
+    y = y.clamp(-PAD_BEFORE, g["in_h"] + PAD_BEFORE - 1)
+    x = x.clamp(-PAD_BEFORE, g["in_w"] + PAD_BEFORE - 1)
+    y_floor = torch.floor(y)
+    x_floor = torch.floor(x)
+    frac_y = y - y_floor
+    frac_x = x - x_floor
+    groups = g["offset_groups"]
+    padded_y = y_floor.long() + PAD_BEFORE
+    padded_x = x_floor.long() + PAD_BEFORE
+    pixel = (batch_index.view(-1, 1, 1) * g["padded_h"] + padded_y) * g["padded_w"] + padded_x
+    group = torch.arange(groups, device=device)
+    top_left = pixel * groups + group
+    return top_left, frac_y, frac_x, y, x
+
+
+def corner_steps(geometry: dict) -> Tuple[int, int, int, int]:
+    """Row distance from the top-left neighbour to the (tl, tr, bl, br) neighbours."""
+    groups = geometry["offset_groups"]
+    row = geometry["padded_w"] * groups
+    return 0, groups, row, row + groups
+
+
+def corner_weights(frac_y: torch.Tensor, frac_x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Bilinear weights of the (tl, tr, bl, br) neighbours."""
+    return (
+        (1 - frac_y) * (1 - frac_x),
+        (1 - frac_y) * frac_x,
+        frac_y * (1 - frac_x),
+        frac_y * frac_x,
+    )
+
+
+def make_geometry(x_shape, weight_shape, offset_shape, stride, padding, dilation) -> dict:
+    """Every size the kernels need, from the shapes and the conv arguments."""
+    n, c, h, w = x_shape
+    out_channels, group_channels, kernel_h, kernel_w = weight_shape
+    kernel_size = kernel_h * kernel_w
+    offset_groups = offset_shape[1] // (2 * kernel_size)
+    return dict(
+        batch=n,
+        in_channels=c,
+        in_h=h,
+        in_w=w,
+        out_channels=out_channels,
+        kernel_h=kernel_h,
+        kernel_w=kernel_w,
+        kernel_size=kernel_size,
+        weight_groups=c // group_channels,
+        offset_groups=offset_groups,
+        out_h=offset_shape[2],
+        out_w=offset_shape[3],
+        padded_h=h + PAD_BEFORE + PAD_AFTER,
+        padded_w=w + PAD_BEFORE + PAD_AFTER,
+        stride=tuple(stride),
+        padding=tuple(padding),
+        dilation=tuple(dilation),
+    )
+
+
+def weight_matrix(weight: torch.Tensor, weight_groups: int) -> torch.Tensor:
+    """(O, C/wg, kh, kw) -> (wg, K * C/wg, O/wg) matching columns laid out as (tap, channel)."""
+    out_channels, group_channels, kernel_h, kernel_w = weight.shape
+    per_group = weight.reshape(weight_groups, out_channels // weight_groups, group_channels, kernel_h * kernel_w)
+    return per_group.permute(0, 3, 2, 1).reshape(weight_groups, kernel_h * kernel_w * group_channels, -1)
+
+
+def columns_by_weight_group(columns: torch.Tensor, kernel_size: int, weight_groups: int) -> torch.Tensor:
+    """(P, K, C) columns -> (wg, P, K * C/wg) (a view when there is one weight group)."""
+    positions, _, channels = columns.shape
+    split = columns.reshape(positions, kernel_size, weight_groups, channels // weight_groups)
+    return split.permute(2, 0, 1, 3).reshape(weight_groups, positions, -1)
+
+
+def columns_from_weight_groups(grouped: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Inverse of :func:`columns_by_weight_group`: (wg, P, K * C/wg) -> (P, K, C)."""
+    weight_groups, positions, _ = grouped.shape
+    split = grouped.reshape(weight_groups, positions, kernel_size, -1)
+    return split.permute(1, 2, 0, 3).reshape(positions, kernel_size, -1)
+
+
+def contract(columns: torch.Tensor, weights: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(P, K, C) columns x (wg, K*C/wg, O/wg) weight matrices -> (P, O)."""
+    grouped = columns_by_weight_group(columns, kernel_size, weights.shape[0])
+    out = torch.bmm(grouped, weights)  # (wg, P, O/wg)
+    return out.permute(1, 0, 2).reshape(columns.shape[0], -1)
+
+
+def _sample(rows: torch.Tensor, top_left: torch.Tensor, weights, steps) -> torch.Tensor:
+    """Bilinear sample: sum over the four neighbours of weight * row. Returns (P, K, G, Cg)."""
+    flat = top_left.reshape(-1)
+    out = None
+    for step, weight in zip(steps, weights):
+        values = rows.index_select(0, flat + step).view(*top_left.shape, rows.shape[1])
+        term = values * weight.unsqueeze(-1)
+        out = term if out is None else out + term
+    return out
+
+
+def deform_conv2d_reference(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Tuple[int, int] = (1, 1),
+    padding: Tuple[int, int] = (0, 0),
+    dilation: Tuple[int, int] = (1, 1),
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Deformable convolution differentiable by autograd (arguments already validated).
+
+    Args:
+        x (Tensor[N, C, H, W]), offset (Tensor[N, 2*G*kh*kw, Ho, Wo]), weight (Tensor[O, C/wg, kh, kw]),
+        bias (Tensor[O] or None), mask (Tensor[N, G*kh*kw, Ho, Wo] or None), pairs of ints.
+
+    Returns:
+        Tensor[N, O, Ho, Wo] in the dtype of ``x``.
+    """
+    dtype = compute_dtype(x.dtype)
+    geometry = make_geometry(x.shape, weight.shape, offset.shape, stride, padding, dilation)
+    kernel_size, groups = geometry["kernel_size"], geometry["offset_groups"]
+    n, out_h, out_w = geometry["batch"], geometry["out_h"], geometry["out_w"]
+    rows, geometry["padded_h"], geometry["padded_w"] = padded_rows(x.to(dtype), groups)
+    offsets = offsets_by_position(offset.to(dtype), kernel_size, groups)
+    positions = torch.arange(n * out_h * out_w, device=x.device)
+    top_left, frac_y, frac_x, _, _ = sampling_points(positions, offsets, geometry)
+    weights = corner_weights(frac_y, frac_x)
+    if mask is not None:
+        modulation = mask_by_position(mask.to(dtype), kernel_size, groups)
+        weights = tuple(w * modulation for w in weights)
+    columns = _sample(rows, top_left, weights, corner_steps(geometry))
+    columns = columns.reshape(positions.shape[0], kernel_size, geometry["in_channels"])
+    out = contract(columns, weight_matrix(weight.to(dtype), geometry["weight_groups"]), kernel_size)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    out = out.reshape(n, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked CPU kernels with a hand-written backward (the custom op's CPU implementation).
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunks(total_positions: int, columns_per_position: int, chunk_elements: int):
+    """Yield ``(start, stop)`` ranges of output positions holding about ``chunk_elements`` columns."""
+    step = max(1, chunk_elements // max(1, columns_per_position))
+    for start in range(0, total_positions, step):
+        yield start, min(total_positions, start + step)
+
+
+class _Prepared:
+    """Inputs converted to the compute dtype and laid out for the chunked kernels."""
+
+    def __init__(self, x, offset, weight, mask, stride, padding, dilation):
+        self.dtype = compute_dtype(x.dtype)
+        g = make_geometry(x.shape, weight.shape, offset.shape, stride, padding, dilation)
+        self.geometry = g
+        self.kernel_size, self.groups = g["kernel_size"], g["offset_groups"]
+        self.positions = g["batch"] * g["out_h"] * g["out_w"]
+        self.rows, g["padded_h"], g["padded_w"] = padded_rows(x.to(self.dtype), self.groups)
+        self.offsets = offsets_by_position(offset.to(self.dtype), self.kernel_size, self.groups)
+        self.modulation = None if mask is None else mask_by_position(mask.to(self.dtype), self.kernel_size, self.groups)
+        self.weights = weight_matrix(weight.to(self.dtype), g["weight_groups"])
+        self.steps = corner_steps(g)
+        self.columns_per_position = self.kernel_size * g["in_channels"]
+
+    def sample(self, start: int, stop: int):
+        """Bilinear sample of positions [start, stop): (unmodulated columns (P, K, G, Cg), geometry)."""
+        positions = torch.arange(start, stop, device=self.rows.device)
+        top_left, frac_y, frac_x, _, _ = sampling_points(positions, self.offsets[start:stop], self.geometry)
+        weights = corner_weights(frac_y, frac_x)
+        flat = top_left.reshape(-1)
+        sampled = torch.empty(*top_left.shape, self.rows.shape[1], dtype=self.dtype, device=self.rows.device)
+        flat_out = sampled.view(-1, self.rows.shape[1])
+        for corner, (step, weight) in enumerate(zip(self.steps, weights)):
+            values = self.rows.index_select(0, flat + step)
+            if corner == 0:
+                torch.mul(values, weight.reshape(-1, 1), out=flat_out)
+            else:
+                flat_out.addcmul_(values, weight.reshape(-1, 1))
+        return sampled, (flat, frac_y, frac_x, weights)
+
+    def modulate(self, sampled: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if self.modulation is None:
+            return sampled
+        return sampled * self.modulation[start:stop].unsqueeze(-1)
+
+
+def deform_conv2d_forward(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    mask: Optional[torch.Tensor],
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Forward of deformable convolution, chunked over output positions; no autograd graph.
+
+    Same arguments and result as :func:`deform_conv2d_reference`; at most about
+    ``chunk_elements`` sampled values are held at once.
+    """
+    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation)
+    g = prep.geometry
+    out = torch.empty(prep.positions, g["out_channels"], dtype=prep.dtype, device=x.device)
+    for start, stop in _chunks(prep.positions, prep.columns_per_position, chunk_elements):
+        sampled, _ = prep.sample(start, stop)
+        columns = prep.modulate(sampled, start, stop).view(stop - start, prep.kernel_size, -1)
+        out[start:stop] = contract(columns, prep.weights, prep.kernel_size)
+    if bias is not None:
+        out += bias.to(prep.dtype)
+    out = out.view(g["batch"], g["out_h"], g["out_w"], -1).permute(0, 3, 1, 2)
+    return out.to(x.dtype, memory_format=torch.contiguous_format)
+
+
+def deform_conv2d_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+    chunk_elements: int = CHUNK_ELEMENTS,
+):
+    """Gradients of :func:`deform_conv2d_forward` w.r.t. x, offset, mask, weight and bias.
+
+    The columns are recomputed chunk by chunk. With ``s_c`` the dot product over channels of the
+    gradient of the (modulated) columns with neighbour ``c``'s values, the coordinate gradients are
+    ``d/dy = (1-fx)(s_bl - s_tl) + fx (s_br - s_tr)`` and ``d/dx = (1-fy)(s_tr - s_tl) + fy (s_br - s_bl)``
+    (zero wherever every neighbour reads zero, which includes clamped and non-finite points);
+    the input gradient is the scatter-add of the bilinear weights.
+
+    Returns:
+        ``(grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)``.
+    """
+    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation)
+    g = prep.geometry
+    dtype, kernel_size, groups = prep.dtype, prep.kernel_size, prep.groups
+    weight_groups = g["weight_groups"]
+    group_channels = g["in_channels"] // groups
+    grad_rows = torch.zeros_like(prep.rows)
+    grad_offsets = torch.empty(prep.positions, kernel_size, groups, 2, dtype=dtype, device=x.device)
+    grad_modulation = None if mask is None else torch.empty(prep.positions, kernel_size, groups, dtype=dtype, device=x.device)
+    grad_weights = torch.zeros_like(prep.weights)
+    # (P, O) upstream gradient, position-major like the forward's output.
+    grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"])
+    grad_bias = grad_positions.sum(0)
+    for start, stop in _chunks(prep.positions, prep.columns_per_position, chunk_elements):
+        count = stop - start
+        sampled, (flat, frac_y, frac_x, weights) = prep.sample(start, stop)
+        columns = prep.modulate(sampled, start, stop).view(count, kernel_size, -1)
+        grad_chunk = grad_positions[start:stop].reshape(count, weight_groups, -1).transpose(0, 1)  # (wg, P, O/wg)
+        grad_weights += torch.bmm(columns_by_weight_group(columns, kernel_size, weight_groups).transpose(1, 2), grad_chunk)
+        grad_columns = columns_from_weight_groups(torch.bmm(grad_chunk, prep.weights.transpose(1, 2)), kernel_size)
+        grad_columns = grad_columns.reshape(count, kernel_size, groups, group_channels)
+        if mask is not None:
+            grad_modulation[start:stop] = (grad_columns * sampled).sum(-1)
+            grad_columns = grad_columns * prep.modulation[start:stop].unsqueeze(-1)
+        grad_flat = grad_columns.reshape(-1, group_channels)
+        dots = []
+        for step, corner_weight in zip(prep.steps, weights):
+            index = flat + step
+            dots.append((prep.rows.index_select(0, index) * grad_flat).sum(-1).view(corner_weight.shape))
+            grad_rows.index_add_(0, index, grad_flat * corner_weight.reshape(-1, 1))
+        top_left, top_right, bottom_left, bottom_right = dots
+        grad_offsets[start:stop, ..., 0] = (1 - frac_x) * (bottom_left - top_left) + frac_x * (bottom_right - top_right)
+        grad_offsets[start:stop, ..., 1] = (1 - frac_y) * (top_right - top_left) + frac_y * (bottom_right - bottom_left)
+    return _backward_outputs(x, offset, weight, mask, prep, grad_rows, grad_offsets, grad_modulation, grad_weights, grad_bias)
+
+
+def _backward_outputs(x, offset, weight, mask, prep, grad_rows, grad_offsets, grad_modulation, grad_weights, grad_bias):
+    """Lay the gradients of the chunked backward out like the inputs they belong to."""
+    g = prep.geometry
+    n, c, h, w = x.shape
+    kernel_size, groups = prep.kernel_size, prep.groups
+    padded = grad_rows.view(n, g["padded_h"], g["padded_w"], c).permute(0, 3, 1, 2)
+    grad_x = padded[:, :, PAD_BEFORE : PAD_BEFORE + h, PAD_BEFORE : PAD_BEFORE + w]
+    grad_x = grad_x.to(x.dtype, memory_format=torch.contiguous_format)
+    out_hw = g["out_h"] * g["out_w"]
+    grad_offset = grad_offsets.view(n, out_hw, kernel_size, groups, 2).permute(0, 3, 2, 4, 1)
+    grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
+    grad_mask = None
+    if mask is not None:
+        grad_mask = grad_modulation.view(n, out_hw, kernel_size, groups).permute(0, 3, 2, 1)
+        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
+    wg = g["weight_groups"]
+    out_channels, group_channels, kernel_h, kernel_w = weight.shape
+    grad_weight = grad_weights.view(wg, kernel_size, group_channels, out_channels // wg).permute(0, 3, 2, 1)
+    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+    return grad_x, grad_offset, grad_mask, grad_weight, grad_bias.to(weight.dtype)

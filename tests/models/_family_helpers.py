@@ -1,0 +1,55 @@
+"""Helpers for the per-family model tests (ResNet, MobileNet, SqueezeNet, ShuffleNet, InternImage)."""
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import convzoo
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_on_meta(name: str, **kwargs) -> nn.Module:
+    """The registered model ``name`` with its parameters on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return convzoo.create_model(name, **kwargs)
+
+
+def count_macs(model: nn.Module, size: int = 224) -> float:
+    """Multiply-accumulates of one (1, 3, size, size) forward, as FlopCounterMode counts them / 2."""
+    device = next(model.parameters()).device
+    x = torch.empty(1, 3, size, size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    return counter.get_total_flops() / 2
+
+
+@torch.no_grad()
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    return model
+
+
+def assert_reparameterize_exact(model: nn.Module, x: torch.Tensor) -> None:
+    """Eval outputs match within 1e-5 relative after ``convzoo.reparameterize``; no BatchNorm is
+    left, the parameter count drops."""
+    randomize_batchnorms(model).eval()
+    with torch.no_grad():
+        before = model(x)
+    params_before = num_params(model)
+    convzoo.reparameterize(model)
+    with torch.no_grad():
+        after = model(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert num_params(model) < params_before
+    scale = before.abs().max()
+    assert (after - before).abs().max() <= 1e-5 * scale, float((after - before).abs().max() / scale)

@@ -1,0 +1,179 @@
+"""The shared model machinery: registry, builder, features_only and checkpoints, on a toy family."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convzoo
+from convzoo.models import _registry, build_model, load_model, save_checkpoint
+from convzoo.models._checkpoint import load_checkpoint, read_state_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyCfg:
+    widths: tuple = (4, 8)
+
+
+class ToyNet(nn.Module):
+    classifier_name = "head"
+
+    def __init__(self, cfg, num_classes=1000, in_chans=3, drop_path_rate=0.0):
+        super().__init__()
+        chans = (in_chans,) + tuple(cfg.widths)
+        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:]))
+        self.feature_info = [dict(num_chs=c, reduction=2 ** (i + 1), module=f"stages.{i}") for i, c in enumerate(cfg.widths)]
+        self.head = nn.Linear(cfg.widths[-1], num_classes) if num_classes else nn.Identity()
+
+    def forward_intermediates(self, x, indices):
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in indices:
+                outs.append(x)
+        return outs
+
+    def reset_classifier(self, num_classes):
+        self.head = nn.Linear(self.cfg.widths[-1], num_classes) if num_classes else nn.Identity()
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.mean((2, 3)))
+
+
+def official_to_native(state, model):
+    """The toy 'official' layout names the stages 'layerI'."""
+    if any(k.startswith("stages.") for k in state):
+        return state
+    return {k.replace("layer", "stages."): v for k, v in state.items()}
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+    def toy_net(pretrained=None, **kwargs):
+        return build_model(ToyNet, ToyCfg(), official_to_native, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setitem(_registry._ENTRY_POINTS, "toy_net", toy_net)
+    return toy_net
+
+
+def official_state(num_classes=1000):
+    model = build_model(ToyNet, ToyCfg(), num_classes=num_classes)
+    return {k.replace("stages.", "layer"): v for k, v in model.state_dict().items()}, model
+
+
+def test_unknown_model_lists_close_names(toy_registered):
+    with pytest.raises(ValueError, match=r"unknown model 'toy_nett'; did you mean toy_net"):
+        convzoo.create_model("toy_nett")
+
+
+def test_list_models_pattern(toy_registered):
+    assert "toy_net" in convzoo.list_models("toy*")
+    assert convzoo.list_models("no_such_family_*") == []
+
+
+def test_unknown_override_is_named(toy_registered):
+    with pytest.raises(TypeError, match=r"no option 'depth'; its options are widths"):
+        convzoo.create_model("toy_net", depth=3)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"num_classes": -1}, "num_classes"), ({"in_chans": 0}, "in_chans"),
+                                           ({"drop_path_rate": 1.0}, "drop_path_rate")])
+def test_bad_common_arguments(toy_registered, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        convzoo.create_model("toy_net", **kwargs)
+
+
+def test_override_reaches_config(toy_registered):
+    model = convzoo.create_model("toy_net", widths=(2, 6), num_classes=5)
+    assert model.cfg.widths == (2, 6) and model.head.out_features == 5 and model.model_name == "toy_net"
+
+
+def test_features_only_returns_requested_stages(toy_registered):
+    feats = convzoo.create_model("toy_net", features_only=True, out_indices=(1,))
+    out = feats(torch.randn(2, 3, 16, 12))
+    assert [o.shape for o in out] == [torch.Size([2, 8, 4, 3])]
+    assert feats.channels() == [8] and feats.reductions() == [4]
+    with pytest.raises(ValueError, match="out_indices"):
+        convzoo.create_model("toy_net", features_only=True, out_indices=(2,))
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", None])
+def test_official_layout_loads_through_filter(tmp_path, toy_registered, wrapper):
+    state, reference = official_state()
+    payload = {wrapper: state} if wrapper else state
+    torch.save(payload, tmp_path / "official.pth")
+    model = convzoo.create_model("toy_net", pretrained=tmp_path / "official.pth")
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+def test_dataparallel_prefix_is_stripped(tmp_path):
+    _, reference = official_state()
+    torch.save({"module." + k: v for k, v in reference.state_dict().items()}, tmp_path / "ddp.pth")
+    assert set(read_state_dict(tmp_path / "ddp.pth")) == set(reference.state_dict())
+
+
+def test_other_num_classes_reinitialises_head_and_says_so(tmp_path, toy_registered, caplog):
+    state, reference = official_state(num_classes=1000)
+    torch.save(state, tmp_path / "official.pth")
+    with caplog.at_level(logging.WARNING):
+        model = convzoo.create_model("toy_net", pretrained=tmp_path / "official.pth", num_classes=7)
+    assert "classifier re-initialised for num_classes=7" in caplog.text
+    torch.testing.assert_close(model.stages[0].weight, reference.stages[0].weight)
+    assert model.head.out_features == 7
+
+
+def test_wrong_keys_are_named(tmp_path, toy_registered):
+    state, _ = official_state()
+    del state["layer1.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["layer0.weight"] = torch.zeros(4, 3, 1, 1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError) as info:
+        convzoo.create_model("toy_net", pretrained=tmp_path / "broken.pth")
+    message = str(info.value)
+    assert "missing keys (1): stages.1.bias" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "stages.0.weight: checkpoint (4, 3, 1, 1) vs model (4, 3, 3, 3)" in message
+
+
+def test_missing_file_and_non_state_dict(tmp_path):
+    model = build_model(ToyNet, ToyCfg())
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint(model, tmp_path / "nope.pth")
+    torch.save({"epoch": 3}, tmp_path / "meta.pth")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_checkpoint(model, tmp_path / "meta.pth")
+
+
+def test_safetensors_round_trip_rebuilds_model(tmp_path, toy_registered):
+    model = convzoo.create_model("toy_net", widths=(3, 5), num_classes=4)
+    save_checkpoint(model, tmp_path / "toy.safetensors")
+    assert not (tmp_path / "toy.safetensors.tmp").exists()
+    loaded = load_model(tmp_path / "toy.safetensors")
+    assert loaded.cfg.widths == (3, 5) and loaded.num_classes == 4
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ValueError, match="safetensors"):
+        save_checkpoint(model, tmp_path / "toy.pth")
+
+
+def test_reparameterize_walks_children_and_marks_model():
+    calls = []
+
+    class Branchy(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+            self.inner = nn.Identity()
+
+        def reparameterize(self):
+            calls.append(self.tag)
+
+    net = nn.Sequential(Branchy("a"), nn.Sequential(Branchy("b")))
+    net.train()
+    assert convzoo.reparameterize(net) is net
+    assert calls == ["a", "b"] and not net.training and net.is_reparameterized

@@ -1,0 +1,61 @@
+import warnings
+
+import pytest
+import torch
+
+from convzoo.ops import _checks
+
+
+def test_check_tensor_names_argument_and_expectation():
+    with pytest.raises(TypeError, match=r"weight must be a torch.Tensor, got list"):
+        _checks.check_tensor("weight", [1.0])
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor, got shape \(2, 3\)"):
+        _checks.check_tensor("x", torch.zeros(2, 3), ndim=4)
+    with pytest.raises(TypeError, match=r"x must have dtype in .*float32.*got int64"):
+        _checks.check_tensor("x", torch.zeros(2, dtype=torch.long))
+
+
+def test_check_same_dtype_and_device():
+    a = torch.zeros(2)
+    with pytest.raises(TypeError, match="bias must have the dtype of x"):
+        _checks.check_same("bias", a.double(), "x", a)
+    _checks.check_same("bias", a.clone(), "x", a)
+
+
+@pytest.mark.parametrize("value, expected", [(3, (3, 3)), ((1, 2), (1, 2)), ([4, 5], (4, 5))])
+def test_pair_accepts_ints_and_pairs(value, expected):
+    assert _checks.pair("stride", value, minimum=1) == expected
+
+
+@pytest.mark.parametrize("value", [(1, 2, 3), "2", 1.5, True, (1, 2.0)])
+def test_pair_rejects_other_types(value):
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        _checks.pair("stride", value)
+
+
+def test_pair_checks_minimum():
+    with pytest.raises(ValueError, match="stride must be >= 1, got 0"):
+        _checks.pair("stride", 0, minimum=1)
+
+
+def test_impl_choice():
+    x = torch.zeros(1)
+    assert _checks.use_triton("op", "reference", x) is False
+    assert _checks.use_triton("op", "auto", x) is False  # CPU tensors never take Triton by default
+    with pytest.raises(ValueError, match=r"impl must be one of .*got 'cuda'"):
+        _checks.use_triton("op", "cuda", x)
+    if _checks.triton_importable():
+        assert _checks.use_triton("op", "triton", x) is True
+
+
+def test_auto_on_cuda_without_triton_warns_once(monkeypatch):
+    class FakeCuda:
+        is_cuda = True
+
+    monkeypatch.setattr(_checks, "triton_importable", lambda: False)
+    _checks._warn_no_triton.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _checks.use_triton("someop", "auto", FakeCuda()) is False
+        assert _checks.use_triton("someop", "auto", FakeCuda()) is False
+    assert len([w for w in caught if "someop" in str(w.message)]) == 1
