@@ -317,3 +317,24 @@ def test_bench_bad_input(argv, message, tmp_path, monkeypatch, capsys):
 def test_bench_rejects_a_bad_input_size(capsys):
     assert cli(["bench", "--model", "test_tiny_k3", "--input-size", "0"]) == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# a real process, a real zoo model
+# ----------------------------------------------------------------------------------------------
+
+def test_python_m_convzoo_reparam_on_a_zoo_model(tmp_path):
+    model = convzoo.create_model("replknet_tiny", num_classes=3)
+    checkpoint = str(tmp_path / "replknet_tiny.safetensors")
+    save_checkpoint(model, checkpoint)
+    out = str(tmp_path / "deploy.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "convzoo", "reparam", checkpoint, out, "--input-size", "32", "--repeats", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "outputs match" in done.stdout
+    deployed = convzoo.models.load_model(out)
+    assert deployed.is_reparameterized and deployed.num_classes == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), convzoo.reparameterize(model)(x), rtol=1e-4, atol=1e-5)
