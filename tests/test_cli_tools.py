@@ -5,7 +5,6 @@ the whole file stays fast on a 2-core CPU.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -19,7 +18,7 @@ import torch.nn as nn
 from PIL import Image
 
 import convzoo
-from convzoo.commands import UsageError, bench, erf, export, reparam
+from convzoo.cli import main
 from convzoo.layers.reparam import fuse_conv_bn
 from convzoo.models import build_model, register_model, save_checkpoint
 
@@ -111,20 +110,7 @@ for _name, _cfg in {"test_tiny_k3": TinyConfig(), "test_tiny_k9": TinyConfig(ker
 
 
 def cli(argv):
-    """Parse ``argv`` with the commands' own parsers and run it like the CLI does."""
-    parser = argparse.ArgumentParser(prog="convzoo")
-    sub = parser.add_subparsers(dest="command")
-    for module in (reparam, export, erf, bench):
-        module.register(sub)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        return args.func(args)
-    except UsageError as error:
-        print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 @pytest.fixture
@@ -213,7 +199,7 @@ def test_export_round_trip_with_onnxruntime(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, text
     result = json.loads(open(report).read())
     assert result["max_rel_error"] <= 1e-4
-    assert result["checked_shape"] == [2, 3, 32, 32]
+    assert result["input_shape"] == [2, 3, 32, 32] and result["checked_shape"] == [3, 3, 32, 32]
     assert "BatchNormalization" not in result["onnx_ops"]  # exported in its re-parameterized form
     import onnxruntime as ort
 
@@ -331,3 +317,24 @@ def test_bench_bad_input(argv, message, tmp_path, monkeypatch, capsys):
 def test_bench_rejects_a_bad_input_size(capsys):
     assert cli(["bench", "--model", "test_tiny_k3", "--input-size", "0"]) == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# a real process, a real zoo model
+# ----------------------------------------------------------------------------------------------
+
+def test_python_m_convzoo_reparam_on_a_zoo_model(tmp_path):
+    model = convzoo.create_model("replknet_tiny", num_classes=3)
+    checkpoint = str(tmp_path / "replknet_tiny.safetensors")
+    save_checkpoint(model, checkpoint)
+    out = str(tmp_path / "deploy.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "convzoo", "reparam", checkpoint, out, "--input-size", "32", "--repeats", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "outputs match" in done.stdout
+    deployed = convzoo.models.load_model(out)
+    assert deployed.is_reparameterized and deployed.num_classes == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), convzoo.reparameterize(model)(x), rtol=1e-4, atol=1e-5)

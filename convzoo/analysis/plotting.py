@@ -123,7 +123,7 @@ def draw_points(
             if not (np.isfinite(py) and np.isfinite(px)):
                 continue
             r = radius * (0.5 + 0.8 * float(value) / peak)
-            draw.line([(cx, cy), (px, py)], fill=colour + (0,), width=1)
+            draw.line([(cx, cy), (px, py)], fill=colour, width=1)
             draw.ellipse([px - r, py - r, px + r, py + r], fill=colour, outline=(0, 0, 0))
         size = radius * 2.5
         draw.line([(cx - size, cy), (cx + size, cy)], fill=(255, 255, 255), width=3)
