@@ -143,6 +143,8 @@ def grad_weight_fft(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Seque
     n, channels, height, width = x.shape
     c_out, _, kh, kw = weight_shape
     multiplier = c_out // channels
+    if n == 0:
+        return grad_out.new_zeros(weight_shape)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     go_h, go_w = grad_out.shape[2:]
     span_h, span_w = (go_h - 1) * stride[0] + 1, (go_w - 1) * stride[1] + 1
