@@ -7,8 +7,9 @@ multiplied by the mask, stacked into an im2col matrix and contracted with the we
 matmul; autograd gives its backward. Ours is the chunked gather + matmul kernel behind the custom
 op with its hand-written backward.
 
-Timings are medians of several runs after a warm-up. Peak memory is the growth of the resident
-set of a fresh child process running one forward (or forward+backward) of that case.
+Timings are medians of several runs after a warm-up. Peak memory is the growth of the peak resident
+set (Linux VmHWM, reset just before the call) of a fresh child process running a second forward (or
+forward+backward) of that case after a first one.
 
     python benchmarks/deform_conv.py            # full table
     python benchmarks/deform_conv.py --quick    # fewer repeats
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -126,20 +126,33 @@ def peak_memory_mb(case_index: int, impl: str, mode: str) -> float:
     return json.loads(out.stdout)["peak_mb"]
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _memory_child(case_index: int, impl: str, mode: str) -> None:
     run = runner(CASES[case_index], impl, mode)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()  # page in code and the allocator's first blocks
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak resident set size (VmHWM) to the current one
     run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
+    print(json.dumps({"peak_mb": (_status_kib("VmHWM") - before) / 1024}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 7")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         _memory_child(int(args.memory_child[0]), args.memory_child[1], args.memory_child[2])
         return

@@ -110,3 +110,20 @@ def test_modulated_layer_device_dtype_and_bad_deform_groups():
     assert layer(torch.randn(1, 4, 4, 4, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(ValueError, match=r"deform_groups \(3\) must be >= 1 and divide in_channels \(4\)"):
         ModulatedDeformConv2d(4, 4, 3, deform_groups=3)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_reference_impl_exports_to_onnx():
+    import io
+
+    import onnxruntime
+    layer = ModulatedDeformConv2d(4, 4, 3, padding=1).eval()
+    with torch.no_grad():
+        layer.conv_offset.weight.normal_(0, 0.2)
+    layer.impl = "reference"
+    x = torch.randn(1, 4, 6, 5)
+    buffer = io.BytesIO()
+    torch.onnx.export(layer, (x,), buffer, dynamo=False)
+    session = onnxruntime.InferenceSession(buffer.getvalue())
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), layer(x).detach(), rtol=1e-5, atol=1e-5)

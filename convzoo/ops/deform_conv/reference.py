@@ -39,8 +39,8 @@ import torch.nn.functional as F
 PAD_BEFORE = 2
 PAD_AFTER = 3
 
-# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in fp32).
-CHUNK_ELEMENTS = 1 << 22
+# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (4 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, stride, padding, dilation) -> Tuple[int, int]:
@@ -300,9 +300,10 @@ class _Prepared:
         modulation = None if self.modulation is None else self.modulation[start:stop]
         return top_left.reshape(-1), frac_y.reshape(-1, 1), frac_x.reshape(-1, 1), modulation
 
-    def gather(self, top_left: torch.Tensor, corner: int) -> torch.Tensor:
-        """Rows of neighbour ``corner`` (0..3: tl, tr, bl, br) of every sampling point, (S, Cg)."""
-        out = self.buffer("gather", top_left.shape[0])
+    def gather(self, top_left: torch.Tensor, corner: int, name: str = "gather") -> torch.Tensor:
+        """Rows of neighbour ``corner`` (0..3: tl, tr, bl, br) of every sampling point, (S, Cg),
+        written into the reusable buffer ``name``."""
+        out = self.buffer(name, top_left.shape[0])
         return torch.index_select(self.rows, 0, top_left + self.steps[corner], out=out)
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
@@ -395,12 +396,12 @@ def deform_conv2d_backward(
 ):
     """Gradients of :func:`deform_conv2d_forward` w.r.t. x, offset, mask, weight and bias.
 
-    The columns are recomputed chunk by chunk. Each neighbour's rows are gathered once and give
-    at the same time the sample ``v = sum_c w_c v_c`` and its derivatives along y and x
-    (``dv/dy = (1-fx)(v_bl - v_tl) + fx (v_br - v_tr)``, ``dv/dx = (1-fy)(v_tr - v_tl) + fy (v_br - v_bl)``);
-    the coordinate gradients are their dot products with the columns' gradient (times the mask).
-    They vanish wherever every neighbour reads zero, which covers clamped and non-finite points.
-    The input gradient is the scatter-add of the bilinear weights.
+    The columns are recomputed chunk by chunk from the four neighbours' gathered rows ``v_c``,
+    which are kept for the chunk. With ``G`` the columns' gradient, ``m`` the mask and
+    ``t_c = <G, v_c>`` (dot products over the channels of a group), the mask gradient is
+    ``sum_c w_c t_c`` and the coordinate gradients are ``m * sum_c (dw_c/dy) t_c`` and
+    ``m * sum_c (dw_c/dx) t_c``; they vanish wherever every neighbour reads zero, which covers
+    clamped and non-finite points. The input gradient is the scatter-add of ``m * w_c * G``.
 
     Returns:
         ``(grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)``.
@@ -408,7 +409,6 @@ def deform_conv2d_backward(
     prep = _Prepared(x, offset, weight, mask, stride, padding, dilation, chunk_elements)
     g = prep.geometry
     dtype, kernel_size, groups = prep.dtype, prep.kernel_size, prep.groups
-    weight_groups = g["weight_groups"]
     grad_rows = torch.zeros_like(prep.rows)
     grad_offsets = torch.empty(prep.positions * kernel_size * groups, 2, dtype=dtype, device=x.device)
     grad_modulation = None
@@ -419,35 +419,28 @@ def deform_conv2d_backward(
     grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"]).contiguous()
     grad_bias = grad_positions.sum(0)
     for start, stop in prep.chunks():
-        count = stop - start
         top_left, frac_y, frac_x, modulation = prep.points(start, stop)
         rows = top_left.shape[0]
-        sampled, along_y, along_x = prep.buffer("sampled", rows), prep.buffer("along_y", rows), prep.buffer("along_x", rows)
         weights = corner_weights(frac_y, frac_x)
-        slopes_y = (-(1 - frac_x), -frac_x, 1 - frac_x, frac_x)
-        slopes_x = (-(1 - frac_y), 1 - frac_y, -frac_y, frac_y)
-        for corner in range(4):
-            values = prep.gather(top_left, corner)
-            if corner == 0:
-                torch.mul(values, weights[0], out=sampled)
-                torch.mul(values, slopes_y[0], out=along_y)
-                torch.mul(values, slopes_x[0], out=along_x)
-            else:
-                sampled.addcmul_(values, weights[corner])
-                along_y.addcmul_(values, slopes_y[corner])
-                along_x.addcmul_(values, slopes_x[corner])
-        columns = sampled
-        if modulation is not None:
-            columns = torch.mul(sampled, modulation.reshape(-1, 1), out=prep.buffer("columns", rows))
+        modulated = weights if modulation is None else tuple(w * modulation.reshape(-1, 1) for w in weights)
+        neighbours = [prep.gather(top_left, corner, name=f"neighbour{corner}") for corner in range(4)]
+        columns = torch.mul(neighbours[0], modulated[0], out=prep.buffer("columns", rows))
+        for corner in range(1, 4):
+            columns.addcmul_(neighbours[corner], modulated[corner])
         grad_columns = prep.weight_gradient_and_columns_gradient(columns, grad_positions[start:stop], grad_weights)
+        tl_dot, tr_dot, bl_dot, br_dot = (_row_dot(grad_columns, values).view(-1, 1) for values in neighbours)
         point_range = slice(start * kernel_size * groups, stop * kernel_size * groups)
+        along_y = (1 - frac_x) * (bl_dot - tl_dot) + frac_x * (br_dot - tr_dot)
+        along_x = (1 - frac_y) * (tr_dot - tl_dot) + frac_y * (br_dot - bl_dot)
         if modulation is not None:
-            grad_modulation[point_range] = _row_dot(grad_columns, sampled)
-            grad_columns.mul_(modulation.reshape(-1, 1))
-        grad_offsets[point_range, 0] = _row_dot(along_y, grad_columns)
-        grad_offsets[point_range, 1] = _row_dot(along_x, grad_columns)
-        scaled = prep.buffer("scaled", rows)
-        for corner, corner_weight in enumerate(weights):
+            dots = (tl_dot, tr_dot, bl_dot, br_dot)
+            grad_modulation[point_range] = sum(w * dot for w, dot in zip(weights, dots)).view(-1)
+            along_y = along_y * modulation.reshape(-1, 1)
+            along_x = along_x * modulation.reshape(-1, 1)
+        grad_offsets[point_range, 0] = along_y.view(-1)
+        grad_offsets[point_range, 1] = along_x.view(-1)
+        scaled = prep.buffer("columns", rows)  # the columns are no longer needed
+        for corner, corner_weight in enumerate(modulated):
             grad_rows.index_add_(0, top_left + prep.steps[corner], torch.mul(grad_columns, corner_weight, out=scaled))
     grad_offsets = grad_offsets.view(prep.positions, kernel_size, groups, 2)
     if grad_modulation is not None:
