@@ -173,8 +173,9 @@ class DCNv3(nn.Module):
         offset = self.offset(features)
         mask = self.mask(features)
         if self.softmax:
-            mask = F.softmax(mask.reshape(n, height_out, width_out, self.group, -1), -1)
-            mask = mask.reshape(n, height_out, width_out, -1)
+            points = self.kernel_size * self.kernel_size - self.remove_center
+            mask = F.softmax(mask.reshape(n, height_out, width_out, self.group, points), -1)
+            mask = mask.reshape(n, height_out, width_out, self.group * points)
         mask = mask.to(x.dtype)
         offset = offset.to(x.dtype)
 
