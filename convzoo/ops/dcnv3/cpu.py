@@ -27,6 +27,27 @@ import torch.nn.functional as F
 from .reference import sampling_locations
 
 
+# Below this many samples (N * H_out * W_out * group * P) the dense gather of reference.py is
+# faster: creating sparse matrices and starting MKL's threads costs more than the work.
+MIN_SAMPLES = 2**15
+
+
+def worth_it(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether these kernels should run for ``x``/``mask`` (CPU tensors, large enough)."""
+    return x.device.type == "cpu" and mask.numel() >= MIN_SAMPLES
+
+
+def _consume_beta_warning() -> None:
+    """PyTorch warns once per process that sparse CSR is beta; take that warning here, silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        torch.sparse_csr_tensor(torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64), torch.tensor([]),
+                                size=(1, 1), check_invariants=False)
+
+
+_consume_beta_warning()
+
+
 class _Samples(NamedTuple):
     """Per sample ``s = (((n * H_out + ho) * W_out + wo) * group + g) * P + p``, each ``(S,)``.
 
@@ -72,9 +93,7 @@ def _corner_weights(frac_x: torch.Tensor, frac_y: torch.Tensor, scale: torch.Ten
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+    return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
 def _padded_rows(x: torch.Tensor, group_channels: int) -> torch.Tensor:
