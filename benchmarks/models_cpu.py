@@ -6,12 +6,15 @@
   framework, and eager PyTorch does not fold). Ours: ``convzoo.reparameterize(model)`` (branches
   merged and every BatchNorm folded into its conv), depthwise convs through ``convzoo.ops.dwconv2d``.
 * ConvNeXt-T. Baseline: facebookresearch/ConvNeXt's form, the 7x7 depthwise conv an
-  ``nn.Conv2d(groups=C)`` on NCHW tensors. Ours: ``convzoo.create_model("convnext_tiny")``.
+  ``nn.Conv2d(groups=C)`` on NCHW tensors, layer scale a separate multiply. Ours:
+  ``convzoo.reparameterize(convzoo.create_model("convnext_tiny"))`` (layer scale folded into the
+  second linear of each block), depthwise convs through ``convzoo.ops.dwconv2d``.
 
-Both sides share the same weights (the baseline is converted from our model) and their outputs
-are checked to agree before timing. Ours is timed on the NCHW input the baseline gets, and on a
-``channels_last`` input with the model converted to ``channels_last`` (the conversion of the
-input is inside the timed call). eval, ``torch.no_grad()``, fp32, batch 1, 224x224 by default.
+Both sides share the same weights (the baseline is converted from our model and runs the official
+forward, NCHW throughout) and their outputs are checked to agree before timing. Ours is timed on
+the NCHW input the baseline gets (our models switch to ``channels_last`` inside), and with the
+weights converted to ``channels_last`` too. Runs of the two sides are interleaved, so that a
+change of the machine's load hits both. eval, ``torch.no_grad()``, fp32, batch 1, 224x224 by default.
 
 Usage: python benchmarks/models_cpu.py [--repeats 7] [--warmup 2] [--threads 2] [--size 224]
 Prints a markdown table of median milliseconds and the speed-up of ours over the baseline.
@@ -44,6 +47,40 @@ def with_plain_convs(model: nn.Module) -> nn.Module:
     return model
 
 
+class OfficialRepLKNet(nn.Module):
+    """RepLKNet-pytorch's forward on NCHW tensors, over the (plain-conv) modules of ``model``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        for layer in m.stem:
+            x = layer(x)
+        for i, stage in enumerate(m.stages):
+            for block in stage.blocks:
+                x = block(x)
+            if i < len(m.transitions):
+                x = m.transitions[i](x)
+        return m.head(torch.flatten(m.avgpool(m.norm(x)), 1))
+
+
+class OfficialConvNeXt(nn.Module):
+    """facebookresearch/ConvNeXt's forward on NCHW tensors, over the (plain-conv) modules of ``model``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.stem(x)
+        for stage in m.stages:
+            x = stage.blocks(stage.downsample(x))
+        return m.head.fc(m.head.norm(x.mean((-2, -1))))
+
+
 def randomize_norms(model: nn.Module) -> None:
     """Non-trivial BatchNorm statistics (so folding them changes the weights, as with trained ones)."""
     with torch.no_grad():
@@ -59,23 +96,28 @@ def replknet_pair(size: int):
     official = with_plain_convs(ours)
     merge_large_kernels(official)  # RepLKNet-pytorch's structural_reparam()
     convzoo.reparameterize(ours)
-    return "RepLKNet-31B (deployed)", official.eval(), ours.eval()
+    return "RepLKNet-31B (deployed)", OfficialRepLKNet(official).eval(), ours.eval()
 
 
 def convnext_pair(size: int):
     ours = convzoo.create_model("convnext_tiny").eval()
-    return "ConvNeXt-T", with_plain_convs(ours).eval(), ours
+    official = OfficialConvNeXt(with_plain_convs(ours)).eval()
+    convzoo.reparameterize(ours)  # layer scale folded into the second linear of each block
+    return "ConvNeXt-T (deployed)", official, ours
 
 
-def median_ms(fn, repeats: int, warmup: int) -> float:
+def interleaved_median_ms(fns, repeats: int, warmup: int):
+    """Median milliseconds of each of ``fns``, timed in turn (fn0, fn1, ..., fn0, fn1, ...)."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def run(size: int, repeats: int, warmup: int):
@@ -90,9 +132,8 @@ def run(size: int, repeats: int, warmup: int):
                 err = (model(x) - expected).abs().max() / expected.abs().max()
                 if err > 1e-4:
                     raise RuntimeError(f"{name}: ours differs from the baseline by {err:.2e} (relative)")
-            base_ms = median_ms(lambda: official(x), repeats, warmup)
-            ours_ms = median_ms(lambda: ours(x), repeats, warmup)
-            ours_cl_ms = median_ms(lambda: ours_cl(x.contiguous(memory_format=torch.channels_last)), repeats, warmup)
+            base_ms, ours_ms, ours_cl_ms = interleaved_median_ms(
+                [lambda: official(x), lambda: ours(x), lambda: ours_cl(x)], repeats, warmup)
         rows.append((name, base_ms, ours_ms, ours_cl_ms))
     return rows
 
@@ -109,8 +150,8 @@ def main():
     rows = run(args.size, args.repeats, args.warmup)
     print(f"batch 1, {args.size}x{args.size}, fp32, eval, no_grad, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} after {args.warmup} warm-up runs, torch {torch.__version__}\n")
-    print("| model | official-style nn.Conv2d NCHW (ms) | convzoo, NCHW input (ms) | convzoo, channels_last (ms) "
-          "| speed-up NCHW | speed-up channels_last |")
+    print("| model | official-style nn.Conv2d NCHW (ms) | convzoo (ms) | convzoo, channels_last weights (ms) "
+          "| speed-up | speed-up, channels_last weights |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, base, ours, ours_cl in rows:
         print(f"| {name} | {base:.1f} | {ours:.1f} | {ours_cl:.1f} | {base / ours:.2f}x | {base / ours_cl:.2f}x |")
