@@ -132,7 +132,7 @@ def test_official_checkpoint_round_trip(tmp_path, name):
     reference = convzoo.create_model(name).eval()
     torch.save(reference.state_dict(), tmp_path / f"{name}.pth")
     model = convzoo.create_model(name, pretrained=tmp_path / f"{name}.pth").eval()
-    x = torch.randn(1, 3, 48, 48)
+    x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x))
 
 
@@ -147,7 +147,7 @@ def test_other_num_classes_reinitialises_head(tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_reparameterize_folds_every_batchnorm(name):
     model = convzoo.create_model(name, num_classes=5)
-    assert_reparameterize_exact(model, torch.randn(2, 3, 48, 48))
+    assert_reparameterize_exact(model, torch.randn(2, 3, 32, 32))
 
 
 def test_reparameterized_model_saves_and_reloads(tmp_path):

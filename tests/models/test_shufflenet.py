@@ -87,7 +87,7 @@ def test_torchvision_checkpoint_round_trip(tmp_path, name):
     reference = convzoo.create_model(name).eval()
     torch.save(reference.state_dict(), tmp_path / f"{name}.pth")
     model = convzoo.create_model(name, pretrained=tmp_path / f"{name}.pth").eval()
-    x = torch.randn(1, 3, 48, 48)
+    x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x))
 
 
@@ -101,4 +101,4 @@ def test_other_num_classes_reinitialises_fc(tmp_path):
 
 @pytest.mark.parametrize("name", ["shufflenetv2_x0_5", "shufflenetv2_x1_5"])
 def test_reparameterize_folds_every_batchnorm(name):
-    assert_reparameterize_exact(convzoo.create_model(name, num_classes=5), torch.randn(2, 3, 48, 48))
+    assert_reparameterize_exact(convzoo.create_model(name, num_classes=5), torch.randn(2, 3, 32, 32))
