@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -118,8 +117,8 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """One plain-text line per epoch on stderr, redrawn in place on a terminal."""
 
-    def __init__(self, stream=sys.stderr, width: int = 20):
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 20):
+        self.stream, self.width = stream if stream is not None else sys.stderr, width
         self.interactive = hasattr(stream, "isatty") and stream.isatty()
         self._last_printed = -1
 
@@ -212,7 +211,7 @@ def run(args) -> int:
 
     from .. import save_checkpoint
     from ..train.distributed import init_distributed, shutdown
-    from ..train.loop import Trainer, best_epoch, load_training_checkpoint
+    from ..train.loop import Trainer, load_training_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,6 +224,8 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
+        if args.sync_bn and info.enabled and info.device.type == "cpu":
+            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         config = _train_config(args, info)
         torch.manual_seed(args.seed)
         model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,

@@ -32,6 +32,7 @@ def test_deformable_convs_are_in_conv3_to_conv5_only():
     deformable = sorted(n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv2d))
     assert len(deformable) == 4 + 6 + 3
     assert all(n.startswith(("layer2.", "layer3.", "layer4.")) and n.endswith(".conv2") for n in deformable)
+    assert [b.deformable for b in model.layer1] == [False] * 3
     assert model.layer2[0].conv2.conv_offset.weight.shape == (27, 128, 3, 3)
     assert model.layer2[0].conv2.bias is None
 

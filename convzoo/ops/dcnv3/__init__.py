@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import check_impl, check_same, check_tensor, use_triton
-from . import reference
+from . import cpu, reference
 
 __all__ = ["dcnv3", "dcnv3_offsets_to_torchvision", "torchvision_offsets_to_dcnv3"]
 
@@ -86,6 +86,8 @@ def _run_forward(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
         from .triton import dcnv3_forward_triton
 
         return dcnv3_forward_triton(x, offset, mask, *args)
+    if x.device.type == "cpu":
+        return cpu.dcnv3_forward(x, offset, mask, *args)
     with torch.no_grad():
         return reference.dcnv3_forward(x, offset, mask, *args)
 
@@ -116,6 +118,8 @@ def _dcnv3_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Te
         from .triton import dcnv3_backward_triton
 
         return dcnv3_backward_triton(grad_out, x, offset, mask, *args)
+    if x.device.type == "cpu":
+        return cpu.dcnv3_backward(grad_out, x, offset, mask, *args)
     with torch.no_grad():
         return reference.dcnv3_backward(grad_out, x, offset, mask, *args)
 
