@@ -91,6 +91,7 @@ def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
         axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Constant folding")
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, dynamic_axes=axes,
                               do_constant_folding=True, **names)
         return
