@@ -294,7 +294,8 @@ def test_conv_layout_choice():
     nchw = torch.randn(1, 4, 8, 8)
     nhwc = nchw.contiguous(memory_format=torch.channels_last)
     assert cpu.conv_memory_format(nchw, (31, 31)) == torch.channels_last      # NCHW would be a gemm path
-    assert cpu.conv_memory_format(nhwc, (13, 13)) == torch.contiguous_format  # oneDNN jit_dw
+    assert cpu.conv_memory_format(nchw, (31, 13)) == torch.contiguous_format  # oneDNN jit_dw takes width <= 13
+    assert cpu.conv_memory_format(nhwc, (13, 13)) == torch.channels_last
     assert cpu.conv_memory_format(nchw, (3, 3)) == torch.contiguous_format    # no conversion for small kernels
     assert cpu.conv_memory_format(nhwc, (3, 3)) == torch.channels_last
     assert cpu.conv_memory_format(nchw.double(), (31, 31)) == torch.contiguous_format

@@ -5,12 +5,12 @@ B=8, C=128, 56x56, fp32) showed, and what this module does about it:
 
 * Forward on a ``channels_last`` tensor runs oneDNN's ``brdgmm_dw`` kernel for every kernel size
   (31x31: ~22 ms on 2 threads).  On an NCHW tensor oneDNN reorders to its blocked layout and
-  runs ``jit_dw`` when the kernel width is <= 13, but falls back to a generic gemm path for wider
-  kernels (31x31: ~850 ms).  ``jit_dw`` beats ``brdgmm_dw`` for 10x10..13x13 kernels (about 3x at
-  13x13), ``brdgmm_dw`` is a little faster for small ones.  So the conv runs in
-  :func:`conv_memory_format`: channels_last for kernels wider than 13, NCHW for kernels of area
-  >= 100 that ``jit_dw`` takes, and the caller's own layout otherwise (a layout conversion costs
-  about as much as a small-kernel conv).  The output is converted back to the caller's layout.
+  runs ``jit_dw`` when the kernel width is <= 13 (as fast as channels_last plus the two layout
+  conversions we would pay), but falls back to a generic gemm path for wider kernels (31x31:
+  ~850 ms).  So the convs run in :func:`conv_memory_format`: channels_last for kernels wider
+  than 13, the caller's own layout otherwise, and the output comes back in the caller's layout.
+  (``jit_dw`` is ~3x faster than ``brdgmm_dw`` at 13x13 in isolation, but converting a
+  channels_last tensor there and back ate the gain under load, so channels_last inputs stay.)
 * Grad-input is a conv of the output gradient with the flipped kernel (stride 1), run in the same
   layout: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``.
 * Grad-weight through ``convolution_backward`` (fastest in channels_last) is fine for small
@@ -32,8 +32,6 @@ from .reference import is_symmetric
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # oneDNN's jit_dw kernel (NCHW via its blocked layout) takes kernels up to this width.
 JIT_DW_MAX_KERNEL_WIDTH = 13
-# From this kernel area jit_dw (NCHW) beats brdgmm_dw (channels_last).
-JIT_DW_MIN_KERNEL_AREA = 100
 # Up to this kernel area grad-weight through convolution_backward is as fast in NCHW as in channels_last.
 JIT_DW_ANY_LAYOUT_MAX_AREA = 9
 # Grad-weight uses the FFT when the direct MACs exceed this many times the FFT's n*log(n) work.
@@ -62,8 +60,6 @@ def conv_memory_format(x: torch.Tensor, kernel_size: Sequence[int]) -> torch.mem
     if x.dtype in ONEDNN_DTYPES and x.device.type == "cpu":
         if kernel_size[1] > JIT_DW_MAX_KERNEL_WIDTH:
             return torch.channels_last
-        if kernel_size[0] * kernel_size[1] >= JIT_DW_MIN_KERNEL_AREA:
-            return torch.contiguous_format
     return output_memory_format(x)
 
 
