@@ -159,22 +159,23 @@ def test_same_padding_at_stride_2_gives_ceil_size():
     assert out.shape == (1, 2, 5, 4)
 
 
+@pytest.mark.parametrize("kernel", [5, 15], ids=["direct", "fft-grad-weight"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
+def test_half_precision(dtype, kernel):
+    pad = kernel // 2
     x = torch.randn(2, 3, 10, 9)
-    weight = torch.randn(3, 1, 11, 11) / 11
+    weight = torch.randn(3, 1, kernel, kernel) / kernel
     bias = torch.randn(3)
     xh, wh, bh = (t.to(dtype).requires_grad_() for t in (x, weight, bias))
-    out = dwconv2d(xh, wh, bh, padding=5)
+    out = dwconv2d(xh, wh, bh, padding=pad)
     assert out.dtype == dtype
-    expected = F.conv2d(x, weight, bias, padding=5, groups=3)
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (xh, wh, bh))
+    expected = F.conv2d(xf, wf, bf, padding=pad, groups=3)
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
     grads = torch.autograd.grad(out, (xh, wh, bh), torch.ones_like(out))
-    assert all(g.dtype == dtype and torch.isfinite(g.float()).all() for g in grads)
-    xf, wf, bf = (t.detach().float().requires_grad_() for t in (xh, wh, bh))
-    ref_grads = torch.autograd.grad(F.conv2d(xf, wf, bf, padding=5, groups=3), (xf, wf, bf),
-                                    torch.ones_like(expected))
+    ref_grads = torch.autograd.grad(expected, (xf, wf, bf), torch.ones_like(expected))
     for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, atol=0.1, rtol=5e-2)
 
 
