@@ -537,3 +537,28 @@ def test_errors_name_the_argument():
         ops.deform_ps_roi_pool(x, rois, torch.zeros(1, 6, 2, 2), 2, 2, 2)
     with pytest.raises(ValueError, match="sample_per_part must be >= 1"):
         ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2, sample_per_part=0, no_trans=True)
+
+
+def test_sparse_kernels_match_reference(monkeypatch):
+    """Large problems take the sparse-product kernels; force them (and tiny chunks) on small ones."""
+    from convzoo.ops.roi import reference
+
+    monkeypatch.setattr(reference, "SPARSE_MIN_WORK", 0)
+    monkeypatch.setattr(reference, "POINT_GRAD_CHUNK", 50)
+    x = torch.randn(2, 8, 7, 9, dtype=DT, requires_grad=True)
+    rois = make_rois(6, 2, 7, 9, 0.5)
+    offset = (torch.randn(6, 2, 2, 2, dtype=DT) * 2).requires_grad_()
+    for fn, leaves in (
+        (lambda impl: ops.roi_align(x, rois, 2, 0.5, -1, True, impl=impl), [x]),
+        (lambda impl: ops.deform_roi_pool(x, rois, offset, 2, 0.5, 0, 0.3, impl=impl), [x, offset]),
+        (lambda impl: ops.deform_ps_roi_pool(x, rois, offset, 2, 2, 2, 2, 3, 0.3, 0.5, impl=impl), [x, offset]),
+    ):
+        results = []
+        for impl in IMPLS:
+            out = fn(impl)
+            weight = torch.arange(out.numel(), dtype=DT).view_as(out)
+            results.append((out, torch.autograd.grad((out * weight).sum(), leaves)))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(a, b)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v)

@@ -136,7 +136,10 @@ def _roi_align_op(
     input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
     with torch.no_grad():
-        out = reference.roi_align(_upcast(input), rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned)
+        out = reference.roi_align(
+            _upcast(input), rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned,
+            pool=reference.bilinear_pool_fast,
+        )
     return out.to(input.dtype).contiguous()
 
 
@@ -192,7 +195,8 @@ def _deform_roi_pool_op(
 ) -> Tensor:
     with torch.no_grad():
         out = reference.deform_roi_pool(
-            _upcast(input), rois, _upcast(offset), (pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma
+            _upcast(input), rois, _upcast(offset), (pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma,
+            pool=reference.bilinear_pool_fast,
         )
     return out.to(input.dtype).contiguous()
 
@@ -317,7 +321,7 @@ def _deform_ps_roi_pool_op(
     with torch.no_grad():
         out = reference.deform_ps_roi_pool(
             _upcast(input), rois, _upcast(offset), output_dim, group_size, pooled_size, part_size, sample_per_part,
-            trans_std, spatial_scale,
+            trans_std, spatial_scale, pool=reference.bilinear_pool_fast,
         )
     return out.to(input.dtype).contiguous()
 

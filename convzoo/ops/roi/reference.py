@@ -18,7 +18,8 @@ Coordinates live in the feature map's pixel-index frame (pixel ``i`` has centre 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -153,6 +154,61 @@ def bilinear_pool(
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
 
 
+# The custom op's kernels: the same sum written as a sparse (RoI bins x feature pixels)
+# matrix with four entries per sample, multiplied with the feature rows in one go.
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _sample_entries(
+    feature_rows: int, batch_index: Tensor, bin_group: Tensor, groups: int, height: int, width: int,
+    y: Tensor, x: Tensor, weight: Tensor,
+):
+    """Columns (R, S, 4) of the four neighbours of every sample, their bilinear weights
+    (R, S, 4), the sample weights (R, S) (0 for non-finite points) and the fractional parts."""
+    k, coord_sets, bins, samples = y.shape
+    base = _row_base(batch_index, bin_group, coord_sets, groups, height * width).reshape(-1, 1, 1)
+    y, x, weight = _finite_points(y, x, weight)
+    offsets, weights, frac = _corners(y.reshape(-1, samples), x.reshape(-1, samples), height, width)
+    columns = torch.stack(offsets, dim=-1) + base
+    return columns, torch.stack(weights, dim=-1), weight.reshape(-1, samples), frac
+
+
+# Below this many multiply-adds the gathers win: a sparse product costs ~25 ms to set up.
+SPARSE_MIN_WORK = 1 << 22
+# Values per chunk of the sparse point-gradient products (bounds their memory).
+POINT_GRAD_CHUNK = 1 << 23
+
+
+def _row_major(count: int, per_row: int, device) -> Tensor:
+    return torch.arange(0, count * per_row + 1, per_row, device=device)
+
+
+def bilinear_pool_fast(
+    input: Tensor, batch_index: Tensor, bin_group: Tensor, groups: int, y: Tensor, x: Tensor, weight: Tensor
+) -> Tensor:
+    """:func:`bilinear_pool` as one sparse-dense matrix product (no autograd)."""
+    k, coord_sets, bins, samples = y.shape
+    n, channels, height, width = input.shape
+    rows = _feature_rows(input, coord_sets, groups)
+    per_group = rows.shape[1]
+    out_rows = k * coord_sets * bins
+    if out_rows * samples * 4 * per_group < SPARSE_MIN_WORK:
+        return bilinear_pool(input, batch_index, bin_group, groups, y, x, weight)
+    if rows.shape[0] == 0:
+        out = rows.new_zeros(out_rows, per_group)
+    else:
+        columns, corner_w, sample_w, _ = _sample_entries(
+            rows.shape[0], batch_index, bin_group, groups, height, width, y, x, weight
+        )
+        values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
+        matrix = _csr(_row_major(out_rows, samples * 4, y.device), columns.reshape(-1), values, (out_rows, rows.shape[0]))
+        out = matrix @ rows
+    return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
+
+
 def bilinear_pool_backward(
     grad_out: Tensor,
     input: Tensor,
@@ -168,38 +224,78 @@ def bilinear_pool_backward(
     """Gradients of :func:`bilinear_pool` with respect to ``input``, ``y`` and ``x``.
 
     ``grad_out`` is (K, Q*Cq, P). Returns ``(grad_input, grad_y, grad_x)`` (``None`` where not
-    asked for). The point gradients follow the clamp: zero for a coordinate clamped to the
-    border, zero for non-finite points.
+    asked for). The input gradient is the transposed sparse matrix times ``grad_out``; the
+    point gradients are ``<grad_out, d(bilinear)/dy>`` per sample. They follow the clamp: zero for a coordinate clamped
+    to the border and for non-finite points.
     """
     k, coord_sets, bins, samples = y.shape
     n, channels, height, width = input.shape
     rows = _feature_rows(input, coord_sets, groups)
     per_group = rows.shape[1]
-    base = _row_base(batch_index, bin_group, coord_sets, groups, height * width).reshape(-1)
-    finite = torch.isfinite(y) & torch.isfinite(x)
-    y_clean, x_clean, weight = _finite_points(y, x, weight)
-    g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(-1, per_group)
-    grad_rows = torch.zeros_like(rows) if need_input_grad else None
+    out_rows = k * coord_sets * bins
+    grad_input = torch.zeros_like(input) if need_input_grad else None
     grad_y = torch.zeros_like(y) if need_point_grad else None
     grad_x = torch.zeros_like(x) if need_point_grad else None
-    for s in range(samples):
-        y_s = y_clean[..., s].reshape(-1)
-        x_s = x_clean[..., s].reshape(-1)
-        offsets, weights, (ly, lx, hy, hx) = _corners(y_s, x_s, height, width)
-        w_s = weight[..., s].reshape(-1)
-        if need_input_grad:
-            for offset, corner_weight in zip(offsets, weights):
-                grad_rows.index_add_(0, base + offset, g_rows * (corner_weight * w_s).unsqueeze(1))
-        if need_point_grad:
-            dots = [(rows.index_select(0, base + offset) * g_rows).sum(1) for offset in offsets]
-            d_y = (dots[2] - dots[0]) * hx + (dots[3] - dots[1]) * lx
-            d_x = (dots[1] - dots[0]) * hy + (dots[3] - dots[2]) * ly
-            inside_y = (y_s >= 0) & (y_s <= height - 1) & finite[..., s].reshape(-1)
-            inside_x = (x_s >= 0) & (x_s <= width - 1) & finite[..., s].reshape(-1)
-            grad_y[..., s] = torch.where(inside_y, d_y * w_s, 0).reshape(grad_y.shape[:-1])
-            grad_x[..., s] = torch.where(inside_x, d_x * w_s, 0).reshape(grad_x.shape[:-1])
-    grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups) if need_input_grad else None
+    if out_rows == 0 or samples == 0 or rows.shape[0] == 0:
+        return grad_input, grad_y, grad_x
+    g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(out_rows, per_group)
+    columns, corner_w, sample_w, (ly, lx, hy, hx) = _sample_entries(
+        rows.shape[0], batch_index, bin_group, groups, height, width, y, x, weight
+    )
+    sparse = out_rows * samples * 4 * per_group >= SPARSE_MIN_WORK
+    if need_input_grad and not sparse:
+        values = (corner_w * sample_w.unsqueeze(-1)).unsqueeze(-1)  # (R, S, 4, 1)
+        spread = (values * g_rows.view(out_rows, 1, 1, per_group)).reshape(-1, per_group)
+        grad_rows = torch.zeros_like(rows).index_add_(0, columns.reshape(-1), spread)
+        grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups)
+    elif need_input_grad:
+        flat_columns = columns.reshape(-1)
+        order = torch.argsort(flat_columns)
+        crow = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=y.device)
+        crow[1:] = torch.bincount(flat_columns, minlength=rows.shape[0]).cumsum(0)
+        source_row = torch.arange(out_rows, device=y.device).repeat_interleave(samples * 4)
+        values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
+        transposed = _csr(crow, source_row[order], values[order], (rows.shape[0], out_rows))
+        grad_input = _rows_to_input(transposed @ g_rows, input.shape, coord_sets, groups)
+    if need_point_grad:
+        # d(weights)/dy and d(weights)/dx of the four corners (low-low, low-high, high-low, high-high)
+        d_dy = torch.stack([-hx, -lx, hx, lx], dim=-1) * sample_w.unsqueeze(-1)
+        d_dx = torch.stack([-hy, hy, -ly, ly], dim=-1) * sample_w.unsqueeze(-1)
+        y_flat = torch.where(torch.isfinite(y), y, -1.0).reshape(out_rows, samples)
+        x_flat = torch.where(torch.isfinite(x), x, -1.0).reshape(out_rows, samples)
+        inside_y = (y_flat >= 0) & (y_flat <= height - 1)
+        inside_x = (x_flat >= 0) & (x_flat <= width - 1)
+        slope_grads = _point_grads_sparse if sparse else _point_grads_gather
+        point = slope_grads(rows, g_rows, columns, d_dy, d_dx)  # (2, R, S)
+        grad_y = torch.where(inside_y, point[0], 0).reshape(y.shape)
+        grad_x = torch.where(inside_x, point[1], 0).reshape(x.shape)
     return grad_input, grad_y, grad_x
+
+
+def _point_grads_gather(rows: Tensor, g_rows: Tensor, columns: Tensor, d_dy: Tensor, d_dx: Tensor) -> Tensor:
+    """``<grad, d value / d(y, x)>`` per sample by gathering the neighbours: (2, R, S)."""
+    out_rows, samples, _ = columns.shape
+    neighbours = rows[columns.reshape(-1)].view(out_rows, samples, 4, -1)
+    dots = (neighbours * g_rows.view(out_rows, 1, 1, -1)).sum(-1)  # (R, S, 4)
+    return torch.stack([(dots * d_dy).sum(-1), (dots * d_dx).sum(-1)])
+
+
+def _point_grads_sparse(rows: Tensor, g_rows: Tensor, columns: Tensor, d_dy: Tensor, d_dx: Tensor) -> Tensor:
+    """Same as :func:`_point_grads_gather` through sparse products, in chunks of about
+    ``POINT_GRAD_CHUNK`` values: (2, R, S)."""
+    out_rows, samples, _ = columns.shape
+    per_group = rows.shape[1]
+    step = max(1, POINT_GRAD_CHUNK // (2 * samples * per_group))
+    grads = []
+    for start in range(0, out_rows, step):
+        stop = min(start + step, out_rows)
+        count = 2 * (stop - start) * samples
+        values = torch.stack([d_dy[start:stop], d_dx[start:stop]])  # (2, r, S, 4)
+        cols = columns[start:stop].expand(2, -1, -1, -1)
+        matrix = _csr(_row_major(count, 4, rows.device), cols.reshape(-1), values.reshape(-1), (count, rows.shape[0]))
+        slopes = (matrix @ rows).view(2, stop - start, samples, per_group)
+        grads.append((slopes * g_rows[start:stop].unsqueeze(1)).sum(-1))
+    return torch.cat(grads, dim=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -392,20 +488,21 @@ def _single_group(device) -> Tensor:
 
 def roi_align(
     input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float = 1.0,
-    sampling_ratio: int = -1, aligned: bool = False,
+    sampling_ratio: int = -1, aligned: bool = False, pool=bilinear_pool,
 ) -> Tensor:
-    """torchvision's ``roi_align`` on ``rois`` (K, 5): (K, C, ph, pw)."""
+    """torchvision's ``roi_align`` on ``rois`` (K, 5): (K, C, ph, pw). ``pool`` is
+    :func:`bilinear_pool` (autograd) or :func:`bilinear_pool_fast` (the custom op's kernel)."""
     height, width = input.shape[-2:]
     batch_index, y, x, weight = roi_align_samples(
         rois.to(input.dtype), height, width, output_size, spatial_scale, sampling_ratio, aligned
     )
     bin_group = _single_group(input.device).expand(y.shape[2])
-    return _pool_to_output(bilinear_pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
+    return _pool_to_output(pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
 
 
 def deform_roi_pool(
     input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: Tuple[int, int],
-    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
+    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1, pool=bilinear_pool,
 ) -> Tensor:
     """mmcv's ``deform_roi_pool`` on ``rois`` (K, 5) and ``offset`` (K, 2, ph, pw) or None."""
     height, width = input.shape[-2:]
@@ -413,7 +510,7 @@ def deform_roi_pool(
         rois.to(input.dtype), height, width, output_size, spatial_scale, sampling_ratio, offset, gamma
     )
     bin_group = _single_group(input.device).expand(y.shape[2])
-    return _pool_to_output(bilinear_pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
+    return _pool_to_output(pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
 
 
 def modulated_deform_roi_pool(
@@ -428,6 +525,7 @@ def modulated_deform_roi_pool(
 def deform_ps_roi_pool(
     input: Tensor, rois: Tensor, offset: Optional[Tensor], output_dim: int, group_size: int,
     pooled_size: int, part_size: int, sample_per_part: int, trans_std: float, spatial_scale: float,
+    pool=bilinear_pool,
 ) -> Tensor:
     """Deformable PS RoI pooling (``offset`` None = no_trans): (K, output_dim, pooled, pooled)."""
     height, width = input.shape[-2:]
@@ -435,7 +533,7 @@ def deform_ps_roi_pool(
         rois.to(input.dtype), height, width, offset, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
     )
     bin_group = dcn_bin_groups(pooled_size, group_size, input.dtype, input.device)
-    pooled = bilinear_pool(input, batch_index, bin_group, group_size * group_size, y, x, weight)
+    pooled = pool(input, batch_index, bin_group, group_size * group_size, y, x, weight)
     return _pool_to_output(pooled, (pooled_size, pooled_size))
 
 
