@@ -10,7 +10,7 @@ ratio 2. Baselines (there is no torchvision here):
 * ``ps_roi_pool``: a loop over RoIs, ``F.adaptive_avg_pool2d`` of the crop and a pick of
   each bin's own channel.
 
-Run: ``python benchmarks/roi.py [--repeats 5] [--rois 512]``. Prints a markdown table.
+Run: ``PYTHONPATH=. python benchmarks/roi.py [--repeats 5] [--rois 512] [--threads N]``. Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -129,7 +129,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rois", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     n, c, height, width, stride = 2, 256, 50, 68, 16
     scale = 1.0 / stride

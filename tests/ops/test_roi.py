@@ -347,11 +347,11 @@ def test_gradcheck_ps_roi_pool(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradcheck_deform_ps_roi_pool(impl):
-    x = torch.randn(2, 2 * 4, 6, 7, dtype=DT, requires_grad=True)
+    x = torch.randn(2, 2, 6, 7, dtype=DT, requires_grad=True)
     rois = torch.tensor([[0, 0.0, 1.0, 4.0, 4.0], [1, 1.0, 0.0, 3.0, 5.0]], dtype=DT)
-    trans = (torch.rand(2, 4, 2, 2, dtype=DT) * 0.2 + 0.13).requires_grad_()
+    trans = (torch.rand(2, 4, 2, 2, dtype=DT) * 0.2 + 0.13).requires_grad_()  # two coordinate sets
     assert torch.autograd.gradcheck(
-        lambda t, o: ops.deform_ps_roi_pool(t, rois, o, 2, 2, 2, 2, 2, 0.1, 1.0, impl=impl), (x, trans)
+        lambda t, o: ops.deform_ps_roi_pool(t, rois, o, 2, 1, 2, 2, 2, 0.1, 1.0, impl=impl), (x, trans)
     )
 
 

@@ -179,7 +179,7 @@ def _sample_entries(
 # Below this many multiply-adds the gathers win: a sparse product costs ~25 ms to set up.
 SPARSE_MIN_WORK = 1 << 22
 # Values per chunk of the sparse point-gradient products (bounds their memory).
-POINT_GRAD_CHUNK = 1 << 23
+POINT_GRAD_CHUNK = 1 << 24
 
 
 def _row_major(count: int, per_row: int, device) -> Tensor:
