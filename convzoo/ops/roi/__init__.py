@@ -18,7 +18,7 @@ There is no Triton kernel for these operators; ``impl="triton"`` is refused with
 Gradients flow to ``input``, ``offset`` and ``mask``; never to the boxes.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor

@@ -31,6 +31,7 @@ from torch import Tensor
 __all__ = [
     "round_half_away",
     "bilinear_pool",
+    "bilinear_pool_fast",
     "bilinear_pool_backward",
     "roi_align_samples",
     "deform_roi_pool_samples",
@@ -39,6 +40,7 @@ __all__ = [
     "deform_roi_pool",
     "modulated_deform_roi_pool",
     "ps_roi_pool",
+    "ps_roi_pool_backward",
     "deform_ps_roi_pool",
 ]
 
@@ -167,7 +169,7 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> T
 
 
 def _sample_entries(
-    feature_rows: int, batch_index: Tensor, bin_group: Tensor, groups: int, height: int, width: int,
+    batch_index: Tensor, bin_group: Tensor, groups: int, height: int, width: int,
     y: Tensor, x: Tensor, weight: Tensor,
 ):
     """Columns (R, S, 4) of the four neighbours of every sample, their bilinear weights
@@ -205,7 +207,7 @@ def bilinear_pool_fast(
         out = rows.new_zeros(out_rows, per_group)
     else:
         columns, corner_w, sample_w, _ = _sample_entries(
-            rows.shape[0], batch_index, bin_group, groups, height, width, y, x, weight
+            batch_index, bin_group, groups, height, width, y, x, weight
         )
         values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
         matrix = _csr(_row_major(out_rows, samples * 4, y.device), columns.reshape(-1), values, (out_rows, rows.shape[0]))
@@ -244,7 +246,7 @@ def bilinear_pool_backward(
         return grad_input, grad_y, grad_x
     g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(out_rows, per_group)
     columns, corner_w, sample_w, (ly, lx, hy, hx) = _sample_entries(
-        rows.shape[0], batch_index, bin_group, groups, height, width, y, x, weight
+        batch_index, bin_group, groups, height, width, y, x, weight
     )
     sparse = out_rows * samples * 4 * per_group >= SPARSE_MIN_WORK
     if need_input_grad and not sparse:
