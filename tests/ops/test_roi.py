@@ -540,11 +540,10 @@ def test_errors_name_the_argument():
 
 
 def test_sparse_kernels_match_reference(monkeypatch):
-    """Large problems take the sparse-product kernels; force them (and tiny chunks) on small ones."""
+    """Large problems take the sparse-product kernels; force them on small ones."""
     from convzoo.ops.roi import reference
 
     monkeypatch.setattr(reference, "SPARSE_MIN_WORK", 0)
-    monkeypatch.setattr(reference, "POINT_GRAD_CHUNK", 50)
     x = torch.randn(2, 8, 7, 9, dtype=DT, requires_grad=True)
     rois = make_rois(6, 2, 7, 9, 0.5)
     offset = (torch.randn(6, 2, 2, 2, dtype=DT) * 2).requires_grad_()

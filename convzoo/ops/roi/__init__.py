@@ -228,7 +228,7 @@ def _deform_roi_pool_backward_op(
         roi_w = (work_rois[:, 3] * spatial_scale - 0.5) - (work_rois[:, 1] * spatial_scale - 0.5)
         roi_h = (work_rois[:, 4] * spatial_scale - 0.5) - (work_rois[:, 2] * spatial_scale - 0.5)
         grad_offset = torch.stack(
-            [grad_x.sum(-1).squeeze(1) * (gamma * roi_w).view(-1, 1), grad_y.sum(-1).squeeze(1) * (gamma * roi_h).view(-1, 1)],
+            [grad_x.squeeze(1) * (gamma * roi_w).view(-1, 1), grad_y.squeeze(1) * (gamma * roi_h).view(-1, 1)],
             dim=1,
         ).reshape(offset.shape).to(offset.dtype)
     else:
@@ -360,7 +360,7 @@ def _deform_ps_roi_pool_backward_op(
 
 
 def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size, trans_std, spatial_scale):
-    """Chain the point gradients (K, Q, P, S) to ``offset`` (K, 2Q, part, part): each bin's
+    """Chain the per-bin point gradients (K, Q, P) to ``offset`` (K, 2Q, part, part): each bin's
     samples move by ``trans_std * roi size * offset[part cell of the bin]``."""
     start_w = reference.round_half_away(rois[:, 1]) * spatial_scale - 0.5
     start_h = reference.round_half_away(rois[:, 2]) * spatial_scale - 0.5
@@ -371,7 +371,7 @@ def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size,
     part = torch.floor(bins / pooled_size * part_size).long().clamp(0, part_size - 1)
     cell = (part.view(-1, 1) * part_size + part.view(1, -1)).reshape(-1)  # part cell of each bin
     per_bin = torch.stack(
-        [grad_x.sum(-1) * (trans_std * roi_w).view(-1, 1, 1), grad_y.sum(-1) * (trans_std * roi_h).view(-1, 1, 1)],
+        [grad_x * (trans_std * roi_w).view(-1, 1, 1), grad_y * (trans_std * roi_h).view(-1, 1, 1)],
         dim=2,
     )  # (K, Q, 2, P)
     grad_offset = per_bin.new_zeros(k, coord_sets, 2, part_size * part_size)

@@ -14,7 +14,7 @@ is written in two steps:
 in ``__init__.py`` use :func:`bilinear_pool_fast` and :func:`bilinear_pool_backward`: the
 same sum as one sparse (bins x feature pixels) matrix with four entries per sample times
 the feature rows, its transpose for the input gradient, and ``<grad, d value / d point>``
-per sample for the point gradients, which the caller chains to the offsets analytically
+per bin for the point gradients (all samples of a bin move together), which the caller chains to the offsets analytically
 (small problems take plain gathers instead: a sparse product costs ~25 ms to set up).
 ``ps_roi_pool`` sums integer bins through a summed-area table.
 
@@ -184,8 +184,6 @@ def _sample_entries(
 
 # Below this many multiply-adds the gathers win: a sparse product costs ~25 ms to set up.
 SPARSE_MIN_WORK = 1 << 22
-# Values per chunk of the sparse point-gradient products (bounds their memory).
-POINT_GRAD_CHUNK = 1 << 24
 
 
 def _row_major(count: int, per_row: int, device) -> Tensor:
@@ -230,9 +228,10 @@ def bilinear_pool_backward(
     """Gradients of :func:`bilinear_pool` with respect to ``input``, ``y`` and ``x``.
 
     ``grad_out`` is (K, Q*Cq, P). Returns ``(grad_input, grad_y, grad_x)`` (``None`` where not
-    asked for). The input gradient is the transposed sparse matrix times ``grad_out``; the
-    point gradients are ``<grad_out, d(bilinear)/dy>`` per sample. They follow the clamp: zero for a coordinate clamped
-    to the border and for non-finite points.
+    asked for). The input gradient is the transposed sparse matrix times ``grad_out``. The
+    point gradients are summed over the samples of each bin, (K, Q, P) -- every caller
+    moves all samples of a bin together -- as ``<grad_out, sum_samples d(bilinear)/dy>``.
+    They follow the clamp: zero for a coordinate outside the map and for non-finite points.
     """
     k, coord_sets, bins, samples = y.shape
     n, channels, height, width = input.shape
@@ -240,8 +239,8 @@ def bilinear_pool_backward(
     per_group = rows.shape[1]
     out_rows = k * coord_sets * bins
     grad_input = torch.zeros_like(input) if need_input_grad else None
-    grad_y = torch.zeros_like(y) if need_point_grad else None
-    grad_x = torch.zeros_like(x) if need_point_grad else None
+    grad_y = y.new_zeros(y.shape[:-1]) if need_point_grad else None
+    grad_x = x.new_zeros(x.shape[:-1]) if need_point_grad else None
     if out_rows == 0 or samples == 0 or rows.shape[0] == 0:
         return grad_input, grad_y, grad_x
     g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(out_rows, per_group)
@@ -264,44 +263,41 @@ def bilinear_pool_backward(
         transposed = _csr(crow, source_row[order], values[order], (rows.shape[0], out_rows))
         grad_input = _rows_to_input(transposed @ g_rows, input.shape, coord_sets, groups)
     if need_point_grad:
+        finite = torch.isfinite(y) & torch.isfinite(x)
+        y_raw = torch.where(finite, y, -1.0).reshape(out_rows, samples)
+        x_raw = torch.where(finite, x, -1.0).reshape(out_rows, samples)
+        # the clamp passes no gradient for a coordinate outside the map
+        w_y = torch.where((y_raw >= 0) & (y_raw <= height - 1), sample_w, 0).unsqueeze(-1)
+        w_x = torch.where((x_raw >= 0) & (x_raw <= width - 1), sample_w, 0).unsqueeze(-1)
         # d(weights)/dy and d(weights)/dx of the four corners (low-low, low-high, high-low, high-high)
-        d_dy = torch.stack([-hx, -lx, hx, lx], dim=-1) * sample_w.unsqueeze(-1)
-        d_dx = torch.stack([-hy, hy, -ly, ly], dim=-1) * sample_w.unsqueeze(-1)
-        y_flat = torch.where(torch.isfinite(y), y, -1.0).reshape(out_rows, samples)
-        x_flat = torch.where(torch.isfinite(x), x, -1.0).reshape(out_rows, samples)
-        inside_y = (y_flat >= 0) & (y_flat <= height - 1)
-        inside_x = (x_flat >= 0) & (x_flat <= width - 1)
-        slope_grads = _point_grads_sparse if sparse else _point_grads_gather
-        point = slope_grads(rows, g_rows, columns, d_dy, d_dx)  # (2, R, S)
-        grad_y = torch.where(inside_y, point[0], 0).reshape(y.shape)
-        grad_x = torch.where(inside_x, point[1], 0).reshape(x.shape)
+        d_dy = torch.stack([-hx, -lx, hx, lx], dim=-1) * w_y
+        d_dx = torch.stack([-hy, hy, -ly, ly], dim=-1) * w_x
+        bin_slopes = _bin_slopes_sparse if sparse else _bin_slopes_gather
+        slopes = bin_slopes(rows, columns, torch.stack([d_dy, d_dx]))  # (2, R, Cq)
+        point = (slopes * g_rows).sum(-1)  # (2, R)
+        grad_y = point[0].reshape(k, coord_sets, bins)
+        grad_x = point[1].reshape(k, coord_sets, bins)
     return grad_input, grad_y, grad_x
 
 
-def _point_grads_gather(rows: Tensor, g_rows: Tensor, columns: Tensor, d_dy: Tensor, d_dx: Tensor) -> Tensor:
-    """``<grad, d value / d(y, x)>`` per sample by gathering the neighbours: (2, R, S)."""
+def _bin_slopes_gather(rows: Tensor, columns: Tensor, slopes: Tensor) -> Tensor:
+    """``sum_{sample, corner} slope * feature`` per bin by gathering the neighbours.
+
+    ``columns`` (R, S, 4), ``slopes`` (2, R, S, 4) -> (2, R, Cq)."""
     out_rows, samples, _ = columns.shape
-    neighbours = rows[columns.reshape(-1)].view(out_rows, samples, 4, -1)
-    dots = (neighbours * g_rows.view(out_rows, 1, 1, -1)).sum(-1)  # (R, S, 4)
-    return torch.stack([(dots * d_dy).sum(-1), (dots * d_dx).sum(-1)])
+    neighbours = rows[columns.reshape(-1)].view(out_rows, samples * 4, -1)
+    per_bin = slopes.reshape(2, out_rows, samples * 4).permute(1, 0, 2)  # (R, 2, S*4)
+    return torch.bmm(per_bin, neighbours).permute(1, 0, 2)
 
 
-def _point_grads_sparse(rows: Tensor, g_rows: Tensor, columns: Tensor, d_dy: Tensor, d_dx: Tensor) -> Tensor:
-    """Same as :func:`_point_grads_gather` through sparse products, in chunks of about
-    ``POINT_GRAD_CHUNK`` values: (2, R, S)."""
+def _bin_slopes_sparse(rows: Tensor, columns: Tensor, slopes: Tensor) -> Tensor:
+    """Same as :func:`_bin_slopes_gather` as one sparse product: (2, R, Cq)."""
     out_rows, samples, _ = columns.shape
-    per_group = rows.shape[1]
-    step = max(1, POINT_GRAD_CHUNK // (2 * samples * per_group))
-    grads = []
-    for start in range(0, out_rows, step):
-        stop = min(start + step, out_rows)
-        count = 2 * (stop - start) * samples
-        values = torch.stack([d_dy[start:stop], d_dx[start:stop]])  # (2, r, S, 4)
-        cols = columns[start:stop].expand(2, -1, -1, -1)
-        matrix = _csr(_row_major(count, 4, rows.device), cols.reshape(-1), values.reshape(-1), (count, rows.shape[0]))
-        slopes = (matrix @ rows).view(2, stop - start, samples, per_group)
-        grads.append((slopes * g_rows[start:stop].unsqueeze(1)).sum(-1))
-    return torch.cat(grads, dim=1)
+    count = 2 * out_rows
+    cols = columns.reshape(1, out_rows, samples * 4).expand(2, -1, -1)
+    matrix = _csr(_row_major(count, samples * 4, rows.device), cols.reshape(-1), slopes.reshape(-1),
+                  (count, rows.shape[0]))
+    return (matrix @ rows).view(2, out_rows, -1)
 
 
 # --------------------------------------------------------------------------------------
