@@ -436,6 +436,12 @@ def test_low_precision_dtypes(dtype):
     for got, want in pairs:
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **tol)
+    leaf = x.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad(ops.deform_roi_pool(leaf, rois.to(dtype), offset.to(dtype), 2).sum(), leaf)
+    x64 = x.clone().requires_grad_()
+    (want_grad,) = torch.autograd.grad(ops.deform_roi_pool(x64, rois, offset, 2).sum(), x64)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), want_grad, **tol)
 
 
 def test_flop_counter_sees_the_ops():
