@@ -39,8 +39,9 @@ import torch.nn.functional as F
 PAD_BEFORE = 2
 PAD_AFTER = 3
 
-# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (4 MiB in fp32).
-CHUNK_ELEMENTS = 1 << 20
+# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in fp32); fewer, larger chunks
+# also mean fewer parallel regions, which matters on a CPU shared with other processes..
+CHUNK_ELEMENTS = 1 << 22
 
 
 def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, stride, padding, dilation) -> Tuple[int, int]:
