@@ -39,8 +39,9 @@ import torch.nn.functional as F
 PAD_BEFORE = 2
 PAD_AFTER = 3
 
-# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in fp32); fewer, larger chunks
-# also mean fewer parallel regions, which matters on a CPU shared with other processes..
+# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in
+# fp32). Larger chunks mean fewer parallel regions, which matters on a CPU shared with other
+# processes; smaller ones stay in cache better on a quiet one.
 CHUNK_ELEMENTS = 1 << 22
 
 
