@@ -3,7 +3,7 @@ torchvision-style conv-norm-activation sequence, BatchNorm folding for ``reparam
 and running a sequence of blocks with optional gradient checkpointing."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Type
+from typing import Callable, Iterable, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
@@ -71,3 +71,23 @@ def linear_drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float
     if num_blocks < 2:
         return [0.0] * num_blocks
     return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
+
+
+def stage_outputs(
+    blocks: nn.Sequential,
+    x: torch.Tensor,
+    stage_ends: Sequence[int],
+    indices: Sequence[int],
+    grad_checkpointing: bool = False,
+) -> List[torch.Tensor]:
+    """Run ``blocks`` and return, in stage order, the outputs of the stages in ``indices``;
+    stage ``i`` ends with ``blocks[stage_ends[i]]``. Blocks after the last wanted stage are not run."""
+    num_stages = len(stage_ends)
+    wanted = sorted({i % num_stages for i in indices})
+    outs, start = [], 0
+    for i, end in enumerate(stage_ends[: wanted[-1] + 1]):
+        x = run_blocks(blocks[start:end + 1], x, grad_checkpointing)
+        start = end + 1
+        if i in wanted:
+            outs.append(x)
+    return outs
