@@ -180,6 +180,19 @@ def test_structural_reparam_checkpoint_is_loaded_into_a_merged_model(tmp_path):
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_checkpoint_without_batchnorm_counters_loads(tmp_path):
+    source = convzoo.create_model("replknet_tiny", num_classes=10)
+    randomize(source)
+    official = {k: v for k, v in to_official(source.state_dict()).items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "no_counters.pth"
+    torch.save(official, path)
+    model = convzoo.create_model("replknet_tiny", pretrained=path, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source.eval()(x))
+    assert model.norm.num_batches_tracked.item() == 0
+
+
 def test_filter_returns_native_state_dicts_unchanged():
     model = convzoo.create_model("replknet_tiny")
     state = model.state_dict()
