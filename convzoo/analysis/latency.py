@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .complexity import count_flops, count_params
+
 _logger = logging.getLogger(__name__)
 
 MODES = ("inference", "train")
@@ -73,11 +75,6 @@ class BenchResult:
         out = dataclasses.asdict(self)
         out["input_size"] = list(self.input_size)
         return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of ``model`` (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -215,8 +212,6 @@ def measure_mode(
 def count_forward_flops(model: nn.Module, x: torch.Tensor) -> Optional[int]:
     """Forward FLOPs (2 * MACs) per image of ``model`` at ``x``'s shape, None when not countable."""
     try:
-        from .complexity import count_flops
-
         return count_flops(model, (1,) + tuple(x.shape[1:])).flops
     except Exception as error:  # an operator without a FLOP formula must not sink the benchmark
         _logger.warning("FLOPs not counted: %s", error)
@@ -254,7 +249,7 @@ def benchmark(
     x = torch.randn(batch_size, in_chans, *input_size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=memory_format)
     results = {}
-    params_train = count_parameters(model)
+    params_train = count_params(model)
     if "train" in modes:
         results["train"] = measure_mode(model, x, "train", warmup, repeats)
     measured = model
@@ -272,7 +267,7 @@ def benchmark(
         channels_last=channels_last,
         input_size=tuple(input_size),
         batch_size=batch_size,
-        params=count_parameters(measured),
+        params=count_params(measured),
         params_train=params_train,
         flops=count_forward_flops(measured, x),
         results={m: results[m] for m in MODES if m in results},

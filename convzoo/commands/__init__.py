@@ -24,7 +24,7 @@ def parse_model_args(items) -> dict:
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise UsageError(f"--model-arg expects key=value (a Python literal), got {item!r}")
+            raise UsageError(f"expected KEY=VALUE (VALUE a Python literal), got {item!r}")
         try:
             options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):

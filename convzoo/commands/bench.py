@@ -53,8 +53,12 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _format_count(count: int) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 100_000 else f"{count:,}"
+
+
 def _format_flops(flops) -> str:
-    return "n/a" if flops is None else f"{flops / 2 / 1e9:.3f} GMACs"
+    return "n/a" if flops is None else f"{flops / 2 / 1e9:.3f} GMACs ({flops / 1e9:.3f} GFLOPs)"
 
 
 def _format_memory(mb) -> str:
@@ -64,7 +68,7 @@ def _format_memory(mb) -> str:
 def format_table(results: List[BenchResult]) -> str:
     """A markdown table, one column per model."""
     rows = [("model", [r.model + (" (reparam)" if r.reparameterized else "") for r in results])]
-    rows.append(("params", [f"{r.params / 1e6:.3f} M" + (f" (train {r.params_train / 1e6:.3f} M)" if r.params != r.params_train else "") for r in results]))
+    rows.append(("params", [_format_count(r.params) + (f" (train {_format_count(r.params_train)})" if r.params != r.params_train else "") for r in results]))
     rows.append(("FLOPs / image", [_format_flops(r.flops) for r in results]))
     for mode in MODES:
         if not any(mode in r.results for r in results):

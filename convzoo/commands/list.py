@@ -28,44 +28,27 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _count_params(model) -> int:
-    try:
-        from ..analysis import count_params
-    except ImportError:
-        return sum(p.numel() for p in model.parameters())
-    result = count_params(model)
-    return int(getattr(result, "total", result))
-
-
-def _count_macs(model, input_size: int, device) -> int:
-    """Multiply-accumulates of one forward pass on a (1, 3, S, S) input (FlopCounterMode / 2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.empty(1, getattr(model, "in_chans", 3), input_size, input_size, device=device)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
-
-
 def _describe(name: str, input_size: int) -> dict:
     import torch
 
     from .. import create_model
+    from ..analysis import count_flops, count_params
 
     row = {"name": name, "params": None, "macs": None}
     try:
         with torch.device("meta"):
             model = create_model(name)
-        device = "meta"
     except Exception:  # noqa: BLE001 - an init that needs real tensors: build on the CPU instead
         _logger.debug("building %s on the meta device failed", name, exc_info=True)
-        model, device = create_model(name), "cpu"
+        try:
+            model = create_model(name)
+        except Exception as err:  # noqa: BLE001 - a listing shows what it can
+            _logger.warning("could not build %s: %s: %s", name, type(err).__name__, err)
+            return row
     model.eval()
-    row["params"] = _count_params(model)
+    row["params"] = count_params(model)
     try:
-        row["macs"] = _count_macs(model, input_size, device)
+        row["macs"] = count_flops(model, (1, getattr(model, "in_chans", 3), input_size, input_size)).macs
     except Exception as err:  # noqa: BLE001 - a listing shows what it can
         _logger.warning("could not count the FLOPs of %s: %s", name, err)
     return row

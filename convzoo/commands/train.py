@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -55,6 +54,9 @@ def register(subparsers) -> None:
     data.add_argument("--train-size", type=int, default=8192, metavar="N", help="built-in set: training images (default: 8192)")
     data.add_argument("--val-size", type=int, default=2048, metavar="N", help="built-in set: validation images (default: 2048)")
     data.add_argument("--data-seed", type=int, default=0, metavar="S", help="built-in set: seed of the images (default: 0)")
+    data.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="built-in set: another option (num_shapes, num_colours, num_distractors, noise, "
+                           "amplitude, fresh_train), VALUE a Python literal (repeatable)")
     data.add_argument("--randaugment", nargs=2, type=float, metavar=("OPS", "MAGNITUDE"), help="image folders: RandAugment-lite, e.g. 2 9")
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
     data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
@@ -101,8 +103,10 @@ def build_datasets(args):
             raise UsageError(str(err)) from None
         return train_set, val_set, train_set.num_classes, train_set.describe()
     try:
-        config = RelationConfig(image_size=args.image_size or 48, num_train=args.train_size, num_val=args.val_size, seed=args.data_seed)
-    except ValueError as err:
+        options = parse_model_args(args.data_arg)
+        config = RelationConfig(image_size=args.image_size or 48, num_train=args.train_size, num_val=args.val_size,
+                                seed=args.data_seed, **options)
+    except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
     train_set, val_set = RelationDataset("train", config), RelationDataset("val", config)
     return train_set, val_set, train_set.num_classes, train_set.describe()
@@ -118,8 +122,8 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """One plain-text line per epoch on stderr, redrawn in place on a terminal."""
 
-    def __init__(self, stream=sys.stderr, width: int = 20):
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 20):
+        self.stream, self.width = stream if stream is not None else sys.stderr, width
         self.interactive = hasattr(stream, "isatty") and stream.isatty()
         self._last_printed = -1
 
@@ -212,7 +216,7 @@ def run(args) -> int:
 
     from .. import save_checkpoint
     from ..train.distributed import init_distributed, shutdown
-    from ..train.loop import Trainer, best_epoch, load_training_checkpoint
+    from ..train.loop import Trainer, load_training_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,6 +229,8 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
+        if args.sync_bn and info.enabled and info.device.type == "cpu":
+            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         config = _train_config(args, info)
         torch.manual_seed(args.seed)
         model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
@@ -238,6 +244,11 @@ def run(args) -> int:
         if info.is_main:
             os.makedirs(output, exist_ok=True)
         trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
+        if resume_path is None and info.is_main:
+            if os.path.exists(os.path.join(output, "checkpoint.pt")):
+                print(f"note: starting a new run in {output}; its old checkpoint will be replaced "
+                      "(use --resume to continue it instead)", file=sys.stderr)
+            _write_metrics_history(output, [])
         if resume_path is not None:
             state = load_training_checkpoint(resume_path)
             if state["meta"].get("model_name") != args.model:

@@ -89,6 +89,7 @@ class RelationConfig:
     num_distractors: int = 2
     noise: float = 0.6
     amplitude: float = 1.5
+    fresh_train: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -107,7 +108,8 @@ class RelationDataset(Dataset):
 
     Each (3, S, S) image holds Gaussian noise, one *key* mark in its left quarter, one in its
     right quarter (at independent heights, so at least S/2 apart), and ``num_distractors``
-    marks of the same shapes and colours scattered over the middle half. A mark is one of
+    marks of the same shapes and colours scattered over the middle half (a distractor may
+    overlap another). A mark is one of
     ``num_shapes`` 5x5 shapes of nine pixels drawn in one of ``num_colours`` colours of equal
     brightness. The class (4 of them, :data:`RELATION_CLASSES`) is whether the two key marks
     have the same shape and whether they have the same colour.
@@ -115,7 +117,9 @@ class RelationDataset(Dataset):
     Each mark on its own is uniformly distributed over shapes and colours in every class, and
     distractors are drawn from the same distribution, so no local patch carries information
     about the label: a model has to relate the two sides of the image. Samples are generated
-    on the fly from ``(seed, split, index)``; nothing is stored or downloaded.
+    on the fly from ``(seed, split, index)``, and with ``fresh_train`` (the default) training
+    images also from the epoch, so every epoch sees new pictures (an endless supply, nothing
+    to memorise); nothing is stored or downloaded.
     """
 
     classes = RELATION_CLASSES
@@ -138,13 +142,18 @@ class RelationDataset(Dataset):
         patch = SHAPES[shape][None] * COLOURS[colour][:, None, None] * self.config.amplitude
         image[:, y:y + 5, x:x + 5] += patch
 
-    def sample(self, index: int) -> Tuple[np.ndarray, int]:
-        """The image (3, S, S) float32 and label of sample ``index``."""
+    def sample(self, index: int, epoch_key: Tuple[int, ...] = ()) -> Tuple[np.ndarray, int]:
+        """The image (3, S, S) float32 and label of sample ``index``.
+
+        ``epoch_key`` (the sampler's (seed, epoch)) selects a fresh picture for each epoch of
+        the training split when ``config.fresh_train`` is on; validation images never change.
+        """
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         cfg = self.config
         size = cfg.image_size
-        rng = np.random.default_rng([cfg.seed, self._split_id, index])
+        fresh = tuple(epoch_key) if self.split == "train" and cfg.fresh_train else ()
+        rng = np.random.default_rng([cfg.seed, self._split_id, index, *fresh])
         label = int(rng.integers(len(self.classes)))
         same_shape, same_colour = label < 2, label % 2 == 0
         shape_a, colour_a = int(rng.integers(cfg.num_shapes)), int(rng.integers(cfg.num_colours))
@@ -164,8 +173,8 @@ class RelationDataset(Dataset):
         return image, label
 
     def __getitem__(self, key):
-        index, _ = _split_key(key)
-        image, label = self.sample(index)
+        index, epoch_key = _split_key(key)
+        image, label = self.sample(index, epoch_key)
         return torch.from_numpy(image), label, ()
 
     def describe(self) -> dict:

@@ -99,6 +99,8 @@ def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn.Mo
     """``DistributedDataParallel(model)`` when running distributed (with SyncBatchNorm if asked)."""
     if not info.enabled:
         return model
+    if sync_bn and info.device.type == "cpu":
+        raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [info.device.index] if info.device.type == "cuda" else None

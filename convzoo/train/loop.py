@@ -402,8 +402,9 @@ class Trainer:
         last = self.config.epochs if stop_after is None else min(self.config.epochs, stop_after)
         while self.epoch < last:
             epoch = self.epoch
-            record = {"epoch": epoch + 1, "step": self.step}
+            record = {"epoch": epoch + 1}
             record.update(self.train_one_epoch(epoch, on_step))
+            record["step"] = self.step
             for name, result in self.validate().items():
                 prefix = "val" if name == "model" else "ema_val"
                 record.update({f"{prefix}_top1": result.top1, f"{prefix}_top5": result.top5, f"{prefix}_loss": result.loss})

@@ -39,8 +39,13 @@ def test_relation_samples_are_deterministic_and_distinct():
     assert not torch.equal(image, a[6][0])
     assert not torch.equal(image, RelationDataset("val", config)[5][0])
     assert not torch.equal(image, RelationDataset("train", RelationConfig(image_size=32, seed=4))[5][0])
-    # a sampler key (index, (seed, epoch)) gives the same picture as the bare index
-    assert torch.equal(a[(5, (0, 7))][0], image)
+    # training pictures are new in every epoch (sampler key (index, (seed, epoch))), unless asked otherwise
+    assert torch.equal(a[(5, (0, 7))][0], a[(5, (0, 7))][0])
+    assert not torch.equal(a[(5, (0, 7))][0], a[(5, (0, 8))][0])
+    fixed = RelationDataset("train", RelationConfig(image_size=32, seed=3, fresh_train=False))
+    assert torch.equal(fixed[(5, (0, 7))][0], fixed[(5, (0, 8))][0])
+    val = RelationDataset("val", config)
+    assert torch.equal(val[(5, (0, 7))][0], val[5][0])
 
 
 def _read_mark(part):

@@ -99,3 +99,12 @@ def test_evaluate_counts_top1_top5_and_loss():
     wrong = _Oracle((labels + 1) % 4)
     result = evaluate(wrong, loader, torch.device("cpu"))
     assert result.top1 == 0.0 and result.top5 == 100.0
+
+
+def test_sync_bn_on_cpu_is_refused_before_any_process_group_is_needed():
+    from convzoo.train.distributed import DistInfo, wrap_model
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert wrap_model(model, DistInfo()) is model  # one process: nothing to wrap
+    with pytest.raises(ValueError, match="--sync-bn needs GPUs"):
+        wrap_model(model, DistInfo(rank=0, world_size=2), sync_bn=True)

@@ -52,8 +52,8 @@ def sampling_locations(offset: torch.Tensor, kernel_h: int, kernel_w: int, strid
     ``half_w = (dilation_w * (kernel_w - 1)) // 2`` (likewise for y); pixel ``i`` has its centre
     at coordinate ``i``.
     """
-    n, height_out, width_out, _ = offset.shape
-    off = offset.reshape(n, height_out, width_out, group, -1, 2)
+    n, height_out, width_out, offset_channels = offset.shape
+    off = offset.reshape(n, height_out, width_out, group, offset_channels // (2 * group), 2)
     grid_x, grid_y = kernel_grid(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, offset.device, offset.dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2

@@ -232,7 +232,8 @@ def deform_conv2d(
         bias (Tensor[out_channels], optional): added to the output.
         stride, padding, dilation (int or (int, int)): as in ``torch.nn.Conv2d``.
         mask (Tensor[batch, offset_groups * kh * kw, out_h, out_w], optional): modulation (DCNv2).
-        impl: ``"auto"`` (Triton on CUDA, the chunked CPU kernel otherwise), ``"triton"`` or
+        impl: ``"auto"`` (Triton on CUDA except for float64, the chunked plain PyTorch kernel
+            otherwise), ``"triton"`` or
             ``"reference"`` (plain autograd PyTorch, for tracing/ONNX export).
 
     Returns:
@@ -249,5 +250,6 @@ def deform_conv2d(
     stride, padding, dilation = _validate(x, offset, weight, bias, stride, padding, dilation, mask)
     if impl == "reference":
         return reference.deform_conv2d_reference(x, offset, weight, bias, stride, padding, dilation, mask)
-    triton = use_triton(_OP_NAME, impl, x, offset, weight)
+    # The Triton kernels compute in fp32; float64 (gradcheck) runs the plain PyTorch kernels on any device.
+    triton = use_triton(_OP_NAME, impl, x, offset, weight) and not (impl == "auto" and x.dtype == torch.float64)
     return _deform_conv2d_op(x, offset, weight, bias, mask, *stride, *padding, *dilation, triton)

@@ -137,7 +137,7 @@ def _roi_align_op(
 ) -> Tensor:
     with torch.no_grad():
         out = reference.roi_align(_upcast(input), rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned)
-    return out.to(input.dtype)
+    return out.to(input.dtype).contiguous()
 
 
 @_roi_align_op.register_fake
@@ -156,7 +156,7 @@ def _roi_align_backward_op(
         rois.to(work.dtype), height, width, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned
     )
     grad_input, _, _ = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], input.shape[1], -1), work, batch_index,
+        _upcast(grad).reshape(rois.shape[0], input.shape[1], pooled_h * pooled_w), work, batch_index,
         _single_group(y.shape[2], input.device), 1, y, x, weight, need_input_grad=True, need_point_grad=False,
     )
     return grad_input.to(input.dtype).contiguous()
@@ -194,7 +194,7 @@ def _deform_roi_pool_op(
         out = reference.deform_roi_pool(
             _upcast(input), rois, _upcast(offset), (pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma
         )
-    return out.to(input.dtype)
+    return out.to(input.dtype).contiguous()
 
 
 @_deform_roi_pool_op.register_fake
@@ -216,7 +216,7 @@ def _deform_roi_pool_backward_op(
     )
     need_offset_grad = need_offset_grad and offset is not None
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], input.shape[1], -1), work, batch_index,
+        _upcast(grad).reshape(rois.shape[0], input.shape[1], pooled_h * pooled_w), work, batch_index,
         _single_group(y.shape[2], input.device), 1, y, x, weight, need_input_grad, need_offset_grad,
     )
     if need_offset_grad:
@@ -319,7 +319,7 @@ def _deform_ps_roi_pool_op(
             _upcast(input), rois, _upcast(offset), output_dim, group_size, pooled_size, part_size, sample_per_part,
             trans_std, spatial_scale,
         )
-    return out.to(input.dtype)
+    return out.to(input.dtype).contiguous()
 
 
 @_deform_ps_roi_pool_op.register_fake
@@ -343,7 +343,7 @@ def _deform_ps_roi_pool_backward_op(
     bin_group = reference.dcn_bin_groups(pooled_size, group_size, work.dtype, input.device)
     need_offset_grad = need_offset_grad and offset is not None
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], output_dim, -1), work, batch_index, bin_group, group_size * group_size,
+        _upcast(grad).reshape(rois.shape[0], output_dim, pooled_size * pooled_size), work, batch_index, bin_group, group_size * group_size,
         y, x, weight, need_input_grad, need_offset_grad,
     )
     if need_offset_grad:

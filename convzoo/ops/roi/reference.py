@@ -148,6 +148,8 @@ def bilinear_pool(
         w_s = weight[..., s].reshape(-1)
         for offset, corner_weight in zip(offsets, weights):
             out.addcmul_(rows.index_select(0, base + offset), (corner_weight * w_s).unsqueeze(1))
+    if samples == 0 and rows.requires_grad:
+        out = out + rows.narrow(0, 0, 0).sum()  # keep the (all-zero) result in the graph
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
 
 
@@ -365,8 +367,8 @@ def deform_ps_roi_pool_samples(
     coord_sets = origin_h.shape[1]
 
     steps = torch.arange(sample_per_part, dtype=dtype, device=device)
-    y = origin_h.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_h.view(-1, 1)).view(k, 1, 1, 1, -1, 1)
-    x = origin_w.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_w.view(-1, 1)).view(k, 1, 1, 1, 1, -1)
+    y = origin_h.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_h.view(-1, 1)).view(k, 1, 1, 1, sample_per_part, 1)
+    x = origin_w.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_w.view(-1, 1)).view(k, 1, 1, 1, 1, sample_per_part)
     y, x = torch.broadcast_tensors(y, x)
     shape = (k, coord_sets, pooled_size * pooled_size, sample_per_part * sample_per_part)
     y = y.reshape(shape)
@@ -488,7 +490,7 @@ def ps_roi_pool(input: Tensor, rois: Tensor, output_size: Tuple[int, int], spati
 
     total = at(h1, w1) - at(h0, w1) - at(h1, w0) + at(h0, w0)
     empty = ((h1 <= h0) | (w1 <= w0)).unsqueeze(1)
-    area = torch.where(empty, 1, (h1 - h0) * (w1 - w0)).to(total.dtype)
+    area = torch.where(empty, 1, ((h1 - h0) * (w1 - w0)).unsqueeze(1)).to(total.dtype)
     return torch.where(empty, 0, total / area).to(input.dtype)
 
 
@@ -503,7 +505,7 @@ def ps_roi_pool_backward(
     batch_index, h0, h1, w0, w1 = ps_roi_pool_bins(rois.to(grad_out.dtype), height, width, output_size, spatial_scale)
     acc = _accumulation_dtype(grad_out.dtype)
     empty = ((h1 <= h0) | (w1 <= w0)).unsqueeze(1)
-    area = torch.where(empty, 1, (h1 - h0) * (w1 - w0)).to(acc)
+    area = torch.where(empty, 1, ((h1 - h0) * (w1 - w0)).unsqueeze(1)).to(acc)
     share = torch.where(empty, 0, grad_out.to(acc) / area)  # (K, Cout, ph, pw)
     bins = torch.arange(pooled_h * pooled_w, device=grad_out.device).view(1, 1, pooled_h, pooled_w)
     c_in = torch.arange(channels_out, device=grad_out.device).view(1, -1, 1, 1) * (pooled_h * pooled_w) + bins

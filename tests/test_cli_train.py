@@ -1,0 +1,413 @@
+"""End-to-end tests of `convzoo train`, `convzoo eval`, `convzoo list` and the CLI itself."""
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convzoo.cli import build_parser, main
+from convzoo.models import _registry
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RUN_CLI = os.path.join(HERE, "train", "run_cli.py")
+
+
+def _load_tiny_model():
+    spec = importlib.util.spec_from_file_location("convzoo_tests_tiny_model", os.path.join(HERE, "train", "tiny_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_model = _load_tiny_model()
+TINY = tiny_model.NAME
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Register the tiny test model for the duration of one test."""
+    monkeypatch.setitem(_registry._ENTRY_POINTS, TINY, tiny_model.tiny_test_net)
+    return TINY
+
+
+# tiny built-in data: 24 px images, 64 training and 32 validation images
+BUILTIN = ["--image-size", "24", "--train-size", "64", "--val-size", "32", "--batch-size", "16", "--threads", "1"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _metrics(output):
+    with open(os.path.join(output, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _without_timings(records):
+    drop = ("train_seconds", "train_images_per_second")
+    return [{k: v for k, v in record.items() if k not in drop} for record in records]
+
+
+def _state(output):
+    return torch.load(os.path.join(output, "checkpoint.pt"), map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the CLI itself
+
+def _command_names():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sorted(subparsers.choices)
+
+
+def test_commands_are_discovered():
+    assert {"train", "eval", "list"} <= set(_command_names())
+
+
+@pytest.mark.parametrize("command", [None] + _command_names())
+def test_help_of_every_command(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    code, out, _ = _run(argv, capsys)
+    assert code == 0
+    assert out.startswith("usage: convzoo")
+    assert len(out.splitlines()) > 5
+
+
+def test_no_command_and_bad_option_are_usage_errors(capsys):
+    code, _, err = _run([], capsys)
+    assert code == 2 and "usage: convzoo" in err
+    code, _, err = _run(["train", "--epochs", "many"], capsys)
+    assert code == 2 and "invalid int value" in err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "convzoo", "--version"], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("convzoo ")
+
+
+# ---------------------------------------------------------------- training on the built-in data set
+
+def test_train_on_builtin_data(tiny, tmp_path, capsys):
+    output = str(tmp_path / "run")
+    code, out, err = _run(["train", "--model", tiny, "--epochs", "2", "--output", output, "--model-ema", "0.9",
+                           "--accum-steps", "2", "--mixup", "0.2", "--cutmix", "1.0"] + BUILTIN, capsys)
+    assert code == 0, err
+    records = _metrics(output)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["step"] == 2 * (64 // 16 // 2)
+    for key in ("train_loss", "train_acc", "val_top1", "val_top5", "ema_val_top1", "lr"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert "epoch 2/2 [####################] 2/2 loss" in err and "img/s" in err and "ETA" in err
+    assert "val top-1/top-5" in out
+    summary = json.load(open(os.path.join(output, "summary.json")))
+    assert summary["epochs"] == 2 and summary["weights"] == "ema"
+    expected = {"checkpoint.pt", "metrics.jsonl", "model.safetensors", "summary.json"}
+    assert set(os.listdir(output)) - {"tensorboard"} == expected
+    state = _state(output)
+    assert state["epoch"] == 2 and state["meta"]["model_name"] == tiny and state["model_ema"] is not None
+    # a new run in the same folder starts over (and says so) instead of appending to the old metrics
+    code, _, err = _run(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)
+    assert code == 0 and "starting a new run" in err and len(_metrics(output)) == 1
+
+
+def test_train_model_args_reach_the_model(tiny, tmp_path, capsys):
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", tiny, "--model-arg", "width=4", "--model-arg", "norm=group",
+                         "--epochs", "1", "--output", output] + BUILTIN, capsys)
+    assert code == 0, err
+    assert _state(output)["model"]["stem.weight"].shape[0] == 4
+    code, _, err = _run(["train", "--model", tiny, "--model-arg", "depth=3", "--output", output] + BUILTIN, capsys)
+    assert code == 2 and "has no option 'depth'" in err
+    code, _, err = _run(["train", "--model", tiny, "--model-arg", "nonsense", "--output", output] + BUILTIN, capsys)
+    assert code == 2 and "expected KEY=VALUE" in err
+
+
+def test_unknown_model_lists_close_names(tiny, tmp_path, capsys):
+    code, _, err = _run(["train", "--model", "tiny_test_nett", "--output", str(tmp_path)] + BUILTIN, capsys)
+    assert code == 2
+    assert "unknown model 'tiny_test_nett'" in err and "did you mean tiny_test_net" in err
+
+
+def test_pretrained_fine_tuning_gets_a_new_head(tiny, tmp_path, capsys):
+    source = tiny_model.tiny_test_net(num_classes=10)
+    source.model_name = tiny
+    from convzoo import save_checkpoint
+
+    weights = str(tmp_path / "pretrained.safetensors")
+    save_checkpoint(source, weights)
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", tiny, "--pretrained", weights, "--epochs", "1", "--lr", "1e-9",
+                         "--output", output] + BUILTIN, capsys)
+    assert code == 0, err
+    state = _state(output)["model"]
+    assert state["head.weight"].shape == (4, 8)
+    assert torch.allclose(state["stem.weight"], source.stem.weight, atol=1e-6)
+    code, _, err = _run(["train", "--model", tiny, "--pretrained", str(tmp_path / "missing.pth"), "--output", output] + BUILTIN, capsys)
+    assert code == 2 and "missing.pth" in err
+
+
+# ---------------------------------------------------------------- image folders
+
+def _picture(seed, size=(28, 20)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _image_folder(root, classes=("ants", "bees", "wasps"), per_class=4):
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(per_class):
+                ext = ("jpg", "png", "webp")[i % 3]
+                _picture(100 * c + i).save(os.path.join(root, split, name, f"{i}.{ext}"))
+    return root
+
+
+def test_train_and_eval_on_an_image_folder_with_broken_files(tiny, tmp_path, capsys):
+    data = _image_folder(str(tmp_path / "data"))
+    (tmp_path / "data" / "train" / "ants" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    buffer = io.BytesIO()
+    _picture(7, (64, 64)).save(buffer, format="PNG")
+    (tmp_path / "data" / "val" / "bees" / "truncated.png").write_bytes(buffer.getvalue()[:300])
+    output = str(tmp_path / "run")
+    code, out, err = _run(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "2",
+                           "--batch-size", "4", "--workers", "0", "--randaugment", "2", "9", "--output", output], capsys)
+    assert code == 0, err
+    assert "corrupt.jpg" in err and "truncated.png" in err
+    summary = json.load(open(os.path.join(output, "summary.json")))
+    assert summary["skipped_train_images"] == 1 and summary["skipped_val_images"] == 1
+    assert "skipped images  1 train, 1 val" in out
+    assert _metrics(output)[-1]["val_top1"] >= 0
+    code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+                           "--data", data, "--image-size", "16", "--workers", "0"], capsys)
+    assert code == 0, err
+    assert "on 12 images (1 unreadable, skipped)" in out
+
+
+def test_empty_class_folder_stops_before_training(tiny, tmp_path, capsys):
+    data = _image_folder(str(tmp_path / "data"))
+    os.makedirs(tmp_path / "data" / "train" / "hornets")
+    code, _, err = _run(["train", "--model", tiny, "--data", data, "--output", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert os.path.join(data, "train", "hornets") in err and "holds no images" in err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_val_class_stops_before_training(tiny, tmp_path, capsys):
+    data = _image_folder(str(tmp_path / "data"))
+    os.makedirs(tmp_path / "data" / "val" / "moths")
+    _picture(1).save(str(tmp_path / "data" / "val" / "moths" / "m.png"))
+    code, _, err = _run(["train", "--model", tiny, "--data", data, "--output", str(tmp_path / "run")], capsys)
+    assert code == 2 and "classes the training split does not have: moths" in err
+
+
+def test_missing_data_dir_names_the_path(tiny, tmp_path, capsys):
+    missing = str(tmp_path / "no" / "such" / "dir")
+    code, _, err = _run(["train", "--model", tiny, "--data", missing], capsys)
+    assert code == 2 and f"data folder not found: {missing}" in err
+    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", str(tmp_path / "none.pt")], capsys)
+    assert code == 2 and "none.pt" in err
+
+
+# ---------------------------------------------------------------- kill and resume
+
+RESUME_ARGS = ["--epochs", "3", "--lr", "3e-3", "--model-ema", "0.9", "--drop-path", "0.1"] + BUILTIN
+
+
+def test_resume_after_a_crash_mid_epoch_equals_an_uninterrupted_run(tiny, tmp_path, capsys, monkeypatch):
+    from convzoo.train import loop
+
+    straight = str(tmp_path / "straight")
+    assert _run(["train", "--model", tiny, "--output", straight] + RESUME_ARGS, capsys)[0] == 0
+
+    crashed = str(tmp_path / "crashed")
+    original = loop.Trainer._optimizer_step
+
+    def crash_in_second_epoch(self):
+        original(self)
+        if self.epoch == 1 and self.step == self.steps_per_epoch + 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop.Trainer, "_optimizer_step", crash_in_second_epoch)
+    code, _, err = _run(["train", "--model", tiny, "--output", crashed] + RESUME_ARGS, capsys)
+    assert code == 1 and "simulated crash" in err
+    assert _state(crashed)["epoch"] == 1 and len(_metrics(crashed)) == 1
+    monkeypatch.setattr(loop.Trainer, "_optimizer_step", original)
+
+    code, _, err = _run(["train", "--model", tiny, "--output", crashed, "--resume"] + RESUME_ARGS, capsys)
+    assert code == 0, err
+    assert "resumed from" in err and "after epoch 1" in err
+    _assert_same_run(straight, crashed)
+
+
+def _assert_same_run(first, second):
+    a, b = _state(first), _state(second)
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["model_ema"]["module"]:
+        assert torch.equal(a["model_ema"]["module"][key], b["model_ema"]["module"][key]), key
+    for index, param_state in a["optimizer"]["state"].items():
+        assert torch.equal(param_state["exp_avg"], b["optimizer"]["state"][index]["exp_avg"])
+    assert _without_timings(_metrics(first)) == _without_timings(_metrics(second))
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
+    args = ["--model", TINY, "--epochs", "3", "--lr", "3e-3", "--model-ema", "0.9", "--image-size", "24",
+            "--train-size", "256", "--val-size", "32", "--batch-size", "16", "--threads", "1"]
+    killed = str(tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    process = subprocess.Popen([sys.executable, RUN_CLI, "train", "--output", killed] + args,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(metrics) and open(metrics).read().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, "summary.json"))  # killed before the end
+    assert _state(killed)["epoch"] in (1, 2)
+
+    code, _, err = _run(["train", "--output", killed, "--resume"] + args, capsys)
+    assert code == 0, err
+    straight = str(tmp_path / "straight")
+    assert _run(["train", "--output", straight] + args, capsys)[0] == 0
+    _assert_same_run(straight, killed)
+
+
+def test_resume_without_checkpoint_is_a_usage_error(tiny, tmp_path, capsys):
+    code, _, err = _run(["train", "--model", tiny, "--output", str(tmp_path / "fresh"), "--resume"] + BUILTIN, capsys)
+    assert code == 2 and os.path.join(str(tmp_path / "fresh"), "checkpoint.pt") in err
+
+
+# ---------------------------------------------------------------- distributed (2 processes, Gloo, CPU)
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_run_matches_single_process_training(tiny, tmp_path, capsys):
+    common = ["--model", TINY, "--model-arg", "norm=group", "--epochs", "2", "--image-size", "24",
+              "--train-size", "64", "--val-size", "30", "--threads", "1", "--lr", "3e-3"]
+    distributed = str(tmp_path / "ddp")
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), RUN_CLI, "train", "--output", distributed, "--batch-size", "8"] + common
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    assert result.stderr.count("summary") == 0 and result.stdout.count("summary") == 1  # rank 0 only
+
+    single = str(tmp_path / "single")
+    code, _, err = _run(["train", "--output", single, "--batch-size", "16"] + common, capsys)
+    assert code == 0, err
+
+    ddp_records, single_records = _metrics(distributed), _metrics(single)
+    assert all(r["ranks_in_sync"] for r in ddp_records)
+    for a, b in zip(ddp_records, single_records):
+        assert a["step"] == b["step"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_top1"] == pytest.approx(b["val_top1"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    ddp_state, single_state = _state(distributed)["model"], _state(single)["model"]
+    for key in single_state:
+        torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------- eval and list
+
+def test_eval_and_eval_reparam_agree(tiny, tmp_path, capsys):
+    output = str(tmp_path / "run")
+    assert _run(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)[0] == 0
+    reports = {}
+    for name, extra in (("plain", []), ("reparam", ["--reparam"])):
+        path = str(tmp_path / f"{name}.json")
+        code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+                               "--batch-size", "8", "--json", path] + extra, capsys)
+        assert code == 0, err
+        assert "top-1" in out and "img/s" in out
+        reports[name] = json.load(open(path))
+    plain, reparam = reports["plain"], reports["reparam"]
+    assert plain["images"] == reparam["images"] == 32  # the validation split the run was trained with
+    assert reparam["top1"] == plain["top1"] and reparam["top5"] == plain["top5"]
+    assert reparam["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    assert reparam["parameters"] < plain["parameters"]
+    # the exported weights give the same figures
+    code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
+                           "--image-size", "24", "--batch-size", "8"], capsys)
+    assert code == 0, err
+
+
+def test_eval_rejects_a_checkpoint_of_another_model(tiny, tmp_path, capsys, monkeypatch):
+    output = str(tmp_path / "run")
+    assert _run(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)[0] == 0
+    monkeypatch.setitem(_registry._ENTRY_POINTS, "other_test_net", tiny_model.tiny_test_net)
+    code, _, err = _run(["eval", "--model", "other_test_net", "--checkpoint", os.path.join(output, "checkpoint.pt")], capsys)
+    assert code == 2 and "holds a tiny_test_net model" in err
+
+
+def test_list_shows_parameters_and_flops(tiny, capsys):
+    code, out, err = _run(["list", "tiny_*", "--input-size", "32"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["model", "params"] and lines[1].startswith(TINY)
+    code, out, _ = _run(["list", "tiny_*", "--input-size", "32", "--json"], capsys)
+    row = json.loads(out)["models"][0]
+    model = tiny_model.tiny_test_net()
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    # stem 4x4/4 conv on 32x32 -> 8x8, then a 3x3 and a 1x1 conv, a 3x3 conv and the head
+    macs = 64 * 8 * 3 * 16 + 64 * 8 * 8 * 9 + 64 * 8 * 8 + 64 * 8 * 8 * 9 + 8 * 1000
+    assert row["macs"] == macs
+    assert _run(["list", "--names-only", "tiny_*"], capsys)[1].split() == [TINY]
+    code, _, err = _run(["list", "no_such_model*"], capsys)
+    assert code == 1 and "no model matches" in err
+
+
+def test_replknet_tiny_trains_and_its_reparameterized_form_scores_the_same(tmp_path, capsys):
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", "replknet_tiny", "--epochs", "1", "--image-size", "32", "--train-size", "32",
+                         "--val-size", "24", "--batch-size", "16", "--threads", "1", "--amp", "bf16",
+                         "--channels-last", "--grad-checkpointing", "--output", output], capsys)
+    assert code == 0, err
+    checkpoint = os.path.join(output, "checkpoint.pt")
+    reports = []
+    for extra in ([], ["--reparam"]):
+        path = str(tmp_path / f"eval{len(reports)}.json")
+        code, _, err = _run(["eval", "--model", "replknet_tiny", "--checkpoint", checkpoint, "--json", path] + extra, capsys)
+        assert code == 0, err
+        reports.append(json.load(open(path)))
+    plain, reparam = reports
+    assert plain["images"] == reparam["images"] == 24
+    assert reparam["top1"] == plain["top1"] and reparam["loss"] == pytest.approx(plain["loss"], rel=1e-3, abs=1e-4)
+    assert reparam["parameters"] < plain["parameters"]
+
+
+def test_list_counts_a_zoo_model_like_the_analysis_module(capsys):
+    import convzoo
+    from convzoo.analysis import count_flops, count_params
+
+    code, out, err = _run(["list", "replknet_tiny", "--input-size", "64", "--json"], capsys)
+    assert code == 0, err
+    row = json.loads(out)["models"][0]
+    model = convzoo.create_model("replknet_tiny")
+    assert row["params"] == count_params(model)
+    assert row["macs"] == count_flops(model, (1, 3, 64, 64)).macs > 0
