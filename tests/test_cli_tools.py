@@ -356,6 +356,15 @@ def test_erf_two_models_side_by_side(tmp_path, capsys):
         assert all(0 < r <= 1 for r in ratios) and ratios == sorted(ratios)
     large, small = (m["area_ratios"]["0.5"] for m in result["models"])
     assert large > small
+    assert text.count("BatchNorm statistics re-estimated on 8 images") == 2  # random init: recalibrated
+    assert all(set(m["area_ratios_linear"]) == set(m["area_ratios"]) for m in result["models"])
+
+
+def test_erf_keeps_the_statistics_of_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    code = cli(["erf", "--model", "test_tiny_k9", "--checkpoint", tiny_checkpoint, "--num-images", "1",
+                "--input-size", "24", "--out", str(tmp_path / "e.png")])
+    assert code == 0
+    assert "re-estimated" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -364,6 +373,7 @@ def test_erf_two_models_side_by_side(tmp_path, capsys):
     (["--model", "test_tiny_k3", "--model", "test_tiny_k9", "--checkpoint", "a.pth", "--out", "erf.png"], "one --checkpoint per --model"),
     (["--model", "test_tiny_k3", "--out", "erf.png", "--input-size", "16,20"], "square --input-size"),
     (["--model", "test_tiny", "--out", "erf.png", "--data", "."], "did you mean"),
+    (["--model", "test_tiny_k3", "--out", "erf.png", "--recalibrate-bn", "-1"], "--recalibrate-bn must be >= 0"),
 ])
 def test_erf_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
