@@ -18,10 +18,9 @@ import torch.nn as nn
 from PIL import Image
 
 import convzoo
-from convzoo import ops
 from convzoo.cli import main
 from convzoo.export import export_onnx
-from convzoo.layers import ModulatedDeformConv2d
+from convzoo.layers import DCNv3, ModulatedDeformConv2d
 from convzoo.layers.reparam import fuse_conv_bn
 from convzoo.models import build_model, register_model, save_checkpoint
 
@@ -245,22 +244,18 @@ def test_export_a_registered_deformable_model(tmp_path, capsys):
 
 
 class DeformableNet(nn.Module):
-    """A DCNv2 layer (own offsets and mask) and a DCNv3-style block calling ops.dcnv3, in one net."""
+    """A DCNv2 layer (ModulatedDeformConv2d) then a DCNv3 layer, offsets initialised non-zero."""
 
     def __init__(self):
         super().__init__()
         self.dcn = ModulatedDeformConv2d(3, 8, 3, padding=1, deform_groups=1)
-        nn.init.normal_(self.dcn.conv_offset.weight, std=0.5)
-        self.impl = "auto"
-        self.offset = nn.Linear(8, 2 * 9 * 2)
-        self.mask = nn.Linear(8, 2 * 9)
+        self.dcnv3 = DCNv3(8, kernel_size=3, group=2)
+        for offset_weight in (self.dcn.conv_offset.weight, self.dcnv3.offset.weight):
+            nn.init.normal_(offset_weight, std=0.5)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
-        y = self.dcn(x).permute(0, 2, 3, 1)
-        n, h, w, _ = y.shape
-        mask = self.mask(y).reshape(n, h, w, 2, 9).softmax(-1).reshape(n, h, w, 18)
-        y = ops.dcnv3(y, 3 * self.offset(y), mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, impl=self.impl)
+        y = self.dcnv3(self.dcn(x).permute(0, 2, 3, 1))
         return self.head(y.mean((1, 2)))
 
 
@@ -268,7 +263,7 @@ def test_export_deformable_layers_with_the_default_exporter(tmp_path):
     model = DeformableNet()
     result = export_onnx(model, tmp_path / "net.onnx", input_size=(10, 12), batch_size=2)
     assert result.exporter == "dynamo"  # onnxscript is installed with the test extras
-    assert model.impl == "reference" and model.dcn.impl == "reference"
+    assert model.dcn.impl == "reference" and model.dcnv3.impl == "reference"
     assert result.max_rel_error <= 1e-4
     assert result.output_shape == (2, 4) and result.input_shape == (2, 3, 10, 12)
 
@@ -361,6 +356,15 @@ def test_erf_two_models_side_by_side(tmp_path, capsys):
         assert all(0 < r <= 1 for r in ratios) and ratios == sorted(ratios)
     large, small = (m["area_ratios"]["0.5"] for m in result["models"])
     assert large > small
+    assert text.count("BatchNorm statistics re-estimated on 8 images") == 2  # random init: recalibrated
+    assert all(set(m["area_ratios_linear"]) == set(m["area_ratios"]) for m in result["models"])
+
+
+def test_erf_keeps_the_statistics_of_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    code = cli(["erf", "--model", "test_tiny_k9", "--checkpoint", tiny_checkpoint, "--num-images", "1",
+                "--input-size", "24", "--out", str(tmp_path / "e.png")])
+    assert code == 0
+    assert "re-estimated" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -369,6 +373,7 @@ def test_erf_two_models_side_by_side(tmp_path, capsys):
     (["--model", "test_tiny_k3", "--model", "test_tiny_k9", "--checkpoint", "a.pth", "--out", "erf.png"], "one --checkpoint per --model"),
     (["--model", "test_tiny_k3", "--out", "erf.png", "--input-size", "16,20"], "square --input-size"),
     (["--model", "test_tiny", "--out", "erf.png", "--data", "."], "did you mean"),
+    (["--model", "test_tiny_k3", "--out", "erf.png", "--recalibrate-bn", "-1"], "--recalibrate-bn must be >= 0"),
 ])
 def test_erf_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
