@@ -5,14 +5,17 @@ of each of its P points. With the input zero-padded by one pixel (so that every 
 has a valid row and out-of-image corners read zero), the rows of ``x`` viewed as
 ``(N*(H+2)*(W+2)*group, group_channels)`` are the dense operand, and
 
-* forward: ``out = A @ rows`` with ``A`` (bags x rows) in CSR, 4P entries per bag holding
-  ``mask * bilinear weight``;
-* grad x: ``A^T @ grad_out``, built as four CSR matrices (one per corner) from one sort of the
-  samples' top-left corner rows;
-* grad offset and grad mask: ``D @ rows`` with ``D`` (3 * samples x rows) holding, per sample,
-  the bilinear weights and their x and y derivatives, then a dot with ``grad_out`` per sample.
+* forward: ``out = A @ rows`` with ``A`` (bags x rows) in CSR, P entries per bag holding
+  ``mask * bilinear weight``, once per corner: corner k is the same sparsity pattern applied to
+  ``rows[shift_k:]`` (the top-left corner's row plus a fixed row offset), so no index tensor
+  ever has the 4 corners interleaved;
+* grad x: ``A^T @ grad_out``, four CSR matrices sharing one sort of the samples by their
+  top-left row;
+* grad offset and grad mask: the dot product of each corner's row with the bag's
+  ``grad_out`` (a gather and a ``vecdot``, in chunks of bags), combined with the bilinear
+  weights and their derivatives (the CUDA kernel's formulas).
 
-These products run in MKL's sparse BLAS where PyTorch has it (and in PyTorch's own sparse
+The sparse products run in MKL's sparse BLAS where PyTorch has it (PyTorch's own sparse
 kernels elsewhere). The definition is that of :mod:`convzoo.ops.dcnv3`; the reference in
 ``reference.py`` is the oracle these are tested against.
 """
@@ -109,7 +112,7 @@ def _index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes) < 2**31 - 1 else torch.int64
 
 
-# Bags per chunk of the corner dot products: 4 * P * C values of each stay in the cache.
+# Values gathered per chunk of the corner dot products (2 MiB of float32).
 _DOT_CHUNK_VALUES = 2**19
 
 
@@ -178,7 +181,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
                             (corner_grad.shape[0], bags)) @ grad_bags
     grad_x = grad_rows.reshape(n, height + 2, width + 2, channels)[:, 1:-1, 1:-1].to(x.dtype)
 
-    # <corner value, grad_out> per sample and corner, in chunks of bags that stay in cache.
+    # <corner value, grad_out> per sample and corner.
     dots = _corner_dots(rows, samples, grad_bags, points)
     d00, d01, d10, d11 = dots
     fx, fy = samples.frac_x, samples.frac_y
