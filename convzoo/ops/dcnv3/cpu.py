@@ -68,7 +68,8 @@ class _Samples(NamedTuple):
 
 
 def _samples(offset: torch.Tensor, height: int, width: int, params: tuple, index_dtype: torch.dtype) -> _Samples:
-    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, _, scale, remove_center = params
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group = params[:9]
+    scale, remove_center = params[10], params[11]
     n = offset.shape[0]
     loc_x, loc_y = sampling_locations(offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                       dilation_h, dilation_w, group, scale, remove_center)
