@@ -118,7 +118,7 @@ _DOT_CHUNK_VALUES = 2**19
 
 
 def _corner_dots(rows: torch.Tensor, samples: _Samples, grad_bags: torch.Tensor, points: int):
-    """``<rows[top_left + shift_k], grad_out[bag]>`` for every sample and corner k: four ``(S,)`` tensors."""
+    """``<rows[top_left + shift_k], grad_out[bag]>`` for every sample and corner k: four ``(bags, P)`` views."""
     bags, group_channels = grad_bags.shape
     shifts = torch.tensor(samples.shifts, device=rows.device).view(1, 4, 1)
     top_left = samples.top_left.long().view(bags, 1, points)
@@ -129,7 +129,7 @@ def _corner_dots(rows: torch.Tensor, samples: _Samples, grad_bags: torch.Tensor,
         corner_rows = (top_left[start:stop] + shifts).view(stop - start, 4 * points)
         values = F.embedding(corner_rows, rows)
         torch.linalg.vecdot(values, grad_bags[start:stop, None, :], out=dots[start:stop])
-    return dots.view(bags, 4, points).permute(1, 0, 2).reshape(4, -1).unbind(0)
+    return dots.view(bags, 4, points).unbind(1)
 
 
 def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *params) -> torch.Tensor:
@@ -185,12 +185,12 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     # <corner value, grad_out> per sample and corner.
     dots = _corner_dots(rows, samples, grad_bags, points)
     d00, d01, d10, d11 = dots
-    fx, fy = samples.frac_x, samples.frac_y
+    fx, fy = samples.frac_x.view(bags, points), samples.frac_y.view(bags, points)
     row_y0 = d00 + fx * (d01 - d00)
     row_y1 = d10 + fx * (d11 - d10)
-    grad_mask = (row_y0 + fy * (row_y1 - row_y0)) * samples.valid
-    scale = masked * offset_scale
-    grad_loc = torch.empty(num_samples, 2, dtype=dtype, device=x.device)
-    grad_loc[:, 0] = (d01 - d00 + fy * (d11 - d10 - d01 + d00)) * scale
-    grad_loc[:, 1] = (row_y1 - row_y0) * scale
+    grad_mask = (row_y0 + fy * (row_y1 - row_y0)) * samples.valid.view(bags, points)
+    scale = (masked * offset_scale).view(bags, points)
+    grad_loc = torch.empty(bags, points, 2, dtype=dtype, device=x.device)
+    grad_loc[..., 0] = (d01 - d00 + fy * (d11 - d10 - d01 + d00)) * scale
+    grad_loc[..., 1] = (row_y1 - row_y0) * scale
     return grad_x, grad_loc.reshape(offset.shape).to(offset.dtype), grad_mask.reshape(mask.shape).to(mask.dtype)
