@@ -92,7 +92,8 @@ def test_stride_two_reads_offsets_at_window_centres():
     projected = layer.input_proj(x)
     expected = layer.output_proj(0.5 * _avg3x3(projected, stride=2) + 0.5 * projected[:, ::2, ::2])
     torch.testing.assert_close(out, expected)
-    with pytest.raises(ValueError, match=r"with stride > 1, pad must be <= dilation \* \(kernel_size - 1\) // 2 = 1, got pad=2"):
+    message = r"with stride > 1, pad must be <= dilation \* \(kernel_size - 1\) // 2 = 1, got pad=2"
+    with pytest.raises(ValueError, match=message):
         DCNv3(channels=8, group=2, stride=2, pad=2)
 
 

@@ -126,14 +126,16 @@ def test_custom_op_uses_fast_cpu_kernels_on_large_inputs():
     x, offset, mask = make_inputs(params, 2, 24, 25, dtype=torch.float32, spread=3.0)
     assert cpu.worth_it(x, mask)
     grad = torch.randn(2, 24, 25, 12)
-    for got, want in zip(_grads("auto", x, offset, mask, params, grad), _grads("reference", x, offset, mask, params, grad)):
+    want = _grads("reference", x, offset, mask, params, grad)
+    for got, want in zip(_grads("auto", x, offset, mask, params, grad), want):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _off_integer_offsets(params, n=1, height=4, width=5):
     """Inputs whose samples keep away from integer coordinates (bilinear kinks) for gradcheck."""
     x, offset, mask = make_inputs(params, n, height, width)
-    offset = torch.randint(-2, 3, offset.shape, dtype=torch.float64) + torch.rand(offset.shape, dtype=torch.float64) * 0.6 + 0.2
+    whole = torch.randint(-2, 3, offset.shape, dtype=torch.float64)
+    offset = whole + torch.rand(offset.shape, dtype=torch.float64) * 0.6 + 0.2
     return x, offset / params[10], mask
 
 
@@ -155,7 +157,8 @@ def test_non_finite_offsets_contribute_zero(fast_cpu_path):
     zeroed[0, 1, 2, 0] = 0
     zeroed[1, 0, 0, points + 4] = 0
     finite = torch.nan_to_num(offset, nan=0.0, neginf=0.0)
-    out, grad_x, grad_offset, grad_mask = _grads("auto", x, offset, mask, params, torch.ones(2, 5, 6, 6, dtype=torch.float64))
+    grad = torch.ones(2, 5, 6, 6, dtype=torch.float64)
+    out, grad_x, grad_offset, grad_mask = _grads("auto", x, offset, mask, params, grad)
     torch.testing.assert_close(out, ops.dcnv3(x, finite, zeroed, *params))
     assert torch.isfinite(grad_x).all() and torch.isfinite(grad_offset).all() and torch.isfinite(grad_mask).all()
     assert grad_mask[0, 1, 2, 0] == 0 and grad_offset[0, 1, 2, 0] == 0
@@ -341,7 +344,8 @@ def test_converter_matches_torchvision_convention(params):
     kh, kw, sh, sw, ph, pw, dh, dw, group, gc, scale, rc = params
     x, offset, mask = make_inputs(params, n=1, height=4, width=5)
     tv_offset, tv_mask = ops.dcnv3_offsets_to_torchvision(offset, mask, kh, kw, group, dh, dw, scale, rc)
-    expected = naive_torchvision_depthwise(x.permute(0, 3, 1, 2), tv_offset, tv_mask, kh, kw, (sh, sw), (ph, pw), (dh, dw))
+    expected = naive_torchvision_depthwise(x.permute(0, 3, 1, 2), tv_offset, tv_mask, kh, kw, (sh, sw), (ph, pw),
+                                           (dh, dw))
     torch.testing.assert_close(ops.dcnv3(x, offset, mask, *params), expected.permute(0, 2, 3, 1))
     back_offset, back_mask = ops.torchvision_offsets_to_dcnv3(tv_offset, tv_mask, kh, kw, group, dh, dw, scale, rc)
     torch.testing.assert_close(back_offset, offset)

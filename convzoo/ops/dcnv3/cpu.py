@@ -5,14 +5,17 @@ of each of its P points. With the input zero-padded by one pixel (so that every 
 has a valid row and out-of-image corners read zero), the rows of ``x`` viewed as
 ``(N*(H+2)*(W+2)*group, group_channels)`` are the dense operand, and
 
-* forward: ``out = A @ rows`` with ``A`` (bags x rows) in CSR, 4P entries per bag holding
-  ``mask * bilinear weight``;
-* grad x: ``A^T @ grad_out``, built as four CSR matrices (one per corner) from one sort of the
-  samples' top-left corner rows;
-* grad offset and grad mask: ``D @ rows`` with ``D`` (3 * samples x rows) holding, per sample,
-  the bilinear weights and their x and y derivatives, then a dot with ``grad_out`` per sample.
+* forward: ``out = A @ rows`` with ``A`` (bags x rows) in CSR, P entries per bag holding
+  ``mask * bilinear weight``, once per corner: corner k is the same sparsity pattern applied to
+  ``rows[shift_k:]`` (the top-left corner's row plus a fixed row offset), so no index tensor
+  ever has the 4 corners interleaved;
+* grad x: ``A^T @ grad_out``, four CSR matrices sharing one sort of the samples by their
+  top-left row;
+* grad offset and grad mask: the dot product of each corner's row with the bag's
+  ``grad_out`` (a gather and a ``vecdot``, in chunks of bags), combined with the bilinear
+  weights and their derivatives (the CUDA kernel's formulas).
 
-These products run in MKL's sparse BLAS where PyTorch has it (and in PyTorch's own sparse
+The sparse products run in MKL's sparse BLAS where PyTorch has it (PyTorch's own sparse
 kernels elsewhere). The definition is that of :mod:`convzoo.ops.dcnv3`; the reference in
 ``reference.py`` is the oracle these are tested against.
 """
@@ -65,7 +68,8 @@ class _Samples(NamedTuple):
 
 
 def _samples(offset: torch.Tensor, height: int, width: int, params: tuple, index_dtype: torch.dtype) -> _Samples:
-    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, _, scale, remove_center = params
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group = params[:9]
+    scale, remove_center = params[10], params[11]
     n = offset.shape[0]
     loc_x, loc_y = sampling_locations(offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                       dilation_h, dilation_w, group, scale, remove_center)
@@ -109,12 +113,12 @@ def _index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes) < 2**31 - 1 else torch.int64
 
 
-# Bags per chunk of the corner dot products: 4 * P * C values of each stay in the cache.
+# Values gathered per chunk of the corner dot products (2 MiB of float32).
 _DOT_CHUNK_VALUES = 2**19
 
 
 def _corner_dots(rows: torch.Tensor, samples: _Samples, grad_bags: torch.Tensor, points: int):
-    """``<rows[top_left + shift_k], grad_out[bag]>`` for every sample and corner k: four ``(S,)`` tensors."""
+    """``<rows[top_left + shift_k], grad_out[bag]>`` for every sample and corner k: four ``(bags, P)`` views."""
     bags, group_channels = grad_bags.shape
     shifts = torch.tensor(samples.shifts, device=rows.device).view(1, 4, 1)
     top_left = samples.top_left.long().view(bags, 1, points)
@@ -125,7 +129,7 @@ def _corner_dots(rows: torch.Tensor, samples: _Samples, grad_bags: torch.Tensor,
         corner_rows = (top_left[start:stop] + shifts).view(stop - start, 4 * points)
         values = F.embedding(corner_rows, rows)
         torch.linalg.vecdot(values, grad_bags[start:stop, None, :], out=dots[start:stop])
-    return dots.view(bags, 4, points).permute(1, 0, 2).reshape(4, -1).unbind(0)
+    return dots.view(bags, 4, points).unbind(1)
 
 
 def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *params) -> torch.Tensor:
@@ -178,15 +182,15 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
                             (corner_grad.shape[0], bags)) @ grad_bags
     grad_x = grad_rows.reshape(n, height + 2, width + 2, channels)[:, 1:-1, 1:-1].to(x.dtype)
 
-    # <corner value, grad_out> per sample and corner, in chunks of bags that stay in cache.
+    # <corner value, grad_out> per sample and corner.
     dots = _corner_dots(rows, samples, grad_bags, points)
     d00, d01, d10, d11 = dots
-    fx, fy = samples.frac_x, samples.frac_y
+    fx, fy = samples.frac_x.view(bags, points), samples.frac_y.view(bags, points)
     row_y0 = d00 + fx * (d01 - d00)
     row_y1 = d10 + fx * (d11 - d10)
-    grad_mask = (row_y0 + fy * (row_y1 - row_y0)) * samples.valid
-    scale = masked * offset_scale
-    grad_loc = torch.empty(num_samples, 2, dtype=dtype, device=x.device)
-    grad_loc[:, 0] = (d01 - d00 + fy * (d11 - d10 - d01 + d00)) * scale
-    grad_loc[:, 1] = (row_y1 - row_y0) * scale
+    grad_mask = (row_y0 + fy * (row_y1 - row_y0)) * samples.valid.view(bags, points)
+    scale = (masked * offset_scale).view(bags, points)
+    grad_loc = torch.empty(bags, points, 2, dtype=dtype, device=x.device)
+    grad_loc[..., 0] = (d01 - d00 + fy * (d11 - d10 - d01 + d00)) * scale
+    grad_loc[..., 1] = (row_y1 - row_y0) * scale
     return grad_x, grad_loc.reshape(offset.shape).to(offset.dtype), grad_mask.reshape(mask.shape).to(mask.dtype)

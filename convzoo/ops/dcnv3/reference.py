@@ -1,4 +1,5 @@
-"""DCNv3 core in plain, vectorised PyTorch: the CPU path, the test oracle and the benchmark baseline.
+"""DCNv3 core in plain, vectorised PyTorch: the test oracle, ``impl="reference"`` (autograd,
+traceable by torch.onnx/torch.jit), the path for small CPU inputs and for CUDA without Triton.
 
 Semantics are those of InternImage's CUDA kernel (``dcnv3_im2col_cuda.cuh``); see
 :func:`convzoo.ops.dcnv3` for the full definition. Everything here works on any device and
@@ -7,8 +8,8 @@ computes in float32 for float16/bfloat16 inputs (the CUDA kernel's ``opmath_t``)
 The forward is one bilinear gather over all groups, points and the four corners at once
 (``index_select`` on the rows of ``x`` viewed as ``(N*H*W*group, group_channels)``) followed by
 one batched matmul with the corner weights, which already hold the mask. The hand-written
-backward recomputes the gather and returns the three gradients with one ``index_add_`` and two
-batched matmuls.
+backward recomputes the gather and returns the three gradients with one ``index_add_`` and a
+batched matmul. The faster CPU kernels for large inputs are in ``cpu.py``.
 """
 from __future__ import annotations
 
