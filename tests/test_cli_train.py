@@ -267,8 +267,8 @@ def _assert_same_run(first, second):
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
-    args = ["--model", TINY, "--epochs", "3", "--lr", "3e-3", "--model-ema", "0.9", "--image-size", "24",
-            "--train-size", "256", "--val-size", "32", "--batch-size", "16", "--threads", "1"]
+    args = ["--model", TINY, "--epochs", "4", "--lr", "3e-3", "--model-ema", "0.9", "--image-size", "24",
+            "--train-size", "512", "--val-size", "32", "--batch-size", "32", "--threads", "1"]
     killed = str(tmp_path / "killed")
     env = {**os.environ, "PYTHONPATH": REPO}
     process = subprocess.Popen([sys.executable, RUN_CLI, "train", "--output", killed] + args,
@@ -278,12 +278,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path, capsys
     while time.time() < deadline and process.poll() is None:
         if os.path.exists(metrics) and open(metrics).read().count("\n") >= 1:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "summary.json"))  # killed before the end
-    assert _state(killed)["epoch"] in (1, 2)
+    assert _state(killed)["epoch"] in (1, 2, 3)
 
     code, _, err = _run(["train", "--output", killed, "--resume"] + args, capsys)
     assert code == 0, err

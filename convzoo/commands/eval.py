@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the model's config (as in training), VALUE a Python literal")
     parser.add_argument("--data", metavar="DIR", help="image folder with val/<class>/<images> (default: the built-in data set)")
-    parser.add_argument("--image-size", type=int, metavar="PX", help="resolution (default: the training run's, else 224 / 48 built-in)")
+    parser.add_argument("--image-size", type=int, metavar="PX", help="resolution (default: the training run's, else 224 / 32 built-in)")
     parser.add_argument("--crop-pct", type=float, default=0.875, help="image folders: centre crop fraction (default: 0.875)")
     parser.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                         help="training checkpoints: which weights (auto: EMA when present)")

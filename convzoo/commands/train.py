@@ -50,7 +50,7 @@ def register(subparsers) -> None:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="image folder with train/ and val/ (default: the built-in data set)")
-    data.add_argument("--image-size", type=int, metavar="PX", help="training/eval resolution (default: 224 for --data, 48 for the built-in set)")
+    data.add_argument("--image-size", type=int, metavar="PX", help="training/eval resolution (default: 224 for --data, 32 for the built-in set)")
     data.add_argument("--train-size", type=int, default=8192, metavar="N", help="built-in set: training images (default: 8192)")
     data.add_argument("--val-size", type=int, default=2048, metavar="N", help="built-in set: validation images (default: 2048)")
     data.add_argument("--data-seed", type=int, default=0, metavar="S", help="built-in set: seed of the images (default: 0)")
@@ -63,9 +63,9 @@ def register(subparsers) -> None:
     data.add_argument("--workers", type=int, default=None, metavar="N", help="data loader processes (default: 0 for the built-in set, 4 for --data)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=12, help="epochs (default: 12)")
+    optim.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
     optim.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per step per process (default: 64)")
-    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (default: 2e-3)")
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: 1e-3)")
     optim.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule (default: 1e-5)")
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms/biases (default: 0.05)")
     optim.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length (default: 1)")
@@ -104,7 +104,7 @@ def build_datasets(args):
         return train_set, val_set, train_set.num_classes, train_set.describe()
     try:
         options = parse_model_args(args.data_arg)
-        config = RelationConfig(image_size=args.image_size or 48, num_train=args.train_size, num_val=args.val_size,
+        config = RelationConfig(image_size=args.image_size or 32, num_train=args.train_size, num_val=args.val_size,
                                 seed=args.data_seed, **options)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None

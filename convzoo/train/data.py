@@ -79,14 +79,13 @@ RELATION_CLASSES = {
 }
 
 
-_MIN_ROW_GAP = 3  # "other height": the key marks' rows differ by at least this much
 
 
 @dataclasses.dataclass(frozen=True)
 class RelationConfig:
     """Parameters of the built-in data set (see :class:`RelationDataset`)."""
 
-    image_size: int = 48
+    image_size: int = 32
     num_train: int = 8192
     num_val: int = 2048
     num_shapes: int = 4
@@ -121,7 +120,7 @@ class RelationDataset(Dataset):
     ``num_shapes`` 5x5 shapes of nine pixels drawn in one of ``num_colours`` colours of equal
     brightness. The class (:data:`RELATION_CLASSES` of ``config.relation``) says whether the two
     key marks sit at the same height (``"height"``, the default: the same row, or rows at least
-    3 apart counted cyclically so that each mark's row stays uniform), have the same colour
+    a quarter of the image apart, counted cyclically so that each mark's row stays uniform), have the same colour
     (``"colour"``), the same shape (``"shape"``) or both (``"shape+colour"``, 4 classes).
 
     Each mark on its own is uniformly distributed over shapes and colours in every class, and
@@ -183,8 +182,9 @@ class RelationDataset(Dataset):
         side_a, side_b = (0, size - quarter) if rng.random() < 0.5 else (size - quarter, 0)
         y_a = int(rng.integers(rows))
         y_b = int(rng.integers(rows))
-        if cfg.relation == "height":  # same row, or at least _MIN_ROW_GAP rows apart (cyclically)
-            y_b = y_a if label == 0 else (y_a + int(rng.integers(_MIN_ROW_GAP, rows - _MIN_ROW_GAP + 1))) % rows
+        if cfg.relation == "height":  # the same row, or at least a quarter of the rows apart (cyclically)
+            gap = rows // 4
+            y_b = y_a if label == 0 else (y_a + int(rng.integers(gap, rows - gap + 1))) % rows
         for side, y, shape, colour in ((side_a, y_a, shape_a, colour_a), (side_b, y_b, shape_b, colour_b)):
             x = side + int(rng.integers(quarter - 5 + 1))
             self._draw_mark(image, y, x, shape, colour)

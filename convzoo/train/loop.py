@@ -47,7 +47,7 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
