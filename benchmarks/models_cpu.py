@@ -13,10 +13,11 @@
 Both sides share the same weights (the baseline is converted from our model and runs the official
 forward, NCHW throughout) and their outputs are checked to agree before timing. Ours is timed on
 the NCHW input the baseline gets (our models switch to ``channels_last`` inside), and with the
-weights converted to ``channels_last`` too. Runs of the two sides are interleaved, so that a
-change of the machine's load hits both. eval, ``torch.no_grad()``, fp32, batch 1, 224x224 by default.
+weights converted to ``channels_last`` too. Runs of the sides are interleaved (the order rotating
+every round), so that a change of the machine's load hits all of them; ``--clock cpu`` times CPU
+seconds of the process instead of wall seconds, which a shared machine disturbs less. eval, ``torch.no_grad()``, fp32, batch 1, 224x224 by default.
 
-Usage: python benchmarks/models_cpu.py [--repeats 7] [--warmup 2] [--threads 2] [--size 224]
+Usage: python benchmarks/models_cpu.py [--repeats 7] [--warmup 2] [--threads 2] [--size 224] [--clock wall|cpu]
 Prints a markdown table of median milliseconds and the speed-up of ours over the baseline.
 """
 from __future__ import annotations
@@ -106,21 +107,25 @@ def convnext_pair(size: int):
     return "ConvNeXt-T (deployed)", official, ours
 
 
-def interleaved_median_ms(fns, repeats: int, warmup: int):
-    """Median milliseconds of each of ``fns``, timed in turn (fn0, fn1, ..., fn0, fn1, ...)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved_median_ms(fns, repeats: int, warmup: int, clock=time.perf_counter):
+    """Median milliseconds of each of ``fns``, timed in turn, the order rotated every round."""
     for _ in range(warmup):
         for fn in fns:
             fn()
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, record in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - start)
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            start = clock()
+            fns[i]()
+            times[i].append(clock() - start)
     return [1000 * statistics.median(t) for t in times]
 
 
-def run(size: int, repeats: int, warmup: int):
+def run(size: int, repeats: int, warmup: int, clock=time.perf_counter):
     rows = []
     x = torch.randn(1, 3, size, size)
     for make in (replknet_pair, convnext_pair):
@@ -133,7 +138,7 @@ def run(size: int, repeats: int, warmup: int):
                 if err > 1e-4:
                     raise RuntimeError(f"{name}: ours differs from the baseline by {err:.2e} (relative)")
             base_ms, ours_ms, ours_cl_ms = interleaved_median_ms(
-                [lambda: official(x), lambda: ours(x), lambda: ours_cl(x)], repeats, warmup)
+                [lambda: official(x), lambda: ours(x), lambda: ours_cl(x)], repeats, warmup, clock)
         rows.append((name, base_ms, ours_ms, ours_cl_ms))
     return rows
 
@@ -144,12 +149,14 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or CPU time of the process (steadier on a shared machine with --threads 1)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.size, args.repeats, args.warmup)
+    rows = run(args.size, args.repeats, args.warmup, CLOCKS[args.clock])
     print(f"batch 1, {args.size}x{args.size}, fp32, eval, no_grad, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} after {args.warmup} warm-up runs, torch {torch.__version__}\n")
+          f"{args.clock} clock, median of {args.repeats} after {args.warmup} warm-up runs, torch {torch.__version__}\n")
     print("| model | official-style nn.Conv2d NCHW (ms) | convzoo (ms) | convzoo, channels_last weights (ms) "
           "| speed-up | speed-up, channels_last weights |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -6,10 +6,12 @@ this layer prints; the library logs through :mod:`logging`, which is routed to s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import pkgutil
 import sys
+import traceback
 from typing import List, Optional, Sequence
 
 from . import __version__, commands
@@ -43,15 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbosity: int) -> None:
+@contextlib.contextmanager
+def _logging_to_stderr(verbosity: int):
+    """Route convzoo's log records (and warnings) to stderr while a command runs."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("convzoo")
-    root.handlers[:] = [handler]
+    saved = (root.level, root.propagate)
+    root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
     logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        root.level, root.propagate = saved
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -64,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    _setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with _logging_to_stderr(args.verbose):
+            return int(args.func(args) or 0)
     except UsageError as err:
         print(f"convzoo {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -74,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"convzoo {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI turns any failure into a message + exit code
-        logging.getLogger("convzoo").debug("%s failed", args.command, exc_info=True)
+        if args.verbose >= 2:
+            traceback.print_exc(file=sys.stderr)
         hint = "" if args.verbose >= 2 else " (run with -vv for the traceback)"
         print(f"convzoo {args.command}: failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
         return EXIT_FAILURE

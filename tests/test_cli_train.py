@@ -154,7 +154,7 @@ def test_pretrained_fine_tuning_gets_a_new_head(tiny, tmp_path, capsys):
                          "--output", output] + BUILTIN, capsys)
     assert code == 0, err
     state = _state(output)["model"]
-    assert state["head.weight"].shape == (4, 8)
+    assert state["head.weight"].shape == (2, 8)  # the two classes of the built-in data set
     assert torch.allclose(state["stem.weight"], source.stem.weight, atol=1e-6)
     code, _, err = _run(["train", "--model", tiny, "--pretrained", str(tmp_path / "missing.pth"), "--output", output] + BUILTIN, capsys)
     assert code == 2 and "missing.pth" in err
@@ -411,3 +411,17 @@ def test_list_counts_a_zoo_model_like_the_analysis_module(capsys):
     model = convzoo.create_model("replknet_tiny")
     assert row["params"] == count_params(model)
     assert row["macs"] == count_flops(model, (1, 3, 64, 64)).macs > 0
+
+
+def test_failures_exit_1_and_show_a_traceback_on_request(tiny, tmp_path, capsys, monkeypatch):
+    from convzoo.train import loop
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(loop.Trainer, "fit", broken)
+    argv = ["train", "--model", tiny, "--output", str(tmp_path / "run")] + BUILTIN
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and "failed: RuntimeError: disk on fire (run with -vv for the traceback)" in err
+    code, _, err = _run(["-vv"] + argv, capsys)
+    assert code == 1 and "Traceback (most recent call last)" in err

@@ -237,6 +237,12 @@ class ReparamLargeKernelConv(nn.Module):
             if isinstance(conv, DepthwiseConv2d):
                 conv.impl = value
 
+    def reset_parameters(self) -> None:
+        """Re-initialise every conv and norm (running statistics included) of the current form."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+
     @property
     def is_reparameterized(self) -> bool:
         return self.lkb_reparam is not None

@@ -58,10 +58,15 @@ class ConvNormAct(nn.Sequential):
 
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Apply ``blocks`` in order; with ``grad_checkpointing`` while gradients are on, each block
-    recomputes its activations in the backward pass instead of storing them."""
+    with parameters recomputes its activations in the backward pass instead of storing them
+    (parameter-free blocks such as in-place ReLUs and pools run as they are: recomputing an
+    in-place op would modify the checkpoint's saved input)."""
     use_checkpoint = grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        if use_checkpoint and any(True for _ in block.parameters()):
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
     return x
 
 

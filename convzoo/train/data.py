@@ -69,12 +69,17 @@ COLOURS = np.array([
     [-0.5, -0.5, 1.0],
 ], dtype=np.float32)
 
-RELATION_CLASSES = (
-    "same shape, same colour",
-    "same shape, other colour",
-    "other shape, same colour",
-    "other shape, other colour",
-)
+# The classes of each relation the built-in data set can ask about.
+RELATION_CLASSES = {
+    "height": ("same height", "other height"),
+    "colour": ("same colour", "other colour"),
+    "shape": ("same shape", "other shape"),
+    "shape+colour": ("same shape, same colour", "same shape, other colour",
+                     "other shape, same colour", "other shape, other colour"),
+}
+
+
+_MIN_ROW_GAP = 3  # "other height": the key marks' rows differ by at least this much
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +95,7 @@ class RelationConfig:
     noise: float = 0.6
     amplitude: float = 1.5
     fresh_train: bool = True
+    relation: str = "height"
     seed: int = 0
 
     def __post_init__(self):
@@ -99,6 +105,8 @@ class RelationConfig:
             raise ValueError(f"num_shapes must be in [2, {len(SHAPES)}], got {self.num_shapes}")
         if not 2 <= self.num_colours <= len(COLOURS):
             raise ValueError(f"num_colours must be in [2, {len(COLOURS)}], got {self.num_colours}")
+        if self.relation not in RELATION_CLASSES:
+            raise ValueError(f"relation must be one of {', '.join(RELATION_CLASSES)}, got {self.relation!r}")
         if self.num_train < 1 or self.num_val < 1 or self.num_distractors < 0:
             raise ValueError("num_train and num_val must be >= 1 and num_distractors >= 0")
 
@@ -111,8 +119,10 @@ class RelationDataset(Dataset):
     marks of the same shapes and colours scattered over the middle half (a distractor may
     overlap another). A mark is one of
     ``num_shapes`` 5x5 shapes of nine pixels drawn in one of ``num_colours`` colours of equal
-    brightness. The class (4 of them, :data:`RELATION_CLASSES`) is whether the two key marks
-    have the same shape and whether they have the same colour.
+    brightness. The class (:data:`RELATION_CLASSES` of ``config.relation``) says whether the two
+    key marks sit at the same height (``"height"``, the default: the same row, or rows at least
+    3 apart counted cyclically so that each mark's row stays uniform), have the same colour
+    (``"colour"``), the same shape (``"shape"``) or both (``"shape+colour"``, 4 classes).
 
     Each mark on its own is uniformly distributed over shapes and colours in every class, and
     distractors are drawn from the same distribution, so no local patch carries information
@@ -121,8 +131,6 @@ class RelationDataset(Dataset):
     images also from the epoch, so every epoch sees new pictures (an endless supply, nothing
     to memorise); nothing is stored or downloaded.
     """
-
-    classes = RELATION_CLASSES
 
     def __init__(self, split: str = "train", config: RelationConfig = RelationConfig()):
         if split not in ("train", "val"):
@@ -133,6 +141,10 @@ class RelationDataset(Dataset):
 
     def __len__(self) -> int:
         return self.config.num_train if self.split == "train" else self.config.num_val
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        return RELATION_CLASSES[self.config.relation]
 
     @property
     def num_classes(self) -> int:
@@ -155,16 +167,26 @@ class RelationDataset(Dataset):
         fresh = tuple(epoch_key) if self.split == "train" and cfg.fresh_train else ()
         rng = np.random.default_rng([cfg.seed, self._split_id, index, *fresh])
         label = int(rng.integers(len(self.classes)))
-        same_shape, same_colour = label < 2, label % 2 == 0
+        if cfg.relation == "shape+colour":
+            same_shape, same_colour = label < 2, label % 2 == 0
+        elif cfg.relation == "shape":
+            same_shape, same_colour = label == 0, rng.random() < 1.0 / cfg.num_colours
+        elif cfg.relation == "colour":
+            same_shape, same_colour = rng.random() < 1.0 / cfg.num_shapes, label == 0
+        else:
+            same_shape, same_colour = rng.random() < 1.0 / cfg.num_shapes, rng.random() < 1.0 / cfg.num_colours
         shape_a, colour_a = int(rng.integers(cfg.num_shapes)), int(rng.integers(cfg.num_colours))
         shape_b = shape_a if same_shape else int((shape_a + rng.integers(1, cfg.num_shapes)) % cfg.num_shapes)
         colour_b = colour_a if same_colour else int((colour_a + rng.integers(1, cfg.num_colours)) % cfg.num_colours)
         image = rng.normal(0.0, cfg.noise, size=(3, size, size)).astype(np.float32)
-        quarter = size // 4
+        quarter, rows = size // 4, size - 5 + 1
         side_a, side_b = (0, size - quarter) if rng.random() < 0.5 else (size - quarter, 0)
-        for side, shape, colour in ((side_a, shape_a, colour_a), (side_b, shape_b, colour_b)):
+        y_a = int(rng.integers(rows))
+        y_b = int(rng.integers(rows))
+        if cfg.relation == "height":  # same row, or at least _MIN_ROW_GAP rows apart (cyclically)
+            y_b = y_a if label == 0 else (y_a + int(rng.integers(_MIN_ROW_GAP, rows - _MIN_ROW_GAP + 1))) % rows
+        for side, y, shape, colour in ((side_a, y_a, shape_a, colour_a), (side_b, y_b, shape_b, colour_b)):
             x = side + int(rng.integers(quarter - 5 + 1))
-            y = int(rng.integers(size - 5 + 1))
             self._draw_mark(image, y, x, shape, colour)
         for _ in range(cfg.num_distractors):
             x = quarter + int(rng.integers(size - 2 * quarter - 5 + 1))

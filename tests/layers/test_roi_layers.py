@@ -131,3 +131,13 @@ def test_wrong_channels_name_the_argument():
         DeformPSRoIPoolPack(1, 2, num_offset_fcs=0)
     with pytest.raises(ValueError, match="output_size must be >= 1"):
         DeformRoIPool(0)
+
+
+def test_torch_export_captures_the_custom_op():
+    module = ModulatedDeformRoIPool(2, 4, deform_fc_channels=8, spatial_scale=0.5)
+    torch.nn.init.normal_(module.offset_fc[-1].weight, std=0.1)
+    x = features(4)
+    program = torch.export.export(module, (x, ROIS))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets.count("convzoo.deform_roi_pool.default") == 2
+    torch.testing.assert_close(program.module()(x, ROIS), module(x, ROIS))

@@ -142,12 +142,20 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_features_only_matches_feature_info(name):
+    """Channels exactly; strides from how much each map grows when the input grows by IMAGE pixels
+    (exact whatever the padding); sizes at most IMAGE / stride."""
     model = build(name, features_only=True, out_indices=tuple(range(len(build(name).feature_info)))).eval()
     with torch.no_grad():
         feats = model(image(1))
-    assert len(feats) == len(model.feature_info)
-    for feat, info in zip(feats, model.feature_info):
-        assert feat.shape == (1, info["num_chs"], IMAGE // info["reduction"], IMAGE // info["reduction"]), info
+        bigger = model(torch.randn(1, 3, 2 * IMAGE, IMAGE))
+    assert len(feats) == len(bigger) == len(model.feature_info)
+    for feat, feat_big, info in zip(feats, bigger, model.feature_info):
+        stride = info["reduction"]
+        assert feat.shape[:2] == (1, info["num_chs"]), info
+        assert feat.shape[2] == feat.shape[3] <= IMAGE // stride, info
+        assert feat_big.shape[2] - feat.shape[2] == IMAGE // stride and feat_big.shape[3] == feat.shape[3], info
+        if family(name) in SMALL:
+            assert feat.shape[2:] == (IMAGE // stride, IMAGE // stride)
     last = build(name, features_only=True, out_indices=(-1,)).eval()
     assert last.feature_info == [model.feature_info[-1]]
 
@@ -190,6 +198,7 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
     outs, grads = [], []
     for model in (plain, checkpointed):
         xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same dropout masks on both sides
         out = model(xi)
         out.sum().backward()
         outs.append(out.detach())

@@ -111,9 +111,9 @@ def test_macs_match_the_paper(name):
 
 def test_variant_configs_follow_the_official_code():
     b, l, xl = (meta_model(n).cfg for n in ("replknet_31b", "replknet_31l", "replknet_xl"))
-    assert b == RepLKNetCfg((31, 29, 27, 13), (2, 2, 18, 2), (128, 256, 512, 1024), 5, 1.0, 4.0)
+    assert b == RepLKNetCfg((31, 29, 27, 13), (2, 2, 18, 2), (128, 256, 512, 1024), 5, 1.0, 4.0, False)
     assert l.channels == (192, 384, 768, 1536) and l.kernel_sizes == b.kernel_sizes and l.small_kernel == 5
-    assert xl == RepLKNetCfg((27, 27, 27, 13), (2, 2, 18, 2), (256, 512, 1024, 2048), None, 1.5, 4.0)
+    assert xl == RepLKNetCfg((27, 27, 27, 13), (2, 2, 18, 2), (256, 512, 1024, 2048), None, 1.5, 4.0, False)
     xl_model = meta_model("replknet_xl")
     block = xl_model.stages[0].blocks[0]
     assert block.pw1.conv.out_channels == 384 and len(block.large_kernel.small_convs) == 0
@@ -180,6 +180,19 @@ def test_structural_reparam_checkpoint_is_loaded_into_a_merged_model(tmp_path):
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_checkpoint_without_batchnorm_counters_loads(tmp_path):
+    source = convzoo.create_model("replknet_tiny", num_classes=10)
+    randomize(source)
+    official = {k: v for k, v in to_official(source.state_dict()).items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "no_counters.pth"
+    torch.save(official, path)
+    model = convzoo.create_model("replknet_tiny", pretrained=path, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source.eval()(x))
+    assert model.norm.num_batches_tracked.item() == 0
+
+
 def test_filter_returns_native_state_dicts_unchanged():
     model = convzoo.create_model("replknet_tiny")
     state = model.state_dict()
@@ -224,3 +237,17 @@ def test_grad_checkpointing_switch_and_impl_of_depthwise_convs():
     depthwise = [m for m in model.modules() if type(m).__name__ == "DepthwiseConv2d"]
     assert len(depthwise) == 2 + 3 + 5 * 2  # stem 2, transitions 3, 5 blocks x (large + small)
     assert re.search(r"groups=32.*impl='auto'", repr(model.stem[1].conv))
+
+
+def test_norm_intermediate_features_only_normalises_the_dense_outputs():
+    model = convzoo.create_model("replknet_tiny", norm_intermediate_features=True, num_classes=3)
+    randomize(model)
+    model.eval()
+    plain = convzoo.create_model("replknet_tiny", num_classes=3).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not re.match(r"stages\.\d\.norm\.", k)})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
+        normed, raw = model.forward_intermediates(x, (1,)), plain.forward_intermediates(x, (1,))
+        torch.testing.assert_close(normed[0], model.stages[1].norm(raw[0]))
+    assert "stages.3.norm.running_var" in model.state_dict()

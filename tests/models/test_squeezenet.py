@@ -81,6 +81,21 @@ def test_pre_logits_and_grad_checkpointing():
     torch.testing.assert_close(model(x), ref)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_checkpointing_in_training_gives_same_gradients(name):
+    """In-place ReLUs sit between the checkpointed blocks; recomputation must not disturb them."""
+    plain = convzoo.create_model(name, num_classes=3, drop_rate=0.0).train()
+    checkpointed = convzoo.create_model(name, num_classes=3, drop_rate=0.0, grad_checkpointing=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    grads = []
+    for model in (plain, checkpointed):
+        xi = x.clone().requires_grad_(True)
+        model(xi).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_rejects_drop_path():
     with pytest.raises(ValueError, match="no residual branches"):
         convzoo.create_model("squeezenet1_0", drop_path_rate=0.1)

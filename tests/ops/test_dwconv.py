@@ -98,14 +98,27 @@ def test_random_shapes_match_reference(n, channels, multiplier, height, width, k
     _check_against_reference(x, weight, bias, (sh, sw), pad, (dh, dw), padding4)
 
 
-@pytest.mark.parametrize("kernel,padding", [((5, 5), 2), ((11, 12), "same")])
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel,padding,stride", [
+    pytest.param((5, 5), 2, 1, id="5x5"),
+    pytest.param((11, 12), "same", 2, id="rect-same-stride2"),
+    pytest.param((15, 15), 7, 1, id="15x15-fft-grad-weight"),
+])
 def test_gradcheck(kernel, padding, stride):
-    x = _leaf((2, 2, 8, 7))
+    x = _leaf((1, 2, 8, 7))
     weight = _leaf((4, 1) + kernel)
     bias = _leaf((4,))
     assert torch.autograd.gradcheck(lambda *a: dwconv2d(*a, stride=stride, padding=padding), (x, weight, bias),
                                     fast_mode=True)
+
+
+def test_fft_grad_weight_chosen_for_large_kernels_only():
+    x = torch.randn(1, 2, 8, 7, dtype=torch.float64)
+    grad_15 = torch.randn(1, 4, 8, 7, dtype=torch.float64)
+    assert cpu.use_fft_grad_weight(x, grad_15, (4, 1, 15, 15), (1, 1), (7, 7, 7, 7))
+    assert not cpu.use_fft_grad_weight(x, grad_15, (4, 1, 3, 3), (1, 1), (1, 1, 1, 1))
+    big = torch.randn(8, 128, 56, 56)
+    assert cpu.use_fft_grad_weight(big, big, (128, 1, 31, 31), (1, 1), (15,) * 4)
+    assert not cpu.use_fft_grad_weight(big, big, (128, 1, 7, 7), (1, 1), (3,) * 4)
 
 
 @pytest.mark.parametrize("stride,dilation,padding", [
@@ -146,22 +159,23 @@ def test_same_padding_at_stride_2_gives_ceil_size():
     assert out.shape == (1, 2, 5, 4)
 
 
+@pytest.mark.parametrize("kernel", [5, 15], ids=["direct", "fft-grad-weight"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
+def test_half_precision(dtype, kernel):
+    pad = kernel // 2
     x = torch.randn(2, 3, 10, 9)
-    weight = torch.randn(3, 1, 11, 11) / 11
+    weight = torch.randn(3, 1, kernel, kernel) / kernel
     bias = torch.randn(3)
     xh, wh, bh = (t.to(dtype).requires_grad_() for t in (x, weight, bias))
-    out = dwconv2d(xh, wh, bh, padding=5)
+    out = dwconv2d(xh, wh, bh, padding=pad)
     assert out.dtype == dtype
-    expected = F.conv2d(x, weight, bias, padding=5, groups=3)
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (xh, wh, bh))
+    expected = F.conv2d(xf, wf, bf, padding=pad, groups=3)
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
     grads = torch.autograd.grad(out, (xh, wh, bh), torch.ones_like(out))
-    assert all(g.dtype == dtype and torch.isfinite(g.float()).all() for g in grads)
-    xf, wf, bf = (t.detach().float().requires_grad_() for t in (xh, wh, bh))
-    ref_grads = torch.autograd.grad(F.conv2d(xf, wf, bf, padding=5, groups=3), (xf, wf, bf),
-                                    torch.ones_like(expected))
+    ref_grads = torch.autograd.grad(expected, (xf, wf, bf), torch.ones_like(expected))
     for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, atol=0.1, rtol=5e-2)
 
 
@@ -275,3 +289,14 @@ def test_bad_input_errors(call, error, match):
     weight = torch.randn(3, 1, 3, 3)
     with pytest.raises(error, match=match):
         call(x, weight)
+
+
+def test_conv_layout_choice():
+    nchw = torch.randn(1, 4, 8, 8)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    assert cpu.conv_memory_format(nchw, (31, 31)) == torch.channels_last      # NCHW would be a gemm path
+    assert cpu.conv_memory_format(nchw, (31, 13)) == torch.contiguous_format  # oneDNN jit_dw takes width <= 13
+    assert cpu.conv_memory_format(nhwc, (13, 13)) == torch.channels_last
+    assert cpu.conv_memory_format(nchw, (3, 3)) == torch.contiguous_format    # no conversion for small kernels
+    assert cpu.conv_memory_format(nhwc, (3, 3)) == torch.channels_last
+    assert cpu.conv_memory_format(nchw.double(), (31, 31)) == torch.contiguous_format

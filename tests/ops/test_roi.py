@@ -347,11 +347,11 @@ def test_gradcheck_ps_roi_pool(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradcheck_deform_ps_roi_pool(impl):
-    x = torch.randn(2, 2 * 4, 6, 7, dtype=DT, requires_grad=True)
+    x = torch.randn(2, 2, 6, 7, dtype=DT, requires_grad=True)
     rois = torch.tensor([[0, 0.0, 1.0, 4.0, 4.0], [1, 1.0, 0.0, 3.0, 5.0]], dtype=DT)
-    trans = (torch.rand(2, 4, 2, 2, dtype=DT) * 0.2 + 0.13).requires_grad_()
+    trans = (torch.rand(2, 4, 2, 2, dtype=DT) * 0.2 + 0.13).requires_grad_()  # two coordinate sets
     assert torch.autograd.gradcheck(
-        lambda t, o: ops.deform_ps_roi_pool(t, rois, o, 2, 2, 2, 2, 2, 0.1, 1.0, impl=impl), (x, trans)
+        lambda t, o: ops.deform_ps_roi_pool(t, rois, o, 2, 1, 2, 2, 2, 0.1, 1.0, impl=impl), (x, trans)
     )
 
 
@@ -436,6 +436,12 @@ def test_low_precision_dtypes(dtype):
     for got, want in pairs:
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, **tol)
+    leaf = x.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad(ops.deform_roi_pool(leaf, rois.to(dtype), offset.to(dtype), 2).sum(), leaf)
+    x64 = x.clone().requires_grad_()
+    (want_grad,) = torch.autograd.grad(ops.deform_roi_pool(x64, rois, offset, 2).sum(), x64)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), want_grad, **tol)
 
 
 def test_flop_counter_sees_the_ops():
@@ -537,3 +543,27 @@ def test_errors_name_the_argument():
         ops.deform_ps_roi_pool(x, rois, torch.zeros(1, 6, 2, 2), 2, 2, 2)
     with pytest.raises(ValueError, match="sample_per_part must be >= 1"):
         ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2, sample_per_part=0, no_trans=True)
+
+
+def test_sparse_kernels_match_reference(monkeypatch):
+    """Large problems take the sparse-product kernels; force them on small ones."""
+    from convzoo.ops.roi import reference
+
+    monkeypatch.setattr(reference, "SPARSE_MIN_WORK", 0)
+    x = torch.randn(2, 8, 7, 9, dtype=DT, requires_grad=True)
+    rois = make_rois(6, 2, 7, 9, 0.5)
+    offset = (torch.randn(6, 2, 2, 2, dtype=DT) * 2).requires_grad_()
+    for fn, leaves in (
+        (lambda impl: ops.roi_align(x, rois, 2, 0.5, -1, True, impl=impl), [x]),
+        (lambda impl: ops.deform_roi_pool(x, rois, offset, 2, 0.5, 0, 0.3, impl=impl), [x, offset]),
+        (lambda impl: ops.deform_ps_roi_pool(x, rois, offset, 2, 2, 2, 2, 3, 0.3, 0.5, impl=impl), [x, offset]),
+    ):
+        results = []
+        for impl in IMPLS:
+            out = fn(impl)
+            weight = torch.arange(out.numel(), dtype=DT).view_as(out)
+            results.append((out, torch.autograd.grad((out * weight).sum(), leaves)))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(a, b)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v)

@@ -58,35 +58,42 @@ def _read_mark(part):
                 placed = np.zeros_like(ink)
                 placed[y:y + 5, x:x + 5] = mask > 0
                 if np.array_equal(placed, ink):
-                    return shape, int(part[:, y:y + 5, x:x + 5].sum((1, 2)).argmax())
+                    return shape, int(part[:, y:y + 5, x:x + 5].sum((1, 2)).argmax()), y
     raise AssertionError("no mark found")
 
 
-def test_relation_labels_follow_the_two_key_marks():
+@pytest.mark.parametrize("relation", ["height", "colour", "shape", "shape+colour"])
+def test_relation_labels_follow_the_two_key_marks(relation):
     # Without noise and distractors the two marks can be read back from the image itself.
-    config = RelationConfig(image_size=32, num_train=48, noise=0.0, num_distractors=0)
+    config = RelationConfig(image_size=32, num_train=40, noise=0.0, num_distractors=0, relation=relation)
     dataset = RelationDataset("train", config)
     labels = set()
     for index in range(len(dataset)):
         image, label, _ = dataset[index]
-        (shape_a, colour_a), (shape_b, colour_b) = _read_mark(image[:, :, :8]), _read_mark(image[:, :, -8:])
-        assert label == 2 * (shape_a != shape_b) + (colour_a != colour_b)
+        (shape_a, colour_a, y_a), (shape_b, colour_b, y_b) = _read_mark(image[:, :, :8]), _read_mark(image[:, :, -8:])
+        if relation == "height" and y_a != y_b:
+            assert min(abs(y_a - y_b), 28 - abs(y_a - y_b)) >= 3  # 28 rows fit a 5-row mark in 32
+        expected = {"height": int(y_a != y_b), "colour": int(colour_a != colour_b), "shape": int(shape_a != shape_b),
+                    "shape+colour": 2 * (shape_a != shape_b) + (colour_a != colour_b)}[relation]
+        assert label == expected
         labels.add(label)
-    assert labels == {0, 1, 2, 3}
+    assert labels == set(range(dataset.num_classes))
 
 
-def test_relation_class_means_carry_no_label_information():
+@pytest.mark.parametrize("relation", ["height", "shape+colour"])
+def test_relation_class_means_carry_no_label_information(relation):
     # The average image of each class is the same: no pixel position or colour tells the class.
-    config = RelationConfig(image_size=32, num_train=4000, noise=0.0)
+    config = RelationConfig(image_size=32, num_train=4000, noise=0.0, relation=relation)
     dataset = RelationDataset("train", config)
-    sums, counts = torch.zeros(4, 3, 32, 32), torch.zeros(4)
+    k = dataset.num_classes
+    sums, counts = torch.zeros(k, 3, 32, 32), torch.zeros(k)
     for index in range(len(dataset)):
         image, label, _ = dataset[index]
         sums[label] += image
         counts[label] += 1
-    means = sums / counts.view(4, 1, 1, 1)
+    means = sums / counts.view(k, 1, 1, 1)
     spread = (means - means.mean(0)).abs().mean()
-    assert counts.min() > 800
+    assert counts.min() > 0.8 * len(dataset) / k
     assert spread < 0.01 * config.amplitude
 
 
@@ -95,6 +102,8 @@ def test_relation_config_rejects_bad_values():
         RelationConfig(image_size=8)
     with pytest.raises(ValueError, match="num_shapes"):
         RelationConfig(num_shapes=9)
+    with pytest.raises(ValueError, match="relation must be one of height, colour, shape, shape\\+colour"):
+        RelationConfig(relation="size")
     with pytest.raises(ValueError, match="split"):
         RelationDataset("test")
 

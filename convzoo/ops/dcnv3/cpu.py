@@ -110,7 +110,7 @@ def _index_dtype(*sizes: int) -> torch.dtype:
 
 
 # Bags per chunk of the corner dot products: 4 * P * C values of each stay in the cache.
-_DOT_CHUNK_VALUES = 2**17
+_DOT_CHUNK_VALUES = 2**19
 
 
 def _corner_dots(rows: torch.Tensor, samples: _Samples, grad_bags: torch.Tensor, points: int):

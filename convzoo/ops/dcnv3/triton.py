@@ -57,7 +57,7 @@ def _dcnv3_fwd_kernel(
     out_ptr,  # (N, Ho, Wo, G*C)
     num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
     dilation_h, dilation_w, group, group_channels, offset_scale,
-    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, REMOVE_CENTER: tl.constexpr,
+    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, POINTS: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
@@ -76,24 +76,23 @@ def _dcnv3_fwd_kernel(
     row_stride = group * group_channels
     image_base = n * height * width * row_stride
     channel_ptrs = g * group_channels + c
-    points: tl.constexpr = KERNEL_H * KERNEL_W - REMOVE_CENTER
-    sample_base = (q * group + g) * points
+    sample_base = (q * group + g) * POINTS
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
-    for ix in tl.static_range(KERNEL_W):
-        for iy in tl.static_range(KERNEL_H):
-            if not (REMOVE_CENTER and ix == KERNEL_W // 2 and iy == KERNEL_H // 2):
-                flat: tl.constexpr = ix * KERNEL_H + iy
-                p: tl.constexpr = flat - (REMOVE_CENTER if flat > (KERNEL_W // 2) * KERNEL_H + KERNEL_H // 2 else 0)
-                off_x = tl.load(offset_ptr + (sample_base + p) * 2, mask=pix_mask, other=0.0).to(tl.float32)
-                off_y = tl.load(offset_ptr + (sample_base + p) * 2 + 1, mask=pix_mask, other=0.0).to(tl.float32)
-                m = tl.load(mask_ptr + sample_base + p, mask=pix_mask, other=0.0).to(tl.float32)
-                loc_x = centre_x + ((ix * dilation_w - half_w) + off_x) * offset_scale
-                loc_y = centre_y + ((iy * dilation_h - half_h) + off_y) * offset_scale
-                inside, fx, fy, v00, v01, v10, v11, p00, p01, p10, p11, m00, m01, m10, m11 = _sample(
-                    x_ptr, image_base, loc_x, loc_y, height, width, row_stride, channel_ptrs, pix_mask, chan_mask)
-                top = v00 + fx[:, None] * (v01 - v00)
-                bottom = v10 + fx[:, None] * (v11 - v10)
-                acc += m[:, None] * (top + fy[:, None] * (bottom - top))
+    for p in tl.static_range(POINTS):
+        # x-major point order, the removed centre (flat index SKIP) jumped over.
+        flat = p + (p >= SKIP)
+        ix = flat // KERNEL_H
+        iy = flat % KERNEL_H
+        off_x = tl.load(offset_ptr + (sample_base + p) * 2, mask=pix_mask, other=0.0).to(tl.float32)
+        off_y = tl.load(offset_ptr + (sample_base + p) * 2 + 1, mask=pix_mask, other=0.0).to(tl.float32)
+        m = tl.load(mask_ptr + sample_base + p, mask=pix_mask, other=0.0).to(tl.float32)
+        loc_x = centre_x + ((ix * dilation_w - half_w) + off_x) * offset_scale
+        loc_y = centre_y + ((iy * dilation_h - half_h) + off_y) * offset_scale
+        inside, fx, fy, v00, v01, v10, v11, p00, p01, p10, p11, m00, m01, m10, m11 = _sample(
+            x_ptr, image_base, loc_x, loc_y, height, width, row_stride, channel_ptrs, pix_mask, chan_mask)
+        top = v00 + fx[:, None] * (v01 - v00)
+        bottom = v10 + fx[:, None] * (v11 - v10)
+        acc += m[:, None] * (top + fy[:, None] * (bottom - top))
     out_ptrs = out_ptr + (q * row_stride + g * group_channels)[:, None] + c[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pix_mask[:, None] & chan_mask[None, :])
 
@@ -109,7 +108,7 @@ def _dcnv3_bwd_kernel(
     grad_mask_ptr,  # (N, Ho, Wo, G, P)
     num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
     dilation_h, dilation_w, group, group_channels, offset_scale,
-    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, REMOVE_CENTER: tl.constexpr,
+    KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, POINTS: tl.constexpr, SKIP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
@@ -128,47 +127,46 @@ def _dcnv3_bwd_kernel(
     row_stride = group * group_channels
     image_base = n * height * width * row_stride
     channel_ptrs = g * group_channels + c
-    points: tl.constexpr = KERNEL_H * KERNEL_W - REMOVE_CENTER
-    sample_base = (q * group + g) * points
+    sample_base = (q * group + g) * POINTS
     tile_mask = pix_mask[:, None] & chan_mask[None, :]
     grad = tl.load(grad_out_ptr + (q * row_stride + g * group_channels)[:, None] + c[None, :],
                    mask=tile_mask, other=0.0).to(tl.float32)
-    for ix in tl.static_range(KERNEL_W):
-        for iy in tl.static_range(KERNEL_H):
-            if not (REMOVE_CENTER and ix == KERNEL_W // 2 and iy == KERNEL_H // 2):
-                flat: tl.constexpr = ix * KERNEL_H + iy
-                p: tl.constexpr = flat - (REMOVE_CENTER if flat > (KERNEL_W // 2) * KERNEL_H + KERNEL_H // 2 else 0)
-                off_x = tl.load(offset_ptr + (sample_base + p) * 2, mask=pix_mask, other=0.0).to(tl.float32)
-                off_y = tl.load(offset_ptr + (sample_base + p) * 2 + 1, mask=pix_mask, other=0.0).to(tl.float32)
-                m = tl.load(mask_ptr + sample_base + p, mask=pix_mask, other=0.0).to(tl.float32)
-                loc_x = centre_x + ((ix * dilation_w - half_w) + off_x) * offset_scale
-                loc_y = centre_y + ((iy * dilation_h - half_h) + off_y) * offset_scale
-                inside, fx, fy, v00, v01, v10, v11, p00, p01, p10, p11, m00, m01, m10, m11 = _sample(
-                    x_ptr, image_base, loc_x, loc_y, height, width, row_stride, channel_ptrs, pix_mask, chan_mask)
-                d00 = tl.sum(grad * v00, axis=1)
-                d01 = tl.sum(grad * v01, axis=1)
-                d10 = tl.sum(grad * v10, axis=1)
-                d11 = tl.sum(grad * v11, axis=1)
-                top = d00 + fx * (d01 - d00)
-                bottom = d10 + fx * (d11 - d10)
-                grad_m = tl.where(inside, top + fy * (bottom - top), 0.0)
-                scale = tl.where(inside, m * offset_scale, 0.0)
-                grad_lx = ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10)) * scale
-                grad_ly = (bottom - top) * scale
-                tl.store(grad_mask_ptr + sample_base + p, grad_m.to(grad_mask_ptr.dtype.element_ty), mask=pix_mask)
-                tl.store(grad_offset_ptr + (sample_base + p) * 2, grad_lx.to(grad_offset_ptr.dtype.element_ty),
-                         mask=pix_mask)
-                tl.store(grad_offset_ptr + (sample_base + p) * 2 + 1,
-                         grad_ly.to(grad_offset_ptr.dtype.element_ty), mask=pix_mask)
-                wgrad = grad * m[:, None]
-                fx2 = fx[:, None]
-                fy2 = fy[:, None]
-                cm = chan_mask[None, :]
-                dst = grad_x_ptr + channel_ptrs[None, :]
-                tl.atomic_add(dst + p00[:, None], wgrad * ((1.0 - fy2) * (1.0 - fx2)), mask=m00[:, None] & cm)
-                tl.atomic_add(dst + p01[:, None], wgrad * ((1.0 - fy2) * fx2), mask=m01[:, None] & cm)
-                tl.atomic_add(dst + p10[:, None], wgrad * (fy2 * (1.0 - fx2)), mask=m10[:, None] & cm)
-                tl.atomic_add(dst + p11[:, None], wgrad * (fy2 * fx2), mask=m11[:, None] & cm)
+    for p in tl.static_range(POINTS):
+        # x-major point order, the removed centre (flat index SKIP) jumped over.
+        flat = p + (p >= SKIP)
+        ix = flat // KERNEL_H
+        iy = flat % KERNEL_H
+        off_x = tl.load(offset_ptr + (sample_base + p) * 2, mask=pix_mask, other=0.0).to(tl.float32)
+        off_y = tl.load(offset_ptr + (sample_base + p) * 2 + 1, mask=pix_mask, other=0.0).to(tl.float32)
+        m = tl.load(mask_ptr + sample_base + p, mask=pix_mask, other=0.0).to(tl.float32)
+        loc_x = centre_x + ((ix * dilation_w - half_w) + off_x) * offset_scale
+        loc_y = centre_y + ((iy * dilation_h - half_h) + off_y) * offset_scale
+        inside, fx, fy, v00, v01, v10, v11, p00, p01, p10, p11, m00, m01, m10, m11 = _sample(
+            x_ptr, image_base, loc_x, loc_y, height, width, row_stride, channel_ptrs, pix_mask, chan_mask)
+        d00 = tl.sum(grad * v00, axis=1)
+        d01 = tl.sum(grad * v01, axis=1)
+        d10 = tl.sum(grad * v10, axis=1)
+        d11 = tl.sum(grad * v11, axis=1)
+        top = d00 + fx * (d01 - d00)
+        bottom = d10 + fx * (d11 - d10)
+        grad_m = tl.where(inside, top + fy * (bottom - top), 0.0)
+        scale = tl.where(inside, m * offset_scale, 0.0)
+        grad_lx = ((1.0 - fy) * (d01 - d00) + fy * (d11 - d10)) * scale
+        grad_ly = (bottom - top) * scale
+        tl.store(grad_mask_ptr + sample_base + p, grad_m.to(grad_mask_ptr.dtype.element_ty), mask=pix_mask)
+        tl.store(grad_offset_ptr + (sample_base + p) * 2, grad_lx.to(grad_offset_ptr.dtype.element_ty),
+                 mask=pix_mask)
+        tl.store(grad_offset_ptr + (sample_base + p) * 2 + 1,
+                 grad_ly.to(grad_offset_ptr.dtype.element_ty), mask=pix_mask)
+        wgrad = grad * m[:, None]
+        fx2 = fx[:, None]
+        fy2 = fy[:, None]
+        cm = chan_mask[None, :]
+        dst = grad_x_ptr + channel_ptrs[None, :]
+        tl.atomic_add(dst + p00[:, None], wgrad * ((1.0 - fy2) * (1.0 - fx2)), mask=m00[:, None] & cm)
+        tl.atomic_add(dst + p01[:, None], wgrad * ((1.0 - fy2) * fx2), mask=m01[:, None] & cm)
+        tl.atomic_add(dst + p10[:, None], wgrad * (fy2 * (1.0 - fx2)), mask=m10[:, None] & cm)
+        tl.atomic_add(dst + p11[:, None], wgrad * (fy2 * fx2), mask=m11[:, None] & cm)
 
 
 def _blocks(group_channels: int) -> Tuple[int, int]:
@@ -187,8 +185,10 @@ def _launch_args(x: torch.Tensor, offset: torch.Tensor, params: tuple):
     grid = (triton.cdiv(num_pixels, block_q), group)
     runtime = (num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
                dilation_h, dilation_w, group, group_channels, float(offset_scale))
-    meta = dict(KERNEL_H=kernel_h, KERNEL_W=kernel_w, REMOVE_CENTER=int(bool(remove_center)),
-                BLOCK_Q=block_q, BLOCK_C=block_c)
+    points = kernel_h * kernel_w - int(bool(remove_center))
+    # Flat index (ix * kernel_h + iy) of the removed centre point; past the end when none is removed.
+    skip = (kernel_w // 2) * kernel_h + kernel_h // 2 if remove_center else kernel_h * kernel_w
+    meta = dict(KERNEL_H=kernel_h, KERNEL_W=kernel_w, POINTS=points, SKIP=skip, BLOCK_Q=block_q, BLOCK_C=block_c)
     return grid, runtime, meta
 
 

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 PAD_BEFORE = 2
 PAD_AFTER = 3
 
-# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (4 MiB in fp32).
-CHUNK_ELEMENTS = 1 << 20
+# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in
+# fp32). Larger chunks mean fewer parallel regions, which matters on a CPU shared with other
+# processes; smaller ones stay in cache better on a quiet one.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, stride, padding, dilation) -> Tuple[int, int]:
@@ -86,7 +88,7 @@ def sampling_points(
     positions: torch.Tensor,
     offsets: torch.Tensor,
     geometry: dict,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Corner rows and fractional parts of the sampling points of some output positions.
 
     Args:
@@ -96,8 +98,7 @@ def sampling_points(
 
     Returns:
         ``top_left`` (Tensor[P, K, G], int64): row in :func:`padded_rows` of the top-left neighbour;
-        ``frac_y``, ``frac_x`` (Tensor[P, K, G]): fractional parts of the clamped coordinates;
-        ``y``, ``x`` (Tensor[P, K, G]): the clamped coordinates.
+        ``frac_y``, ``frac_x`` (Tensor[P, K, G]): fractional parts of the clamped coordinates.
     """
     g = geometry
     out_hw = g["out_h"] * g["out_w"]
@@ -128,7 +129,7 @@ def sampling_points(
     pixel = (batch_index.view(-1, 1, 1) * g["padded_h"] + padded_y) * g["padded_w"] + padded_x
     group = torch.arange(groups, device=device)
     top_left = pixel * groups + group
-    return top_left, frac_y, frac_x, y, x
+    return top_left, frac_y, frac_x
 
 
 def corner_steps(geometry: dict) -> Tuple[int, int, int, int]:
@@ -240,7 +241,7 @@ def deform_conv2d_reference(
     rows, geometry["padded_h"], geometry["padded_w"] = padded_rows(x.to(dtype), groups)
     offsets = offsets_by_position(offset.to(dtype), kernel_size, groups)
     positions = torch.arange(n * out_h * out_w, device=x.device)
-    top_left, frac_y, frac_x, _, _ = sampling_points(positions, offsets, geometry)
+    top_left, frac_y, frac_x = sampling_points(positions, offsets, geometry)
     weights = corner_weights(frac_y, frac_x)
     if mask is not None:
         modulation = mask_by_position(mask.to(dtype), kernel_size, groups)
@@ -279,7 +280,7 @@ class _Prepared:
         self.weights = weight_matrix(weight.to(self.dtype), g["weight_groups"])
         self.steps = corner_steps(g)
         columns_per_position = self.kernel_size * g["in_channels"]
-        self.chunk = max(1, chunk_elements // max(1, columns_per_position))
+        self.chunk = max(1, min(self.positions, chunk_elements // max(1, columns_per_position)))
         self.buffers = {}
 
     def chunks(self):
@@ -296,7 +297,7 @@ class _Prepared:
     def points(self, start: int, stop: int):
         """Top-left rows (flat), fractional parts and modulation of positions [start, stop)."""
         positions = torch.arange(start, stop, device=self.rows.device)
-        top_left, frac_y, frac_x, _, _ = sampling_points(positions, self.offsets[start:stop], self.geometry)
+        top_left, frac_y, frac_x = sampling_points(positions, self.offsets[start:stop], self.geometry)
         modulation = None if self.modulation is None else self.modulation[start:stop]
         return top_left.reshape(-1), frac_y.reshape(-1, 1), frac_x.reshape(-1, 1), modulation
 

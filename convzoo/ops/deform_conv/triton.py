@@ -45,8 +45,9 @@ def _sampling_point(
     x = (ox * stride_w - pad_w + j * dilation_w).to(tl.float32) + dx
     # Non-finite coordinates go outside the image (zero value, zero gradient); clamping to
     # [-2, size + 1] changes neither value nor gradient and keeps the integer casts in range.
-    y = tl.where((y == y) & (tl.abs(y) < float("inf")), y, -2.0)
-    x = tl.where((x == x) & (tl.abs(x) < float("inf")), x, -2.0)
+    # (NaN fails every comparison; a finite coordinate beyond 1e30 is far outside the image anyway.)
+    y = tl.where(tl.abs(y) < 1e30, y, -2.0)
+    x = tl.where(tl.abs(x) < 1e30, x, -2.0)
     y = tl.minimum(tl.maximum(y, -2.0), in_h + 1.0)
     x = tl.minimum(tl.maximum(x, -2.0), in_w + 1.0)
     y_floor = tl.floor(y)

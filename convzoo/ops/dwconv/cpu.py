@@ -1,20 +1,27 @@
 """The fast native path of ``dwconv2d`` (CPU, and CUDA without Triton).
 
-What was measured on the development CPU (2 cores, oneDNN 3.12, B=8, C=128, 56x56, fp32):
+What oneDNN 3.12 (``ONEDNN_VERBOSE=1``) and the timings on the development CPU (AVX-512,
+B=8, C=128, 56x56, fp32) showed, and what this module does about it:
 
-* PyTorch's depthwise conv on an NCHW tensor runs a generic path: 31x31 forward ~850 ms,
-  while the same conv on a ``channels_last`` tensor takes ~22 ms (oneDNN's jit depthwise
-  kernel), and ~0.8 ms vs ~36-65 ms at 3x3.  Converting layout costs ~1-8 ms per tensor, so
-  every conv here runs in ``channels_last`` and converts back to the caller's layout.
-* Grad-input is a conv of the output gradient with the flipped kernel: run as a forward conv in
-  ``channels_last`` it takes ~25 ms at 31x31 (``convolution_backward`` takes ~50 ms).
-* Grad-weight through ``convolution_backward`` is fast for small kernels (~1 ms at 3x3,
-  ~23 ms at 7x7) but collapses for large ones (~1.6 s at 31x31, either layout).  For large
-  kernels we compute it as a cross-correlation of the input with the output gradient in the
-  Fourier domain (fp32 or fp64), ~80 ms at 31x31, and sum over the batch in the frequency domain.
+* Forward on a ``channels_last`` tensor runs oneDNN's ``brdgmm_dw`` kernel for every kernel size
+  (31x31: ~22 ms on 2 threads).  On an NCHW tensor oneDNN reorders to its blocked layout and
+  runs ``jit_dw`` when the kernel width is <= 13 (as fast as channels_last plus the two layout
+  conversions we would pay), but falls back to a generic gemm path for wider kernels (31x31:
+  ~850 ms).  So the convs run in :func:`conv_memory_format`: channels_last for kernels wider
+  than 13, the caller's own layout otherwise, and the output comes back in the caller's layout.
+  (``jit_dw`` is ~3x faster than ``brdgmm_dw`` at 13x13 in isolation, but converting a
+  channels_last tensor there and back ate the gain under load, so channels_last inputs stay.)
+* Grad-input is a conv of the output gradient with the flipped kernel (stride 1), run in the same
+  layout: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``.
+* Grad-weight through ``convolution_backward`` (fastest in channels_last) is fine for small
+  kernels (~1 ms at 3x3, ~23 ms at 7x7) but collapses for large ones (~1.6 s at 31x31, a gemm
+  path, either layout).  :func:`grad_weight_fft` computes it as a cross-correlation of the input
+  with the output gradient in the Fourier domain (fp32 or fp64, ~50-80 ms at 56x56 whatever the
+  kernel); :func:`use_fft_grad_weight` picks it from a work estimate.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -22,9 +29,13 @@ import torch.nn.functional as F
 
 from .reference import is_symmetric
 
-CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Grad-weight switches from convolution_backward to the FFT correlation at this kernel area.
-FFT_MIN_KERNEL_AREA = 100
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# oneDNN's jit_dw kernel (NCHW via its blocked layout) takes kernels up to this width.
+JIT_DW_MAX_KERNEL_WIDTH = 13
+# Up to this kernel area grad-weight through convolution_backward is as fast in NCHW as in channels_last.
+JIT_DW_ANY_LAYOUT_MAX_AREA = 9
+# Grad-weight uses the FFT when the direct MACs exceed this many times the FFT's n*log(n) work.
+FFT_WORK_RATIO = 3.0
 # Complex elements of one FFT chunk (bounds the memory of the grad-weight FFT).
 FFT_CHUNK_ELEMENTS = 1 << 23
 
@@ -44,11 +55,12 @@ def in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tens
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)
 
 
-def _work_layout(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the layout the native convs are fast in (channels_last where oneDNN has it)."""
-    if t.dtype in CHANNELS_LAST_DTYPES:
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
+def conv_memory_format(x: torch.Tensor, kernel_size: Sequence[int]) -> torch.memory_format:
+    """The memory format the native convs of a ``kernel_size`` depthwise conv on ``x`` run in."""
+    if x.dtype in ONEDNN_DTYPES and x.device.type == "cpu":
+        if kernel_size[1] > JIT_DW_MAX_KERNEL_WIDTH:
+            return torch.channels_last
+    return output_memory_format(x)
 
 
 def _pad_for_conv(x: torch.Tensor, padding: Sequence[int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -62,7 +74,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """Depthwise conv, Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] in ``x``'s memory format."""
     memory_format = output_memory_format(x)
-    x_work, conv_padding = _pad_for_conv(_work_layout(x), padding)
+    work_format = conv_memory_format(x, weight.shape[2:])
+    x_work, conv_padding = _pad_for_conv(x.contiguous(memory_format=work_format), padding)
     out = F.conv2d(x_work, weight, bias, tuple(stride), conv_padding, tuple(dilation), groups=x.shape[1])
     return in_format(out, memory_format)
 
@@ -71,16 +84,17 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
              padding: Sequence[int], dilation: Sequence[int], output_mask: Sequence[bool]
              ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients (x, weight, bias) of the depthwise conv; entries not in ``output_mask`` are None."""
-    grad_out_work = _work_layout(grad_out)
     grad_x = grad_weight = grad_bias = None
     if output_mask[0]:
-        grad_x = in_format(_grad_input(grad_out_work, x, weight, stride, padding, dilation),
-                           output_memory_format(x))
+        work_format = conv_memory_format(x, weight.shape[2:])
+        grad_x = _grad_input(grad_out.contiguous(memory_format=work_format), x.contiguous(memory_format=work_format),
+                             weight, stride, padding, dilation)
+        grad_x = in_format(grad_x, output_memory_format(x))
     if output_mask[1]:
-        if weight.shape[2] * weight.shape[3] >= FFT_MIN_KERNEL_AREA:
+        if use_fft_grad_weight(x, grad_out, weight.shape, stride, padding):
             grad_weight = grad_weight_fft(grad_out, x, weight.shape, stride, padding, dilation)
         else:
-            grad_weight = _grad_weight_direct(grad_out_work, x, weight, stride, padding, dilation)
+            grad_weight = _grad_weight_direct(grad_out, x, weight, stride, padding, dilation)
     if output_mask[2]:
         grad_bias = grad_out.sum((0, 2, 3))
     return grad_x, None if grad_weight is None else grad_weight.contiguous(), grad_bias
@@ -88,7 +102,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
 
 def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                 padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """d loss / d x, Tensor[N, C, H, W] (layout of ``grad_out``)."""
+    """d loss / d x, Tensor[N, C, H, W], computed in the layout of ``grad_out`` and ``x``."""
     n, channels, height, width = x.shape
     kh, kw = weight.shape[2:]
     if tuple(stride) == (1, 1):
@@ -99,7 +113,7 @@ def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
                                     span_h - padding[0], span_h - padding[1]))
         flipped = weight.flip(-2, -1).reshape(channels, -1, kh, kw)
         return F.conv2d(grad_out, flipped, None, 1, 0, tuple(dilation), groups=channels)
-    x_work, conv_padding = _pad_for_conv(_work_layout(x), padding)
+    x_work, conv_padding = _pad_for_conv(x, padding)
     grad = torch.ops.aten.convolution_backward(
         grad_out, x_work, weight, None, list(stride), list(conv_padding), list(dilation), False, [0, 0],
         channels, [True, False, False])[0]
@@ -110,8 +124,15 @@ def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
 
 def _grad_weight_direct(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                         padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """d loss / d weight through ``convolution_backward`` (fast for small kernels)."""
-    x_work, conv_padding = _pad_for_conv(_work_layout(x), padding)
+    """d loss / d weight through ``convolution_backward`` (fast for small kernels).
+
+    oneDNN's jit_dw takes 3x3 kernels in any layout; larger ones run much faster in channels_last
+    (5x5: ~25 ms vs ~47 ms), which pays for converting both tensors.
+    """
+    if x.dtype in ONEDNN_DTYPES and weight.shape[2] * weight.shape[3] > JIT_DW_ANY_LAYOUT_MAX_AREA:
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    x_work, conv_padding = _pad_for_conv(x, padding)
     return torch.ops.aten.convolution_backward(
         grad_out, x_work, weight, None, list(stride), list(conv_padding), list(dilation), False, [0, 0],
         x.shape[1], [False, True, False])[1]
@@ -128,6 +149,30 @@ def _fft_size(n: int) -> int:
         if rest == 1:
             return size
         size += 1
+
+
+def _fft_sizes(x_shape, grad_shape, stride, padding) -> Tuple[int, int]:
+    """Sizes of the circular correlation that equals the linear one (see grad_weight_fft)."""
+    span_h, span_w = (grad_shape[2] - 1) * stride[0] + 1, (grad_shape[3] - 1) * stride[1] + 1
+    return (_fft_size(max(x_shape[2] + max(padding[0], padding[1]), span_h)),
+            _fft_size(max(x_shape[3] + max(padding[2], padding[3]), span_w)))
+
+
+def use_fft_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: Sequence[int],
+                        stride: Sequence[int], padding: Sequence[int]) -> bool:
+    """Whether the FFT grad-weight is cheaper than ``convolution_backward``.
+
+    Kernels wider than oneDNN's jit_dw limit always are (the direct path is a gemm then);
+    otherwise compare the direct MACs with the FFT's ``n log n`` work per (image, channel).
+    """
+    c_out, _, kh, kw = weight_shape
+    if x.dtype in ONEDNN_DTYPES and kw > JIT_DW_MAX_KERNEL_WIDTH:
+        return True
+    multiplier = c_out // x.shape[1]
+    size_h, size_w = _fft_sizes(x.shape, grad_out.shape, stride, padding)
+    direct = multiplier * grad_out.shape[2] * grad_out.shape[3] * kh * kw
+    fft = (1 + multiplier) * size_h * size_w * math.log2(max(2, size_h * size_w))
+    return direct >= FFT_WORK_RATIO * fft
 
 
 def grad_weight_fft(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Sequence[int], stride: Sequence[int],
@@ -148,8 +193,7 @@ def grad_weight_fft(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Seque
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     go_h, go_w = grad_out.shape[2:]
     span_h, span_w = (go_h - 1) * stride[0] + 1, (go_w - 1) * stride[1] + 1
-    size_h = _fft_size(max(height + max(padding[0], padding[1]), span_h))
-    size_w = _fft_size(max(width + max(padding[2], padding[3]), span_w))
+    size_h, size_w = _fft_sizes(x.shape, grad_out.shape, stride, padding)
     if tuple(stride) != (1, 1):
         spread = grad_out.new_zeros(n, c_out, span_h, span_w)
         spread[:, :, ::stride[0], ::stride[1]] = grad_out
