@@ -253,7 +253,7 @@ def benchmark(
     if "train" in modes:
         results["train"] = measure_mode(model, x, "train", warmup, repeats)
     measured = model
-    if reparam:
+    if reparam and not getattr(model, "is_reparameterized", False):
         from ..layers.reparam import reparameterize
 
         measured = reparameterize(copy.deepcopy(model))
