@@ -92,6 +92,7 @@ def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding")
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, dynamic_axes=axes,
                               do_constant_folding=True, **names)
         return

@@ -216,6 +216,17 @@ def test_export_round_trip_with_onnxruntime(tiny_checkpoint, tmp_path, capsys):
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_reparam_then_export_and_bench_the_deployed_file(tiny_checkpoint, tmp_path, capsys):
+    deployed = str(tmp_path / "deploy.safetensors")
+    assert cli(["reparam", tiny_checkpoint, deployed, "--input-size", "16", "--repeats", "0"]) == 0
+    assert cli(["export", "--checkpoint", deployed, "--onnx", str(tmp_path / "d.onnx"), "--input-size", "16",
+                "--exporter", "torchscript"]) == 0
+    assert cli(["bench", "--model", "test_tiny_k9", "--checkpoint", deployed, "--reparam", "--input-size", "16",
+                "--mode", "inference", "--warmup", "0", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "max relative error" in text and "test_tiny_k9 (reparam)" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "test_tiny_k3", "--onnx", "out.txt"], "must name a .onnx file"),
     (["--model", "test_tiny_k3", "--onnx", "missing/out.onnx"], "folder of --onnx does not exist"),

@@ -94,10 +94,9 @@ def _make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Non
         return step
     if mode == "train":
         model.train()
-        x_train = x.detach().clone().requires_grad_(False)
 
         def step() -> None:
-            out = model(x_train)
+            out = model(x)
             out = out if isinstance(out, torch.Tensor) else torch.cat([o.flatten(1) for o in out], 1)
             out.float().sum().backward()
             model.zero_grad(set_to_none=True)
@@ -234,8 +233,9 @@ def benchmark(
     """Benchmark ``model`` (a classifier taking (N, C, H, W)) in each of ``modes``.
 
     Training is measured on the training form. With ``reparam`` the inference mode, the
-    parameter count and the FLOPs are those of a re-parameterized copy (``model`` itself is not
-    changed).
+    parameter count and the FLOPs are those of a re-parameterized copy. ``model`` itself is
+    moved to ``device``/``dtype`` (and memory format), and the training-mode runs update its
+    BatchNorm running statistics.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -253,7 +253,7 @@ def benchmark(
     if "train" in modes:
         results["train"] = measure_mode(model, x, "train", warmup, repeats)
     measured = model
-    if reparam:
+    if reparam and not getattr(model, "is_reparameterized", False):
         from ..layers.reparam import reparameterize
 
         measured = reparameterize(copy.deepcopy(model))

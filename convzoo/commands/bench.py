@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import os
 from typing import List
@@ -33,8 +34,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="parameters, FLOPs, latency, throughput and peak memory of a model",
-        description="Measure parameters, forward FLOPs, latency, throughput and peak memory of a "
-                    "model in inference and training modes; print a table (and optionally JSON).",
+        description=textwrap.fill("Measure parameters, forward FLOPs, latency, throughput and peak memory of a "
+                    "model in inference and training modes; print a table (and optionally JSON).", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

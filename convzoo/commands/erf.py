@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import logging
 import os
@@ -47,9 +48,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "erf",
         help="effective receptive field heatmap (RepLKNet's method) of one or more models",
-        description="Measure the effective receptive field of one or more models as the RepLKNet "
+        description=textwrap.fill("Measure the effective receptive field of one or more models as the RepLKNet "
                     "paper does, draw the heatmaps side by side into a PNG and report the "
-                    f"high-contribution area ratios at thresholds {', '.join(map(str, THRESHOLDS))}.",
+                    f"high-contribution area ratios at thresholds {', '.join(map(str, THRESHOLDS))}.", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

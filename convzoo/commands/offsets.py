@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import os
 from typing import List, Tuple
@@ -27,15 +28,15 @@ has zero offsets (a regular grid); load trained weights with --checkpoint to see
 
 examples:
   convzoo offsets --model resnet50_dcnv2 --checkpoint r50dcn.pth --image cat.jpg --out offsets.png
-  convzoo offsets --model internimage_t --image cat.jpg --out o.png --layer stages.3.blocks.0.dcn --points 100,80 --points 40,120"""
+  convzoo offsets --model internimage_t --image cat.jpg --out o.png --layer levels.3.blocks.0.dcn --points 100,80 --points 40,120"""
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "offsets",
         help="draw where a deformable layer samples for chosen points of an image",
-        description="Run a model on an image, capture the offsets and masks of a deformable "
-                    "layer and draw its sampling locations for chosen output points over the image.",
+        description=textwrap.fill("Run a model on an image, capture the offsets and masks of a deformable "
+                    "layer and draw its sampling locations for chosen output points over the image.", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import copy
 import os
 
@@ -31,9 +32,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "reparam",
         help="turn a training checkpoint into its re-parameterized inference form",
-        description="Merge the parallel branches and BatchNorms of every re-parameterizable block "
+        description=textwrap.fill("Merge the parallel branches and BatchNorms of every re-parameterizable block "
                     "(convzoo.reparameterize) and save the inference form; check that the outputs "
-                    "match and report the parameter and latency reduction.",
+                    "match and report the parameter and latency reduction.", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
