@@ -5,12 +5,11 @@ of each of its P points. With the input zero-padded by one pixel (so that every 
 has a valid row and out-of-image corners read zero), the rows of ``x`` viewed as
 ``(N*(H+2)*(W+2)*group, group_channels)`` are the dense operand, and
 
-* forward: ``out = A @ rows`` with ``A`` (bags x rows) in CSR, P entries per bag holding
-  ``mask * bilinear weight``, once per corner: corner k is the same sparsity pattern applied to
-  ``rows[shift_k:]`` (the top-left corner's row plus a fixed row offset), so no index tensor
-  ever has the 4 corners interleaved;
-* grad x: ``A^T @ grad_out``, four CSR matrices sharing one sort of the samples by their
-  top-left row;
+* forward: ``out = A @ rows`` with ``A`` (bags x rows) in CSR, 4P entries per bag holding
+  ``mask * bilinear weight``; corner k of a sample is its top-left corner's row plus a fixed
+  row offset ``shift_k``;
+* grad x: ``A^T @ grad_out`` as four CSR matrices, one per corner, sharing one sort of the
+  samples by their top-left row (corner k's matrix is applied to ``grad_rows[shift_k:]``);
 * grad offset and grad mask: the dot product of each corner's row with the bag's
   ``grad_out`` (a gather and a ``vecdot``, in chunks of bags), combined with the bilinear
   weights and their derivatives (the CUDA kernel's formulas).
@@ -145,12 +144,12 @@ def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *pa
     samples = _samples(offset.to(dtype), height, width, params, index_dtype)
     weights = _corner_weights(samples.frac_x, samples.frac_y, mask.to(dtype).reshape(-1) * samples.valid)
     points = num_samples // bags
-    crow = torch.arange(0, num_samples + 1, points, device=x.device, dtype=index_dtype)
-    out = None
-    for shift, weight in zip(samples.shifts, weights):
-        corner_rows = rows[shift:]
-        part = _csr(crow, samples.top_left, weight, (bags, corner_rows.shape[0])) @ corner_rows
-        out = part if out is None else out.add_(part)
+    # One CSR row per bag holding its 4 corners x P points, laid out (bag, corner, point).
+    shifts = torch.tensor(samples.shifts, device=x.device, dtype=index_dtype).view(1, 4, 1)
+    corner_rows = (samples.top_left.view(bags, 1, points) + shifts).view(-1)
+    values = torch.stack([w.view(bags, points) for w in weights], 1).view(-1)
+    crow = torch.arange(0, 4 * num_samples + 1, 4 * points, device=x.device, dtype=index_dtype)
+    out = _csr(crow, corner_rows, values, (bags, rows.shape[0])) @ rows
     return out.reshape(n, height_out, width_out, channels).to(x.dtype)
 
 
