@@ -22,7 +22,7 @@ from convzoo.cli import main
 from convzoo.export import export_onnx
 from convzoo.layers import DCNv3, ModulatedDeformConv2d
 from convzoo.layers.reparam import fuse_conv_bn
-from convzoo.models import build_model, register_model, save_checkpoint
+from convzoo.models import _registry, build_model, register_model, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,11 +109,22 @@ def _tiny(variant_cfg):
 
 
 _VARIANTS = {"test_tiny_k3": TinyConfig(), "test_tiny_k9": TinyConfig(kernel_size=9), "test_tiny_dcn": TinyConfig(deformable=True)}
-for _name, _cfg in _VARIANTS.items():
-    if _name not in convzoo.list_models():
-        _entry = _tiny(_cfg)
-        _entry.__name__ = _name
-        register_model(_entry)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_models():
+    """Register the tiny variants for this module only (the registry is global: other test
+    modules parametrised over ``list_models()`` must not see them)."""
+    added = []
+    for name, cfg in _VARIANTS.items():
+        if name not in convzoo.list_models():
+            entry = _tiny(cfg)
+            entry.__name__ = name
+            register_model(entry)
+            added.append(name)
+    yield
+    for name in added:
+        _registry._ENTRY_POINTS.pop(name)
 
 
 def cli(argv):

@@ -58,6 +58,10 @@ def _format_count(count: int) -> str:
     return f"{count / 1e6:.2f} M" if count >= 100_000 else f"{count:,}"
 
 
+def _format_rate(images_per_second: float) -> str:
+    return f"{images_per_second:.1f} img/s" if images_per_second >= 10 else f"{images_per_second:.3g} img/s"
+
+
 def _format_flops(flops) -> str:
     return "n/a" if flops is None else f"{flops / 2 / 1e9:.3f} GMACs ({flops / 1e9:.3f} GFLOPs)"
 
@@ -76,7 +80,7 @@ def format_table(results: List[BenchResult]) -> str:
             continue
         picks = [r.results.get(mode) for r in results]
         rows.append((f"{mode} latency (median)", [f"{m.latency_ms:.2f} ms" if m else "-" for m in picks]))
-        rows.append((f"{mode} throughput", [f"{m.throughput:.1f} img/s" if m else "-" for m in picks]))
+        rows.append((f"{mode} throughput", [_format_rate(m.throughput) if m else "-" for m in picks]))
         rows.append((f"{mode} peak memory", [_format_memory(m.peak_memory_mb) if m else "-" for m in picks]))
     first = results[0]
     header = f"batch {first.batch_size}, input {first.input_size[0]}x{first.input_size[1]}, " \
