@@ -146,6 +146,18 @@ def test_63x63_kernel_float32_channels_last():
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,padding,padding4", [
+    pytest.param((16, 14), "same", (7, 8, 6, 7), id="even-wide-same"),
+    pytest.param((3, 15), (2, 20), (2, 2, 20, 20), id="padding-beyond-kernel"),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_kernels_asymmetric_and_large_padding(kernel, padding, padding4, dtype):
+    x = _leaf((2, 3, 9, 11), dtype)
+    weight = _leaf((3, 1) + kernel, dtype)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    _check_against_reference(x, weight, None, (1, 1), padding, (1, 1), padding4, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("kernel", [(4, 4), (3, 6)])
 def test_same_padding_matches_torch_at_stride_1(kernel):
     x = torch.randn(1, 2, 9, 8)

@@ -11,8 +11,9 @@ B=8, C=128, 56x56, fp32) showed, and what this module does about it:
   than 13, the caller's own layout otherwise, and the output comes back in the caller's layout.
   (``jit_dw`` is ~3x faster than ``brdgmm_dw`` at 13x13 in isolation, but converting a
   channels_last tensor there and back ate the gain under load, so channels_last inputs stay.)
-* Grad-input is a conv of the output gradient with the flipped kernel (stride 1), run in the same
-  layout: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``.
+* Grad-input for kernels wider than 13 is a conv of the output gradient with the flipped kernel
+  (stride 1), in channels_last: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``; up to
+  width 13 ``convolution_backward`` (oneDNN jit_dw, ~14 ms at 13x13) beats it (~30 ms).
 * Grad-weight through ``convolution_backward`` (fastest in channels_last) is fine for small
   kernels (~1 ms at 3x3, ~23 ms at 7x7) but collapses for large ones (~1.6 s at 31x31, a gemm
   path, either layout).  :func:`grad_weight_fft` computes it as a cross-correlation of the input
@@ -55,6 +56,10 @@ def in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tens
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)
 
 
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 def conv_memory_format(x: torch.Tensor, kernel_size: Sequence[int]) -> torch.memory_format:
     """The memory format the native convs of a ``kernel_size`` depthwise conv on ``x`` run in."""
     if x.dtype in ONEDNN_DTYPES and x.device.type == "cpu":
@@ -87,8 +92,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
     grad_x = grad_weight = grad_bias = None
     if output_mask[0]:
         work_format = conv_memory_format(x, weight.shape[2:])
-        grad_x = _grad_input(grad_out.contiguous(memory_format=work_format), x.contiguous(memory_format=work_format),
-                             weight, stride, padding, dilation)
+        grad_x = _grad_input(grad_out.contiguous(memory_format=work_format), x, weight, stride, padding, dilation)
         grad_x = in_format(grad_x, output_memory_format(x))
     if output_mask[1]:
         if use_fft_grad_weight(x, grad_out, weight.shape, stride, padding):
@@ -102,20 +106,31 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
 
 def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                 padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """d loss / d x, Tensor[N, C, H, W], computed in the layout of ``grad_out`` and ``x``."""
+    """d loss / d x, Tensor[N, C, H, W], computed in the layout of ``grad_out``."""
     n, channels, height, width = x.shape
     kh, kw = weight.shape[2:]
-    if tuple(stride) == (1, 1):
-        # The transposed conv of a stride-1 conv is a conv with the flipped kernel; the output
+    if tuple(stride) == (1, 1) and kw > JIT_DW_MAX_KERNEL_WIDTH:
+        # oneDNN's jit_dw backward-data is fast up to width 13; past it, a forward conv with the
+        # flipped kernel (brdgmm_dw in channels_last) is ~2x faster.  The output
         # gradient is padded by (span - padding) on each side (negative = crop).
         span_h, span_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-        grad_out = F.pad(grad_out, (span_w - padding[2], span_w - padding[3],
-                                    span_h - padding[0], span_h - padding[1]))
+        flipped_padding = (span_h - padding[0], span_h - padding[1], span_w - padding[2], span_w - padding[3])
+        if is_symmetric(flipped_padding) and min(flipped_padding) >= 0:
+            conv_padding = (flipped_padding[0], flipped_padding[2])
+        else:
+            grad_out = F.pad(grad_out, flipped_padding[2:] + flipped_padding[:2])
+            conv_padding = (0, 0)
         flipped = weight.flip(-2, -1).reshape(channels, -1, kh, kw)
-        return F.conv2d(grad_out, flipped, None, 1, 0, tuple(dilation), groups=channels)
-    x_work, conv_padding = _pad_for_conv(x, padding)
+        return F.conv2d(grad_out, flipped, None, 1, conv_padding, tuple(dilation), groups=channels)
+    # Backward-data reads only the input's shape and layout: pass an unwritten stand-in.
+    if is_symmetric(padding):
+        stand_in_shape, conv_padding = x.shape, (padding[0], padding[2])
+    else:
+        stand_in_shape = (n, channels, height + padding[0] + padding[1], width + padding[2] + padding[3])
+        conv_padding = (0, 0)
+    stand_in = torch.empty(stand_in_shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(grad_out))
     grad = torch.ops.aten.convolution_backward(
-        grad_out, x_work, weight, None, list(stride), list(conv_padding), list(dilation), False, [0, 0],
+        grad_out, stand_in, weight, None, list(stride), list(conv_padding), list(dilation), False, [0, 0],
         channels, [True, False, False])[0]
     if not is_symmetric(padding):
         grad = grad[:, :, padding[0]:padding[0] + height, padding[2]:padding[2] + width]
