@@ -90,9 +90,9 @@ class RelationConfig:
     num_val: int = 2048
     num_shapes: int = 4
     num_colours: int = 2
-    num_distractors: int = 2
-    noise: float = 0.6
-    amplitude: float = 1.5
+    num_distractors: int = 0
+    noise: float = 0.3
+    amplitude: float = 2.0
     fresh_train: bool = True
     relation: str = "height"
     seed: int = 0
