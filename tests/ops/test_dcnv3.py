@@ -408,3 +408,16 @@ def test_triton_rejects_float64():
     x, offset, mask = make_inputs(CASES[0].values[0])
     with pytest.raises(TypeError, match="impl='triton' supports"):
         ops.dcnv3(x, offset, mask, *CASES[0].values[0], impl="triton")
+
+
+def test_autocast_mixed_dtypes_run_in_the_widest_and_return_x_dtype():
+    x = torch.randn(2, 5, 6, 8)
+    offset = torch.randn(2, 5, 6, 2 * 9 * 2)
+    mask = torch.rand(2, 5, 6, 2 * 9)
+    expected = ops.dcnv3(x.bfloat16().float(), offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.dcnv3(x.bfloat16(), offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    with pytest.raises(TypeError, match="offset must have the dtype of x"):
+        ops.dcnv3(x.bfloat16(), offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)
