@@ -52,7 +52,8 @@ def _acc_dtype(dtype: torch.dtype):
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
 @triton.jit(do_not_specialize=["N"])
 def _forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,          # x (N, C, H, W), w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
+    # x (N, C, H, W), w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
+    x_ptr, w_ptr, b_ptr, y_ptr,
     N, C_out, H, W, Ho, Wo, MULT,
     sxn, sxc, sxh, sxw,                  # x strides
     syn, syc, syh, syw,                  # y strides
@@ -130,7 +131,8 @@ def _grad_input_kernel(
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
 @triton.jit(do_not_specialize=["N", "ROWS_PER_SLICE"])
 def _grad_weight_kernel(
-    go_ptr, x_ptr, part_ptr,             # go (N, C_out, Ho, Wo), x (N, C, H, W), part (SLICES, C_out, KH, BLOCK_KW) fp32/64
+    # go (N, C_out, Ho, Wo), x (N, C, H, W), part (SLICES, C_out, KH, BLOCK_KW) in the accumulator dtype
+    go_ptr, x_ptr, part_ptr,
     N, C_out, H, W, Ho, Wo, MULT, ROWS_PER_SLICE,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
