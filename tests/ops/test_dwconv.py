@@ -312,3 +312,13 @@ def test_conv_layout_choice():
     assert cpu.conv_memory_format(nchw, (3, 3)) == torch.contiguous_format    # no conversion for small kernels
     assert cpu.conv_memory_format(nhwc, (3, 3)) == torch.channels_last
     assert cpu.conv_memory_format(nchw.double(), (31, 31)) == torch.contiguous_format
+
+
+def test_autocast_casts_like_conv2d():
+    x = torch.randn(2, 6, 9, 8)
+    weight = torch.randn(6, 1, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dwconv2d(x.bfloat16(), weight, padding=2)
+        expected = F.conv2d(x.bfloat16(), weight, padding=2, groups=6)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_impl, check_same, check_tensor, pair, use_triton
+from .._checks import autocast_to_lower, check_impl, check_same, check_tensor, pair, use_triton
 from . import cpu
 from .reference import dwconv2d_reference, output_shape, same_padding
 
@@ -59,6 +59,7 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         torch.Size([2, 8, 56, 56])
     """
     check_impl(impl)
+    x, weight, bias = autocast_to_lower(x, weight, bias)  # custom ops are not cast by autocast
     stride, padding4, dilation = _check_args(x, weight, bias, stride, padding, dilation)
     if impl == "reference":
         return dwconv2d_reference(x, weight, bias, stride, padding4, dilation)
