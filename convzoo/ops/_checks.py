@@ -105,10 +105,15 @@ def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
+
+
 def _autocast_on(tensors) -> Optional[str]:
     """The device type of ``tensors`` when autocast is enabled for it, else None."""
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    if first is None or first.device.type not in _AUTOCAST_DEVICE_TYPES:  # meta tensors have no autocast
+        return None
+    if not torch.is_autocast_enabled(first.device.type):
         return None
     return first.device.type
 

@@ -71,3 +71,9 @@ def test_autocast_casts_only_when_enabled():
     assert [t.dtype for t in lowered[:2]] == [torch.bfloat16, torch.bfloat16]
     assert lowered[2] is None and lowered[3].dtype == torch.long
     assert [t.dtype for t in widened] == [torch.float32, torch.float32]
+
+
+def test_autocast_helpers_accept_meta_tensors():
+    meta = torch.empty(2, device="meta")
+    assert _checks.autocast_to_lower(meta, None) == (meta, None)
+    assert _checks.autocast_to_widest(meta) == (meta,)
