@@ -335,7 +335,7 @@ def test_torch_compile_fullgraph():
     module = _Module()
     x = torch.randn(2, 3, 5, 6, requires_grad=True)
     expected = module(x)
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(module, fullgraph=True)
     out = compiled(x)
     torch.testing.assert_close(out, expected)
     (grad,) = torch.autograd.grad(out.sum(), x)

@@ -381,7 +381,7 @@ def deform_conv2d_forward(
     if bias is not None:
         out += bias.to(prep.dtype)
     out = out.view(g["batch"], g["out_h"], g["out_w"], g["out_channels"]).permute(0, 3, 1, 2)
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    return out.to(x.dtype).contiguous()
 
 
 def deform_conv2d_backward(
@@ -450,22 +450,23 @@ def deform_conv2d_backward(
 
 
 def _backward_outputs(x, offset, weight, mask, prep, grad_rows, grad_offsets, grad_modulation, grad_weights, grad_bias):
-    """Lay the gradients of the chunked backward out like the inputs they belong to."""
+    """Lay the gradients of the chunked backward out like the inputs they belong to (contiguous,
+    as the backward op's fake kernel promises)."""
     g = prep.geometry
     n, c, h, w = x.shape
     kernel_size, groups = prep.kernel_size, prep.groups
     padded = grad_rows.view(n, g["padded_h"], g["padded_w"], c).permute(0, 3, 1, 2)
     grad_x = padded[:, :, PAD_BEFORE : PAD_BEFORE + h, PAD_BEFORE : PAD_BEFORE + w]
-    grad_x = grad_x.to(x.dtype, memory_format=torch.contiguous_format)
+    grad_x = grad_x.to(x.dtype).contiguous()
     out_hw = g["out_h"] * g["out_w"]
     grad_offset = grad_offsets.view(n, out_hw, kernel_size, groups, 2).permute(0, 3, 2, 4, 1)
-    grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
+    grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype).contiguous()
     grad_mask = None
     if mask is not None:
         grad_mask = grad_modulation.view(n, out_hw, kernel_size, groups).permute(0, 3, 2, 1)
-        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
+        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype).contiguous()
     wg = g["weight_groups"]
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
     grad_weight = grad_weights.view(wg, kernel_size, group_channels, out_channels // wg).permute(0, 3, 2, 1)
-    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_offset, grad_mask, grad_weight, grad_bias.to(weight.dtype)

@@ -272,10 +272,11 @@ def deform_conv2d_backward(
         grad_x_last, grad_offset, grad_mask if grad_mask is not None else grad_offset, *sizes,
         HAS_MASK=mask is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
     )
-    grad_x = grad_x_last.permute(0, 3, 1, 2).to(x.dtype, memory_format=torch.contiguous_format)
+    grad_x = grad_x_last.permute(0, 3, 1, 2).to(x.dtype).contiguous()
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
     grad_weight = grad_weights.view(weight_groups, kernel_size, group_channels, out_channels // weight_groups)
     grad_weight = grad_weight.permute(0, 3, 2, 1).reshape(weight.shape)
     if grad_mask is not None:
         grad_mask = grad_mask.to(mask.dtype)
-    return grad_x, grad_offset.to(offset.dtype), grad_mask, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    grad_weight = grad_weight.to(weight.dtype).contiguous()
+    return grad_x, grad_offset.to(offset.dtype), grad_mask, grad_weight, grad_bias.to(weight.dtype)
