@@ -464,3 +464,17 @@ def test_triton_half_precision(dtype):
     torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=1e-1)
     out.float().sum().backward()
     assert all(leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all() for leaf in leaves.values())
+
+
+def test_autocast_samples_in_the_widest_dtype_and_returns_input_dtype():
+    x = torch.randn(2, 4, 7, 6)
+    offset = torch.randn(2, 18, 7, 6) * 2
+    weight = torch.randn(5, 4, 3, 3)
+    mask = torch.rand(2, 9, 7, 6)
+    expected = deform_conv2d(x.bfloat16().float(), offset, weight, padding=1, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d(x.bfloat16(), offset, weight, padding=1, mask=mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=2e-2)
+    with pytest.raises(TypeError, match="weight must have the dtype of input"):
+        deform_conv2d(x.bfloat16(), offset.bfloat16(), weight, padding=1)
