@@ -31,9 +31,9 @@ def dcnv3_grid_sample(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, p
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2
     # Window centres in padded pixel units, then kernel grid and offsets around them.
-    centre_y = torch.arange(height_out, dtype=x.dtype) * stride_h + half_h
-    centre_x = torch.arange(width_out, dtype=x.dtype) * stride_w + half_w
-    grid_x, grid_y = kernel_grid(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, dtype=x.dtype)
+    centre_y = torch.arange(height_out, dtype=x.dtype, device=x.device) * stride_h + half_h
+    centre_x = torch.arange(width_out, dtype=x.dtype, device=x.device) * stride_w + half_w
+    grid_x, grid_y = kernel_grid(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, x.device, x.dtype)
     points = grid_x.numel()
     off = offset.view(n, height_out, width_out, group, points, 2)
     loc_x = centre_x[None, None, :, None, None] + (grid_x + off[..., 0]) * offset_scale

@@ -91,6 +91,8 @@ def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
         axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message="Constant folding")
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, dynamic_axes=axes,
                               do_constant_folding=True, **names)
         return
@@ -112,6 +114,14 @@ def onnx_op_types(path: str) -> Tuple[str, ...]:
         ops.discard(function.name)
         ops.update(node.op_type for node in function.node)
     return tuple(sorted(ops))
+
+
+def _has_dynamic_batch(path: str) -> bool:
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    first = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return first.HasField("dim_param") or not first.HasField("dim_value")
 
 
 def check_onnx(model: nn.Module, path: str, x: torch.Tensor) -> Tuple[float, float]:
@@ -160,17 +170,24 @@ def export_onnx(
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
     generator = torch.Generator().manual_seed(seed)
-    shape = (batch_size, getattr(model, "in_chans", 3), *input_size)
+    # torch.export specialises dimensions of size 1: trace a dynamic batch with at least 2
+    traced_batch = max(batch_size, 2) if dynamic_batch else batch_size
+    shape = (traced_batch, getattr(model, "in_chans", 3), *input_size)
     x = torch.randn(shape, generator=generator, dtype=dtype)
     with torch.no_grad():
         output = model(x)
         _export(model, x, path, exporter, opset, dynamic_batch)
+    if dynamic_batch and not _has_dynamic_batch(path):
+        raise RuntimeError(
+            f"the {exporter} exporter fixed the batch size of {path} (the model's code specialises on it); "
+            "export without dynamic_batch or try the other exporter"
+        )
     result = ExportResult(
         path=path, exporter=exporter, opset=opset, input_shape=tuple(shape), output_shape=tuple(output.shape),
         dynamic_batch=dynamic_batch, onnx_ops=onnx_op_types(path),
     )
     if check:
-        check_shape = (2,) + shape[1:] if dynamic_batch else shape
+        check_shape = (traced_batch + 1,) + shape[1:] if dynamic_batch else shape
         x_check = torch.randn(check_shape, generator=generator, dtype=dtype)
         result.max_abs_error, result.max_rel_error = check_onnx(model, path, x_check)
         result.checked_shape = tuple(check_shape)

@@ -5,7 +5,6 @@ the whole file stays fast on a 2-core CPU.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -19,9 +18,11 @@ import torch.nn as nn
 from PIL import Image
 
 import convzoo
-from convzoo.commands import UsageError, bench, erf, export, reparam
+from convzoo.cli import main
+from convzoo.export import export_onnx
+from convzoo.layers import DCNv3, ModulatedDeformConv2d
 from convzoo.layers.reparam import fuse_conv_bn
-from convzoo.models import build_model, register_model, save_checkpoint
+from convzoo.models import _registry, build_model, register_model, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,6 +34,7 @@ class TinyConfig:
     width: int = 8
     kernel_size: int = 3
     depth: int = 1
+    deformable: bool = False  # end with a DCNv2 layer (offsets initialised non-zero)
 
 
 class TinyRepBlock(nn.Module):
@@ -64,7 +66,10 @@ class TinyNet(nn.Module):
         self.stages = nn.Sequential(*[
             nn.Sequential(*[TinyRepBlock(c, cfg.kernel_size) for _ in range(cfg.depth)]) for _ in range(2)
         ])
-        self.feature_info = [dict(num_chs=c, reduction=2, module=f"stages.{i}") for i in range(2)]
+        if cfg.deformable:
+            self.stages.append(ModulatedDeformConv2d(c, c, 3, padding=1, deform_groups=2))
+            nn.init.normal_(self.stages[-1].conv_offset.weight, std=0.3)
+        self.feature_info = [dict(num_chs=c, reduction=2, module=f"stages.{i}") for i in range(len(self.stages))]
         self.classifier_name = "head"
         self.head = nn.Linear(c, num_classes) if num_classes else nn.Identity()
         for module in self.modules():  # non-trivial BN statistics, so that fusing them matters
@@ -103,28 +108,27 @@ def _tiny(variant_cfg):
     return entry
 
 
-for _name, _cfg in {"test_tiny_k3": TinyConfig(), "test_tiny_k9": TinyConfig(kernel_size=9)}.items():
-    if _name not in convzoo.list_models():
-        _entry = _tiny(_cfg)
-        _entry.__name__ = _name
-        register_model(_entry)
+_VARIANTS = {"test_tiny_k3": TinyConfig(), "test_tiny_k9": TinyConfig(kernel_size=9), "test_tiny_dcn": TinyConfig(deformable=True)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_models():
+    """Register the tiny variants for this module only (the registry is global: other test
+    modules parametrised over ``list_models()`` must not see them)."""
+    added = []
+    for name, cfg in _VARIANTS.items():
+        if name not in convzoo.list_models():
+            entry = _tiny(cfg)
+            entry.__name__ = name
+            register_model(entry)
+            added.append(name)
+    yield
+    for name in added:
+        _registry._ENTRY_POINTS.pop(name)
 
 
 def cli(argv):
-    """Parse ``argv`` with the commands' own parsers and run it like the CLI does."""
-    parser = argparse.ArgumentParser(prog="convzoo")
-    sub = parser.add_subparsers(dest="command")
-    for module in (reparam, export, erf, bench):
-        module.register(sub)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        return args.func(args)
-    except UsageError as error:
-        print(f"convzoo {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 @pytest.fixture
@@ -139,7 +143,7 @@ def tiny_checkpoint(tmp_path):
 # --help
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["reparam", "export", "erf", "bench"])
+@pytest.mark.parametrize("command", ["reparam", "export", "erf", "offsets", "bench"])
 def test_help_describes_the_command(command, capsys):
     assert cli([command, "--help"]) == 0
     text = capsys.readouterr().out
@@ -213,7 +217,7 @@ def test_export_round_trip_with_onnxruntime(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, text
     result = json.loads(open(report).read())
     assert result["max_rel_error"] <= 1e-4
-    assert result["checked_shape"] == [2, 3, 32, 32]
+    assert result["input_shape"] == [2, 3, 32, 32] and result["checked_shape"] == [3, 3, 32, 32]
     assert "BatchNormalization" not in result["onnx_ops"]  # exported in its re-parameterized form
     import onnxruntime as ort
 
@@ -221,6 +225,17 @@ def test_export_round_trip_with_onnxruntime(tiny_checkpoint, tmp_path, capsys):
     x = torch.randn(4, 3, 32, 32)
     expected = convzoo.reparameterize(convzoo.models.load_model(tiny_checkpoint))(x).detach().numpy()
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reparam_then_export_and_bench_the_deployed_file(tiny_checkpoint, tmp_path, capsys):
+    deployed = str(tmp_path / "deploy.safetensors")
+    assert cli(["reparam", tiny_checkpoint, deployed, "--input-size", "16", "--repeats", "0"]) == 0
+    assert cli(["export", "--checkpoint", deployed, "--onnx", str(tmp_path / "d.onnx"), "--input-size", "16",
+                "--exporter", "torchscript"]) == 0
+    assert cli(["bench", "--model", "test_tiny_k9", "--checkpoint", deployed, "--reparam", "--input-size", "16",
+                "--mode", "inference", "--warmup", "0", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "max relative error" in text and "test_tiny_k9 (reparam)" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -234,6 +249,99 @@ def test_export_round_trip_with_onnxruntime(tiny_checkpoint, tmp_path, capsys):
 def test_export_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli(["export"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_export_a_registered_deformable_model(tmp_path, capsys):
+    report = tmp_path / "export.json"
+    code = cli(["export", "--model", "test_tiny_dcn", "--onnx", str(tmp_path / "dcn.onnx"), "--input-size", "20,24",
+                "--exporter", "torchscript", "--json", str(report)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = json.loads(report.read_text())
+    assert result["max_rel_error"] <= 1e-4
+    assert not any(op.startswith("convzoo") or op.startswith("deform") for op in result["onnx_ops"])
+    assert {"Gather", "GatherElements", "GridSample"} & set(result["onnx_ops"])  # the sampling, in standard ops
+    assert "max relative error" in text
+
+
+class DeformableNet(nn.Module):
+    """A DCNv2 layer (ModulatedDeformConv2d) then a DCNv3 layer, offsets initialised non-zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.dcn = ModulatedDeformConv2d(3, 8, 3, padding=1, deform_groups=1)
+        self.dcnv3 = DCNv3(8, kernel_size=3, group=2)
+        for offset_weight in (self.dcn.conv_offset.weight, self.dcnv3.offset.weight):
+            nn.init.normal_(offset_weight, std=0.5)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.dcnv3(self.dcn(x).permute(0, 2, 3, 1))
+        return self.head(y.mean((1, 2)))
+
+
+def test_export_deformable_layers_with_the_default_exporter(tmp_path):
+    model = DeformableNet()
+    result = export_onnx(model, tmp_path / "net.onnx", input_size=(10, 12), batch_size=2)
+    assert result.exporter == "dynamo"  # onnxscript is installed with the test extras
+    assert model.dcn.impl == "reference" and model.dcnv3.impl == "reference"
+    assert result.max_rel_error <= 1e-4
+    assert result.output_shape == (2, 4) and result.input_shape == (2, 3, 10, 12)
+
+
+def test_export_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="exporter must be one of"):
+        export_onnx(DeformableNet(), tmp_path / "x.onnx", exporter="tflite")
+    with pytest.raises(ValueError, match=r"input_size must be \(H, W\)"):
+        export_onnx(DeformableNet(), tmp_path / "x.onnx", input_size=(0, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# offsets
+# ----------------------------------------------------------------------------------------------
+
+def _picture(path, size=(80, 60)):
+    x = np.linspace(0, 255, size[0])[None, :, None]
+    y = np.linspace(0, 255, size[1])[:, None, None]
+    Image.fromarray(np.broadcast_to((x + y) / 2, (size[1], size[0], 3)).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_offsets_draws_where_the_layer_samples(tmp_path, capsys):
+    image = _picture(tmp_path / "picture.png")
+    out, report = tmp_path / "offsets.png", tmp_path / "offsets.json"
+    code = cli(["offsets", "--model", "test_tiny_dcn", "--image", image, "--out", str(out), "--input-size", "32",
+                "--points", "40,30", "--points", "10,50", "--display-size", "160", "--json", str(report)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "stages.2" in text
+    figure = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert figure.shape[1] >= 160 and figure.shape[0] > 120
+    colourful = np.abs(figure - figure.mean(-1, keepdims=True)).max(-1) > 40  # the grey gradient is not
+    assert colourful.sum() > 50
+    result = json.loads(report.read_text())
+    assert result["layer"] == "stages.2" and result["op"] == "deform_conv2d" and result["layers"] == ["stages.2"]
+    first = result["points"][0]
+    assert first["point"] == [40, 30] and len(first["locations_xy"]) == 18 == len(first["weights"])
+    assert all(0 < w < 1 for w in first["weights"])
+    xs = sorted(round(x, 6) for x, _ in first["locations_xy"])
+    assert len(set(xs)) > 3  # offsets moved the points off the regular 3x3 grid
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "test_tiny_dcn", "--image", "missing.png"], "image not found: missing.png"),
+    (["--model", "test_tiny_dcn", "--image", "broken.jpg"], "cannot read the image broken.jpg"),
+    (["--model", "test_tiny_dcn", "--image", "p.png", "--layer", "stem"], "the layers are: stages.2"),
+    (["--model", "test_tiny_k3", "--image", "p.png"], "has no deformable layer"),
+    (["--model", "test_tiny_dcn", "--image", "p.png", "--points", "500,5"], "points outside the 80x60 image: 500,5"),
+    (["--model", "test_tiny_dcn", "--image", "p.png", "--points", "5"], "--points takes X,Y"),
+])
+def test_offsets_bad_input(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _picture(tmp_path / "p.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    assert cli(["offsets"] + argv + ["--out", "o.png", "--input-size", "16"]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -270,6 +378,15 @@ def test_erf_two_models_side_by_side(tmp_path, capsys):
         assert all(0 < r <= 1 for r in ratios) and ratios == sorted(ratios)
     large, small = (m["area_ratios"]["0.5"] for m in result["models"])
     assert large > small
+    assert text.count("BatchNorm statistics re-estimated on 8 images") == 2  # random init: recalibrated
+    assert all(set(m["area_ratios_linear"]) == set(m["area_ratios"]) for m in result["models"])
+
+
+def test_erf_keeps_the_statistics_of_a_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    code = cli(["erf", "--model", "test_tiny_k9", "--checkpoint", tiny_checkpoint, "--num-images", "1",
+                "--input-size", "24", "--out", str(tmp_path / "e.png")])
+    assert code == 0
+    assert "re-estimated" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -278,6 +395,7 @@ def test_erf_two_models_side_by_side(tmp_path, capsys):
     (["--model", "test_tiny_k3", "--model", "test_tiny_k9", "--checkpoint", "a.pth", "--out", "erf.png"], "one --checkpoint per --model"),
     (["--model", "test_tiny_k3", "--out", "erf.png", "--input-size", "16,20"], "square --input-size"),
     (["--model", "test_tiny", "--out", "erf.png", "--data", "."], "did you mean"),
+    (["--model", "test_tiny_k3", "--out", "erf.png", "--recalibrate-bn", "-1"], "--recalibrate-bn must be >= 0"),
 ])
 def test_erf_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -331,3 +449,24 @@ def test_bench_bad_input(argv, message, tmp_path, monkeypatch, capsys):
 def test_bench_rejects_a_bad_input_size(capsys):
     assert cli(["bench", "--model", "test_tiny_k3", "--input-size", "0"]) == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# a real process, a real zoo model
+# ----------------------------------------------------------------------------------------------
+
+def test_python_m_convzoo_reparam_on_a_zoo_model(tmp_path):
+    model = convzoo.create_model("replknet_tiny", num_classes=3)
+    checkpoint = str(tmp_path / "replknet_tiny.safetensors")
+    save_checkpoint(model, checkpoint)
+    out = str(tmp_path / "deploy.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "convzoo", "reparam", checkpoint, out, "--input-size", "32", "--repeats", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "outputs match" in done.stdout
+    deployed = convzoo.models.load_model(out)
+    assert deployed.is_reparameterized and deployed.num_classes == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), convzoo.reparameterize(model)(x), rtol=1e-4, atol=1e-5)

@@ -16,6 +16,14 @@ smallest square centred on the image centre, of odd side ``2r + 1`` with ``r >= 
 sum to more than ``t`` times the total of ``S``, divided by the image area (the paper's
 ``get_rectangle``). A larger ratio means the contributions are spread more widely: a larger ERF.
 A square that would reach past the border is clipped to the image, so the ratio never exceeds 1.
+
+The log makes the ratios depend on the magnitude of the gradients: a network with large
+gradients gets a flatter ``S`` and larger ratios. :class:`ERFResult` therefore also gives the
+ratios of the contribution map itself (``area_ratios_linear``), which do not change when the map
+is scaled. For a randomly initialised network with BatchNorm, whose running statistics are
+still the defaults (mean 0, variance 1), eval-mode activations and gradients have arbitrary
+scales; :func:`recalibrate_batchnorm` re-estimates the statistics on a few images first, which
+puts the network in the state it computes in training mode.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 _logger = logging.getLogger(__name__)
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+_CALIBRATION_BATCH = 8
 
 
 @dataclasses.dataclass
@@ -42,8 +51,9 @@ class ERFResult:
     feature_size: Tuple[int, int]  # (h, w) of the last feature map
     num_images: int
     contribution: torch.Tensor  # (H, W) float64, mean over images of the aggregated positive gradient
-    area_ratios: Dict[float, Optional[float]]  # threshold -> high-contribution area ratio
+    area_ratios: Dict[float, Optional[float]]  # threshold -> high-contribution area ratio (log scores)
     side_lengths: Dict[float, Optional[int]]  # threshold -> side of that square, in input pixels
+    area_ratios_linear: Dict[float, Optional[float]]  # the same ratio on the contribution itself (no log)
 
     def scores(self) -> torch.Tensor:
         """The (H, W) log-scaled scores in [0, 1] that the heatmap shows."""
@@ -58,6 +68,7 @@ class ERFResult:
             "num_images": self.num_images,
             "area_ratios": {str(t): r for t, r in self.area_ratios.items()},
             "side_lengths": {str(t): s for t, s in self.side_lengths.items()},
+            "area_ratios_linear": {str(t): r for t, r in self.area_ratios_linear.items()},
         }
 
 
@@ -117,6 +128,43 @@ def high_contribution_area(scores: torch.Tensor, threshold: float) -> Tuple[Opti
         r += 1
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: Iterable[torch.Tensor], num_images: int,
+                          device: str | torch.device = "cpu") -> int:
+    """Re-estimate the running mean and variance of every BatchNorm of ``model`` as the plain
+    average over the first ``num_images`` of ``images`` (batches (N, C, H, W) or (C, H, W)),
+    with only the BatchNorms in training mode; returns how many BatchNorm layers were updated.
+    The model is left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or num_images < 1:
+        return 0
+    model.eval().to(device)
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+        norm.train()
+    seen, pending = 0, []
+    try:
+        for batch in images:
+            batch = (batch.unsqueeze(0) if batch.dim() == 3 else batch)[: num_images - seen]
+            pending.append(batch)
+            seen += batch.shape[0]
+            if seen >= num_images or sum(b.shape[0] for b in pending) >= _CALIBRATION_BATCH:
+                model(torch.cat(pending).to(device))  # batches of several images: no 1x1 maps of 1 sample
+                pending = []
+            if seen >= num_images:
+                break
+        if pending:
+            model(torch.cat(pending).to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    _logger.info("recalibrated %d BatchNorm layers on %d images", len(norms), seen)
+    return len(norms)
+
+
 def effective_receptive_field(
     model: nn.Module,
     images: Iterable[torch.Tensor],
@@ -167,4 +215,5 @@ def effective_receptive_field(
         contribution=contribution,
         area_ratios={t: a[1] for t, a in areas.items()},
         side_lengths={t: a[0] for t, a in areas.items()},
+        area_ratios_linear={float(t): high_contribution_area(contribution, t)[1] for t in thresholds},
     )

@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .complexity import count_flops, count_params
+
 _logger = logging.getLogger(__name__)
 
 MODES = ("inference", "train")
@@ -75,11 +77,6 @@ class BenchResult:
         return out
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of ``model`` (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,10 +94,9 @@ def _make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Non
         return step
     if mode == "train":
         model.train()
-        x_train = x.detach().clone().requires_grad_(False)
 
         def step() -> None:
-            out = model(x_train)
+            out = model(x)
             out = out if isinstance(out, torch.Tensor) else torch.cat([o.flatten(1) for o in out], 1)
             out.float().sum().backward()
             model.zero_grad(set_to_none=True)
@@ -215,8 +211,6 @@ def measure_mode(
 def count_forward_flops(model: nn.Module, x: torch.Tensor) -> Optional[int]:
     """Forward FLOPs (2 * MACs) per image of ``model`` at ``x``'s shape, None when not countable."""
     try:
-        from .complexity import count_flops
-
         return count_flops(model, (1,) + tuple(x.shape[1:])).flops
     except Exception as error:  # an operator without a FLOP formula must not sink the benchmark
         _logger.warning("FLOPs not counted: %s", error)
@@ -239,8 +233,9 @@ def benchmark(
     """Benchmark ``model`` (a classifier taking (N, C, H, W)) in each of ``modes``.
 
     Training is measured on the training form. With ``reparam`` the inference mode, the
-    parameter count and the FLOPs are those of a re-parameterized copy (``model`` itself is not
-    changed).
+    parameter count and the FLOPs are those of a re-parameterized copy. ``model`` itself is
+    moved to ``device``/``dtype`` (and memory format), and the training-mode runs update its
+    BatchNorm running statistics.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -254,11 +249,11 @@ def benchmark(
     x = torch.randn(batch_size, in_chans, *input_size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=memory_format)
     results = {}
-    params_train = count_parameters(model)
+    params_train = count_params(model)
     if "train" in modes:
         results["train"] = measure_mode(model, x, "train", warmup, repeats)
     measured = model
-    if reparam:
+    if reparam and not getattr(model, "is_reparameterized", False):
         from ..layers.reparam import reparameterize
 
         measured = reparameterize(copy.deepcopy(model))
@@ -272,7 +267,7 @@ def benchmark(
         channels_last=channels_last,
         input_size=tuple(input_size),
         batch_size=batch_size,
-        params=count_parameters(measured),
+        params=count_params(measured),
         params_train=params_train,
         flops=count_forward_flops(measured, x),
         results={m: results[m] for m in MODES if m in results},

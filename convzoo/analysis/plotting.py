@@ -96,10 +96,13 @@ def panels_figure(
             y += line_h
         x += column + padding
     if legend is not None:
-        bar_w = min(width - 2 * padding, 320)
+        zero_w, one_w = _text_size(draw, "0", caption_font)[0], _text_size(draw, "1", caption_font)[0]
+        bar_w = max(16, min(width - 2 * padding - zero_w - one_w - 8, 320))
         y = height - padding - 12 - line_h
         draw.text((padding, y), legend, fill=TEXT, font=caption_font)
-        figure.paste(colorbar(bar_w), (padding, y + line_h))
+        draw.text((padding, y + line_h - 2), "0", fill=TEXT, font=caption_font)
+        figure.paste(colorbar(bar_w), (padding + zero_w + 4, y + line_h))
+        draw.text((padding + zero_w + 8 + bar_w, y + line_h - 2), "1", fill=TEXT, font=caption_font)
     return figure
 
 
@@ -123,7 +126,7 @@ def draw_points(
             if not (np.isfinite(py) and np.isfinite(px)):
                 continue
             r = radius * (0.5 + 0.8 * float(value) / peak)
-            draw.line([(cx, cy), (px, py)], fill=colour + (0,), width=1)
+            draw.line([(cx, cy), (px, py)], fill=colour, width=1)
             draw.ellipse([px - r, py - r, px + r, py + r], fill=colour, outline=(0, 0, 0))
         size = radius * 2.5
         draw.line([(cx - size, cy), (cx + size, cy)], fill=(255, 255, 255), width=3)

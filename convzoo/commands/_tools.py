@@ -9,10 +9,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..models import create_model, load_model
+from ..models import load_model
 from ..models._checkpoint import read_metadata
-from ..models._registry import get_entry_point
-from . import UsageError
+from . import UsageError, build_model, check_model_name
 
 
 def image_size(text: str) -> Tuple[int, int]:
@@ -78,7 +77,7 @@ def load_model_or_exit(name: Optional[str], checkpoint: Optional[str], num_class
         if name is None:
             raise UsageError("--model NAME is required unless --checkpoint is a convzoo .safetensors file")
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        return create_model(name, pretrained=checkpoint, **kwargs)
+        return build_model(name, pretrained=checkpoint, **kwargs)
     except UsageError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as error:
@@ -88,10 +87,7 @@ def load_model_or_exit(name: Optional[str], checkpoint: Optional[str], num_class
 def check_model_names(names) -> None:
     """A :class:`UsageError` naming the close matches for the first unknown model name."""
     for name in names:
-        try:
-            get_entry_point(name)
-        except (ValueError, TypeError) as error:
-            raise UsageError(str(error)) from None
+        check_model_name(name)
 
 
 def resolve_device(text: str) -> torch.device:

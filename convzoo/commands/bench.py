@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import os
 from typing import List
@@ -33,8 +34,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="parameters, FLOPs, latency, throughput and peak memory of a model",
-        description="Measure parameters, forward FLOPs, latency, throughput and peak memory of a "
-                    "model in inference and training modes; print a table (and optionally JSON).",
+        description=textwrap.fill("Measure parameters, forward FLOPs, latency, throughput and peak memory of a "
+                    "model in inference and training modes; print a table (and optionally JSON).", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,8 +54,16 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _format_count(count: int) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 100_000 else f"{count:,}"
+
+
+def _format_rate(images_per_second: float) -> str:
+    return f"{images_per_second:.1f} img/s" if images_per_second >= 10 else f"{images_per_second:.3g} img/s"
+
+
 def _format_flops(flops) -> str:
-    return "n/a" if flops is None else f"{flops / 2 / 1e9:.3f} GMACs"
+    return "n/a" if flops is None else f"{flops / 2 / 1e9:.3f} GMACs ({flops / 1e9:.3f} GFLOPs)"
 
 
 def _format_memory(mb) -> str:
@@ -64,14 +73,14 @@ def _format_memory(mb) -> str:
 def format_table(results: List[BenchResult]) -> str:
     """A markdown table, one column per model."""
     rows = [("model", [r.model + (" (reparam)" if r.reparameterized else "") for r in results])]
-    rows.append(("params", [f"{r.params / 1e6:.3f} M" + (f" (train {r.params_train / 1e6:.3f} M)" if r.params != r.params_train else "") for r in results]))
+    rows.append(("params", [_format_count(r.params) + (f" (train {_format_count(r.params_train)})" if r.params != r.params_train else "") for r in results]))
     rows.append(("FLOPs / image", [_format_flops(r.flops) for r in results]))
     for mode in MODES:
         if not any(mode in r.results for r in results):
             continue
         picks = [r.results.get(mode) for r in results]
         rows.append((f"{mode} latency (median)", [f"{m.latency_ms:.2f} ms" if m else "-" for m in picks]))
-        rows.append((f"{mode} throughput", [f"{m.throughput:.1f} img/s" if m else "-" for m in picks]))
+        rows.append((f"{mode} throughput", [_format_rate(m.throughput) if m else "-" for m in picks]))
         rows.append((f"{mode} peak memory", [_format_memory(m.peak_memory_mb) if m else "-" for m in picks]))
     first = results[0]
     header = f"batch {first.batch_size}, input {first.input_size[0]}x{first.input_size[1]}, " \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import torch
 
-from ..analysis.erf import THRESHOLDS, ERFResult, effective_receptive_field
+from ..analysis.erf import THRESHOLDS, ERFResult, effective_receptive_field, recalibrate_batchnorm
 from ..analysis.plotting import heatmap_image, panels_figure
 from . import UsageError
 from ._tools import check_model_names, image_size, load_model_or_exit, positive_int, resolve_device
@@ -26,7 +27,13 @@ Method (RepLKNet, Ding et al. 2022): for each image, the gradient of the (ReLU'd
 of the last feature map with respect to the input; its positive part summed over channels and
 averaged over the images; shown as log10(x + 1) scaled to [0, 1]. The high-contribution area
 ratio at threshold t is the area of the smallest centred square holding more than t of the
-total score, divided by the image area: larger = a larger effective receptive field.
+total score, divided by the image area: larger = a larger effective receptive field. The
+JSON also holds the ratios of the map without the log (area_ratios_linear), which do not
+depend on the gradients' overall scale.
+
+A randomly initialised model (no --checkpoint) still has the initial BatchNorm statistics
+(mean 0, variance 1), which give its eval-mode activations arbitrary scales; they are first
+re-estimated on 8 images (--recalibrate-bn; 0 turns this off).
 
 Images: --data DIR reads the image files under DIR/val (or DIR when it has no val folder),
 resized to --input-size and normalised with the ImageNet mean and std; without --data the
@@ -41,9 +48,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "erf",
         help="effective receptive field heatmap (RepLKNet's method) of one or more models",
-        description="Measure the effective receptive field of one or more models as the RepLKNet "
+        description=textwrap.fill("Measure the effective receptive field of one or more models as the RepLKNet "
                     "paper does, draw the heatmaps side by side into a PNG and report the "
-                    f"high-contribution area ratios at thresholds {', '.join(map(str, THRESHOLDS))}.",
+                    f"high-contribution area ratios at thresholds {', '.join(map(str, THRESHOLDS))}.", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,6 +63,9 @@ def register(subparsers) -> None:
     parser.add_argument("--num-images", type=positive_int, default=10, metavar="N", help="images to average over (default: 10)")
     parser.add_argument("--input-size", type=image_size, default=(224, 224), metavar="S|H,W", help="input resolution (default: 224)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per backward pass (default: 1)")
+    parser.add_argument("--recalibrate-bn", type=int, default=None, metavar="N",
+                        help="re-estimate BatchNorm statistics on N images before measuring (default: 8 for a model "
+                             "without --checkpoint, whose statistics are still the initial ones; 0 for one with)")
     parser.add_argument("--out", required=True, metavar="PNG", help="where to write the heatmap figure (.png)")
     parser.add_argument("--json", metavar="OUT", help="also write the area ratios as JSON")
     parser.add_argument("--panel-size", type=positive_int, default=256, metavar="PX", help="side of each heatmap in the figure (default: 256)")
@@ -116,6 +126,8 @@ def _check_arguments(args) -> None:
             raise UsageError(f"the output folder does not exist: {folder}")
     if args.checkpoint and len(args.checkpoint) != len(args.model):
         raise UsageError(f"give one --checkpoint per --model ({len(args.model)} models, {len(args.checkpoint)} checkpoints), or none")
+    if args.recalibrate_bn is not None and args.recalibrate_bn < 0:
+        raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"data folder not found: {args.data}")
     if args.data is None and (args.input_size[0] != args.input_size[1] or args.input_size[0] < 24):
@@ -148,7 +160,10 @@ def run(args) -> int:
     checkpoints = args.checkpoint or [None] * len(args.model)
     models = [load_model_or_exit(n, c, args.num_classes) for n, c in zip(args.model, checkpoints)]
     results = []
-    for name, model in zip(args.model, models):
+    for name, checkpoint, model in zip(args.model, checkpoints, models):
+        calibration = args.recalibrate_bn if args.recalibrate_bn is not None else (8 if checkpoint is None else 0)
+        if calibration > 0 and recalibrate_batchnorm(model, _batches(args, files), calibration, device=device):
+            print(f"{name}: BatchNorm statistics re-estimated on {calibration} images (--recalibrate-bn)")
         try:
             results.append(effective_receptive_field(model, _batches(args, files), args.num_images, name=name, device=device))
         except ValueError as error:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import importlib.util
 import json
 import os
@@ -30,8 +31,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export the deployed model to ONNX and check it with onnxruntime",
-        description="Export the re-parameterized (deployed) model to ONNX, deformable operators "
-                    "included, and check the file with onnxruntime against PyTorch.",
+        description=textwrap.fill("Export the re-parameterized (deployed) model to ONNX, deformable operators "
+                    "included, and check the file with onnxruntime against PyTorch.", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

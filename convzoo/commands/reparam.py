@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import copy
 import os
 
 import torch
 
-from ..analysis.latency import count_parameters, measure_mode
+from ..analysis.complexity import count_params
+from ..analysis.latency import measure_mode
 from ..layers.reparam import reparameterize
 from ..models import save_checkpoint
 from . import UsageError
@@ -30,9 +32,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "reparam",
         help="turn a training checkpoint into its re-parameterized inference form",
-        description="Merge the parallel branches and BatchNorms of every re-parameterizable block "
+        description=textwrap.fill("Merge the parallel branches and BatchNorms of every re-parameterizable block "
                     "(convzoo.reparameterize) and save the inference form; check that the outputs "
-                    "match and report the parameter and latency reduction.",
+                    "match and report the parameter and latency reduction.", 92),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -76,7 +78,8 @@ def run(args) -> int:
     x = torch.randn(2, getattr(model, "in_chans", 3), *args.input_size, generator=generator)
     with torch.no_grad():
         before = model(x)
-    params_before = count_parameters(model)
+    params_before = count_params(model)
+    mergeable = sum(callable(getattr(m, "reparameterize", None)) for m in model.modules())
     training_form = copy.deepcopy(model) if args.repeats > 0 else None
     reparameterize(model)
     with torch.no_grad():
@@ -87,8 +90,10 @@ def run(args) -> int:
               f"(relative), more than --tolerance {args.tolerance:g}; nothing written")
         return 1
     save_checkpoint(model, args.output)
-    params_after = count_parameters(model)
+    params_after = count_params(model)
     print(f"{name}: wrote the inference form to {args.output}")
+    if not mergeable:
+        print(f"  note: {name} has no re-parameterizable block; the inference form equals the training form")
     print(f"  outputs match: max relative difference {difference:.2e} on a random {tuple(x.shape)} batch")
     print(f"  parameters: {params_before:,} -> {params_after:,} "
           f"({100 * (params_before - params_after) / max(params_before, 1):.1f}% fewer)")

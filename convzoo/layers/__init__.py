@@ -7,7 +7,7 @@ from .common import DropPath, LayerNorm2d, SqueezeExcite, make_divisible, to_cha
 from .reparam import ReparamLargeKernelConv, fuse_conv_bn, reparameterize
 from .deform_conv import DeformConv2d, ModulatedDeformConv2d
 from .dcnv3 import DCNv3
-from .roi_pool import DeformRoIPool, ModulatedDeformRoIPool, DeformPSRoIPool
+from .roi_pool import DeformRoIPool, ModulatedDeformRoIPool, DeformPSRoIPool, DeformRoIPoolPack, DeformPSRoIPoolPack
 
 __all__ = [
     "DropPath",
@@ -25,4 +25,6 @@ __all__ = [
     "DeformRoIPool",
     "ModulatedDeformRoIPool",
     "DeformPSRoIPool",
+    "DeformRoIPoolPack",
+    "DeformPSRoIPoolPack",
 ]

@@ -212,6 +212,7 @@ class ReparamLargeKernelConv(nn.Module):
                     f"{kernel_size}; a branch cannot be larger than the main kernel"
                 )
         kw = dict(device=device, dtype=dtype)
+        self._impl = "auto"
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
@@ -224,18 +225,23 @@ class ReparamLargeKernelConv(nn.Module):
         )
         self.lkb_reparam: Optional[DepthwiseConv2d] = None
 
-    def _depthwise_convs(self):
-        return [m for m in self.modules() if isinstance(m, DepthwiseConv2d)]
-
     @property
     def impl(self) -> str:
-        """The ``impl`` of the depthwise convs; setting it sets it on every branch."""
-        return self._depthwise_convs()[0].impl
+        """The ``impl`` passed to ``dwconv2d``; setting it sets it on the conv of every branch."""
+        return self._impl
 
     @impl.setter
     def impl(self, value: str) -> None:
-        for conv in self._depthwise_convs():
-            conv.impl = value
+        self._impl = value
+        for conv in self.modules():
+            if isinstance(conv, DepthwiseConv2d):
+                conv.impl = value
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every conv and norm (running statistics included) of the current form."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
 
     @property
     def is_reparameterized(self) -> bool:
@@ -271,9 +277,9 @@ class ReparamLargeKernelConv(nn.Module):
         if self.lkb_reparam is not None:
             return
         kernel, bias = self.equivalent_kernel_bias()
-        impl = self.impl
         merged = _empty_like_conv(self.lkb_origin.conv)
-        merged.impl = impl
+        if isinstance(merged, DepthwiseConv2d):
+            merged.impl = self.impl
         merged.weight.copy_(kernel)
         merged.bias.copy_(bias)
         del self.lkb_origin

@@ -3,7 +3,7 @@ torchvision-style conv-norm-activation sequence, BatchNorm folding for ``reparam
 and running a sequence of blocks with optional gradient checkpointing."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Type
+from typing import Callable, Iterable, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
@@ -58,10 +58,15 @@ class ConvNormAct(nn.Sequential):
 
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Apply ``blocks`` in order; with ``grad_checkpointing`` while gradients are on, each block
-    recomputes its activations in the backward pass instead of storing them."""
+    with parameters recomputes its activations in the backward pass instead of storing them
+    (parameter-free blocks such as in-place ReLUs and pools run as they are: recomputing an
+    in-place op would modify the checkpoint's saved input)."""
     use_checkpoint = grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        if use_checkpoint and any(True for _ in block.parameters()):
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
     return x
 
 
@@ -71,3 +76,23 @@ def linear_drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float
     if num_blocks < 2:
         return [0.0] * num_blocks
     return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
+
+
+def stage_outputs(
+    blocks: nn.Sequential,
+    x: torch.Tensor,
+    stage_ends: Sequence[int],
+    indices: Sequence[int],
+    grad_checkpointing: bool = False,
+) -> List[torch.Tensor]:
+    """Run ``blocks`` and return, in stage order, the outputs of the stages in ``indices``;
+    stage ``i`` ends with ``blocks[stage_ends[i]]``. Blocks after the last wanted stage are not run."""
+    num_stages = len(stage_ends)
+    wanted = sorted({i % num_stages for i in indices})
+    outs, start = [], 0
+    for i, end in enumerate(stage_ends[: wanted[-1] + 1]):
+        x = run_blocks(blocks[start:end + 1], x, grad_checkpointing)
+        start = end + 1
+        if i in wanted:
+            outs.append(x)
+    return outs

@@ -72,6 +72,15 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the layer scale ``gamma`` into ``mlp.fc2`` (exact), in place."""
+        if self.gamma is None:
+            return
+        self.mlp.fc2.weight.mul_(self.gamma[:, None])
+        self.mlp.fc2.bias.mul_(self.gamma)
+        self.gamma = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_dw(x).permute(0, 2, 3, 1)
         y = self.mlp(self.norm(y))
@@ -154,11 +163,16 @@ class ConvNeXt(nn.Module):
         else:
             self.head.fc = nn.Identity()
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last throughout: dwconv2d's fast CPU layout, and the blocks' permutes to
+        # (N, H, W, C) for the norm and the MLP become free views.
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """The (N, dims[i], H/4/2^i, W/4/2^i) outputs of the stages in ``indices``, in that order."""
         wanted = sorted({i % len(self.stages) for i in indices})
         outs = {}
-        x = self.stem(x)
+        x = self._stem(x)
         for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
             x = stage(x)
             outs[i] = x
@@ -166,7 +180,7 @@ class ConvNeXt(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, dims[-1], H/32, W/32)."""
-        x = self.stem(x)
+        x = self._stem(x)
         for stage in self.stages:
             x = stage(x)
         return x

@@ -38,6 +38,7 @@ class RepLKNetCfg:
     small_kernel: Optional[int] = 5
     dw_ratio: float = 1.0
     ffn_ratio: float = 4.0
+    norm_intermediate_features: bool = False  # a BN on each stage's output for dense heads (XL downstream)
 
     def __post_init__(self):
         n = len(self.depths)
@@ -92,17 +93,21 @@ class ConvFFN(nn.Module):
 
 
 class RepLKNetStage(nn.Module):
-    """``depth`` pairs of (RepLKBlock, ConvFFN) at one width; (N, C, H, W) -> same shape."""
+    """``depth`` pairs of (RepLKBlock, ConvFFN) at one width; (N, C, H, W) -> same shape.
+
+    ``norm`` (a BN with ``norm_intermediate``, else identity) is applied only to the feature maps
+    handed to dense heads, as in the official code, not to the classification path.
+    """
 
     def __init__(self, channels: int, depth: int, kernel_size: int, small_kernel: Optional[int],
-                 drop_paths: Sequence[float], dw_ratio: float, ffn_ratio: float):
+                 drop_paths: Sequence[float], dw_ratio: float, ffn_ratio: float, norm_intermediate: bool = False):
         super().__init__()
         blocks = []
         for i in range(depth):
             blocks.append(RepLKBlock(channels, int(channels * dw_ratio), kernel_size, small_kernel, drop_paths[i]))
             blocks.append(ConvFFN(channels, int(channels * ffn_ratio), drop_paths[i]))
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.Identity()
+        self.norm = nn.BatchNorm2d(channels) if norm_intermediate else nn.Identity()
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +116,7 @@ class RepLKNetStage(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x)
+        return x
 
 
 class RepLKNet(nn.Module):
@@ -136,7 +141,7 @@ class RepLKNet(nn.Module):
         for i, depth in enumerate(cfg.depths):
             self.stages.append(RepLKNetStage(
                 cfg.channels[i], depth, cfg.kernel_sizes[i], cfg.small_kernel,
-                rates[start:start + depth], cfg.dw_ratio, cfg.ffn_ratio,
+                rates[start:start + depth], cfg.dw_ratio, cfg.ffn_ratio, cfg.norm_intermediate_features,
             ))
             start += depth
             self.feature_info.append(dict(num_chs=cfg.channels[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
@@ -163,7 +168,8 @@ class RepLKNet(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem[0](x)
+        # channels_last throughout: the fast layout of dwconv2d's CPU path and of oneDNN's 1x1 convs.
+        x = self.stem[0](x.contiguous(memory_format=torch.channels_last))
         for layer in self.stem[1:]:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
@@ -172,13 +178,14 @@ class RepLKNet(nn.Module):
         return x
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
-        """The (N, C_i, H/4/2^i, W/4/2^i) outputs of the stages in ``indices``, in that order."""
+        """The (N, C_i, H/4/2^i, W/4/2^i) outputs of the stages in ``indices`` (after each stage's
+        ``norm``), in that order."""
         wanted = sorted({i % len(self.stages) for i in indices})
         outs = {}
         x = self._stem(x)
         for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
             x = stage(x)
-            outs[i] = x
+            outs[i] = stage.norm(x)
             if i < wanted[-1]:
                 x = self.transitions[i](x)
         return [outs[i % len(self.stages)] for i in indices]
@@ -212,12 +219,20 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
 
     Official files saved after ``structural_reparam()`` hold ``large_kernel.lkb_reparam`` keys:
     the large kernels of ``model`` are then merged first (in place) so that the file fits.
+    Files without BatchNorm's ``num_batches_tracked`` counters get them as zeros.
     """
     if any(".lkb_reparam." in k for k in state_dict):
         merge_large_kernels(model)
-    if not any(".small_conv." in k for k in state_dict):
+    official = any(".small_conv." in k for k in state_dict)
+    counters = not any(k.endswith(".num_batches_tracked") for k in state_dict)
+    if not official and not counters:
         return state_dict
-    return {re.sub(r"\.small_conv\.", ".small_convs.0.", k): v for k, v in state_dict.items()}
+    state = {re.sub(r"\.small_conv\.", ".small_convs.0.", k): v for k, v in state_dict.items()}
+    if counters:  # files written without BatchNorm's step counters (unused in eval): start them at 0
+        for key, value in model.state_dict().items():
+            if key.endswith(".num_batches_tracked"):
+                state.setdefault(key, torch.zeros_like(value, device="cpu"))
+    return state
 
 
 def _create_replknet(variant: str, cfg: RepLKNetCfg, pretrained=None, **kwargs) -> RepLKNet:

@@ -98,6 +98,7 @@ class Bottleneck(nn.Module):
         out_chs = planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
+        self.deformable = dcn
         if dcn:
             self.conv2 = ModulatedDeformConv2d(
                 width, width, 3, stride=stride, padding=1, deform_groups=deform_groups, bias=False
@@ -122,10 +123,10 @@ class Bottleneck(nn.Module):
     def reparameterize(self) -> None:
         """Fold each BatchNorm into the conv before it (deformable conv included)."""
         fold_bn_into_conv(self, "conv1", "bn1")
-        if isinstance(self.conv2, nn.Conv2d):
-            fold_bn_into_conv(self, "conv2", "bn2")
-        else:
+        if self.deformable:
             _fold_bn_into_deform_conv(self, "conv2", "bn2")
+        else:
+            fold_bn_into_conv(self, "conv2", "bn2")
         fold_bn_into_conv(self, "conv3", "bn3")
         if self.downsample is not None:
             fold_bn_into_conv(self.downsample, "0", "1")
@@ -180,16 +181,17 @@ class ResNet(nn.Module):
     @torch.no_grad()
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, ModulatedDeformConv2d)):
+            if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for m in self.modules():
-            if isinstance(m, ModulatedDeformConv2d):
-                nn.init.zeros_(m.conv_offset.weight)
-                nn.init.zeros_(m.conv_offset.bias)
-            elif isinstance(m, Bottleneck) and zero_init_residual:
+            if isinstance(m, Bottleneck) and m.deformable:
+                nn.init.kaiming_normal_(m.conv2.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.conv2.conv_offset.weight)
+                nn.init.zeros_(m.conv2.conv_offset.bias)
+            if isinstance(m, Bottleneck) and zero_init_residual:
                 nn.init.zeros_(m.bn3.weight)
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -103,3 +103,52 @@ def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
         return True
     _warn_no_triton(op_name)
     return False
+
+
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
+
+
+def _autocast_on(tensors) -> Optional[str]:
+    """The device type of ``tensors`` when autocast is enabled for it, else None."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or first.device.type not in _AUTOCAST_DEVICE_TYPES:  # meta tensors have no autocast
+        return None
+    if not torch.is_autocast_enabled(first.device.type):
+        return None
+    return first.device.type
+
+
+def _cast_floats(tensors, dtype: torch.dtype) -> tuple:
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+        for t in tensors
+    )
+
+
+def autocast_to_lower(*tensors):
+    """Under autocast, cast the floating tensors to autocast's dtype, as ``F.conv2d`` does.
+
+    Custom ops are not cast by autocast themselves; conv-like operators call this first so a
+    layer whose input comes out of an autocast region in bfloat16 meets weights of that dtype.
+    Returns the tensors (None stays None), unchanged when autocast is off.
+    """
+    device_type = _autocast_on(tensors)
+    if device_type is None:
+        return tensors
+    return _cast_floats(tensors, torch.get_autocast_dtype(device_type))
+
+
+def autocast_to_widest(*tensors):
+    """Under autocast, cast the floating tensors to the widest floating dtype among them.
+
+    Sampling operators (deformable conv, RoI pooling) compute their sampling positions in the
+    widest precision given, as torchvision's autocast rule for them does (it runs them in
+    float32); the caller casts the result back to the input's dtype.
+    """
+    if _autocast_on(tensors) is None:
+        return tensors
+    widest = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            widest = t.dtype if widest is None else torch.promote_types(widest, t.dtype)
+    return tensors if widest is None else _cast_floats(tensors, widest)

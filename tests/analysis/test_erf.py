@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from convzoo.analysis.erf import (
     THRESHOLDS, contribution_map, effective_receptive_field, high_contribution_area, last_feature_map, log_scores,
+    recalibrate_batchnorm,
 )
 from convzoo.analysis.plotting import colormap, heatmap_image, panels_figure
 
@@ -208,3 +209,47 @@ def test_figure_has_one_panel_per_map():
     with pytest.raises(ValueError, match="at least one panel"):
         panels_figure([])
     assert math.isclose(float(log_scores(maps[0]).max()), 1.0)
+
+
+def test_linear_ratios_do_not_depend_on_the_gradient_scale():
+    model = ConvNet(5, depth=2).eval()
+    images = [torch.randn(2, 3, 21, 21)]
+    base = effective_receptive_field(model, images, num_images=2)
+    with torch.no_grad():
+        model.body[-2].weight.mul_(1e4)
+        model.body[-2].bias.mul_(1e4)
+    scaled = effective_receptive_field(model, images, num_images=2)
+    assert scaled.area_ratios_linear == base.area_ratios_linear
+    # the paper's log scores flatten large gradients: more of the total lies away from the centre
+    assert float(scaled.scores().mean()) > 2 * float(base.scores().mean())
+    assert all(scaled.area_ratios[t] >= base.area_ratios[t] for t in THRESHOLDS)
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, momentum=0.3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.bn(self.conv(x)))
+
+
+def test_recalibrate_batchnorm_averages_over_the_images():
+    model = BNNet()
+    images = torch.randn(10, 3, 6, 6)
+    count = recalibrate_batchnorm(model, [images[:4], images[4:7], images[7:]], num_images=9)
+    assert count == 1
+    with torch.no_grad():
+        features = model.conv(images[:9])
+    # the pieces (4 + 3 + 2 images) are gathered into one batch of 9
+    torch.testing.assert_close(model.bn.running_mean, features.mean((0, 2, 3)))
+    torch.testing.assert_close(model.bn.running_var, features.var((0, 2, 3)))
+    assert int(model.bn.num_batches_tracked) == 1
+    images_one_by_one = list(images[:9])  # single images: forwarded in batches of 8 and 1, averaged
+    recalibrate_batchnorm(model, images_one_by_one, num_images=9)
+    expected = (features[:8].mean((0, 2, 3)) + features[8:].mean((0, 2, 3))) / 2
+    torch.testing.assert_close(model.bn.running_mean, expected)
+    assert model.bn.momentum == 0.3 and not model.training and not model.bn.training
+    assert recalibrate_batchnorm(ConvNet(3), [images], num_images=4) == 0

@@ -51,7 +51,7 @@ def test_modes_run_the_model_as_documented(mode, expected):
 def test_cpu_peak_memory_sees_a_held_allocation():
     def step():
         block = torch.ones(16 * 2**20, dtype=torch.float32)  # 64 MiB, written
-        time.sleep(0.05)
+        time.sleep(0.3)  # long enough for the sampling thread to run even on a loaded machine
         del block
 
     memory, method = peak_memory(step, torch.device("cpu"))

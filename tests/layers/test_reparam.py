@@ -190,6 +190,17 @@ def test_dilated_branch_equals_naive_sparse_kernel():
     torch.testing.assert_close(naive_dwconv(x, merged, stride=2, padding=2, dilation=1), expected)
 
 
+def test_reset_parameters_restores_fresh_weights_and_statistics():
+    layer = ReparamLargeKernelConv(3, 5, small_kernels=(3,))
+    randomize_bn(layer)
+    with torch.no_grad():
+        layer.lkb_origin.conv.weight.fill_(7.0)
+    layer.reset_parameters()
+    assert layer.lkb_origin.conv.weight.abs().max() < 7.0
+    for bn in (layer.lkb_origin.bn, layer.small_convs[0].bn):
+        assert torch.equal(bn.running_var, torch.ones(3)) and torch.equal(bn.weight, torch.ones(3))
+
+
 def test_no_small_branch_and_training_gradients():
     layer = ReparamLargeKernelConv(3, 5, small_kernels=())
     assert len(layer.small_convs) == 0

@@ -1,9 +1,9 @@
 """Helpers for the per-family model tests (ResNet, MobileNet, SqueezeNet, ShuffleNet, InternImage)."""
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import convzoo
+from convzoo.analysis import count_flops
 
 
 def num_params(model: nn.Module) -> int:
@@ -16,13 +16,9 @@ def build_on_meta(name: str, **kwargs) -> nn.Module:
         return convzoo.create_model(name, **kwargs)
 
 
-def count_macs(model: nn.Module, size: int = 224) -> float:
-    """Multiply-accumulates of one (1, 3, size, size) forward, as FlopCounterMode counts them / 2."""
-    device = next(model.parameters()).device
-    x = torch.empty(1, 3, size, size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(x)
-    return counter.get_total_flops() / 2
+def count_macs(model: nn.Module, size: int = 224) -> int:
+    """Multiply-accumulates of one (1, 3, size, size) forward (FlopCounterMode's FLOPs / 2)."""
+    return count_flops(model, (1, 3, size, size)).macs
 
 
 @torch.no_grad()

@@ -27,11 +27,20 @@ def test_macs_match_paper():
     assert macs == pytest.approx(4.1e9, rel=0.01)  # paper: 3.8G FLOPs = MACs with fc/BN left out; torchvision 4.09G
 
 
+def test_dcnv2_macs_are_counted_through_the_deformable_op():
+    from convzoo.analysis import count_flops
+
+    plain, deform = count_flops(build_on_meta("resnet50")), count_flops(build_on_meta("resnet50_dcnv2"))
+    assert deform.by_op["convzoo.deform_conv2d"] > 0
+    assert plain.macs < deform.macs < 1.1 * plain.macs  # + the offset convs and the bilinear sampling
+
+
 def test_deformable_convs_are_in_conv3_to_conv5_only():
     model = build_on_meta("resnet50_dcnv2")
     deformable = sorted(n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv2d))
     assert len(deformable) == 4 + 6 + 3
     assert all(n.startswith(("layer2.", "layer3.", "layer4.")) and n.endswith(".conv2") for n in deformable)
+    assert [b.deformable for b in model.layer1] == [False] * 3
     assert model.layer2[0].conv2.conv_offset.weight.shape == (27, 128, 3, 3)
     assert model.layer2[0].conv2.bias is None
 

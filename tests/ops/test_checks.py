@@ -59,3 +59,21 @@ def test_auto_on_cuda_without_triton_warns_once(monkeypatch):
         assert _checks.use_triton("someop", "auto", FakeCuda()) is False
         assert _checks.use_triton("someop", "auto", FakeCuda()) is False
     assert len([w for w in caught if "someop" in str(w.message)]) == 1
+
+
+def test_autocast_casts_only_when_enabled():
+    x = torch.zeros(2, dtype=torch.bfloat16)
+    w = torch.zeros(2)
+    assert _checks.autocast_to_lower(x, w, None) == (x, w, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered = _checks.autocast_to_lower(x, w, None, torch.zeros(2, dtype=torch.long))
+        widened = _checks.autocast_to_widest(x, w)
+    assert [t.dtype for t in lowered[:2]] == [torch.bfloat16, torch.bfloat16]
+    assert lowered[2] is None and lowered[3].dtype == torch.long
+    assert [t.dtype for t in widened] == [torch.float32, torch.float32]
+
+
+def test_autocast_helpers_accept_meta_tensors():
+    meta = torch.empty(2, device="meta")
+    assert _checks.autocast_to_lower(meta, None) == (meta, None)
+    assert _checks.autocast_to_widest(meta) == (meta,)

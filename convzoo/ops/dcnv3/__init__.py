@@ -41,8 +41,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import check_impl, check_same, check_tensor, use_triton
-from . import reference
+from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, use_triton
+from . import cpu, reference
 
 __all__ = ["dcnv3", "dcnv3_offsets_to_torchvision", "torchvision_offsets_to_dcnv3"]
 
@@ -82,10 +82,14 @@ def _run_forward(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h,
                  group, group_channels, offset_scale, remove_center, triton_path):
     args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
             offset_scale, remove_center)
-    if triton_path and x.numel() > 0 and offset.shape[0] > 0:
+    if x.shape[0] == 0 or offset.numel() == 0:
+        return x.new_zeros((x.shape[0], offset.shape[1], offset.shape[2], group * group_channels))
+    if triton_path:
         from .triton import dcnv3_forward_triton
 
         return dcnv3_forward_triton(x, offset, mask, *args)
+    if cpu.worth_it(x, mask):
+        return cpu.dcnv3_forward(x, offset, mask, *args)
     with torch.no_grad():
         return reference.dcnv3_forward(x, offset, mask, *args)
 
@@ -112,10 +116,14 @@ def _dcnv3_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Te
                        remove_center: bool, triton_path: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
             offset_scale, remove_center)
-    if triton_path and x.numel() > 0 and offset.shape[0] > 0:
+    if x.shape[0] == 0 or offset.numel() == 0:
+        return torch.zeros_like(x), torch.zeros_like(offset), torch.zeros_like(mask)
+    if triton_path:
         from .triton import dcnv3_backward_triton
 
         return dcnv3_backward_triton(grad_out, x, offset, mask, *args)
+    if cpu.worth_it(x, mask):
+        return cpu.dcnv3_backward(grad_out, x, offset, mask, *args)
     with torch.no_grad():
         return reference.dcnv3_backward(grad_out, x, offset, mask, *args)
 
@@ -195,6 +203,8 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     check_tensor("x", x, ndim=4)
     check_tensor("offset", offset, ndim=4)
     check_tensor("mask", mask, ndim=4)
+    out_dtype = x.dtype  # under autocast the sampling runs in the widest dtype given, the output keeps x's
+    x, offset, mask = autocast_to_widest(x, offset, mask)
     check_same("offset", offset, "x", x)
     check_same("mask", mask, "x", x)
     kernel_h = _check_int("kernel_h", kernel_h, 1)
@@ -231,9 +241,12 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
             offset_scale, remove_center)
     if impl == "reference":
-        return reference.dcnv3_forward(x, offset, mask, *args)
-    triton_path = use_triton("dcnv3", impl, x, offset, mask)
-    return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *args, triton_path)
+        return reference.dcnv3_forward(x, offset, mask, *args).to(out_dtype)
+    if impl == "triton" and x.dtype == torch.float64:
+        raise TypeError("impl='triton' supports x of dtype float16, bfloat16 or float32, got float64")
+    # float64 (gradcheck) always takes the exact CPU/reference path.
+    triton_path = x.dtype != torch.float64 and use_triton("dcnv3", impl, x, offset, mask)
+    return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *args, triton_path).to(out_dtype)
 
 
 def _tv_shift(kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, offset_scale: float,

@@ -1,4 +1,5 @@
-"""DCNv3 core in plain, vectorised PyTorch: the CPU path, the test oracle and the benchmark baseline.
+"""DCNv3 core in plain, vectorised PyTorch: the test oracle, ``impl="reference"`` (autograd,
+traceable by torch.onnx/torch.jit), the path for small CPU inputs and for CUDA without Triton.
 
 Semantics are those of InternImage's CUDA kernel (``dcnv3_im2col_cuda.cuh``); see
 :func:`convzoo.ops.dcnv3` for the full definition. Everything here works on any device and
@@ -7,8 +8,8 @@ computes in float32 for float16/bfloat16 inputs (the CUDA kernel's ``opmath_t``)
 The forward is one bilinear gather over all groups, points and the four corners at once
 (``index_select`` on the rows of ``x`` viewed as ``(N*H*W*group, group_channels)``) followed by
 one batched matmul with the corner weights, which already hold the mask. The hand-written
-backward recomputes the gather and returns the three gradients with one ``index_add_`` and two
-batched matmuls.
+backward recomputes the gather and returns the three gradients with one ``index_add_`` and a
+batched matmul. The faster CPU kernels for large inputs are in ``cpu.py``.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def sampling_locations(offset: torch.Tensor, kernel_h: int, kernel_w: int, strid
     ``half_w = (dilation_w * (kernel_w - 1)) // 2`` (likewise for y); pixel ``i`` has its centre
     at coordinate ``i``.
     """
-    n, height_out, width_out, _ = offset.shape
-    off = offset.reshape(n, height_out, width_out, group, -1, 2)
+    n, height_out, width_out, offset_channels = offset.shape
+    off = offset.reshape(n, height_out, width_out, group, offset_channels // (2 * group), 2)
     grid_x, grid_y = kernel_grid(kernel_h, kernel_w, dilation_h, dilation_w, remove_center, offset.device, offset.dtype)
     half_h = (dilation_h * (kernel_h - 1)) // 2
     half_w = (dilation_w * (kernel_w - 1)) // 2

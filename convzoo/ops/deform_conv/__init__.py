@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import check_impl, check_same, check_tensor, pair, use_triton
+from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, pair, use_triton
 from . import reference
 
 __all__ = ["deform_conv2d"]
@@ -232,7 +232,8 @@ def deform_conv2d(
         bias (Tensor[out_channels], optional): added to the output.
         stride, padding, dilation (int or (int, int)): as in ``torch.nn.Conv2d``.
         mask (Tensor[batch, offset_groups * kh * kw, out_h, out_w], optional): modulation (DCNv2).
-        impl: ``"auto"`` (Triton on CUDA, the chunked CPU kernel otherwise), ``"triton"`` or
+        impl: ``"auto"`` (Triton on CUDA except for float64, the chunked plain PyTorch kernel
+            otherwise), ``"triton"`` or
             ``"reference"`` (plain autograd PyTorch, for tracing/ONNX export).
 
     Returns:
@@ -246,8 +247,14 @@ def deform_conv2d(
         torch.Size([2, 6, 6, 6])
     """
     check_impl(impl)
+    check_tensor("input", x, ndim=4)
+    # Under autocast, sample in the widest dtype given (torchvision's rule) and return x's dtype.
+    out_dtype = x.dtype
+    x, offset, weight, bias, mask = autocast_to_widest(x, offset, weight, bias, mask)
     stride, padding, dilation = _validate(x, offset, weight, bias, stride, padding, dilation, mask)
     if impl == "reference":
-        return reference.deform_conv2d_reference(x, offset, weight, bias, stride, padding, dilation, mask)
-    triton = use_triton(_OP_NAME, impl, x, offset, weight)
-    return _deform_conv2d_op(x, offset, weight, bias, mask, *stride, *padding, *dilation, triton)
+        out = reference.deform_conv2d_reference(x, offset, weight, bias, stride, padding, dilation, mask)
+        return out.to(out_dtype)
+    # The Triton kernels compute in fp32; float64 (gradcheck) runs the plain PyTorch kernels on any device.
+    triton = use_triton(_OP_NAME, impl, x, offset, weight) and not (impl == "auto" and x.dtype == torch.float64)
+    return _deform_conv2d_op(x, offset, weight, bias, mask, *stride, *padding, *dilation, triton).to(out_dtype)

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 PAD_BEFORE = 2
 PAD_AFTER = 3
 
-# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in fp32).
+# Elements of the sampled-columns matrix held at once by the chunked CPU kernels (16 MiB in
+# fp32). Larger chunks mean fewer parallel regions, which matters on a CPU shared with other
+# processes; smaller ones stay in cache better on a quiet one.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -86,7 +88,7 @@ def sampling_points(
     positions: torch.Tensor,
     offsets: torch.Tensor,
     geometry: dict,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Corner rows and fractional parts of the sampling points of some output positions.
 
     Args:
@@ -96,8 +98,7 @@ def sampling_points(
 
     Returns:
         ``top_left`` (Tensor[P, K, G], int64): row in :func:`padded_rows` of the top-left neighbour;
-        ``frac_y``, ``frac_x`` (Tensor[P, K, G]): fractional parts of the clamped coordinates;
-        ``y``, ``x`` (Tensor[P, K, G]): the clamped coordinates.
+        ``frac_y``, ``frac_x`` (Tensor[P, K, G]): fractional parts of the clamped coordinates.
     """
     g = geometry
     out_hw = g["out_h"] * g["out_w"]
@@ -128,7 +129,7 @@ def sampling_points(
     pixel = (batch_index.view(-1, 1, 1) * g["padded_h"] + padded_y) * g["padded_w"] + padded_x
     group = torch.arange(groups, device=device)
     top_left = pixel * groups + group
-    return top_left, frac_y, frac_x, y, x
+    return top_left, frac_y, frac_x
 
 
 def corner_steps(geometry: dict) -> Tuple[int, int, int, int]:
@@ -186,21 +187,21 @@ def columns_by_weight_group(columns: torch.Tensor, kernel_size: int, weight_grou
     """(P, K, C) columns -> (wg, P, K * C/wg) (a view when there is one weight group)."""
     positions, _, channels = columns.shape
     split = columns.reshape(positions, kernel_size, weight_groups, channels // weight_groups)
-    return split.permute(2, 0, 1, 3).reshape(weight_groups, positions, -1)
+    return split.permute(2, 0, 1, 3).reshape(weight_groups, positions, kernel_size * channels // weight_groups)
 
 
 def columns_from_weight_groups(grouped: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Inverse of :func:`columns_by_weight_group`: (wg, P, K * C/wg) -> (P, K, C)."""
-    weight_groups, positions, _ = grouped.shape
-    split = grouped.reshape(weight_groups, positions, kernel_size, -1)
-    return split.permute(1, 2, 0, 3).reshape(positions, kernel_size, -1)
+    weight_groups, positions, columns = grouped.shape
+    split = grouped.reshape(weight_groups, positions, kernel_size, columns // kernel_size)
+    return split.permute(1, 2, 0, 3).reshape(positions, kernel_size, weight_groups * columns // kernel_size)
 
 
 def contract(columns: torch.Tensor, weights: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """(P, K, C) columns x (wg, K*C/wg, O/wg) weight matrices -> (P, O)."""
     grouped = columns_by_weight_group(columns, kernel_size, weights.shape[0])
     out = torch.bmm(grouped, weights)  # (wg, P, O/wg)
-    return out.permute(1, 0, 2).reshape(columns.shape[0], -1)
+    return out.permute(1, 0, 2).reshape(columns.shape[0], weights.shape[0] * weights.shape[2])
 
 
 def _sample(rows: torch.Tensor, top_left: torch.Tensor, weights, steps) -> torch.Tensor:
@@ -240,7 +241,7 @@ def deform_conv2d_reference(
     rows, geometry["padded_h"], geometry["padded_w"] = padded_rows(x.to(dtype), groups)
     offsets = offsets_by_position(offset.to(dtype), kernel_size, groups)
     positions = torch.arange(n * out_h * out_w, device=x.device)
-    top_left, frac_y, frac_x, _, _ = sampling_points(positions, offsets, geometry)
+    top_left, frac_y, frac_x = sampling_points(positions, offsets, geometry)
     weights = corner_weights(frac_y, frac_x)
     if mask is not None:
         modulation = mask_by_position(mask.to(dtype), kernel_size, groups)
@@ -250,7 +251,7 @@ def deform_conv2d_reference(
     out = contract(columns, weight_matrix(weight.to(dtype), geometry["weight_groups"]), kernel_size)
     if bias is not None:
         out = out + bias.to(dtype)
-    out = out.reshape(n, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
+    out = out.reshape(n, out_h, out_w, geometry["out_channels"]).permute(0, 3, 1, 2).contiguous()
     return out.to(x.dtype)
 
 
@@ -259,49 +260,101 @@ def deform_conv2d_reference(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunks(total_positions: int, columns_per_position: int, chunk_elements: int):
-    """Yield ``(start, stop)`` ranges of output positions holding about ``chunk_elements`` columns."""
-    step = max(1, chunk_elements // max(1, columns_per_position))
-    for start in range(0, total_positions, step):
-        yield start, min(total_positions, start + step)
-
-
 class _Prepared:
-    """Inputs converted to the compute dtype and laid out for the chunked kernels."""
+    """Inputs converted to the compute dtype and laid out for the chunked kernels.
 
-    def __init__(self, x, offset, weight, mask, stride, padding, dilation):
+    Large per-chunk buffers are allocated once and reused by every chunk (fresh allocations of
+    tens of MiB per chunk cost more in page faults than the gathers themselves).
+    """
+
+    def __init__(self, x, offset, weight, mask, stride, padding, dilation, chunk_elements):
         self.dtype = compute_dtype(x.dtype)
         g = make_geometry(x.shape, weight.shape, offset.shape, stride, padding, dilation)
         self.geometry = g
         self.kernel_size, self.groups = g["kernel_size"], g["offset_groups"]
+        self.group_channels = g["in_channels"] // self.groups
         self.positions = g["batch"] * g["out_h"] * g["out_w"]
         self.rows, g["padded_h"], g["padded_w"] = padded_rows(x.to(self.dtype), self.groups)
         self.offsets = offsets_by_position(offset.to(self.dtype), self.kernel_size, self.groups)
         self.modulation = None if mask is None else mask_by_position(mask.to(self.dtype), self.kernel_size, self.groups)
         self.weights = weight_matrix(weight.to(self.dtype), g["weight_groups"])
         self.steps = corner_steps(g)
-        self.columns_per_position = self.kernel_size * g["in_channels"]
+        columns_per_position = self.kernel_size * g["in_channels"]
+        self.chunk = max(1, min(self.positions, chunk_elements // max(1, columns_per_position)))
+        self.buffers = {}
 
-    def sample(self, start: int, stop: int):
-        """Bilinear sample of positions [start, stop): (unmodulated columns (P, K, G, Cg), geometry)."""
+    def chunks(self):
+        """``(start, stop)`` ranges of output positions, ``self.chunk`` positions each."""
+        for start in range(0, self.positions, self.chunk):
+            yield start, min(self.positions, start + self.chunk)
+
+    def buffer(self, name: str, rows: int) -> torch.Tensor:
+        """A reusable (rows, Cg) buffer of the compute dtype (its first ``rows`` rows)."""
+        if name not in self.buffers:
+            self.buffers[name] = self.rows.new_empty((self.chunk * self.kernel_size * self.groups, self.group_channels))
+        return self.buffers[name][:rows]
+
+    def points(self, start: int, stop: int):
+        """Top-left rows (flat), fractional parts and modulation of positions [start, stop)."""
         positions = torch.arange(start, stop, device=self.rows.device)
-        top_left, frac_y, frac_x, _, _ = sampling_points(positions, self.offsets[start:stop], self.geometry)
-        weights = corner_weights(frac_y, frac_x)
-        flat = top_left.reshape(-1)
-        sampled = torch.empty(*top_left.shape, self.rows.shape[1], dtype=self.dtype, device=self.rows.device)
-        flat_out = sampled.view(-1, self.rows.shape[1])
-        for corner, (step, weight) in enumerate(zip(self.steps, weights)):
-            values = self.rows.index_select(0, flat + step)
-            if corner == 0:
-                torch.mul(values, weight.reshape(-1, 1), out=flat_out)
-            else:
-                flat_out.addcmul_(values, weight.reshape(-1, 1))
-        return sampled, (flat, frac_y, frac_x, weights)
+        top_left, frac_y, frac_x = sampling_points(positions, self.offsets[start:stop], self.geometry)
+        modulation = None if self.modulation is None else self.modulation[start:stop]
+        return top_left.reshape(-1), frac_y.reshape(-1, 1), frac_x.reshape(-1, 1), modulation
 
-    def modulate(self, sampled: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        if self.modulation is None:
-            return sampled
-        return sampled * self.modulation[start:stop].unsqueeze(-1)
+    def gather(self, top_left: torch.Tensor, corner: int, name: str = "gather") -> torch.Tensor:
+        """Rows of neighbour ``corner`` (0..3: tl, tr, bl, br) of every sampling point, (S, Cg),
+        written into the reusable buffer ``name``."""
+        out = self.buffer(name, top_left.shape[0])
+        return torch.index_select(self.rows, 0, top_left + self.steps[corner], out=out)
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Modulated columns of positions [start, stop) as (S, Cg), S = (stop - start) * K * G."""
+        top_left, frac_y, frac_x, modulation = self.points(start, stop)
+        weights = corner_weights(frac_y, frac_x)
+        if modulation is not None:
+            weights = tuple(w * modulation.reshape(-1, 1) for w in weights)
+        out = self.buffer("columns", top_left.shape[0])
+        for corner, weight in enumerate(weights):
+            values = self.gather(top_left, corner)
+            if corner == 0:
+                torch.mul(values, weight, out=out)
+            else:
+                out.addcmul_(values, weight)
+        return out
+
+    def weight_gradient_and_columns_gradient(self, columns, grad_chunk, grad_weights) -> torch.Tensor:
+        """Add columns^T @ grad to ``grad_weights``; return grad @ weight^T as (S, Cg).
+
+        ``columns`` (S, Cg) are the modulated columns of the chunk, ``grad_chunk`` (P, O) its
+        upstream gradient, ``grad_weights`` (wg, K*C/wg, O/wg) the accumulator.
+        """
+        count = grad_chunk.shape[0]
+        rows = count * self.kernel_size * self.groups
+        if self.weights.shape[0] == 1:
+            grad_weights[0].addmm_(columns.view(count, -1).t(), grad_chunk)
+            grad_columns = self.buffer("grad_columns", rows)
+            torch.matmul(grad_chunk, self.weights[0].t(), out=grad_columns.view(count, -1))
+            return grad_columns
+        weight_groups = self.weights.shape[0]
+        grouped_grad = grad_chunk.reshape(count, weight_groups, -1).transpose(0, 1)  # (wg, P, O/wg)
+        grouped_columns = columns_by_weight_group(columns.view(count, self.kernel_size, -1), self.kernel_size, weight_groups)
+        grad_weights.baddbmm_(grouped_columns.transpose(1, 2), grouped_grad)
+        grad_columns = columns_from_weight_groups(torch.bmm(grouped_grad, self.weights.transpose(1, 2)), self.kernel_size)
+        return grad_columns.reshape(rows, -1)
+
+    def contract(self, columns: torch.Tensor, out: torch.Tensor) -> None:
+        """out (P, O) = columns (S, Cg) contracted with the weight of every weight group."""
+        count = out.shape[0]
+        columns = columns.view(count, self.kernel_size, -1)
+        if self.weights.shape[0] == 1:
+            torch.matmul(columns.view(count, -1), self.weights[0], out=out)
+        else:
+            out.copy_(contract(columns, self.weights, self.kernel_size))
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot product of matching rows of two (S, Cg) matrices -> (S,)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def deform_conv2d_forward(
@@ -320,17 +373,15 @@ def deform_conv2d_forward(
     Same arguments and result as :func:`deform_conv2d_reference`; at most about
     ``chunk_elements`` sampled values are held at once.
     """
-    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation)
+    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation, chunk_elements)
     g = prep.geometry
     out = torch.empty(prep.positions, g["out_channels"], dtype=prep.dtype, device=x.device)
-    for start, stop in _chunks(prep.positions, prep.columns_per_position, chunk_elements):
-        sampled, _ = prep.sample(start, stop)
-        columns = prep.modulate(sampled, start, stop).view(stop - start, prep.kernel_size, -1)
-        out[start:stop] = contract(columns, prep.weights, prep.kernel_size)
+    for start, stop in prep.chunks():
+        prep.contract(prep.columns(start, stop), out[start:stop])
     if bias is not None:
         out += bias.to(prep.dtype)
-    out = out.view(g["batch"], g["out_h"], g["out_w"], -1).permute(0, 3, 1, 2)
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    out = out.view(g["batch"], g["out_h"], g["out_w"], g["out_channels"]).permute(0, 3, 1, 2)
+    return out.to(x.dtype).contiguous()
 
 
 def deform_conv2d_backward(
@@ -346,67 +397,76 @@ def deform_conv2d_backward(
 ):
     """Gradients of :func:`deform_conv2d_forward` w.r.t. x, offset, mask, weight and bias.
 
-    The columns are recomputed chunk by chunk. With ``s_c`` the dot product over channels of the
-    gradient of the (modulated) columns with neighbour ``c``'s values, the coordinate gradients are
-    ``d/dy = (1-fx)(s_bl - s_tl) + fx (s_br - s_tr)`` and ``d/dx = (1-fy)(s_tr - s_tl) + fy (s_br - s_bl)``
-    (zero wherever every neighbour reads zero, which includes clamped and non-finite points);
-    the input gradient is the scatter-add of the bilinear weights.
+    The columns are recomputed chunk by chunk from the four neighbours' gathered rows ``v_c``,
+    which are kept for the chunk. With ``G`` the columns' gradient, ``m`` the mask and
+    ``t_c = <G, v_c>`` (dot products over the channels of a group), the mask gradient is
+    ``sum_c w_c t_c`` and the coordinate gradients are ``m * sum_c (dw_c/dy) t_c`` and
+    ``m * sum_c (dw_c/dx) t_c``; they vanish wherever every neighbour reads zero, which covers
+    clamped and non-finite points. The input gradient is the scatter-add of ``m * w_c * G``.
 
     Returns:
         ``(grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)``.
     """
-    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation)
+    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation, chunk_elements)
     g = prep.geometry
     dtype, kernel_size, groups = prep.dtype, prep.kernel_size, prep.groups
-    weight_groups = g["weight_groups"]
-    group_channels = g["in_channels"] // groups
     grad_rows = torch.zeros_like(prep.rows)
-    grad_offsets = torch.empty(prep.positions, kernel_size, groups, 2, dtype=dtype, device=x.device)
-    grad_modulation = None if mask is None else torch.empty(prep.positions, kernel_size, groups, dtype=dtype, device=x.device)
+    grad_offsets = torch.empty(prep.positions * kernel_size * groups, 2, dtype=dtype, device=x.device)
+    grad_modulation = None
+    if mask is not None:
+        grad_modulation = torch.empty(prep.positions * kernel_size * groups, dtype=dtype, device=x.device)
     grad_weights = torch.zeros_like(prep.weights)
     # (P, O) upstream gradient, position-major like the forward's output.
-    grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"])
+    grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"]).contiguous()
     grad_bias = grad_positions.sum(0)
-    for start, stop in _chunks(prep.positions, prep.columns_per_position, chunk_elements):
-        count = stop - start
-        sampled, (flat, frac_y, frac_x, weights) = prep.sample(start, stop)
-        columns = prep.modulate(sampled, start, stop).view(count, kernel_size, -1)
-        grad_chunk = grad_positions[start:stop].reshape(count, weight_groups, -1).transpose(0, 1)  # (wg, P, O/wg)
-        grad_weights += torch.bmm(columns_by_weight_group(columns, kernel_size, weight_groups).transpose(1, 2), grad_chunk)
-        grad_columns = columns_from_weight_groups(torch.bmm(grad_chunk, prep.weights.transpose(1, 2)), kernel_size)
-        grad_columns = grad_columns.reshape(count, kernel_size, groups, group_channels)
-        if mask is not None:
-            grad_modulation[start:stop] = (grad_columns * sampled).sum(-1)
-            grad_columns = grad_columns * prep.modulation[start:stop].unsqueeze(-1)
-        grad_flat = grad_columns.reshape(-1, group_channels)
-        dots = []
-        for step, corner_weight in zip(prep.steps, weights):
-            index = flat + step
-            dots.append((prep.rows.index_select(0, index) * grad_flat).sum(-1).view(corner_weight.shape))
-            grad_rows.index_add_(0, index, grad_flat * corner_weight.reshape(-1, 1))
-        top_left, top_right, bottom_left, bottom_right = dots
-        grad_offsets[start:stop, ..., 0] = (1 - frac_x) * (bottom_left - top_left) + frac_x * (bottom_right - top_right)
-        grad_offsets[start:stop, ..., 1] = (1 - frac_y) * (top_right - top_left) + frac_y * (bottom_right - bottom_left)
+    for start, stop in prep.chunks():
+        top_left, frac_y, frac_x, modulation = prep.points(start, stop)
+        rows = top_left.shape[0]
+        weights = corner_weights(frac_y, frac_x)
+        modulated = weights if modulation is None else tuple(w * modulation.reshape(-1, 1) for w in weights)
+        neighbours = [prep.gather(top_left, corner, name=f"neighbour{corner}") for corner in range(4)]
+        columns = torch.mul(neighbours[0], modulated[0], out=prep.buffer("columns", rows))
+        for corner in range(1, 4):
+            columns.addcmul_(neighbours[corner], modulated[corner])
+        grad_columns = prep.weight_gradient_and_columns_gradient(columns, grad_positions[start:stop], grad_weights)
+        tl_dot, tr_dot, bl_dot, br_dot = (_row_dot(grad_columns, values).view(-1, 1) for values in neighbours)
+        point_range = slice(start * kernel_size * groups, stop * kernel_size * groups)
+        along_y = (1 - frac_x) * (bl_dot - tl_dot) + frac_x * (br_dot - tr_dot)
+        along_x = (1 - frac_y) * (tr_dot - tl_dot) + frac_y * (br_dot - bl_dot)
+        if modulation is not None:
+            dots = (tl_dot, tr_dot, bl_dot, br_dot)
+            grad_modulation[point_range] = sum(w * dot for w, dot in zip(weights, dots)).view(-1)
+            along_y = along_y * modulation.reshape(-1, 1)
+            along_x = along_x * modulation.reshape(-1, 1)
+        grad_offsets[point_range, 0] = along_y.view(-1)
+        grad_offsets[point_range, 1] = along_x.view(-1)
+        scaled = prep.buffer("columns", rows)  # the columns are no longer needed
+        for corner, corner_weight in enumerate(modulated):
+            grad_rows.index_add_(0, top_left + prep.steps[corner], torch.mul(grad_columns, corner_weight, out=scaled))
+    grad_offsets = grad_offsets.view(prep.positions, kernel_size, groups, 2)
+    if grad_modulation is not None:
+        grad_modulation = grad_modulation.view(prep.positions, kernel_size, groups)
     return _backward_outputs(x, offset, weight, mask, prep, grad_rows, grad_offsets, grad_modulation, grad_weights, grad_bias)
 
 
 def _backward_outputs(x, offset, weight, mask, prep, grad_rows, grad_offsets, grad_modulation, grad_weights, grad_bias):
-    """Lay the gradients of the chunked backward out like the inputs they belong to."""
+    """Lay the gradients of the chunked backward out like the inputs they belong to (contiguous,
+    as the backward op's fake kernel promises)."""
     g = prep.geometry
     n, c, h, w = x.shape
     kernel_size, groups = prep.kernel_size, prep.groups
     padded = grad_rows.view(n, g["padded_h"], g["padded_w"], c).permute(0, 3, 1, 2)
     grad_x = padded[:, :, PAD_BEFORE : PAD_BEFORE + h, PAD_BEFORE : PAD_BEFORE + w]
-    grad_x = grad_x.to(x.dtype, memory_format=torch.contiguous_format)
+    grad_x = grad_x.to(x.dtype).contiguous()
     out_hw = g["out_h"] * g["out_w"]
     grad_offset = grad_offsets.view(n, out_hw, kernel_size, groups, 2).permute(0, 3, 2, 4, 1)
-    grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
+    grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype).contiguous()
     grad_mask = None
     if mask is not None:
         grad_mask = grad_modulation.view(n, out_hw, kernel_size, groups).permute(0, 3, 2, 1)
-        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
+        grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype).contiguous()
     wg = g["weight_groups"]
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
     grad_weight = grad_weights.view(wg, kernel_size, group_channels, out_channels // wg).permute(0, 3, 2, 1)
-    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype)
+    grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype).contiguous()
     return grad_x, grad_offset, grad_mask, grad_weight, grad_bias.to(weight.dtype)

@@ -18,7 +18,7 @@ There is no Triton kernel for these operators; ``impl="triton"`` is refused with
 Gradients flow to ``input``, ``offset`` and ``mask``; never to the boxes.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -136,8 +136,11 @@ def _roi_align_op(
     input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
     with torch.no_grad():
-        out = reference.roi_align(_upcast(input), rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned)
-    return out.to(input.dtype)
+        out = reference.roi_align(
+            _upcast(input), rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned,
+            pool=reference.bilinear_pool_fast,
+        )
+    return out.to(input.dtype).contiguous()
 
 
 @_roi_align_op.register_fake
@@ -156,7 +159,7 @@ def _roi_align_backward_op(
         rois.to(work.dtype), height, width, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned
     )
     grad_input, _, _ = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], input.shape[1], -1), work, batch_index,
+        _upcast(grad).reshape(rois.shape[0], input.shape[1], pooled_h * pooled_w), work, batch_index,
         _single_group(y.shape[2], input.device), 1, y, x, weight, need_input_grad=True, need_point_grad=False,
     )
     return grad_input.to(input.dtype).contiguous()
@@ -192,9 +195,10 @@ def _deform_roi_pool_op(
 ) -> Tensor:
     with torch.no_grad():
         out = reference.deform_roi_pool(
-            _upcast(input), rois, _upcast(offset), (pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma
+            _upcast(input), rois, _upcast(offset), (pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma,
+            pool=reference.bilinear_pool_fast,
         )
-    return out.to(input.dtype)
+    return out.to(input.dtype).contiguous()
 
 
 @_deform_roi_pool_op.register_fake
@@ -216,7 +220,7 @@ def _deform_roi_pool_backward_op(
     )
     need_offset_grad = need_offset_grad and offset is not None
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], input.shape[1], -1), work, batch_index,
+        _upcast(grad).reshape(rois.shape[0], input.shape[1], pooled_h * pooled_w), work, batch_index,
         _single_group(y.shape[2], input.device), 1, y, x, weight, need_input_grad, need_offset_grad,
     )
     if need_offset_grad:
@@ -224,7 +228,7 @@ def _deform_roi_pool_backward_op(
         roi_w = (work_rois[:, 3] * spatial_scale - 0.5) - (work_rois[:, 1] * spatial_scale - 0.5)
         roi_h = (work_rois[:, 4] * spatial_scale - 0.5) - (work_rois[:, 2] * spatial_scale - 0.5)
         grad_offset = torch.stack(
-            [grad_x.sum(-1).squeeze(1) * (gamma * roi_w).view(-1, 1), grad_y.sum(-1).squeeze(1) * (gamma * roi_h).view(-1, 1)],
+            [grad_x.squeeze(1) * (gamma * roi_w).view(-1, 1), grad_y.squeeze(1) * (gamma * roi_h).view(-1, 1)],
             dim=1,
         ).reshape(offset.shape).to(offset.dtype)
     else:
@@ -317,9 +321,9 @@ def _deform_ps_roi_pool_op(
     with torch.no_grad():
         out = reference.deform_ps_roi_pool(
             _upcast(input), rois, _upcast(offset), output_dim, group_size, pooled_size, part_size, sample_per_part,
-            trans_std, spatial_scale,
+            trans_std, spatial_scale, pool=reference.bilinear_pool_fast,
         )
-    return out.to(input.dtype)
+    return out.to(input.dtype).contiguous()
 
 
 @_deform_ps_roi_pool_op.register_fake
@@ -343,7 +347,7 @@ def _deform_ps_roi_pool_backward_op(
     bin_group = reference.dcn_bin_groups(pooled_size, group_size, work.dtype, input.device)
     need_offset_grad = need_offset_grad and offset is not None
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], output_dim, -1), work, batch_index, bin_group, group_size * group_size,
+        _upcast(grad).reshape(rois.shape[0], output_dim, pooled_size * pooled_size), work, batch_index, bin_group, group_size * group_size,
         y, x, weight, need_input_grad, need_offset_grad,
     )
     if need_offset_grad:
@@ -356,7 +360,7 @@ def _deform_ps_roi_pool_backward_op(
 
 
 def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size, trans_std, spatial_scale):
-    """Chain the point gradients (K, Q, P, S) to ``offset`` (K, 2Q, part, part): each bin's
+    """Chain the per-bin point gradients (K, Q, P) to ``offset`` (K, 2Q, part, part): each bin's
     samples move by ``trans_std * roi size * offset[part cell of the bin]``."""
     start_w = reference.round_half_away(rois[:, 1]) * spatial_scale - 0.5
     start_h = reference.round_half_away(rois[:, 2]) * spatial_scale - 0.5
@@ -367,7 +371,7 @@ def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size,
     part = torch.floor(bins / pooled_size * part_size).long().clamp(0, part_size - 1)
     cell = (part.view(-1, 1) * part_size + part.view(1, -1)).reshape(-1)  # part cell of each bin
     per_bin = torch.stack(
-        [grad_x.sum(-1) * (trans_std * roi_w).view(-1, 1, 1), grad_y.sum(-1) * (trans_std * roi_h).view(-1, 1, 1)],
+        [grad_x * (trans_std * roi_w).view(-1, 1, 1), grad_y * (trans_std * roi_h).view(-1, 1, 1)],
         dim=2,
     )  # (K, Q, 2, P)
     grad_offset = per_bin.new_zeros(k, coord_sets, 2, part_size * part_size)

@@ -10,15 +10,20 @@ is written in two steps:
    at those points (a gather of the four neighbours of each point, O(samples) tensor ops,
    never a loop over RoIs or bins).
 
-:func:`bilinear_pool` is differentiable by autograd (``impl="reference"``); the custom op
-in ``__init__.py`` uses :func:`bilinear_pool_backward`, a hand-written backward that keeps
-no per-sample tensors alive, together with autograd on step 1 for the offset gradients.
+:func:`bilinear_pool` is differentiable by autograd (``impl="reference"``). The custom ops
+in ``__init__.py`` use :func:`bilinear_pool_fast` and :func:`bilinear_pool_backward`: the
+same sum as one sparse (bins x feature pixels) matrix with four entries per sample times
+the feature rows, its transpose for the input gradient, and ``<grad, d value / d point>``
+per bin for the point gradients (all samples of a bin move together), which the caller chains to the offsets analytically
+(small problems take plain gathers instead: a sparse product costs ~25 ms to set up).
+``ps_roi_pool`` sums integer bins through a summed-area table.
 
 Coordinates live in the feature map's pixel-index frame (pixel ``i`` has centre ``i``).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,6 +31,7 @@ from torch import Tensor
 __all__ = [
     "round_half_away",
     "bilinear_pool",
+    "bilinear_pool_fast",
     "bilinear_pool_backward",
     "roi_align_samples",
     "deform_roi_pool_samples",
@@ -34,6 +40,7 @@ __all__ = [
     "deform_roi_pool",
     "modulated_deform_roi_pool",
     "ps_roi_pool",
+    "ps_roi_pool_backward",
     "deform_ps_roi_pool",
 ]
 
@@ -148,6 +155,61 @@ def bilinear_pool(
         w_s = weight[..., s].reshape(-1)
         for offset, corner_weight in zip(offsets, weights):
             out.addcmul_(rows.index_select(0, base + offset), (corner_weight * w_s).unsqueeze(1))
+    if samples == 0 and rows.requires_grad:
+        out = out + rows.narrow(0, 0, 0).sum()  # keep the (all-zero) result in the graph
+    return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
+
+
+# The custom op's kernels: the same sum written as a sparse (RoI bins x feature pixels)
+# matrix with four entries per sample, multiplied with the feature rows in one go.
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _sample_entries(
+    batch_index: Tensor, bin_group: Tensor, groups: int, height: int, width: int,
+    y: Tensor, x: Tensor, weight: Tensor,
+):
+    """Columns (R, S, 4) of the four neighbours of every sample, their bilinear weights
+    (R, S, 4), the sample weights (R, S) (0 for non-finite points) and the fractional parts."""
+    k, coord_sets, bins, samples = y.shape
+    base = _row_base(batch_index, bin_group, coord_sets, groups, height * width).reshape(-1, 1, 1)
+    y, x, weight = _finite_points(y, x, weight)
+    offsets, weights, frac = _corners(y.reshape(-1, samples), x.reshape(-1, samples), height, width)
+    columns = torch.stack(offsets, dim=-1) + base
+    return columns, torch.stack(weights, dim=-1), weight.reshape(-1, samples), frac
+
+
+# Below this many multiply-adds the gathers win: a sparse product costs ~25 ms to set up.
+SPARSE_MIN_WORK = 1 << 22
+
+
+def _row_major(count: int, per_row: int, device) -> Tensor:
+    return torch.arange(0, count * per_row + 1, per_row, device=device)
+
+
+def bilinear_pool_fast(
+    input: Tensor, batch_index: Tensor, bin_group: Tensor, groups: int, y: Tensor, x: Tensor, weight: Tensor
+) -> Tensor:
+    """:func:`bilinear_pool` as one sparse-dense matrix product (no autograd)."""
+    k, coord_sets, bins, samples = y.shape
+    n, channels, height, width = input.shape
+    rows = _feature_rows(input, coord_sets, groups)
+    per_group = rows.shape[1]
+    out_rows = k * coord_sets * bins
+    if out_rows * samples * 4 * per_group < SPARSE_MIN_WORK:
+        return bilinear_pool(input, batch_index, bin_group, groups, y, x, weight)
+    if rows.shape[0] == 0:
+        out = rows.new_zeros(out_rows, per_group)
+    else:
+        columns, corner_w, sample_w, _ = _sample_entries(
+            batch_index, bin_group, groups, height, width, y, x, weight
+        )
+        values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
+        matrix = _csr(_row_major(out_rows, samples * 4, y.device), columns.reshape(-1), values, (out_rows, rows.shape[0]))
+        out = matrix @ rows
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
 
 
@@ -166,38 +228,76 @@ def bilinear_pool_backward(
     """Gradients of :func:`bilinear_pool` with respect to ``input``, ``y`` and ``x``.
 
     ``grad_out`` is (K, Q*Cq, P). Returns ``(grad_input, grad_y, grad_x)`` (``None`` where not
-    asked for). The point gradients follow the clamp: zero for a coordinate clamped to the
-    border, zero for non-finite points.
+    asked for). The input gradient is the transposed sparse matrix times ``grad_out``. The
+    point gradients are summed over the samples of each bin, (K, Q, P) -- every caller
+    moves all samples of a bin together -- as ``<grad_out, sum_samples d(bilinear)/dy>``.
+    They follow the clamp: zero for a coordinate outside the map and for non-finite points.
     """
     k, coord_sets, bins, samples = y.shape
     n, channels, height, width = input.shape
     rows = _feature_rows(input, coord_sets, groups)
     per_group = rows.shape[1]
-    base = _row_base(batch_index, bin_group, coord_sets, groups, height * width).reshape(-1)
-    finite = torch.isfinite(y) & torch.isfinite(x)
-    y_clean, x_clean, weight = _finite_points(y, x, weight)
-    g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(-1, per_group)
-    grad_rows = torch.zeros_like(rows) if need_input_grad else None
-    grad_y = torch.zeros_like(y) if need_point_grad else None
-    grad_x = torch.zeros_like(x) if need_point_grad else None
-    for s in range(samples):
-        y_s = y_clean[..., s].reshape(-1)
-        x_s = x_clean[..., s].reshape(-1)
-        offsets, weights, (ly, lx, hy, hx) = _corners(y_s, x_s, height, width)
-        w_s = weight[..., s].reshape(-1)
-        if need_input_grad:
-            for offset, corner_weight in zip(offsets, weights):
-                grad_rows.index_add_(0, base + offset, g_rows * (corner_weight * w_s).unsqueeze(1))
-        if need_point_grad:
-            dots = [(rows.index_select(0, base + offset) * g_rows).sum(1) for offset in offsets]
-            d_y = (dots[2] - dots[0]) * hx + (dots[3] - dots[1]) * lx
-            d_x = (dots[1] - dots[0]) * hy + (dots[3] - dots[2]) * ly
-            inside_y = (y_s >= 0) & (y_s <= height - 1) & finite[..., s].reshape(-1)
-            inside_x = (x_s >= 0) & (x_s <= width - 1) & finite[..., s].reshape(-1)
-            grad_y[..., s] = torch.where(inside_y, d_y * w_s, 0).reshape(grad_y.shape[:-1])
-            grad_x[..., s] = torch.where(inside_x, d_x * w_s, 0).reshape(grad_x.shape[:-1])
-    grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups) if need_input_grad else None
+    out_rows = k * coord_sets * bins
+    grad_input = torch.zeros_like(input) if need_input_grad else None
+    grad_y = y.new_zeros(y.shape[:-1]) if need_point_grad else None
+    grad_x = x.new_zeros(x.shape[:-1]) if need_point_grad else None
+    if out_rows == 0 or samples == 0 or rows.shape[0] == 0:
+        return grad_input, grad_y, grad_x
+    g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(out_rows, per_group)
+    columns, corner_w, sample_w, (ly, lx, hy, hx) = _sample_entries(
+        batch_index, bin_group, groups, height, width, y, x, weight
+    )
+    sparse = out_rows * samples * 4 * per_group >= SPARSE_MIN_WORK
+    if need_input_grad and not sparse:
+        values = (corner_w * sample_w.unsqueeze(-1)).unsqueeze(-1)  # (R, S, 4, 1)
+        spread = (values * g_rows.view(out_rows, 1, 1, per_group)).reshape(-1, per_group)
+        grad_rows = torch.zeros_like(rows).index_add_(0, columns.reshape(-1), spread)
+        grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups)
+    elif need_input_grad:
+        flat_columns = columns.reshape(-1)
+        order = torch.argsort(flat_columns)
+        crow = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=y.device)
+        crow[1:] = torch.bincount(flat_columns, minlength=rows.shape[0]).cumsum(0)
+        source_row = torch.arange(out_rows, device=y.device).repeat_interleave(samples * 4)
+        values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
+        transposed = _csr(crow, source_row[order], values[order], (rows.shape[0], out_rows))
+        grad_input = _rows_to_input(transposed @ g_rows, input.shape, coord_sets, groups)
+    if need_point_grad:
+        finite = torch.isfinite(y) & torch.isfinite(x)
+        y_raw = torch.where(finite, y, -1.0).reshape(out_rows, samples)
+        x_raw = torch.where(finite, x, -1.0).reshape(out_rows, samples)
+        # the clamp passes no gradient for a coordinate outside the map
+        w_y = torch.where((y_raw >= 0) & (y_raw <= height - 1), sample_w, 0).unsqueeze(-1)
+        w_x = torch.where((x_raw >= 0) & (x_raw <= width - 1), sample_w, 0).unsqueeze(-1)
+        # d(weights)/dy and d(weights)/dx of the four corners (low-low, low-high, high-low, high-high)
+        d_dy = torch.stack([-hx, -lx, hx, lx], dim=-1) * w_y
+        d_dx = torch.stack([-hy, hy, -ly, ly], dim=-1) * w_x
+        bin_slopes = _bin_slopes_sparse if sparse else _bin_slopes_gather
+        slopes = bin_slopes(rows, columns, torch.stack([d_dy, d_dx]))  # (2, R, Cq)
+        point = (slopes * g_rows).sum(-1)  # (2, R)
+        grad_y = point[0].reshape(k, coord_sets, bins)
+        grad_x = point[1].reshape(k, coord_sets, bins)
     return grad_input, grad_y, grad_x
+
+
+def _bin_slopes_gather(rows: Tensor, columns: Tensor, slopes: Tensor) -> Tensor:
+    """``sum_{sample, corner} slope * feature`` per bin by gathering the neighbours.
+
+    ``columns`` (R, S, 4), ``slopes`` (2, R, S, 4) -> (2, R, Cq)."""
+    out_rows, samples, _ = columns.shape
+    neighbours = rows[columns.reshape(-1)].view(out_rows, samples * 4, -1)
+    per_bin = slopes.reshape(2, out_rows, samples * 4).permute(1, 0, 2)  # (R, 2, S*4)
+    return torch.bmm(per_bin, neighbours).permute(1, 0, 2)
+
+
+def _bin_slopes_sparse(rows: Tensor, columns: Tensor, slopes: Tensor) -> Tensor:
+    """Same as :func:`_bin_slopes_gather` as one sparse product: (2, R, Cq)."""
+    out_rows, samples, _ = columns.shape
+    count = 2 * out_rows
+    cols = columns.reshape(1, out_rows, samples * 4).expand(2, -1, -1)
+    matrix = _csr(_row_major(count, samples * 4, rows.device), cols.reshape(-1), slopes.reshape(-1),
+                  (count, rows.shape[0]))
+    return (matrix @ rows).view(2, out_rows, -1)
 
 
 # --------------------------------------------------------------------------------------
@@ -365,8 +465,8 @@ def deform_ps_roi_pool_samples(
     coord_sets = origin_h.shape[1]
 
     steps = torch.arange(sample_per_part, dtype=dtype, device=device)
-    y = origin_h.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_h.view(-1, 1)).view(k, 1, 1, 1, -1, 1)
-    x = origin_w.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_w.view(-1, 1)).view(k, 1, 1, 1, 1, -1)
+    y = origin_h.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_h.view(-1, 1)).view(k, 1, 1, 1, sample_per_part, 1)
+    x = origin_w.unsqueeze(-1).unsqueeze(-1) + (steps.view(1, -1) * sub_w.view(-1, 1)).view(k, 1, 1, 1, 1, sample_per_part)
     y, x = torch.broadcast_tensors(y, x)
     shape = (k, coord_sets, pooled_size * pooled_size, sample_per_part * sample_per_part)
     y = y.reshape(shape)
@@ -390,20 +490,21 @@ def _single_group(device) -> Tensor:
 
 def roi_align(
     input: Tensor, rois: Tensor, output_size: Tuple[int, int], spatial_scale: float = 1.0,
-    sampling_ratio: int = -1, aligned: bool = False,
+    sampling_ratio: int = -1, aligned: bool = False, pool=bilinear_pool,
 ) -> Tensor:
-    """torchvision's ``roi_align`` on ``rois`` (K, 5): (K, C, ph, pw)."""
+    """torchvision's ``roi_align`` on ``rois`` (K, 5): (K, C, ph, pw). ``pool`` is
+    :func:`bilinear_pool` (autograd) or :func:`bilinear_pool_fast` (the custom op's kernel)."""
     height, width = input.shape[-2:]
     batch_index, y, x, weight = roi_align_samples(
         rois.to(input.dtype), height, width, output_size, spatial_scale, sampling_ratio, aligned
     )
     bin_group = _single_group(input.device).expand(y.shape[2])
-    return _pool_to_output(bilinear_pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
+    return _pool_to_output(pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
 
 
 def deform_roi_pool(
     input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: Tuple[int, int],
-    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
+    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1, pool=bilinear_pool,
 ) -> Tensor:
     """mmcv's ``deform_roi_pool`` on ``rois`` (K, 5) and ``offset`` (K, 2, ph, pw) or None."""
     height, width = input.shape[-2:]
@@ -411,7 +512,7 @@ def deform_roi_pool(
         rois.to(input.dtype), height, width, output_size, spatial_scale, sampling_ratio, offset, gamma
     )
     bin_group = _single_group(input.device).expand(y.shape[2])
-    return _pool_to_output(bilinear_pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
+    return _pool_to_output(pool(input, batch_index, bin_group, 1, y, x, weight), output_size)
 
 
 def modulated_deform_roi_pool(
@@ -426,6 +527,7 @@ def modulated_deform_roi_pool(
 def deform_ps_roi_pool(
     input: Tensor, rois: Tensor, offset: Optional[Tensor], output_dim: int, group_size: int,
     pooled_size: int, part_size: int, sample_per_part: int, trans_std: float, spatial_scale: float,
+    pool=bilinear_pool,
 ) -> Tensor:
     """Deformable PS RoI pooling (``offset`` None = no_trans): (K, output_dim, pooled, pooled)."""
     height, width = input.shape[-2:]
@@ -433,7 +535,7 @@ def deform_ps_roi_pool(
         rois.to(input.dtype), height, width, offset, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
     )
     bin_group = dcn_bin_groups(pooled_size, group_size, input.dtype, input.device)
-    pooled = bilinear_pool(input, batch_index, bin_group, group_size * group_size, y, x, weight)
+    pooled = pool(input, batch_index, bin_group, group_size * group_size, y, x, weight)
     return _pool_to_output(pooled, (pooled_size, pooled_size))
 
 
@@ -488,7 +590,7 @@ def ps_roi_pool(input: Tensor, rois: Tensor, output_size: Tuple[int, int], spati
 
     total = at(h1, w1) - at(h0, w1) - at(h1, w0) + at(h0, w0)
     empty = ((h1 <= h0) | (w1 <= w0)).unsqueeze(1)
-    area = torch.where(empty, 1, (h1 - h0) * (w1 - w0)).to(total.dtype)
+    area = torch.where(empty, 1, ((h1 - h0) * (w1 - w0)).unsqueeze(1)).to(total.dtype)
     return torch.where(empty, 0, total / area).to(input.dtype)
 
 
@@ -503,7 +605,7 @@ def ps_roi_pool_backward(
     batch_index, h0, h1, w0, w1 = ps_roi_pool_bins(rois.to(grad_out.dtype), height, width, output_size, spatial_scale)
     acc = _accumulation_dtype(grad_out.dtype)
     empty = ((h1 <= h0) | (w1 <= w0)).unsqueeze(1)
-    area = torch.where(empty, 1, (h1 - h0) * (w1 - w0)).to(acc)
+    area = torch.where(empty, 1, ((h1 - h0) * (w1 - w0)).unsqueeze(1)).to(acc)
     share = torch.where(empty, 0, grad_out.to(acc) / area)  # (K, Cout, ph, pw)
     bins = torch.arange(pooled_h * pooled_w, device=grad_out.device).view(1, 1, pooled_h, pooled_w)
     c_in = torch.arange(channels_out, device=grad_out.device).view(1, -1, 1, 1) * (pooled_h * pooled_w) + bins

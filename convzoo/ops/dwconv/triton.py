@@ -1,0 +1,259 @@
+"""Triton kernels for ``dwconv2d`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
+
+Three kernels, all direct (no im2col), accumulating in fp32 (fp64 for fp64 inputs), reading
+and writing tensors through their strides so NCHW, channels_last and strided views work
+without copies:
+
+* forward: one program = (a tile of ``BLOCK_P`` output pixels) x (``BLOCK_C`` output channels)
+  of one image; it loops over the kernel rows and columns and reads the input tile plus its halo
+  (served from L1/L2 after the first tap).  The channel block is wide for channels_last tensors
+  (contiguous channels give coalesced loads) and 1 for NCHW (contiguous pixels).
+* grad-input: the same tiling over *input* pixels; each tap gathers the output gradient at
+  ``(h + top - i*dh) / sh`` when that is a whole in-range row (a conv of the output gradient
+  with the flipped kernel at stride 1, the transposed conv in general), summing the ``m``
+  output channels of each input channel.
+* grad-weight: one program = (``BLOCK_C`` channels, one kernel row ``i``, one slice of the
+  ``N * Ho`` output rows).  For each output row it loads the gradient row once and correlates it
+  with the ``kw`` shifted input rows, keeping the ``[BLOCK_C, BLOCK_KW]`` partial sums in
+  registers.  Each program writes its own partial sums; the slices are then summed by one
+  ``torch.sum`` (no atomics, deterministic).
+
+Autotuning keys hold the layer's channels, spatial sizes and kernel, never the batch size, and
+the batch-dependent integers are not specialised, so a new batch size reuses the compiled
+kernels.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .cpu import output_memory_format
+from .reference import output_shape
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_name: str, sizes, warps):
+    """Autotuning configs; a single small one under the interpreter (where timing is pointless)."""
+    if INTERPRETED:
+        return [triton.Config({block_name: 16}, num_warps=1)]
+    return [triton.Config({block_name: size}, num_warps=w) for size in sizes for w in warps]
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.autotune(configs=_configs("BLOCK_P", (64, 128, 256), (2, 4, 8)),
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
+@triton.jit(do_not_specialize=["N"])
+def _forward_kernel(
+    # x (N, C, H, W), w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C_out, H, W, Ho, Wo, MULT,
+    sxn, sxc, sxh, sxw,                  # x strides
+    syn, syc, syh, syw,                  # y strides
+    KH, KW, SH, SW, PT, PL, DH, DW,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < Ho * Wo
+    mask_c = offs_c < C_out
+    oh = offs_p // Wo
+    ow = offs_p % Wo
+    x_base = x_ptr + n * sxn + (offs_c // MULT)[:, None] * sxc
+    w_base = w_ptr + offs_c * (KH * KW)
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for i in range(KH):
+        ih = oh * SH + i * DH - PT
+        row_ok = mask_p & (ih >= 0) & (ih < H)
+        for j in range(KW):
+            iw = ow * SW + j * DW - PL
+            ok = row_ok & (iw >= 0) & (iw < W)
+            xv = tl.load(x_base + (ih * sxh + iw * sxw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
+            wv = tl.load(w_base + (i * KW + j), mask=mask_c, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)[:, None]
+    y_off = n * syn + offs_c[:, None] * syc + (oh * syh + ow * syw)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.autotune(configs=_configs("BLOCK_P", (64, 128, 256), (2, 4, 8)),
+                 key=["C", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
+@triton.jit(do_not_specialize=["N"])
+def _grad_input_kernel(
+    go_ptr, w_ptr, gx_ptr,               # go (N, C*MULT, Ho, Wo), w (C*MULT, 1, KH, KW) contiguous, gx (N, C, H, W)
+    N, C, H, W, Ho, Wo, MULT,
+    sgn, sgc, sgh, sgw,                  # go strides
+    sxn, sxc, sxh, sxw,                  # gx strides
+    KH, KW, SH, SW, PT, PL, DH, DW,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < H * W
+    mask_c = offs_c < C
+    h = offs_p // W
+    w = offs_p % W
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for k in range(MULT):
+        c_out = offs_c * MULT + k
+        go_base = go_ptr + n * sgn + c_out[:, None] * sgc
+        w_base = w_ptr + c_out * (KH * KW)
+        for i in range(KH):
+            th = h + PT - i * DH                      # = oh * SH when this tap reaches h
+            oh = th // SH
+            row_ok = mask_p & (th >= 0) & (oh * SH == th) & (oh < Ho)
+            for j in range(KW):
+                tw = w + PL - j * DW
+                ow = tw // SW
+                ok = row_ok & (tw >= 0) & (ow * SW == tw) & (ow < Wo)
+                gv = tl.load(go_base + (oh * sgh + ow * sgw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
+                wv = tl.load(w_base + (i * KW + j), mask=mask_c, other=0.0)
+                acc += gv.to(ACC) * wv.to(ACC)[:, None]
+    gx_off = n * sxn + offs_c[:, None] * sxc + (h * sxh + w * sxw)[None, :]
+    tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.autotune(configs=_configs("BLOCK_W", (32, 64), (2, 4)),
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
+@triton.jit(do_not_specialize=["N", "ROWS_PER_SLICE"])
+def _grad_weight_kernel(
+    # go (N, C_out, Ho, Wo), x (N, C, H, W), part (SLICES, C_out, KH, BLOCK_KW) in the accumulator dtype
+    go_ptr, x_ptr, part_ptr,
+    N, C_out, H, W, Ho, Wo, MULT, ROWS_PER_SLICE,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    KH, KW, SH, SW, PT, PL, DH, DW,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    i = tl.program_id(1)                 # kernel row
+    pid_s = tl.program_id(2)             # slice of the N * Ho output rows
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C_out
+    offs_j = tl.arange(0, BLOCK_KW)
+    acc = tl.zeros([BLOCK_C, BLOCK_KW], dtype=ACC)
+    row_start = pid_s * ROWS_PER_SLICE
+    for r in range(row_start, tl.minimum(row_start + ROWS_PER_SLICE, N * Ho)):
+        n = (r // Ho).to(tl.int64)
+        oh = r % Ho
+        ih = oh * SH + i * DH - PT
+        if (ih >= 0) & (ih < H):
+            go_row = go_ptr + n * sgn + offs_c[:, None] * sgc + oh * sgh
+            x_row = x_ptr + n * sxn + (offs_c // MULT)[:, None] * sxc + ih * sxh
+            for w0 in range(0, Wo, BLOCK_W):
+                ow = w0 + tl.arange(0, BLOCK_W)
+                mask_w = ow < Wo
+                gv = tl.load(go_row + (ow * sgw)[None, :], mask=mask_c[:, None] & mask_w[None, :], other=0.0).to(ACC)
+                for j in range(KW):
+                    iw = ow * SW + j * DW - PL
+                    ok = mask_w & (iw >= 0) & (iw < W)
+                    xv = tl.load(x_row + (iw * sxw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
+                    tap = tl.sum(gv * xv.to(ACC), axis=1)
+                    acc += tl.where(offs_j[None, :] == j, tap[:, None], 0.0)
+    part_off = ((pid_s * C_out + offs_c[:, None]) * KH + i) * BLOCK_KW + offs_j[None, :]
+    tl.store(part_ptr + part_off, acc, mask=mask_c[:, None] & (offs_j[None, :] < KW))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block_c(t: torch.Tensor, channels: int) -> int:
+    """Channels per program: wide when channels are contiguous in memory, else 1."""
+    if t.stride(1) == 1 and channels > 1:
+        return 16 if INTERPRETED else min(32, triton.next_power_of_2(channels))
+    return 1
+
+
+def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] in ``x``'s memory format."""
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if out.numel() == 0:
+        return out
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else w
+    block_c = _block_c(x, c_out)
+
+    def grid(meta):
+        return triton.cdiv(shape[2] * shape[3], meta["BLOCK_P"]), triton.cdiv(c_out, block_c), n
+
+    _forward_kernel[grid](
+        x, w, b, out, n, c_out, height, width, shape[2], shape[3], c_out // channels,
+        *x.stride(), *out.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        HAS_BIAS=bias is not None, ACC=_acc_dtype(x.dtype), BLOCK_C=block_c)
+    return out
+
+
+def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int], output_mask: Sequence[bool]
+                      ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients (x, weight, bias); entries not in ``output_mask`` are None."""
+    grad_x = _grad_input(grad_out, x, weight, stride, padding, dilation) if output_mask[0] else None
+    grad_weight = _grad_weight(grad_out, x, weight, stride, padding, dilation) if output_mask[1] else None
+    grad_bias = grad_out.sum((0, 2, 3)) if output_mask[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if grad_x.numel() == 0:
+        return grad_x
+    block_c = _block_c(grad_out, channels)
+
+    def grid(meta):
+        return triton.cdiv(height * width, meta["BLOCK_P"]), triton.cdiv(channels, block_c), n
+
+    _grad_input_kernel[grid](
+        grad_out, weight.contiguous(), grad_x, n, channels, height, width, grad_out.shape[2], grad_out.shape[3],
+        c_out // channels, *grad_out.stride(), *grad_x.stride(), kh, kw, stride[0], stride[1], padding[0],
+        padding[2], dilation[0], dilation[1], ACC=_acc_dtype(x.dtype), BLOCK_C=block_c)
+    return grad_x
+
+
+def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    out_h, out_w = grad_out.shape[2:]
+    rows = n * out_h
+    if rows == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    block_c = _block_c(grad_out, c_out) if grad_out.stride(1) == 1 else min(4, triton.next_power_of_2(c_out))
+    block_kw = triton.next_power_of_2(kw)
+    c_blocks = triton.cdiv(c_out, block_c)
+    slices = _grad_weight_slices(rows, c_blocks * kh, x.device)
+    rows_per_slice = triton.cdiv(rows, slices)
+    slices = triton.cdiv(rows, rows_per_slice)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = torch.empty((slices, c_out, kh, block_kw), dtype=acc_dtype, device=x.device)
+    _grad_weight_kernel[(c_blocks, kh, slices)](
+        grad_out, x, partial, n, c_out, height, width, out_h, out_w, c_out // channels, rows_per_slice,
+        *grad_out.stride(), *x.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0],
+        dilation[1], ACC=_acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_KW=block_kw)
+    return partial[..., :kw].sum(0).unsqueeze(1).to(weight.dtype)
+
+
+def _grad_weight_slices(rows: int, programs_per_slice: int, device: torch.device) -> int:
+    """How many slices of the output rows: enough programs to fill the GPU a few times over."""
+    if device.type != "cuda":
+        return min(rows, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(rows, triton.cdiv(4 * sms, programs_per_slice)))

@@ -1,0 +1,264 @@
+"""Checks every registered model must pass, parametrised over ``convzoo.list_models()``.
+
+Families listed in ``SMALL`` run with reduced depths/widths (their variant-specific options,
+such as kernel sizes, are kept); other families run every variant whose parameter count is at
+most ``MAX_PARAMS`` on a real forward pass, plus the smallest variant of the family. Every
+model is also built on the meta device, which costs no memory.
+"""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convzoo
+from convzoo.models import _registry
+
+SMALL = {
+    "replknet": dict(depths=(1, 1, 1, 1), channels=(16, 16, 24, 32)),
+    "convnext": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32)),
+}
+MAX_PARAMS = 30_000_000
+IMAGE = 64
+NUM_CLASSES = 7
+
+
+def family(name):
+    return _registry.get_entry_point(name).__module__.rsplit(".", 1)[-1]
+
+
+def meta_param_count(name):
+    with torch.device("meta"):
+        model = convzoo.create_model(name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def runnable_models():
+    """(name, overrides) of the models cheap enough for a real forward/backward on CPU."""
+    picked, smallest = [], {}
+    for name in convzoo.list_models():
+        fam = family(name)
+        if fam in SMALL:
+            picked.append(name)
+            continue
+        try:
+            count = meta_param_count(name)
+        except Exception:  # a model that cannot be built fails its own tests below, not the collection
+            count = 0
+        if count <= MAX_PARAMS:
+            picked.append(name)
+        if fam not in smallest or count < smallest[fam][1]:
+            smallest[fam] = (name, count)
+    picked += [name for name, _ in smallest.values() if name not in picked]
+    return sorted(picked)
+
+
+def one_per_family():
+    chosen = {}
+    for name in runnable_models():
+        chosen.setdefault(family(name), name)
+    return sorted(chosen.values())
+
+
+RUNNABLE = runnable_models()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The inputs are tiny: one thread is fastest, and much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name, **kwargs):
+    kwargs.setdefault("num_classes", NUM_CLASSES)
+    return convzoo.create_model(name, **SMALL.get(family(name), {}), **kwargs)
+
+
+def randomize_norms(model):
+    """Non-trivial BatchNorm statistics, so that folding them is really tested."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+
+
+def assert_rel_close(actual, expected, rtol=1e-5):
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"max error {err.item():.3g} > {rtol} * {scale.item():.3g}"
+
+
+def image(batch=2):
+    return torch.randn(batch, 3, IMAGE, IMAGE)
+
+
+# ----------------------------------------------------------------------------- every model, on meta
+
+
+@pytest.mark.parametrize("name", convzoo.list_models())
+def test_builds_on_meta_with_the_contract(name):
+    with torch.device("meta"):
+        model = convzoo.create_model(name)
+    assert model.model_name == name
+    assert len(model.feature_info) >= 1
+    strides = [f["reduction"] for f in model.feature_info]
+    assert strides == sorted(strides)
+    modules = dict(model.named_modules())
+    assert all(f["module"] in modules for f in model.feature_info)
+    keys = list(model.state_dict())
+    heads = (model.classifier_name,) if isinstance(model.classifier_name, str) else model.classifier_name
+    assert any(k.startswith(h + ".") for h in heads for k in keys)
+    for method in ("forward_features", "forward_head", "forward_intermediates", "reset_classifier", "set_grad_checkpointing"):
+        assert callable(getattr(model, method))
+
+
+@pytest.mark.parametrize("name", convzoo.list_models())
+def test_unknown_name_lists_close_names(name):
+    with pytest.raises(ValueError, match=f"unknown model '{name}x'; did you mean .*{name}"):
+        convzoo.create_model(name + "x")
+
+
+# ----------------------------------------------------------------------------- real forward passes
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_forward_backward_every_parameter_gets_a_gradient(name):
+    model = build(name).train()
+    out = model(image())
+    assert out.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_features_only_matches_feature_info(name):
+    """Channels exactly; strides from how much each map grows when the input grows by IMAGE pixels
+    (exact whatever the padding); sizes at most IMAGE / stride."""
+    model = build(name, features_only=True, out_indices=tuple(range(len(build(name).feature_info)))).eval()
+    with torch.no_grad():
+        feats = model(image(1))
+        bigger = model(torch.randn(1, 3, 2 * IMAGE, IMAGE))
+    assert len(feats) == len(bigger) == len(model.feature_info)
+    for feat, feat_big, info in zip(feats, bigger, model.feature_info):
+        stride = info["reduction"]
+        assert feat.shape[:2] == (1, info["num_chs"]), info
+        assert feat.shape[2] == feat.shape[3] <= IMAGE // stride, info
+        assert feat_big.shape[2] - feat.shape[2] == IMAGE // stride and feat_big.shape[3] == feat.shape[3], info
+        if family(name) in SMALL:
+            assert feat.shape[2:] == (IMAGE // stride, IMAGE // stride)
+    last = build(name, features_only=True, out_indices=(-1,)).eval()
+    assert last.feature_info == [model.feature_info[-1]]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_reparameterize_keeps_eval_outputs(name):
+    model = build(name)
+    randomize_norms(model)
+    model.eval()
+    x = image()
+    with torch.no_grad():
+        expected = model(x)
+        params_before = sum(p.numel() for p in model.parameters())
+        convzoo.reparameterize(model)
+        actual = model(x)
+    assert model.is_reparameterized and not model.training
+    assert sum(p.numel() for p in model.parameters()) <= params_before
+    assert_rel_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_channels_last_input_gives_the_same_output(name):
+    model = build(name).eval()
+    x = image()
+    with torch.no_grad():
+        expected = model(x)
+        actual = model(x.contiguous(memory_format=torch.channels_last))
+        actual_cl_model = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert_rel_close(actual, expected)
+    assert_rel_close(actual_cl_model, expected)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
+    torch.manual_seed(0)
+    plain = build(name).train()
+    checkpointed = build(name, grad_checkpointing=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = image()
+    outs, grads = [], []
+    for model in (plain, checkpointed):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same dropout masks on both sides
+        out = model(xi)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    assert_rel_close(outs[1], outs[0])
+    assert_rel_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_save_and_load_model_round_trip(name, tmp_path):
+    model = build(name)
+    randomize_norms(model)
+    model.eval()
+    path = tmp_path / "model.safetensors"
+    convzoo.save_checkpoint(model, path)
+    loaded = convzoo.models.load_model(path).eval()
+    x = image()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    convzoo.reparameterize(model)
+    convzoo.save_checkpoint(model, path)
+    deployed = convzoo.models.load_model(path)
+    assert deployed.is_reparameterized
+    with torch.no_grad():
+        torch.testing.assert_close(deployed.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_other_num_classes_reinitialises_the_head_and_says_so(name, tmp_path, caplog):
+    model = build(name)
+    path = tmp_path / "model.safetensors"
+    convzoo.save_checkpoint(model, path)
+    with caplog.at_level(logging.WARNING, logger="convzoo"):
+        other = build(name, pretrained=path, num_classes=3)
+    assert "classifier re-initialised for num_classes=3" in caplog.text
+    own = model.state_dict()
+    for key, value in other.state_dict().items():
+        if not key.startswith(other.classifier_name + "."):
+            torch.testing.assert_close(value, own[key])
+    assert other.eval()(image()).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_wrong_keys_are_named(name, tmp_path):
+    model = build(name)
+    state = model.state_dict()
+    dropped = next(k for k in state if not k.startswith(model.classifier_name))
+    del state[dropped]
+    state["not_a_layer.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="missing keys") as info:
+        build(name, pretrained=path)
+    assert dropped in str(info.value) and "not_a_layer.weight" in str(info.value)
+
+
+@pytest.mark.parametrize("name", one_per_family())
+def test_torch_compile(name):
+    model = build(name).eval()
+    x = image(1)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert_rel_close(compiled(x), model(x))

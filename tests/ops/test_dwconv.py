@@ -1,0 +1,324 @@
+"""dwconv2d: native CPU path and custom op against the reference and a naive loop."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from convzoo.ops import dwconv2d
+from convzoo.ops.dwconv import cpu, dwconv2d_reference
+from convzoo.ops.dwconv.reference import same_padding
+
+
+def naive_dwconv2d(x, weight, bias, stride, padding, dilation):
+    """From the definition: out[n, o, p, q] = b[o] + sum_ij w[o, i, j] * xpad[n, o // m, p*sh + i*dh, q*sw + j*dw]."""
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    top, bottom, left, right = padding
+    xpad = torch.zeros(n, channels, height + top + bottom, width + left + right, dtype=x.dtype)
+    xpad[:, :, top:top + height, left:left + width] = x
+    out_h = (xpad.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (xpad.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = torch.zeros(n, c_out, out_h, out_w, dtype=x.dtype)
+    for b, o, p, q in itertools.product(range(n), range(c_out), range(out_h), range(out_w)):
+        total = 0.0 if bias is None else bias[o].item()
+        for i, j in itertools.product(range(kh), range(kw)):
+            total += weight[o, 0, i, j].item() * xpad[b, o // (c_out // channels), p * stride[0] + i * dilation[0],
+                                                      q * stride[1] + j * dilation[1]].item()
+        out[b, o, p, q] = total
+    return out
+
+
+def _grads(out, inputs, seed=1):
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, [t for t in inputs if t is not None], grad_out)
+
+
+def _leaf(shape, dtype=torch.float64, memory_format=torch.contiguous_format):
+    return torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format).requires_grad_()
+
+
+def _check_against_reference(x, weight, bias, stride, padding, dilation, padding4, atol=1e-10, rtol=1e-10):
+    out = dwconv2d(x, weight, bias, stride, padding, dilation)
+    expected = dwconv2d_reference(x, weight, bias, stride if isinstance(stride, tuple) else (stride, stride),
+                                  padding4, dilation if isinstance(dilation, tuple) else (dilation, dilation))
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
+    for got, want in zip(_grads(out, (x, weight, bias)), _grads(expected, (x, weight, bias))):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,multiplier,kernel", [
+    pytest.param((1, 1), (1, 1, 1, 1), (1, 1), 1, (3, 3), id="3x3"),
+    pytest.param((2, 1), (0, 2, 1, 0), (1, 2), 2, (2, 3), id="stride-dilation-asym-m2"),
+    pytest.param((1, 2), (2, 2, 3, 3), (2, 1), 1, (3, 4), id="rect"),
+    pytest.param((1, 1), (5, 5, 4, 4), (1, 1), 1, (11, 10), id="fft-weight-grad"),
+])
+def test_matches_naive_loop(stride, padding, dilation, multiplier, kernel):
+    x = _leaf((2, 3, 7, 6))
+    weight = _leaf((3 * multiplier, 1) + kernel)
+    bias = _leaf((3 * multiplier,))
+    expected = naive_dwconv2d(x.detach(), weight.detach(), bias.detach(), stride, padding, dilation)
+    reference = dwconv2d_reference(x, weight, bias, stride, padding, dilation)
+    torch.testing.assert_close(reference, expected)
+    if padding[0] == padding[1] and padding[2] == padding[3]:
+        out = dwconv2d(x, weight, bias, stride, (padding[0], padding[2]), dilation)
+        torch.testing.assert_close(out, expected)
+        for got, want in zip(_grads(out, (x, weight, bias)), _grads(reference, (x, weight, bias))):
+            torch.testing.assert_close(got, want)
+
+
+@given(
+    n=st.integers(1, 2), channels=st.integers(1, 4), multiplier=st.integers(1, 2),
+    height=st.integers(1, 12), width=st.integers(1, 12), kh=st.integers(1, 13), kw=st.integers(1, 13),
+    sh=st.integers(1, 3), sw=st.integers(1, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
+    pad=st.one_of(st.sampled_from(["same", "valid"]), st.tuples(st.integers(0, 7), st.integers(0, 7))),
+    with_bias=st.booleans(), channels_last=st.booleans(),
+)
+def test_random_shapes_match_reference(n, channels, multiplier, height, width, kh, kw, sh, sw, dh, dw, pad,
+                                       with_bias, channels_last):
+    if isinstance(pad, tuple):
+        padding4 = (pad[0], pad[0], pad[1], pad[1])
+    elif pad == "same":
+        padding4 = same_padding(height, kh, sh, dh) + same_padding(width, kw, sw, dw)
+    else:
+        padding4 = (0, 0, 0, 0)
+    fits = all(size + before + after >= d * (k - 1) + 1 for size, before, after, d, k in
+               ((height, padding4[0], padding4[1], dh, kh), (width, padding4[2], padding4[3], dw, kw)))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = _leaf((n, channels, height, width), memory_format=memory_format)
+    weight = _leaf((channels * multiplier, 1, kh, kw))
+    bias = _leaf((channels * multiplier,)) if with_bias else None
+    if not fits:
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            dwconv2d(x, weight, bias, (sh, sw), pad, (dh, dw))
+        return
+    _check_against_reference(x, weight, bias, (sh, sw), pad, (dh, dw), padding4)
+
+
+@pytest.mark.parametrize("kernel,padding,stride", [
+    pytest.param((5, 5), 2, 1, id="5x5"),
+    pytest.param((11, 12), "same", 2, id="rect-same-stride2"),
+    pytest.param((15, 15), 7, 1, id="15x15-fft-grad-weight"),
+])
+def test_gradcheck(kernel, padding, stride):
+    x = _leaf((1, 2, 8, 7))
+    weight = _leaf((4, 1) + kernel)
+    bias = _leaf((4,))
+    assert torch.autograd.gradcheck(lambda *a: dwconv2d(*a, stride=stride, padding=padding), (x, weight, bias),
+                                    fast_mode=True)
+
+
+def test_fft_grad_weight_chosen_for_large_kernels_only():
+    x = torch.randn(1, 2, 8, 7, dtype=torch.float64)
+    grad_15 = torch.randn(1, 4, 8, 7, dtype=torch.float64)
+    assert cpu.use_fft_grad_weight(x, grad_15, (4, 1, 15, 15), (1, 1), (7, 7, 7, 7))
+    assert not cpu.use_fft_grad_weight(x, grad_15, (4, 1, 3, 3), (1, 1), (1, 1, 1, 1))
+    big = torch.randn(8, 128, 56, 56)
+    assert cpu.use_fft_grad_weight(big, big, (128, 1, 31, 31), (1, 1), (15,) * 4)
+    assert not cpu.use_fft_grad_weight(big, big, (128, 1, 7, 7), (1, 1), (3,) * 4)
+
+
+@pytest.mark.parametrize("stride,dilation,padding", [
+    ((1, 1), (1, 1), (15, 15, 15, 15)), ((2, 3), (1, 1), (3, 7, 0, 9)), ((1, 1), (2, 3), (1, 0, 4, 2)),
+])
+def test_fft_grad_weight_matches_autograd(stride, dilation, padding):
+    x = _leaf((3, 2, 17, 13))
+    weight = _leaf((4, 1, 9, 7))
+    out = dwconv2d_reference(x, weight, None, stride, padding, dilation)
+    grad_out = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, weight, grad_out)
+    got = cpu.grad_weight_fft(grad_out, x.detach(), weight.shape, stride, padding, dilation)
+    torch.testing.assert_close(got, expected)
+
+
+def test_63x63_kernel_float32_channels_last():
+    x = _leaf((2, 3, 20, 19), torch.float32, torch.channels_last)
+    weight = _leaf((3, 1, 63, 63), torch.float32)
+    bias = _leaf((3,), torch.float32)
+    out = dwconv2d(x, weight, bias, padding="same")
+    assert out.shape == (2, 3, 20, 19) and out.is_contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x, weight, bias, padding="same", groups=3)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for got, want in zip(_grads(out, (x, weight, bias)), _grads(expected, (x, weight, bias))):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,padding,padding4", [
+    pytest.param((16, 14), "same", (7, 8, 6, 7), id="even-wide-same"),
+    pytest.param((3, 15), (2, 20), (2, 2, 20, 20), id="padding-beyond-kernel"),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_kernels_asymmetric_and_large_padding(kernel, padding, padding4, dtype):
+    x = _leaf((2, 3, 9, 11), dtype)
+    weight = _leaf((3, 1) + kernel, dtype)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    _check_against_reference(x, weight, None, (1, 1), padding, (1, 1), padding4, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("kernel", [(4, 4), (3, 6)])
+def test_same_padding_matches_torch_at_stride_1(kernel):
+    x = torch.randn(1, 2, 9, 8)
+    weight = torch.randn(2, 1, *kernel)
+    torch.testing.assert_close(dwconv2d(x, weight, padding="same", dilation=2),
+                               F.conv2d(x, weight, padding="same", dilation=2, groups=2))
+
+
+def test_same_padding_at_stride_2_gives_ceil_size():
+    out = dwconv2d(torch.randn(1, 2, 9, 8), torch.randn(2, 1, 4, 5), stride=2, padding="same")
+    assert out.shape == (1, 2, 5, 4)
+
+
+@pytest.mark.parametrize("kernel", [5, 15], ids=["direct", "fft-grad-weight"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, kernel):
+    pad = kernel // 2
+    x = torch.randn(2, 3, 10, 9)
+    weight = torch.randn(3, 1, kernel, kernel) / kernel
+    bias = torch.randn(3)
+    xh, wh, bh = (t.to(dtype).requires_grad_() for t in (x, weight, bias))
+    out = dwconv2d(xh, wh, bh, padding=pad)
+    assert out.dtype == dtype
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (xh, wh, bh))
+    expected = F.conv2d(xf, wf, bf, padding=pad, groups=3)
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+    grads = torch.autograd.grad(out, (xh, wh, bh), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(expected, (xf, wf, bf), torch.ones_like(expected))
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=0.1, rtol=5e-2)
+
+
+def test_batch_zero():
+    x = _leaf((0, 3, 8, 8), torch.float32)
+    weight = _leaf((3, 1, 13, 13), torch.float32)
+    bias = _leaf((3,), torch.float32)
+    out = dwconv2d(x, weight, bias, padding=6)
+    assert out.shape == (0, 3, 8, 8)
+    grad_x, grad_w, grad_b = torch.autograd.grad(out.sum(), (x, weight, bias))
+    assert grad_x.shape == x.shape
+    assert torch.equal(grad_w, torch.zeros_like(weight)) and torch.equal(grad_b, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("kernel", [3, 13])
+def test_channels_last_in_channels_last_out(kernel):
+    x = _leaf((2, 5, 9, 11), torch.float32, torch.channels_last)
+    weight = _leaf((5, 1, kernel, kernel), torch.float32)
+    out = dwconv2d(x, weight, padding=kernel // 2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    expected = F.conv2d(x.contiguous(), weight, padding=kernel // 2, groups=5)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    (grad_x,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nchw_in_nchw_out_and_non_contiguous_input():
+    base = _leaf((2, 9, 12, 4), torch.float64)
+    x = base.transpose(2, 3)[:, ::3]  # (2, 3, 4, 12), neither contiguous nor channels_last
+    weight = _leaf((3, 1, 3, 5))
+    out = dwconv2d(x, weight, padding=(1, 2))
+    assert out.is_contiguous()
+    expected = F.conv2d(x, weight, padding=(1, 2), groups=3)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(_grads(out, (base, weight)), _grads(expected, (base, weight))):
+        torch.testing.assert_close(got, want)
+
+
+def test_impl_reference_is_plain_autograd():
+    x = _leaf((1, 2, 6, 6))
+    weight = _leaf((2, 1, 3, 3))
+    out = dwconv2d(x, weight, padding="same", impl="reference")
+    assert "ConvolutionBackward" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, dwconv2d(x, weight, padding="same"))
+
+
+def test_flop_count_matches_aten_convolution():
+    x = torch.randn(2, 4, 10, 9)
+    weight = torch.randn(8, 1, 5, 3)
+    with FlopCounterMode(display=False) as ours:
+        dwconv2d(x, weight, stride=2, padding=1)
+    with FlopCounterMode(display=False) as theirs:
+        F.conv2d(x, weight, stride=2, padding=1, groups=4)
+    assert ours.get_total_flops() == theirs.get_total_flops() > 0
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 1, 7, 7))
+        self.bias = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return dwconv2d(x, self.weight, self.bias, padding="same").relu()
+
+
+def test_torch_compile_fullgraph():
+    block = _Block()
+    x = torch.randn(2, 4, 9, 8, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, block(x))
+    out.sum().backward()
+    grad_compiled = block.weight.grad.clone()
+    block.weight.grad = None
+    block(x).sum().backward()
+    torch.testing.assert_close(grad_compiled, block.weight.grad)
+
+
+def test_torch_export_captures_one_node():
+    block = _Block()
+    x = torch.randn(2, 4, 9, 8)
+    exported = torch.export.export(block, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert torch.ops.convzoo.dwconv2d.default in targets
+    torch.testing.assert_close(exported.module()(x), block(x))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w: dwconv2d(x.numpy(), w), TypeError, "x must be a torch.Tensor"),
+    (lambda x, w: dwconv2d(x[0], w), ValueError, "x must be a 4-D tensor"),
+    (lambda x, w: dwconv2d(x.int(), w), TypeError, "x must have dtype"),
+    (lambda x, w: dwconv2d(x, w.double()), TypeError, "weight must have the dtype of x"),
+    (lambda x, w: dwconv2d(x, w[:, :, 0]), ValueError, "weight must be a 4-D tensor"),
+    (lambda x, w: dwconv2d(x, w.repeat(1, 2, 1, 1)), ValueError, r"weight must have shape \(C\*m, 1, kh, kw\)"),
+    (lambda x, w: dwconv2d(x, w[:2]), ValueError, r"weight must have shape .* C=3"),
+    (lambda x, w: dwconv2d(x, w, torch.zeros(4)), ValueError, r"bias must have shape \(3,\)"),
+    (lambda x, w: dwconv2d(x, w, torch.zeros(3, 1)), ValueError, "bias must be a 1-D tensor"),
+    (lambda x, w: dwconv2d(x, w, torch.zeros(3, dtype=torch.float64)), TypeError, "bias must have the dtype of x"),
+    (lambda x, w: dwconv2d(x, w, stride=0), ValueError, "stride must be >= 1"),
+    (lambda x, w: dwconv2d(x, w, stride=(1, 2, 3)), TypeError, "stride must be an int or a pair"),
+    (lambda x, w: dwconv2d(x, w, dilation=0), ValueError, "dilation must be >= 1"),
+    (lambda x, w: dwconv2d(x, w, padding=-1), ValueError, "padding must be >= 0"),
+    (lambda x, w: dwconv2d(x, w, padding="full"), ValueError, "padding must be an int, a pair of ints, 'same'"),
+    (lambda x, w: dwconv2d(x, w, padding=1.5), TypeError, "padding must be an int or a pair"),
+    (lambda x, w: dwconv2d(x[:, :, :2], w), ValueError, "smaller than the dilated kernel"),
+    (lambda x, w: dwconv2d(x, w, impl="cuda"), ValueError, "impl must be one of"),
+])
+def test_bad_input_errors(call, error, match):
+    x = torch.randn(2, 3, 8, 8)
+    weight = torch.randn(3, 1, 3, 3)
+    with pytest.raises(error, match=match):
+        call(x, weight)
+
+
+def test_conv_layout_choice():
+    nchw = torch.randn(1, 4, 8, 8)
+    nhwc = nchw.contiguous(memory_format=torch.channels_last)
+    assert cpu.conv_memory_format(nchw, (31, 31)) == torch.channels_last      # NCHW would be a gemm path
+    assert cpu.conv_memory_format(nchw, (31, 13)) == torch.contiguous_format  # oneDNN jit_dw takes width <= 13
+    assert cpu.conv_memory_format(nhwc, (13, 13)) == torch.channels_last
+    assert cpu.conv_memory_format(nchw, (3, 3)) == torch.contiguous_format    # no conversion for small kernels
+    assert cpu.conv_memory_format(nhwc, (3, 3)) == torch.channels_last
+    assert cpu.conv_memory_format(nchw.double(), (31, 31)) == torch.contiguous_format
+
+
+def test_autocast_casts_like_conv2d():
+    x = torch.randn(2, 6, 9, 8)
+    weight = torch.randn(6, 1, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dwconv2d(x.bfloat16(), weight, padding=2)
+        expected = F.conv2d(x.bfloat16(), weight, padding=2, groups=6)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)

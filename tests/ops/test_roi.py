@@ -1,0 +1,569 @@
+"""Tests for convzoo.ops RoI operators against naive loops written from the kernels' definitions."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from convzoo import ops
+
+DT = torch.float64
+
+
+# --------------------------------------------------------------------------------------
+# Naive implementations: one RoI, one bin, one sample at a time, Python floats
+# --------------------------------------------------------------------------------------
+def c_round(v: float) -> float:
+    return math.copysign(math.floor(abs(v) + 0.5), v)
+
+
+def naive_bilinear_align(img, y, x):
+    """torchvision/mmcv ``bilinear_interpolate``: zero outside [-1, H] x [-1, W]."""
+    height, width = img.shape
+    if not (y >= -1.0 and y <= height and x >= -1.0 and x <= width):
+        return 0.0
+    y = max(y, 0.0)
+    x = max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= height - 1:
+        y_low = y_high = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_low = x_high = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1 - ly, 1 - lx
+    return (
+        hy * hx * img[y_low, x_low] + hy * lx * img[y_low, x_high] + ly * hx * img[y_high, x_low] + ly * lx * img[y_high, x_high]
+    )
+
+
+def naive_roi_align(inp, rois, ph, pw, scale, sampling_ratio, aligned, offset=None, gamma=0.0, mmcv=False):
+    inp = inp.double()
+    out = torch.zeros(rois.shape[0], inp.shape[1], ph, pw, dtype=DT)
+    for k in range(rois.shape[0]):
+        b, x1, y1, x2, y2 = rois[k].tolist()
+        shift = 0.5 if (aligned or mmcv) else 0.0
+        sw, sh = x1 * scale - shift, y1 * scale - shift
+        rw, rh = x2 * scale - shift - sw, y2 * scale - shift - sh
+        if not aligned and not mmcv:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        bh, bw = rh / ph, rw / pw
+        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rh / ph), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rw / pw), 0)
+        for c in range(inp.shape[1]):
+            img = inp[int(b), c].tolist()
+            img = torch.tensor(img, dtype=DT)
+            for i in range(ph):
+                for j in range(pw):
+                    oh, ow = sh, sw
+                    if offset is not None:
+                        ow += gamma * rw * float(offset[k, 0, i, j])
+                        oh += gamma * rh * float(offset[k, 1, i, j])
+                    total = 0.0
+                    for iy in range(gh):
+                        y = oh + i * bh + (iy + 0.5) * bh / gh
+                        for ix in range(gw):
+                            x = ow + j * bw + (ix + 0.5) * bw / gw
+                            total += float(naive_bilinear_align(img, y, x))
+                    out[k, c, i, j] = total / max(gh * gw, 1)
+    return out
+
+
+def naive_ps_roi_pool(inp, rois, ph, pw, scale):
+    inp = inp.double()
+    height, width = inp.shape[-2:]
+    c_out = inp.shape[1] // (ph * pw)
+    out = torch.zeros(rois.shape[0], c_out, ph, pw, dtype=DT)
+    for k in range(rois.shape[0]):
+        b, x1, y1, x2, y2 = rois[k].tolist()
+        sw, sh, ew, eh = (int(c_round(v * scale)) for v in (x1, y1, x2, y2))
+        bh, bw = max(eh - sh, 1) / ph, max(ew - sw, 1) / pw
+        for c in range(c_out):
+            for i in range(ph):
+                for j in range(pw):
+                    h0 = min(max(math.floor(i * bh) + sh, 0), height - 1)
+                    h1 = min(max(math.ceil((i + 1) * bh) + sh, 0), height - 1)
+                    w0 = min(max(math.floor(j * bw) + sw, 0), width - 1)
+                    w1 = min(max(math.ceil((j + 1) * bw) + sw, 0), width - 1)
+                    if h1 <= h0 or w1 <= w0:
+                        continue
+                    ch = (c * ph + i) * pw + j
+                    out[k, c, i, j] = inp[int(b), ch, h0:h1, w0:w1].sum() / ((h1 - h0) * (w1 - w0))
+    return out
+
+
+def naive_dcn_bilinear(img, x, y):
+    height, width = img.shape
+    x1, x2, y1, y2 = math.floor(x), math.ceil(x), math.floor(y), math.ceil(y)
+    dx, dy = x - x1, y - y1
+    return (
+        (1 - dx) * (1 - dy) * img[y1, x1] + (1 - dx) * dy * img[y2, x1] + dx * (1 - dy) * img[y1, x2] + dx * dy * img[y2, x2]
+    )
+
+
+def naive_deform_ps_roi_pool(inp, rois, trans, output_dim, group_size, pooled, part_size, spp, trans_std, scale):
+    inp = inp.double()
+    height, width = inp.shape[-2:]
+    no_trans = trans is None
+    num_classes = 1 if no_trans else trans.shape[1] // 2
+    per_class = output_dim // num_classes
+    out = torch.zeros(rois.shape[0], output_dim, pooled, pooled, dtype=DT)
+    for n in range(rois.shape[0]):
+        b, x1, y1, x2, y2 = rois[n].tolist()
+        sw, sh = c_round(x1) * scale - 0.5, c_round(y1) * scale - 0.5
+        ew, eh = (c_round(x2) + 1.0) * scale - 0.5, (c_round(y2) + 1.0) * scale - 0.5
+        rw, rh = max(ew - sw, 0.1), max(eh - sh, 0.1)
+        bh, bw = rh / pooled, rw / pooled
+        for ctop in range(output_dim):
+            cls = ctop // per_class
+            for i in range(pooled):
+                for j in range(pooled):
+                    part_h, part_w = math.floor(i / pooled * part_size), math.floor(j / pooled * part_size)
+                    tx = 0.0 if no_trans else float(trans[n, 2 * cls, part_h, part_w]) * trans_std
+                    ty = 0.0 if no_trans else float(trans[n, 2 * cls + 1, part_h, part_w]) * trans_std
+                    wstart = j * bw + sw + tx * rw
+                    hstart = i * bh + sh + ty * rh
+                    gh = min(max(math.floor(i * group_size / pooled), 0), group_size - 1)
+                    gw = min(max(math.floor(j * group_size / pooled), 0), group_size - 1)
+                    img = inp[int(b), (ctop * group_size + gh) * group_size + gw]
+                    total, count = 0.0, 0
+                    for ih in range(spp):
+                        for iw in range(spp):
+                            w = wstart + iw * bw / spp
+                            h = hstart + ih * bh / spp
+                            if not (-0.5 <= w <= width - 0.5 and -0.5 <= h <= height - 0.5):
+                                continue
+                            w = min(max(w, 0.0), width - 1.0)
+                            h = min(max(h, 0.0), height - 1.0)
+                            total += float(naive_dcn_bilinear(img, w, h))
+                            count += 1
+                    out[n, ctop, i, j] = total / count if count else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+def make_rois(k, n, height, width, scale, generator=None, margin=3.0):
+    """Random boxes in image coordinates, some crossing the border, some tiny."""
+    g = generator
+    img_h, img_w = height / scale, width / scale
+    xy1 = torch.rand(k, 2, generator=g, dtype=DT) * torch.tensor([img_w, img_h], dtype=DT) * 1.2 - margin
+    wh = torch.rand(k, 2, generator=g, dtype=DT) * torch.tensor([img_w, img_h], dtype=DT) * 0.8
+    batch = torch.randint(0, max(n, 1), (k, 1), generator=g).to(DT)
+    return torch.cat([batch, xy1, xy1 + wh], dim=1)
+
+
+IMPLS = ["auto", "reference"]
+
+
+# --------------------------------------------------------------------------------------
+# Against the naive loops
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "sampling_ratio,aligned,scale",
+    [pytest.param(-1, False, 1.0, id="adaptive"), pytest.param(2, True, 0.5, id="sr2-aligned"),
+     pytest.param(0, True, 0.25, id="adaptive-aligned-quarter"), pytest.param(3, False, 0.7, id="sr3")],
+)
+def test_roi_align_matches_naive(impl, sampling_ratio, aligned, scale):
+    x = torch.randn(2, 3, 7, 9, dtype=DT)
+    rois = make_rois(6, 2, 7, 9, scale)
+    rois[0, 1:] = torch.tensor([2.0, 2.0, 2.2, 2.1]) / scale  # smaller than one pixel
+    got = ops.roi_align(x, rois, (2, 3), scale, sampling_ratio, aligned, impl=impl)
+    want = naive_roi_align(x, rois, 2, 3, scale, sampling_ratio, aligned)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_deform_roi_pool_matches_naive(impl, sampling_ratio):
+    x = torch.randn(2, 3, 8, 6, dtype=DT)
+    rois = make_rois(5, 2, 8, 6, 0.5)
+    offset = torch.randn(5, 2, 3, 2, dtype=DT) * 3  # large enough to leave the map
+    got = ops.deform_roi_pool(x, rois, offset, (3, 2), 0.5, sampling_ratio, 0.3, impl=impl)
+    want = naive_roi_align(x, rois, 3, 2, 0.5, sampling_ratio, False, offset, 0.3, mmcv=True)
+    torch.testing.assert_close(got, want)
+    no_offset = ops.deform_roi_pool(x, rois, None, (3, 2), 0.5, sampling_ratio, impl=impl)
+    torch.testing.assert_close(no_offset, naive_roi_align(x, rois, 3, 2, 0.5, sampling_ratio, False, mmcv=True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_modulated_deform_roi_pool_matches_naive(impl):
+    x = torch.randn(1, 2, 6, 7, dtype=DT)
+    rois = make_rois(3, 1, 6, 7, 1.0)
+    offset = torch.randn(3, 2, 2, 2, dtype=DT)
+    mask = torch.rand(3, 1, 2, 2, dtype=DT)
+    got = ops.modulated_deform_roi_pool(x, rois, offset, mask, 2, 1.0, 2, 0.1, impl=impl)
+    want = naive_roi_align(x, rois, 2, 2, 1.0, 2, False, offset, 0.1, mmcv=True) * mask
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.3])
+def test_ps_roi_pool_matches_naive(impl, scale):
+    x = torch.randn(2, 2 * 2 * 3, 7, 8, dtype=DT)
+    rois = make_rois(7, 2, 7, 8, scale)
+    rois[0, 1:] = torch.tensor([0.5, 2.5, -0.5, 1.5])  # halves: round away from zero, x2 < x1
+    got = ops.ps_roi_pool(x, rois, (2, 3), scale, impl=impl)
+    torch.testing.assert_close(got, naive_ps_roi_pool(x, rois, 2, 3, scale))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "output_dim,group_size,pooled,part,spp,classes",
+    [pytest.param(2, 2, 3, 3, 2, 1, id="g2-p3"), pytest.param(4, 3, 3, 2, 3, 2, id="g3-part2-2classes"),
+     pytest.param(3, 1, 2, 2, 4, 3, id="g1-3classes")],
+)
+def test_deform_ps_roi_pool_matches_naive(impl, output_dim, group_size, pooled, part, spp, classes):
+    x = torch.randn(2, output_dim * group_size**2, 6, 7, dtype=DT)
+    rois = make_rois(4, 2, 6, 7, 0.5)
+    rois[0, 1:] = torch.tensor([2.5, -0.5, 1.5, 3.5])
+    trans = torch.randn(4, 2 * classes, part, part, dtype=DT)
+    got = ops.deform_ps_roi_pool(x, rois, trans, output_dim, group_size, pooled, part, spp, 0.3, 0.5, impl=impl)
+    want = naive_deform_ps_roi_pool(x, rois, trans, output_dim, group_size, pooled, part, spp, 0.3, 0.5)
+    torch.testing.assert_close(got, want)
+    plain = ops.deform_ps_roi_pool(x, rois, None, output_dim, group_size, pooled, part, spp, 0.3, 0.5, no_trans=True,
+                                   impl=impl)
+    torch.testing.assert_close(plain, naive_deform_ps_roi_pool(x, rois, None, output_dim, group_size, pooled, part,
+                                                               spp, 0.3, 0.5))
+
+
+def test_boxes_as_list_equal_rois_tensor():
+    x = torch.randn(2, 4, 6, 6)
+    per_image = [torch.tensor([[0.0, 0.0, 4.0, 3.0]]), torch.tensor([[1.0, 1.0, 5.0, 5.0], [2.0, 0.0, 3.0, 6.0]])]
+    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 3.0], [1, 1.0, 1.0, 5.0, 5.0], [1, 2.0, 0.0, 3.0, 6.0]])
+    torch.testing.assert_close(ops.roi_align(x, per_image, 2), ops.roi_align(x, rois, 2))
+    torch.testing.assert_close(ops.ps_roi_pool(x, per_image, 1), ops.ps_roi_pool(x, rois, 1))
+
+
+# --------------------------------------------------------------------------------------
+# Random shapes: the custom op against the autograd reference, forward and gradients
+# --------------------------------------------------------------------------------------
+@given(
+    n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), k=st.integers(0, 4),
+    ph=st.integers(1, 3), pw=st.integers(1, 3), sampling_ratio=st.integers(-1, 2), scale=st.sampled_from([1.0, 0.5]),
+    gamma=st.sampled_from([0.1, 0.5]), seed=st.integers(0, 2**16),
+)
+def test_deform_roi_pool_auto_equals_reference(n, c, h, w, k, ph, pw, sampling_ratio, scale, gamma, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, dtype=DT, generator=g, requires_grad=True)
+    rois = make_rois(k, n, h, w, scale, g)
+    offset = (torch.randn(k, 2, ph, pw, dtype=DT, generator=g) * 2).requires_grad_()
+    results = []
+    for impl in IMPLS:
+        out = ops.deform_roi_pool(x, rois, offset, (ph, pw), scale, sampling_ratio, gamma, impl=impl)
+        grads = torch.autograd.grad((out * torch.arange(out.numel(), dtype=DT).view_as(out)).sum(), [x, offset],
+                                    allow_unused=True)
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b)
+    for u, v, like in zip(ga, gb, (x, offset)):
+        # without any sample the reference leaves the offset out of the graph
+        torch.testing.assert_close(u, v if v is not None else torch.zeros_like(like))
+
+
+@given(
+    n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), k=st.integers(0, 4),
+    p=st.integers(1, 3), sampling_ratio=st.integers(-1, 2), aligned=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_roi_align_and_ps_roi_pool_auto_equal_reference(n, c, h, w, k, p, sampling_ratio, aligned, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c * p * p, h, w, dtype=DT, generator=g, requires_grad=True)
+    rois = make_rois(k, n, h, w, 0.5, g)
+    for fn in (lambda impl: ops.roi_align(x, rois, p, 0.5, sampling_ratio, aligned, impl=impl),
+               lambda impl: ops.ps_roi_pool(x, rois, p, 0.5, impl=impl)):
+        outs, grads = [], []
+        for impl in IMPLS:
+            out = fn(impl)
+            outs.append(out)
+            grads.append(torch.autograd.grad((out * out.detach().sin()).sum(), x)[0] if out.numel() else None)
+        torch.testing.assert_close(outs[0], outs[1])
+        if grads[0] is not None:
+            torch.testing.assert_close(grads[0], grads[1])
+
+
+@given(
+    n=st.integers(1, 2), c=st.integers(1, 2), g_size=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6),
+    k=st.integers(0, 3), pooled=st.integers(1, 3), part=st.integers(1, 3), spp=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_deform_ps_roi_pool_auto_equals_reference(n, c, g_size, h, w, k, pooled, part, spp, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c * g_size**2, h, w, dtype=DT, generator=gen, requires_grad=True)
+    rois = make_rois(k, n, h, w, 0.5, gen)
+    trans = torch.randn(k, 2, part, part, dtype=DT, generator=gen).requires_grad_()
+    results = []
+    for impl in IMPLS:
+        out = ops.deform_ps_roi_pool(x, rois, trans, c, g_size, pooled, part, spp, 0.2, 0.5, impl=impl)
+        weight = torch.arange(out.numel(), dtype=DT).view_as(out)
+        results.append((out, torch.autograd.grad((out * weight).sum(), [x, trans])))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v)
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck (float64)
+# --------------------------------------------------------------------------------------
+def _rois_away_from_kinks():
+    # boxes whose samples stay off whole-pixel coordinates, where bilinear weights have kinks
+    return torch.tensor([[0, 0.3, 0.45, 5.15, 4.35], [1, 1.2, 0.75, 3.9, 5.6]], dtype=DT)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_roi_align(impl):
+    x = torch.randn(2, 2, 6, 7, dtype=DT, requires_grad=True)
+    rois = _rois_away_from_kinks()
+    assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, 2, 1.0, 2, True, impl=impl), (x,))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_modulated_deform_roi_pool(impl):
+    x = torch.randn(2, 2, 6, 7, dtype=DT, requires_grad=True)
+    rois = _rois_away_from_kinks()
+    offset = (torch.rand(2, 2, 2, 2, dtype=DT) * 0.4 - 0.2).requires_grad_()
+    mask = torch.rand(2, 1, 2, 2, dtype=DT, requires_grad=True)
+
+    def fn(t, o, m):
+        return ops.modulated_deform_roi_pool(t, rois, o, m, 2, 1.0, 2, 0.1, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, (x, offset, mask))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_ps_roi_pool(impl):
+    x = torch.randn(2, 8, 6, 7, dtype=DT, requires_grad=True)
+    rois = _rois_away_from_kinks()
+    assert torch.autograd.gradcheck(lambda t: ops.ps_roi_pool(t, rois, 2, 1.0, impl=impl), (x,))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_deform_ps_roi_pool(impl):
+    x = torch.randn(2, 2, 6, 7, dtype=DT, requires_grad=True)
+    rois = torch.tensor([[0, 0.0, 1.0, 4.0, 4.0], [1, 1.0, 0.0, 3.0, 5.0]], dtype=DT)
+    trans = (torch.rand(2, 4, 2, 2, dtype=DT) * 0.2 + 0.13).requires_grad_()  # two coordinate sets
+    assert torch.autograd.gradcheck(
+        lambda t, o: ops.deform_ps_roi_pool(t, rois, o, 2, 1, 2, 2, 2, 0.1, 1.0, impl=impl), (x, trans)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Edge cases
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_rois(impl):
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    rois = torch.zeros(0, 5)
+    outs = [
+        ops.roi_align(x, rois, 2, impl=impl),
+        ops.deform_roi_pool(x, rois, torch.zeros(0, 2, 2, 2), 2, impl=impl),
+        ops.modulated_deform_roi_pool(x, rois, torch.zeros(0, 2, 2, 2), torch.zeros(0, 1, 2, 2), 2, impl=impl),
+        ops.ps_roi_pool(x, rois, 2, impl=impl),
+        ops.deform_ps_roi_pool(x, rois, torch.zeros(0, 2, 2, 2), 1, 2, 2, impl=impl),
+    ]
+    assert [tuple(o.shape) for o in outs] == [(0, 4, 2, 2)] * 3 + [(0, 1, 2, 2)] * 2
+    (grad,) = torch.autograd.grad(sum(o.sum() for o in outs), x)
+    assert torch.equal(grad, torch.zeros_like(x))
+    empty_batch = ops.roi_align(torch.zeros(0, 4, 5, 5), torch.zeros(0, 5), 2, impl=impl)
+    assert empty_batch.shape == (0, 4, 2, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_offsets_contribute_zero(impl):
+    x = torch.rand(1, 2, 6, 6) + 1.0  # positive, so a sample that reads anything shows up
+    rois = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0]])
+    offset = torch.zeros(1, 2, 2, 2)
+    offset[0, 0, 0, 0] = float("nan")
+    offset[0, 1, 1, 1] = float("inf")
+    offset.requires_grad_()
+    out = ops.deform_roi_pool(x, rois, offset, 2, 1.0, 2, impl=impl)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, 0, 0] == 0).all() and (out[0, :, 1, 1] == 0).all()
+    assert (out[0, :, 0, 1] > 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), offset)
+    assert torch.isfinite(grad).all()
+    trans = torch.zeros(1, 2, 2, 2)
+    trans[0, 0, 1, 0] = float("-inf")
+    ps = ops.deform_ps_roi_pool(x, rois, trans, 2, 1, 2, 2, 2, 0.1, 1.0, impl=impl)
+    assert (ps[0, :, 1, 0] == 0).all() and (ps[0, :, 0, 0] > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_and_channels_last(impl):
+    base = torch.randn(2, 8, 9, 10, dtype=DT)
+    rois = make_rois(5, 2, 9, 10, 1.0)
+    offset = torch.randn(5, 2, 2, 2, dtype=DT)
+    variants = [base.contiguous(memory_format=torch.channels_last), base.transpose(2, 3).contiguous().transpose(2, 3),
+                torch.randn(2, 16, 9, 10, dtype=DT)[:, ::2].copy_(base)]
+    for fn in (
+        lambda t: ops.roi_align(t, rois, 2, 1.0, 2, True, impl=impl),
+        lambda t: ops.deform_roi_pool(t, rois, offset, 2, impl=impl),
+        lambda t: ops.ps_roi_pool(t, rois, 2, impl=impl),
+        lambda t: ops.deform_ps_roi_pool(t, rois, offset, 2, 2, 2, impl=impl),
+    ):
+        base_leaf = base.clone().requires_grad_()
+        want = fn(base_leaf)
+        (want_grad,) = torch.autograd.grad((want * want.detach().cos()).sum(), base_leaf)
+        for variant in variants:
+            leaf = variant.detach().requires_grad_()
+            got = fn(leaf)
+            torch.testing.assert_close(got, want.detach())
+            (grad,) = torch.autograd.grad((got * got.detach().cos()).sum(), leaf)
+            torch.testing.assert_close(grad, want_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_dtypes(dtype):
+    x = torch.randn(1, 4, 6, 6, dtype=DT)
+    rois = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0]], dtype=DT)
+    offset = torch.randn(1, 2, 2, 2, dtype=DT)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
+    pairs = [
+        (ops.roi_align(x.to(dtype), rois.to(dtype), 2), ops.roi_align(x, rois, 2)),
+        (ops.deform_roi_pool(x.to(dtype), rois.to(dtype), offset.to(dtype), 2), ops.deform_roi_pool(x, rois, offset, 2)),
+        (ops.ps_roi_pool(x.to(dtype), rois.to(dtype), 2), ops.ps_roi_pool(x, rois, 2)),
+        (ops.deform_ps_roi_pool(x.to(dtype), rois.to(dtype), offset.to(dtype), 1, 2, 2),
+         ops.deform_ps_roi_pool(x, rois, offset, 1, 2, 2)),
+    ]
+    for got, want in pairs:
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
+    leaf = x.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad(ops.deform_roi_pool(leaf, rois.to(dtype), offset.to(dtype), 2).sum(), leaf)
+    x64 = x.clone().requires_grad_()
+    (want_grad,) = torch.autograd.grad(ops.deform_roi_pool(x64, rois, offset, 2).sum(), x64)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), want_grad, **tol)
+
+
+def test_flop_counter_sees_the_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 4, 6, 6)
+    rois = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0]])
+    with FlopCounterMode(display=False) as counter:
+        ops.roi_align(x, rois, 2, 1.0, 2)
+    assert counter.get_total_flops() == 2 * 4 * 4 * (1 * 4 * 2 * 2)
+
+
+def test_torch_compile_fullgraph():
+    class Head(torch.nn.Module):
+        def forward(self, feats, rois, offset, trans):
+            a = ops.roi_align(feats, rois, 2, 0.5, 2, True)
+            b = ops.deform_roi_pool(feats, rois, offset, 2, 0.5, 2)
+            c = ops.ps_roi_pool(feats, rois, 2, 0.5)
+            d = ops.deform_ps_roi_pool(feats, rois, trans, 1, 2, 2, 2, 2, 0.1, 0.5)
+            return a.sum() + b.sum() + c.sum() + d.sum()
+
+    torch._dynamo.reset()
+    feats = torch.randn(2, 4, 6, 7, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 9.0, 10.0], [1, 0.0, 0.0, 13.0, 11.0]])
+    offset = torch.randn(2, 2, 2, 2, requires_grad=True)
+    trans = torch.randn(2, 2, 2, 2, requires_grad=True)
+    compiled = torch.compile(Head(), fullgraph=True, backend="aot_eager")
+    got = compiled(feats, rois, offset, trans)
+    want = Head()(feats, rois, offset, trans)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got, [feats, offset, trans])
+    want_grads = torch.autograd.grad(want, [feats, offset, trans])
+    for u, v in zip(grads, want_grads):
+        torch.testing.assert_close(u, v)
+
+
+def test_opcheck_custom_ops():
+    x = torch.randn(2, 4, 6, 7, dtype=DT, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 5.0, 6.0], [1, 0.0, 0.0, 6.0, 5.0]], dtype=DT)
+    offset = torch.randn(2, 2, 2, 2, dtype=DT, requires_grad=True)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.convzoo.roi_align.default, (x, rois, 2, 2, 1.0, 2, True), test_utils=checks)
+    torch.library.opcheck(torch.ops.convzoo.deform_roi_pool.default, (x, rois, offset, 2, 2, 1.0, 0, 0.1),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.convzoo.ps_roi_pool.default, (x, rois, 2, 2, 1.0), test_utils=checks)
+    torch.library.opcheck(torch.ops.convzoo.deform_ps_roi_pool.default,
+                          (x, rois, offset, 1, 2, 2, 2, 2, 0.1, 1.0), test_utils=checks)
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+def test_errors_name_the_argument():
+    x = torch.randn(2, 8, 5, 5)
+    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        ops.roi_align([1], rois, 2)
+    with pytest.raises(ValueError, match="input must be a 4-D tensor"):
+        ops.roi_align(x[0], rois, 2)
+    with pytest.raises(TypeError, match="input must have dtype"):
+        ops.roi_align(x.long(), rois, 2)
+    with pytest.raises(ValueError, match=r"boxes must have shape \(K, 5\)"):
+        ops.roi_align(x, rois[:, :4], 2)
+    with pytest.raises(ValueError, match=r"boxes\[:, 0\] must hold integer batch indices"):
+        ops.roi_align(x, torch.tensor([[2, 0.0, 0.0, 3.0, 3.0]]), 2)
+    with pytest.raises(ValueError, match="boxes given as a list must hold one"):
+        ops.roi_align(x, [rois[:, 1:]], 2)
+    with pytest.raises(ValueError, match=r"boxes\[1\] must have shape \(L, 4\)"):
+        ops.roi_align(x, [rois[:, 1:], rois], 2)
+    with pytest.raises(ValueError, match="output_size must be >= 1"):
+        ops.roi_align(x, rois, 0)
+    with pytest.raises(ValueError, match="spatial_scale must be a finite number > 0"):
+        ops.roi_align(x, rois, 2, spatial_scale=0.0)
+    with pytest.raises(TypeError, match="sampling_ratio must be an int"):
+        ops.roi_align(x, rois, 2, sampling_ratio=2.0)
+    with pytest.raises(TypeError, match="aligned must be a bool"):
+        ops.roi_align(x, rois, 2, aligned=1)
+    with pytest.raises(ValueError, match="impl='triton' is not available"):
+        ops.roi_align(x, rois, 2, impl="triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.ps_roi_pool(x, rois, 2, impl="cuda")
+    with pytest.raises(ValueError, match=r"offset must have shape \(1, 2, 2, 2\)"):
+        ops.deform_roi_pool(x, rois, torch.zeros(1, 2, 3, 3), 2)
+    with pytest.raises(TypeError, match="offset must have the dtype of input"):
+        ops.deform_roi_pool(x, rois, torch.zeros(1, 2, 2, 2, dtype=DT), 2)
+    with pytest.raises(TypeError, match="gamma must be a finite float"):
+        ops.deform_roi_pool(x, rois, None, 2, gamma=float("nan"))
+    with pytest.raises(ValueError, match=r"mask must have shape \(1, 1, 2, 2\)"):
+        ops.modulated_deform_roi_pool(x, rois, torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), 2)
+    with pytest.raises(ValueError, match="input channels must be a multiple of"):
+        ops.ps_roi_pool(x, rois, 3)
+    with pytest.raises(ValueError, match="input must have output_dim"):
+        ops.deform_ps_roi_pool(x, rois, None, 3, 2, 2, no_trans=True)
+    with pytest.raises(ValueError, match="offset must be a Tensor"):
+        ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"offset must have shape \(1, 2\*Q, 3, 3\)"):
+        ops.deform_ps_roi_pool(x, rois, torch.zeros(1, 2, 2, 2), 2, 2, 3, 3)
+    with pytest.raises(ValueError, match="output_dim .* must be divisible"):
+        ops.deform_ps_roi_pool(x, rois, torch.zeros(1, 6, 2, 2), 2, 2, 2)
+    with pytest.raises(ValueError, match="sample_per_part must be >= 1"):
+        ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2, sample_per_part=0, no_trans=True)
+
+
+def test_sparse_kernels_match_reference(monkeypatch):
+    """Large problems take the sparse-product kernels; force them on small ones."""
+    from convzoo.ops.roi import reference
+
+    monkeypatch.setattr(reference, "SPARSE_MIN_WORK", 0)
+    x = torch.randn(2, 8, 7, 9, dtype=DT, requires_grad=True)
+    rois = make_rois(6, 2, 7, 9, 0.5)
+    offset = (torch.randn(6, 2, 2, 2, dtype=DT) * 2).requires_grad_()
+    for fn, leaves in (
+        (lambda impl: ops.roi_align(x, rois, 2, 0.5, -1, True, impl=impl), [x]),
+        (lambda impl: ops.deform_roi_pool(x, rois, offset, 2, 0.5, 0, 0.3, impl=impl), [x, offset]),
+        (lambda impl: ops.deform_ps_roi_pool(x, rois, offset, 2, 2, 2, 2, 3, 0.3, 0.5, impl=impl), [x, offset]),
+    ):
+        results = []
+        for impl in IMPLS:
+            out = fn(impl)
+            weight = torch.arange(out.numel(), dtype=DT).view_as(out)
+            results.append((out, torch.autograd.grad((out * weight).sum(), leaves)))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(a, b)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v)
