@@ -16,9 +16,9 @@ Train an image classifier.
 
 With --data DIR, DIR must hold train/<class>/<images> and val/<class>/<images>
 (JPEG, PNG or WebP). Without --data, the built-in data set is used: generated on the fly
-(no files, no downloads), its 4 classes tell whether two marks at opposite sides of a
-noisy image have the same shape and/or the same colour, so only a model that relates
-far-apart image parts can learn it.
+(no files, no downloads). Its 2 classes tell whether two marks at opposite sides of a
+noisy image sit at the same height (--data-arg relation=colour|shape|shape+colour asks
+about other relations), so only a model that relates far-apart image parts can learn it.
 
 Each epoch appends its metrics to OUTPUT/metrics.jsonl and writes OUTPUT/checkpoint.pt
 atomically; --resume continues a run from it with exactly the same result as an
