@@ -1,4 +1,4 @@
-"""Helpers for the per-family model tests (ResNet, MobileNet, SqueezeNet, ShuffleNet, InternImage)."""
+"""Helpers for the per-family model tests."""
 import torch
 import torch.nn as nn
 
