@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from convzoo.ops import dcnv3
 from convzoo.ops.dcnv3.reference import kernel_grid
+
+from _timing import median_ms
 
 
 def dcnv3_grid_sample(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
@@ -48,17 +49,6 @@ def dcnv3_grid_sample(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, p
         n * group, 1, height_out * width_out, points)
     out = (sampled * weights).sum(-1).view(n, channels, height_out * width_out)
     return out.transpose(1, 2).reshape(n, height_out, width_out, channels)
-
-
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bench_case(n, size, group, group_channels, kernel, stride, repeats):
@@ -95,8 +85,8 @@ def bench_case(n, size, group, group_channels, kernel, stride, repeats):
         # Interleave the two so both see the same background load.
         t_ours, t_base = [], []
         for _ in range(repeats):
-            t_ours.append(_median_ms(wrap(ours), 1, warmup=1))
-            t_base.append(_median_ms(wrap(baseline), 1, warmup=1))
+            t_ours.append(median_ms(wrap(ours), 1, warmup=1))
+            t_base.append(median_ms(wrap(baseline), 1, warmup=1))
         ours_ms, base_ms = statistics.median(t_ours), statistics.median(t_base)
         rows.append((f"N={n} {size}x{size} g={group} gc={group_channels} {kernel}x{kernel} s={stride}", mode,
                      ours_ms, base_ms))

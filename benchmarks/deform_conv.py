@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from convzoo.ops import deform_conv2d
+
+from _timing import median_ms
 
 # (name, batch, in_channels, out_channels, size, kernel, stride, padding, offset_groups, with mask)
 CASES = [
@@ -103,16 +103,6 @@ def runner(case, impl, mode):
         return out
 
     return run
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def peak_memory_mb(case_index: int, impl: str, mode: str) -> float:

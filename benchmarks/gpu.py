@@ -1,134 +1,371 @@
-"""GPU benchmarks: convzoo's Triton kernels vs PyTorch's own CUDA kernels, side by side in one run.
+"""GPU benchmarks: convzoo's Triton kernels and models vs PyTorch's own kernels, side by side in one run.
 
-Needs an NVIDIA GPU and Triton.  Each section is a function registered in ``SECTIONS`` that
-prints a markdown table; run all of them or pick some:
+Sections (all run by default, ``--only`` picks some), each printing a markdown table with fp32 and
+bf16, forward and forward+backward:
 
-    python benchmarks/gpu.py                           # every section
-    python benchmarks/gpu.py --sections dwconv --dtypes float32 bfloat16
+* ``dwconv``: ``dwconv2d`` vs ``F.conv2d(groups=C)`` (cuDNN) at RepLKNet-31B's stage shapes (batch
+  64, 224x224 input) with the stage's large kernel and k=7, 3, NCHW and channels_last; plus the
+  ratio of our large-kernel to our 3x3 forward time on the first stage's feature map.
+* ``dcnv3``: ``dcnv3`` vs the grid_sample formulation (benchmarks/dcnv3.py) at InternImage-T's
+  stage shapes (batch 64); each case is first checked against the fp32 reference.
+* ``deform_conv``: ``deform_conv2d`` vs ``torchvision.ops.deform_conv2d`` at ResNet-50 conv3-conv5
+  shapes (DCNv2: 3x3, mask), batch 32 and 64.
+* ``models``: RepLKNet-31B and InternImage-T, a training step (forward, cross-entropy, backward;
+  fp32, and bf16 under autocast) and inference throughput (eval, reparameterized, no_grad); ours
+  vs the same model with ``impl = "reference"`` set on every module that has an ``impl``
+  (PyTorch's own conv for the depthwise convs, the reference DCNv3).
+
+Usage:
+
+    python benchmarks/gpu.py                      # everything, on the default CUDA device
+    python benchmarks/gpu.py --only dwconv models --quick --output gpu.md
 
 Times are medians of CUDA-event timings after warm-up (the warm-up also runs Triton's autotuner).
+``--device cpu --tiny`` runs every section at toy shapes to check the script itself; figures from
+it mean nothing.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import copy
+import datetime
+import math
 import sys
-from typing import Callable, Dict, List
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from convzoo.ops import dwconv2d
+import convzoo
+from convzoo.ops import dcnv3, deform_conv2d, dwconv2d
+
+from _timing import median_ms
+from dcnv3 import dcnv3_grid_sample  # the CPU benchmark's baseline; device-agnostic
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TABLE_HEADER = ["| case | dtype | pass | ours ms | baseline ms | speed-up |", "|---|---|---|---:|---:|---:|"]
 
 
-def require_cuda() -> None:
-    """Exit with a clear message when there is no CUDA device or no Triton."""
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py needs an NVIDIA GPU: torch.cuda.is_available() is False on this machine "
-                 f"(torch {torch.__version__}). Run it on a CUDA machine; the CPU benchmarks are in benchmarks/*.py.")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        sys.exit("benchmarks/gpu.py needs Triton (pip install triton) to run convzoo's kernels.")
+@dataclass
+class Bench:
+    """What every section needs: device, sizes, timing settings, and notes on failed measurements."""
+
+    device: torch.device
+    quick: bool
+    tiny: bool
+    warmup: int
+    repeats: int
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def ops_impl(self) -> str:
+        """The ``impl`` our ops run with: Triton on CUDA, the default CPU path elsewhere."""
+        return "triton" if self.device.type == "cuda" else "auto"
+
+    def time_ms(self, label: str, run: Callable[[], object]) -> float:
+        """Median ms of ``run``; NaN (and a note) when it raises, e.g. for a dtype a kernel lacks."""
+        try:
+            return median_ms(run, self.repeats, self.warmup, self.device)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+            self.notes.append(f"{label}: failed: {str(error).splitlines()[0]}")
+            return float("nan")
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
-def cuda_median_ms(run: Callable[[], None], warmup: int = 5, repeats: int = 20) -> float:
-    """Median time of ``run`` in ms, from CUDA events, after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    times: List[float] = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def forward_only(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def forward_backward(fn: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]) -> Callable[[], None]:
+    def run():
+        fn().float().sum().backward()
+        for leaf in leaves:
+            leaf.grad = None
+    return run
+
+
+def compare_passes(bench: Bench, case: str, dtype_name: str, ours: Callable[[], torch.Tensor],
+                   baseline: Callable[[], torch.Tensor] | None,
+                   leaves: Sequence[torch.Tensor]) -> Dict[str, Tuple[float, float]]:
+    """(ours ms, baseline ms) by pass, forward and forward+backward; baseline None: NaN (not available)."""
+    times = {}
+    for name, wrap in (("fwd", forward_only), ("fwd+bwd", lambda fn: forward_backward(fn, leaves))):
+        ours_ms = bench.time_ms(f"{case} {dtype_name} {name} ours", wrap(ours))
+        base_ms = float("nan") if baseline is None else bench.time_ms(f"{case} {dtype_name} {name} baseline",
+                                                                      wrap(baseline))
+        times[name] = (ours_ms, base_ms)
+    return times
+
+
+def pass_rows(case: str, dtype_name: str, times: Dict[str, Tuple[float, float]]) -> List[str]:
+    return [table_row(case, dtype_name, name, ours_ms, base_ms) for name, (ours_ms, base_ms) in times.items()]
+
+
+def table_row(case: str, dtype_name: str, pass_name: str, ours_ms: float, base_ms: float) -> str:
+    return (f"| {case} | {dtype_name} | {pass_name} | {ms_text(ours_ms)} | {ms_text(base_ms)} | "
+            f"{ms_text(base_ms / ours_ms, '.2f', 'x')} |")
+
+
+def ms_text(value: float, spec: str = ".3f", suffix: str = "") -> str:
+    """``value`` formatted, or "n/a" for a measurement that failed or has no baseline (NaN)."""
+    return "n/a" if math.isnan(value) else format(value, spec) + suffix
+
+
+def randn(bench: Bench, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """A leaf of standard normal values times ``scale`` on the benchmark's device, requiring grad."""
+    return (torch.randn(*shape, device=bench.device, dtype=torch.float32) * scale).to(dtype).requires_grad_()
 
 
 # ----------------------------------------------------------------------------- dwconv2d
 
-# RepLKNet-31B at 224x224, batch 64: (channels, feature map, large kernel) per stage.
+# RepLKNet-31B at 224x224: (channels, feature map, large kernel) per stage.
 REPLKNET_31B_STAGES = [(128, 56, 31), (256, 28, 29), (512, 14, 27), (1024, 7, 13)]
 
 
-def _dwconv_runs(batch: int, channels: int, size: int, kernel: int, dtype: torch.dtype,
-                 memory_format: torch.memory_format) -> Dict[str, Callable[[], None]]:
-    device = torch.device("cuda")
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
-    weight = torch.randn(channels, 1, kernel, kernel, device=device, dtype=dtype) / kernel
-    x_leaf, w_leaf = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    grad_out = torch.randn_like(x)
-    pad = kernel // 2
-
-    def ours(inp, w):
-        return dwconv2d(inp, w, padding=pad, impl="triton")
-
-    def cudnn(inp, w):
-        return F.conv2d(inp, w, None, 1, pad, 1, channels)
-
-    def forward(fn):
-        def run():
-            with torch.no_grad():
-                fn(x, weight)
-        return run
-
-    def forward_backward(fn):
-        def run():
-            fn(x_leaf, w_leaf).backward(grad_out)
-        return run
-
-    return {"fwd ours": forward(ours), "fwd cudnn": forward(cudnn),
-            "fb ours": forward_backward(ours), "fb cudnn": forward_backward(cudnn)}
-
-
-def bench_dwconv(args) -> None:
-    """Our Triton dwconv2d vs F.conv2d(groups=C) (cuDNN) at RepLKNet-31B's shapes and at k=3, 7."""
-    print(f"\n### dwconv2d vs F.conv2d(groups=C), batch {args.batch}, {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}; ms (median)\n")
-    print("| dtype | layout | C@HxW | k | fwd ours | fwd cuDNN | fwd speedup | fwd+bwd ours | fwd+bwd cuDNN "
-          "| fwd+bwd speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for layout in args.layouts:
+def bench_dwconv(bench: Bench) -> List[str]:
+    batch, stages, layouts = 64, REPLKNET_31B_STAGES, ("nchw", "channels_last")
+    if bench.quick:
+        stages, layouts = stages[:1], ("nchw",)
+    if bench.tiny:
+        batch, stages = 2, [(8, 12, 7)]
+    lines = [f"### dwconv2d vs F.conv2d(groups=C), batch {batch}", ""] + TABLE_HEADER
+    ours_forward_ms: Dict[Tuple[str, str, int], float] = {}
+    for dtype_name, dtype in DTYPES.items():
+        for layout in layouts:
             memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            ours_by_kernel: Dict[int, float] = {}
-            for channels, size, large in REPLKNET_31B_STAGES:
+            for channels, size, large in stages:
                 for kernel in sorted({large, 7, 3}, reverse=True):
-                    runs = _dwconv_runs(args.batch, channels, size, kernel, dtype, memory_format)
-                    t = {name: cuda_median_ms(run, args.warmup, args.repeats) for name, run in runs.items()}
-                    if size == 56:
-                        ours_by_kernel[kernel] = t["fwd ours"]
-                    print(f"| {dtype_name} | {layout} | {channels}@{size}x{size} | {kernel} | {t['fwd ours']:.3f} "
-                          f"| {t['fwd cudnn']:.3f} | {t['fwd cudnn'] / t['fwd ours']:.2f}x | {t['fb ours']:.3f} "
-                          f"| {t['fb cudnn']:.3f} | {t['fb cudnn'] / t['fb ours']:.2f}x |", flush=True)
-                    del runs
-                    torch.cuda.empty_cache()
-            if 31 in ours_by_kernel and 3 in ours_by_kernel:
-                print(f"| {dtype_name} | {layout} | 128@56x56 | 31 vs 3 | ours forward 31x31 / 3x3 = "
-                      f"{ours_by_kernel[31] / ours_by_kernel[3]:.2f} | | | | | |", flush=True)
+                    x = randn(bench, batch, channels, size, size, dtype=dtype)
+                    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+                    weight = randn(bench, channels, 1, kernel, kernel, dtype=dtype, scale=1.0 / kernel)
+                    pad = kernel // 2
+                    case = f"{layout} {channels}@{size}x{size} k{kernel}"
+                    times = compare_passes(
+                        bench, case, dtype_name, lambda: dwconv2d(x, weight, padding=pad, impl=bench.ops_impl),
+                        lambda: F.conv2d(x, weight, None, 1, pad, 1, channels), (x, weight))
+                    lines += pass_rows(case, dtype_name, times)
+                    if (channels, size) == stages[0][:2]:
+                        ours_forward_ms[dtype_name, layout, kernel] = times["fwd"][0]
+    lines += ["", f"Ours, forward, large kernel / 3x3 on {stages[0][0]}@{stages[0][1]}x{stages[0][1]}:"]
+    large = stages[0][2]
+    for dtype_name in DTYPES:
+        for layout in layouts:
+            ratio = ours_forward_ms[dtype_name, layout, large] / ours_forward_ms[dtype_name, layout, 3]
+            lines.append(f"- {dtype_name} {layout}: {large}x{large} / 3x3 = {ratio:.2f}")
+    return lines
 
 
-SECTIONS: Dict[str, Callable] = {"dwconv": bench_dwconv}
+# ----------------------------------------------------------------------------- dcnv3
+
+# InternImage-T at 224x224: (channels, feature map, groups) per stage.
+INTERNIMAGE_T_STAGES = [(64, 56, 4), (128, 28, 8), (256, 14, 16), (512, 7, 32)]
+
+
+def bench_dcnv3(bench: Bench) -> List[str]:
+    batch, stages = 64, INTERNIMAGE_T_STAGES
+    if bench.quick:
+        stages = stages[:2]
+    if bench.tiny:
+        batch, stages = 2, [(8, 6, 2)]
+    lines = [f"### dcnv3 vs the grid_sample reference, batch {batch}, 3x3, stride 1, pad 1", ""] + TABLE_HEADER
+    for dtype_name, dtype in DTYPES.items():
+        for channels, size, group in stages:
+            x = randn(bench, batch, size, size, channels, dtype=dtype)
+            offset = randn(bench, batch, size, size, group * 18, dtype=dtype, scale=2.0)
+            mask = torch.rand(batch, size, size, group, 9, device=bench.device).softmax(-1)
+            mask = mask.reshape(batch, size, size, -1).to(dtype).requires_grad_()
+            args = (3, 3, 1, 1, 1, 1, 1, 1, group, channels // group, 1.0)
+
+            def ours():
+                return dcnv3(x, offset, mask, *args, impl=bench.ops_impl)
+
+            exact = dcnv3_grid_sample(x.detach().float(), offset.detach().float(), mask.detach().float(), *args)
+            tol = 1e-3 if dtype == torch.float32 else 5e-2
+            with torch.no_grad():
+                torch.testing.assert_close(ours().float(), exact, rtol=tol, atol=tol)
+            case = f"{channels}ch@{size}x{size} g{group}"
+            times = compare_passes(bench, case, dtype_name, ours,
+                                   lambda: dcnv3_grid_sample(x, offset, mask, *args), (x, offset, mask))
+            lines += pass_rows(case, dtype_name, times)
+    return lines
+
+
+# ----------------------------------------------------------------------------- deform_conv2d
+
+# ResNet-50 stages with DCNv2: (name, channels, feature map).
+RESNET50_SHAPES = [("conv3", 128, 28), ("conv4", 256, 14), ("conv5", 512, 7)]
+
+
+def bench_deform_conv(bench: Bench) -> List[str]:
+    shapes, batches = RESNET50_SHAPES, (32, 64)
+    if bench.quick:
+        batches = (32,)
+    if bench.tiny:
+        shapes, batches = [("tiny", 8, 6)], (2,)
+    try:
+        import torchvision.ops
+        baseline_op = torchvision.ops.deform_conv2d
+    except ImportError:
+        baseline_op = None
+        bench.notes.append("deform_conv: torchvision is not installed, so the baseline column is empty")
+    lines = ["### deform_conv2d vs torchvision.ops.deform_conv2d (3x3, stride 1, pad 1, mask)", ""] + TABLE_HEADER
+    for dtype_name, dtype in DTYPES.items():
+        for name, channels, size in shapes:
+            for batch in batches:
+                x = randn(bench, batch, channels, size, size, dtype=dtype)
+                offset = randn(bench, batch, 18, size, size, dtype=dtype)
+                mask = torch.rand(batch, 9, size, size, device=bench.device).to(dtype).requires_grad_()
+                weight = randn(bench, channels, channels, 3, 3, dtype=dtype, scale=0.02)
+                bias = randn(bench, channels, dtype=dtype)
+                inputs = (x, offset, weight, bias, 1, 1, 1)
+                baseline = None if baseline_op is None else (lambda: baseline_op(*inputs, mask=mask))
+                case = f"{name} {channels}ch@{size}x{size} batch {batch}"
+                times = compare_passes(bench, case, dtype_name,
+                                       lambda: deform_conv2d(*inputs, mask=mask, impl=bench.ops_impl), baseline,
+                                       (x, offset, weight, bias, mask))
+                lines += pass_rows(case, dtype_name, times)
+    return lines
+
+
+# ----------------------------------------------------------------------------- whole models
+
+MODELS = ("replknet_31b", "internimage_t")
+
+
+def with_reference_impl(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with ``impl = "reference"`` on every module that has an ``impl``."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "impl"):
+            module.impl = "reference"
+    return model
+
+
+def autocast_to(bench: Bench, dtype: torch.dtype):
+    """bf16/fp16 autocast on the benchmark's device; a no-op context for fp32."""
+    return torch.autocast(bench.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def training_step(bench: Bench, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  dtype: torch.dtype) -> Callable[[], None]:
+    def run():
+        with autocast_to(bench, dtype):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
+def inference(bench: Bench, model: nn.Module, images: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    def run():
+        with torch.no_grad(), autocast_to(bench, dtype):
+            model(images)
+    return run
+
+
+def bench_models(bench: Bench) -> List[str]:
+    train_batch, infer_batch, size = 32, 64, 224
+    if bench.tiny:
+        train_batch, infer_batch, size = 2, 2, 32
+    lines = [f"### Whole models, {size}x{size}: training step (batch {train_batch}) and inference (batch "
+             f"{infer_batch}), ours vs impl='reference'", "",
+             "| model | dtype | pass | ours ms | baseline ms | speed-up | ours img/s | baseline img/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for model_name in MODELS:
+        torch.manual_seed(0)
+        ours = convzoo.create_model(model_name).to(bench.device)
+        models = {"train": (ours.train(), with_reference_impl(ours).train())}
+        deployed = convzoo.reparameterize(copy.deepcopy(ours).eval())
+        models["inference"] = (deployed, with_reference_impl(deployed))
+        labels = torch.randint(0, 1000, (train_batch,), device=bench.device)
+        for dtype_name, dtype in DTYPES.items():
+            for pass_name, batch in (("train", train_batch), ("inference", infer_batch)):
+                images = torch.randn(batch, 3, size, size, device=bench.device)
+                times = []
+                for side, model in zip(("ours", "baseline"), models[pass_name]):
+                    run = (training_step(bench, model, images, labels, dtype) if pass_name == "train"
+                           else inference(bench, model, images, dtype))
+                    times.append(bench.time_ms(f"{model_name} {dtype_name} {pass_name} {side}", run))
+                ours_ms, base_ms = times
+                lines.append(f"{table_row(model_name, dtype_name, pass_name, ours_ms, base_ms)} "
+                             f"{ms_text(1000 * batch / ours_ms, '.1f')} | {ms_text(1000 * batch / base_ms, '.1f')} |")
+        del models, deployed, ours
+    return lines
+
+
+SECTIONS: Dict[str, Callable[[Bench], List[str]]] = {
+    "dwconv": bench_dwconv, "dcnv3": bench_dcnv3, "deform_conv": bench_deform_conv, "models": bench_models}
+
+
+def require_device(device: torch.device) -> None:
+    """Exit with a clear message when a CUDA run lacks a GPU or Triton."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        sys.exit(f"benchmarks/gpu.py: --device {device} needs an NVIDIA GPU, but torch.cuda.is_available() is "
+                 f"False here (torch {torch.__version__}). Nothing measured. (--device cpu --tiny only checks "
+                 "that the script runs.)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        sys.exit("benchmarks/gpu.py: Triton is not installed (pip install triton); it runs convzoo's kernels.")
+
+
+def describe(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (script check only)"
+    versions = [f"torch {torch.__version__}"]
+    for package in ("triton", "torchvision"):
+        try:
+            versions.append(f"{package} {__import__(package).__version__}")
+        except ImportError:
+            pass
+    return f"{name}, {', '.join(versions)}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def run_sections(bench: Bench, names: Iterable[str]) -> str:
+    """Run the named sections, printing each table as it completes; return the whole markdown."""
+    lines = [f"## benchmarks/gpu.py: {describe(bench.device)}", "",
+             f"`python {' '.join(sys.argv)}`; median of {bench.repeats} after {bench.warmup} warm-up runs (ms)."]
+    print("\n".join(lines), flush=True)
+    for name in names:
+        section = ["", *SECTIONS[name](bench)]
+        print("\n".join(section), flush=True)
+        lines += section
+    if bench.notes:
+        notes = ["", "Notes:"] + [f"- {note}" for note in bench.notes]
+        print("\n".join(notes), flush=True)
+        lines += notes
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                        choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), metavar="SECTION",
+                        help=f"sections to run, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--tiny", action="store_true", help="toy shapes, to check the script (e.g. with --device cpu)")
+    parser.add_argument("--device", default="cuda", help="torch device (default: cuda; refused without a GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 5, --quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default 20, --quick 5)")
+    parser.add_argument("--output", help="also write the markdown to this file")
     args = parser.parse_args()
-    require_cuda()
+    device = torch.device(args.device)
+    require_device(device)
+    bench = Bench(device, args.quick, args.tiny,
+                  warmup=args.warmup if args.warmup is not None else (2 if args.quick else 5),
+                  repeats=args.repeats if args.repeats is not None else (5 if args.quick else 20))
     torch.manual_seed(0)
-    for name in args.sections:
-        SECTIONS[name](args)
+    markdown = run_sections(bench, args.only)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(markdown + "\n")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ Run: ``PYTHONPATH=. python benchmarks/roi.py [--repeats 5] [--rois 512] [--threa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from convzoo import ops
+
+from _timing import median_ms
 
 POOLED = 7
 SAMPLING = 2
@@ -107,16 +107,6 @@ def baseline_deform_ps_roi_pool(x, rois, offset, scale, spp=4, trans_std=0.1):
     return pooled.diagonal(dim1=2, dim2=3).reshape(k, -1, POOLED, POOLED)
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def fwd_bwd(fn, *leaves):
     def run():
         out = fn()
@@ -171,8 +161,8 @@ def main() -> None:
                         fn()
             else:
                 run_ours, run_base = fwd_bwd(ours, *leaves), fwd_bwd(baseline, *leaves)
-            t_ours = timeit(run_ours, args.repeats)
-            t_base = timeit(run_base, args.repeats)
+            t_ours = median_ms(run_ours, args.repeats)
+            t_base = median_ms(run_base, args.repeats)
             print(f"| {name} | {mode} | {t_ours:.1f} | {t_base:.1f} | {t_base / t_ours:.2f}x |", flush=True)
 
 

@@ -96,3 +96,21 @@ def stage_outputs(
         if i in wanted:
             outs.append(x)
     return outs
+
+
+def outputs_of_stages(
+    stages: Sequence[Iterable[nn.Module]],
+    x: torch.Tensor,
+    indices: Sequence[int],
+    grad_checkpointing: bool = False,
+) -> List[torch.Tensor]:
+    """Run ``stages`` (each an iterable of blocks) in turn and return, in stage order, the outputs
+    of the stages in ``indices`` (negative ones count from the end). Stages after the last wanted
+    one are not run."""
+    wanted = {i % len(stages) for i in indices}
+    outs = []
+    for i, stage in enumerate(stages[: max(wanted) + 1]):
+        x = run_blocks(stage, x, grad_checkpointing)
+        if i in wanted:
+            outs.append(x)
+    return outs

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..layers import DropPath, ModulatedDeformConv2d
 from ._builder import build_model
-from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks
+from ._convbn import fold_bn_into_conv, linear_drop_path_rates, outputs_of_stages, run_blocks
 from ._registry import register_model
 
 _logger = logging.getLogger(__name__)
@@ -218,14 +218,7 @@ class ResNet(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """The outputs of the stages in ``indices`` (N, C_i, H/stride_i, W/stride_i), in stage order."""
-        wanted = {i % 4 for i in indices}
-        outs = []
-        x = self._stem(x)
-        for i, stage in enumerate(self.stages[: max(wanted) + 1]):
-            x = run_blocks(stage, x, self.grad_checkpointing)
-            if i in wanted:
-                outs.append(x)
-        return outs
+        return outputs_of_stages(self.stages, self._stem(x), indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes

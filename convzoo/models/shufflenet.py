@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._builder import build_model
-from ._convbn import ConvNormAct, fold_bn_into_conv, run_blocks
+from ._convbn import ConvNormAct, fold_bn_into_conv, outputs_of_stages, run_blocks
 from ._registry import register_model
 
 __all__ = ["ShuffleNetV2", "ShuffleNetV2Cfg", "InvertedResidual", "channel_shuffle", "checkpoint_filter_fn"]
@@ -142,13 +142,7 @@ class ShuffleNetV2(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
-        wanted = {i % 4 for i in indices}
-        outs = []
-        for i, stage in enumerate(self._stages()[: max(wanted) + 1]):
-            x = run_blocks(stage, x, self.grad_checkpointing)
-            if i in wanted:
-                outs.append(x)
-        return outs
+        return outputs_of_stages(self._stages(), x, indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes

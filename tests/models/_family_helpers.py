@@ -1,4 +1,4 @@
-"""Helpers for the per-family model tests (ResNet, MobileNet, SqueezeNet, ShuffleNet, InternImage)."""
+"""Helpers for the per-family model tests."""
 import torch
 import torch.nn as nn
 
@@ -49,3 +49,24 @@ def assert_reparameterize_exact(model: nn.Module, x: torch.Tensor) -> None:
     assert num_params(model) < params_before
     scale = before.abs().max()
     assert (after - before).abs().max() <= 1e-5 * scale, float((after - before).abs().max() / scale)
+
+
+def assert_key_shapes(state: dict, expected: dict) -> None:
+    """Each ``key -> shape`` of ``expected`` (typed by hand from the official code) is in ``state``."""
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+def load_saved(tmp_path, name: str, reference: nn.Module, **kwargs) -> nn.Module:
+    """Model ``name`` built with ``pretrained=`` a file holding ``reference``'s state dict."""
+    path = tmp_path / f"{name}.pth"
+    torch.save(reference.state_dict(), path)
+    return convzoo.create_model(name, pretrained=path, **kwargs)
+
+
+def assert_checkpoint_round_trip(tmp_path, name: str) -> None:
+    """A saved state dict of model ``name`` loads back and gives the same eval outputs."""
+    reference = convzoo.create_model(name).eval()
+    model = load_saved(tmp_path, name, reference).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x))

@@ -63,13 +63,7 @@ def one_per_family():
 RUNNABLE = runnable_models()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The inputs are tiny: one thread is fastest, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name, **kwargs):

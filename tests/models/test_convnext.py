@@ -10,6 +10,8 @@ import convzoo
 from convzoo.analysis import count_flops, count_params
 from convzoo.models.convnext import checkpoint_filter_fn
 
+from _family_helpers import build_on_meta
+
 SMALL = dict(depths=(1, 2, 1, 1), dims=(8, 16, 16, 24))
 
 # Our exact counts of the official architecture, the paper's params (M) and MACs (G) at 224.
@@ -22,17 +24,7 @@ FIGURES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def meta_model(name, **kwargs):
-    with torch.device("meta"):
-        return convzoo.create_model(name, **kwargs)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def to_official(state):
@@ -90,7 +82,7 @@ def randomized_small_model(num_classes=10):
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_parameter_and_mac_counts(name):
     params, macs, paper_m, paper_g = FIGURES[name]
-    model = meta_model(name)
+    model = build_on_meta(name)
     assert count_params(model) == params
     assert round(params / 1e6, 1 if paper_m < 30 else 0) == paper_m
     result = count_flops(model, (1, 3, 224, 224))
@@ -100,7 +92,7 @@ def test_parameter_and_mac_counts(name):
 
 def test_hand_typed_official_and_timm_keys():
     """Keys and shapes read from facebookresearch/ConvNeXt and timm for ConvNeXt-T."""
-    native = meta_model("convnext_tiny").state_dict()
+    native = build_on_meta("convnext_tiny").state_dict()
     official = to_official(native)
     for key, shape in {
         "downsample_layers.0.0.weight": (96, 3, 4, 4),

@@ -4,7 +4,10 @@ import torch
 import torch.nn as nn
 
 import convzoo
-from _family_helpers import assert_reparameterize_exact, build_on_meta, count_macs, num_params
+from _family_helpers import (
+    assert_checkpoint_round_trip, assert_key_shapes, assert_reparameterize_exact, build_on_meta, count_macs,
+    load_saved, num_params,
+)
 
 # Our own counts of the official architectures (torchvision mobilenet_v2 / v3_large /
 # v3_small and timm mobilenetv1_100), and the papers' MACs at 224x224.
@@ -84,8 +87,7 @@ def test_macs_match_paper(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_official_keys_typed_by_hand(name):
     state = build_on_meta(name).state_dict()
-    for key, shape in OFFICIAL_KEYS[name].items():
-        assert tuple(state[key].shape) == shape, key
+    assert_key_shapes(state, OFFICIAL_KEYS[name])
 
 
 def test_mobilenetv3_uses_torchvision_batchnorm_eps():
@@ -129,17 +131,12 @@ def test_mobilenetv1_rejects_drop_path():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_official_checkpoint_round_trip(tmp_path, name):
-    reference = convzoo.create_model(name).eval()
-    torch.save(reference.state_dict(), tmp_path / f"{name}.pth")
-    model = convzoo.create_model(name, pretrained=tmp_path / f"{name}.pth").eval()
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model(x), reference(x))
+    assert_checkpoint_round_trip(tmp_path, name)
 
 
 def test_other_num_classes_reinitialises_head(tmp_path):
     reference = convzoo.create_model("mobilenetv3_small_100")
-    torch.save(reference.state_dict(), tmp_path / "v3s.pth")
-    model = convzoo.create_model("mobilenetv3_small_100", pretrained=tmp_path / "v3s.pth", num_classes=6)
+    model = load_saved(tmp_path, "mobilenetv3_small_100", reference, num_classes=6)
     assert model.classifier[3].out_features == 6
     torch.testing.assert_close(model.classifier[0].weight, reference.classifier[0].weight)
 

@@ -10,6 +10,8 @@ from convzoo.analysis import count_flops, count_params
 from convzoo.layers import ReparamLargeKernelConv
 from convzoo.models.replknet import RepLKNetCfg, checkpoint_filter_fn, merge_large_kernels
 
+from _family_helpers import build_on_meta
+
 SMALL = dict(depths=(1, 2, 1, 1), channels=(8, 16, 16, 24))
 
 # Our counts of the official architecture. Training form / large kernels merged (the form the
@@ -27,17 +29,7 @@ MACS = {  # resolution, our MACs, the paper's MACs (G) and params (M)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def meta_model(name, **kwargs):
-    with torch.device("meta"):
-        return convzoo.create_model(name, **kwargs)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def to_official(state):
@@ -91,7 +83,7 @@ def official_forward(sd, x, depths):
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_parameter_counts(name):
-    model = meta_model(name)
+    model = build_on_meta(name)
     trained, merged = PARAMS[name]
     assert count_params(model) == trained
     merge_large_kernels(model)
@@ -101,7 +93,7 @@ def test_parameter_counts(name):
 @pytest.mark.parametrize("name", sorted(MACS))
 def test_macs_match_the_paper(name):
     size, macs, paper_g, paper_m = MACS[name]
-    model = meta_model(name)
+    model = build_on_meta(name)
     merge_large_kernels(model)
     result = count_flops(model, (1, 3, size, size))
     assert result.macs == macs
@@ -110,18 +102,18 @@ def test_macs_match_the_paper(name):
 
 
 def test_variant_configs_follow_the_official_code():
-    b, l, xl = (meta_model(n).cfg for n in ("replknet_31b", "replknet_31l", "replknet_xl"))
+    b, l, xl = (build_on_meta(n).cfg for n in ("replknet_31b", "replknet_31l", "replknet_xl"))
     assert b == RepLKNetCfg((31, 29, 27, 13), (2, 2, 18, 2), (128, 256, 512, 1024), 5, 1.0, 4.0, False)
     assert l.channels == (192, 384, 768, 1536) and l.kernel_sizes == b.kernel_sizes and l.small_kernel == 5
     assert xl == RepLKNetCfg((27, 27, 27, 13), (2, 2, 18, 2), (256, 512, 1024, 2048), None, 1.5, 4.0, False)
-    xl_model = meta_model("replknet_xl")
+    xl_model = build_on_meta("replknet_xl")
     block = xl_model.stages[0].blocks[0]
     assert block.pw1.conv.out_channels == 384 and len(block.large_kernel.small_convs) == 0
 
 
 def test_hand_typed_official_keys():
     """Keys and shapes read from RepLKNet-pytorch's replknet.py for RepLKNet-31B."""
-    official = to_official(meta_model("replknet_31b").state_dict())
+    official = to_official(build_on_meta("replknet_31b").state_dict())
     expected = {
         "stem.0.conv.weight": (128, 3, 3, 3),
         "stem.1.conv.weight": (128, 1, 3, 3),
@@ -221,7 +213,7 @@ def test_config_errors(overrides, match):
 
 
 def test_drop_path_rates_rise_linearly_and_are_shared_by_each_pair():
-    model = meta_model("replknet_31b", drop_path_rate=0.3)
+    model = build_on_meta("replknet_31b", drop_path_rate=0.3)
     blocks = [b for stage in model.stages for b in stage.blocks]
     rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3)

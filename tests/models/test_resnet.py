@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import convzoo
 from convzoo.layers import ModulatedDeformConv2d
-from _family_helpers import assert_reparameterize_exact, build_on_meta, count_macs, num_params
+from _family_helpers import assert_key_shapes, assert_reparameterize_exact, build_on_meta, count_macs, num_params
 
 # Our own counts of the official architectures (torchvision resnet50: 25,557,032). The DCNv2
 # model adds a 3x3 conv predicting 27 offset/mask channels (with bias) before each of the 13
@@ -95,8 +95,7 @@ def test_torchvision_keys_typed_by_hand():
         "fc.weight": (1000, 2048),
         "fc.bias": (1000,),
     }
-    for key, shape in expected_shapes.items():
-        assert tuple(state[key].shape) == shape, key
+    assert_key_shapes(state, expected_shapes)
     assert len(state) == 320
 
 

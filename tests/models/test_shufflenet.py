@@ -4,7 +4,10 @@ import torch
 
 import convzoo
 from convzoo.models.shufflenet import channel_shuffle
-from _family_helpers import assert_reparameterize_exact, build_on_meta, count_macs, num_params
+from _family_helpers import (
+    assert_checkpoint_round_trip, assert_key_shapes, assert_reparameterize_exact, build_on_meta, count_macs,
+    load_saved, num_params,
+)
 
 # Our own counts of torchvision's shufflenet_v2_x*; MACs from the paper (Table 5 / 8).
 PARAMS = {
@@ -41,8 +44,7 @@ def test_torchvision_keys_typed_by_hand():
         "conv5.0.weight": (1024, 464, 1, 1),
         "fc.weight": (1000, 1024),
     }
-    for key, shape in expected.items():
-        assert tuple(state[key].shape) == shape, key
+    assert_key_shapes(state, expected)
     assert not any(k.startswith("stage2.1.branch1") for k in state)
     assert len(state) == 338
 
@@ -84,17 +86,12 @@ def test_rejects_drop_path():
 
 @pytest.mark.parametrize("name", ["shufflenetv2_x0_5", "shufflenetv2_x1_0"])
 def test_torchvision_checkpoint_round_trip(tmp_path, name):
-    reference = convzoo.create_model(name).eval()
-    torch.save(reference.state_dict(), tmp_path / f"{name}.pth")
-    model = convzoo.create_model(name, pretrained=tmp_path / f"{name}.pth").eval()
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model(x), reference(x))
+    assert_checkpoint_round_trip(tmp_path, name)
 
 
 def test_other_num_classes_reinitialises_fc(tmp_path):
     reference = convzoo.create_model("shufflenetv2_x0_5")
-    torch.save(reference.state_dict(), tmp_path / "sh.pth")
-    model = convzoo.create_model("shufflenetv2_x0_5", pretrained=tmp_path / "sh.pth", num_classes=9)
+    model = load_saved(tmp_path, "shufflenetv2_x0_5", reference, num_classes=9)
     assert model.fc.out_features == 9
     torch.testing.assert_close(model.conv5[0].weight, reference.conv5[0].weight)
 

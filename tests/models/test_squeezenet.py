@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import convzoo
-from _family_helpers import build_on_meta, count_macs, num_params
+from _family_helpers import (
+    assert_checkpoint_round_trip, assert_key_shapes, build_on_meta, count_macs, load_saved, num_params,
+)
 
 # Our own counts of torchvision's squeezenet1_0 / squeezenet1_1 and the papers' MACs.
 PARAMS = {"squeezenet1_0": 1_248_424, "squeezenet1_1": 1_235_496}
@@ -45,8 +47,7 @@ def test_macs_match_paper(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_official_keys_typed_by_hand(name):
     state = build_on_meta(name).state_dict()
-    for key, shape in OFFICIAL_KEYS[name].items():
-        assert tuple(state[key].shape) == shape, key
+    assert_key_shapes(state, OFFICIAL_KEYS[name])
     assert len(state) == 52
 
 
@@ -103,17 +104,12 @@ def test_rejects_drop_path():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_torchvision_checkpoint_round_trip(tmp_path, name):
-    reference = convzoo.create_model(name).eval()
-    torch.save(reference.state_dict(), tmp_path / f"{name}.pth")
-    model = convzoo.create_model(name, pretrained=tmp_path / f"{name}.pth").eval()
-    x = torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(model(x), reference(x))
+    assert_checkpoint_round_trip(tmp_path, name)
 
 
 def test_other_num_classes_reinitialises_final_conv(tmp_path):
     reference = convzoo.create_model("squeezenet1_0")
-    torch.save(reference.state_dict(), tmp_path / "sq.pth")
-    model = convzoo.create_model("squeezenet1_0", pretrained=tmp_path / "sq.pth", num_classes=2)
+    model = load_saved(tmp_path, "squeezenet1_0", reference, num_classes=2)
     assert model.classifier[1].out_channels == 2
     torch.testing.assert_close(model.features[12].squeeze.weight, reference.features[12].squeeze.weight)
 

@@ -50,6 +50,21 @@ def _sample(x_ptr, image_base, loc_x, loc_y, height, width, row_stride, channel_
 
 
 @triton.jit
+def _kernel_window(q, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                   dilation_w, row_stride, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
+    """For output pixels ``q`` (flat over N, Ho, Wo): the offset of their image in x, the centre
+    (x, y) of their sampling window in input coordinates, and the window's half extents (w, h)."""
+    wo = q % width_out
+    ho = (q // width_out) % height_out
+    n = q // (width_out * height_out)
+    half_w = (dilation_w * (KERNEL_W - 1)) // 2
+    half_h = (dilation_h * (KERNEL_H - 1)) // 2
+    centre_x = (wo * stride_w - pad_w + half_w).to(tl.float32)
+    centre_y = (ho * stride_h - pad_h + half_h).to(tl.float32)
+    return n * height * width * row_stride, centre_x, centre_y, half_w, half_h
+
+
+@triton.jit
 def _dcnv3_fwd_kernel(
     x_ptr,  # (N, H, W, G*C)
     offset_ptr,  # (N, Ho, Wo, G, P, 2)
@@ -66,15 +81,10 @@ def _dcnv3_fwd_kernel(
     c = tl.arange(0, BLOCK_C)
     pix_mask = q < num_pixels
     chan_mask = c < group_channels
-    wo = q % width_out
-    ho = (q // width_out) % height_out
-    n = q // (width_out * height_out)
-    half_w = (dilation_w * (KERNEL_W - 1)) // 2
-    half_h = (dilation_h * (KERNEL_H - 1)) // 2
-    centre_x = (wo * stride_w - pad_w + half_w).to(tl.float32)
-    centre_y = (ho * stride_h - pad_h + half_h).to(tl.float32)
     row_stride = group * group_channels
-    image_base = n * height * width * row_stride
+    image_base, centre_x, centre_y, half_w, half_h = _kernel_window(
+        q, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        row_stride, KERNEL_H, KERNEL_W)
     channel_ptrs = g * group_channels + c
     sample_base = (q * group + g) * POINTS
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
@@ -117,15 +127,10 @@ def _dcnv3_bwd_kernel(
     c = tl.arange(0, BLOCK_C)
     pix_mask = q < num_pixels
     chan_mask = c < group_channels
-    wo = q % width_out
-    ho = (q // width_out) % height_out
-    n = q // (width_out * height_out)
-    half_w = (dilation_w * (KERNEL_W - 1)) // 2
-    half_h = (dilation_h * (KERNEL_H - 1)) // 2
-    centre_x = (wo * stride_w - pad_w + half_w).to(tl.float32)
-    centre_y = (ho * stride_h - pad_h + half_h).to(tl.float32)
     row_stride = group * group_channels
-    image_base = n * height * width * row_stride
+    image_base, centre_x, centre_y, half_w, half_h = _kernel_window(
+        q, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        row_stride, KERNEL_H, KERNEL_W)
     channel_ptrs = g * group_channels + c
     sample_base = (q * group + g) * POINTS
     tile_mask = pix_mask[:, None] & chan_mask[None, :]

@@ -129,6 +129,43 @@ def _single_group(bins: int, device) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# Autograd shared by the two offset-taking pools (deform_roi_pool, deform_ps_roi_pool),
+# whose inputs are (input, rois, offset or None, *non-tensor arguments)
+# --------------------------------------------------------------------------------------
+def _fake_input_offset_grads(input: Tensor, offset: Optional[Tensor], need_input_grad: bool,
+                             need_offset_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Fake kernel's (grad_input, grad_offset): shaped like the inputs, or empty where not needed."""
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
+    grad_offset = torch.empty_like(offset) if (need_offset_grad and offset is not None) else input.new_empty(0)
+    return grad_input, grad_offset
+
+
+def _save_input_rois_offset(ctx, inputs, output):
+    input, rois, offset, *args = inputs
+    ctx.has_offset = offset is not None
+    ctx.save_for_backward(input, rois, offset)
+    ctx.args = args
+
+
+def _offset_pool_backward(backward_op):
+    """Autograd backward calling ``backward_op(grad, input, rois, offset, *args, need_input, need_offset)``."""
+
+    def backward(ctx, grad):
+        input, rois, offset = ctx.saved_tensors
+        need_input = ctx.needs_input_grad[0]
+        need_offset = ctx.has_offset and ctx.needs_input_grad[2]
+        no_arg_grads = (None,) * len(ctx.args)
+        if not (need_input or need_offset):
+            return (None, None, None) + no_arg_grads
+        grad_input, grad_offset = backward_op(
+            grad, input, rois, offset if ctx.has_offset else None, *ctx.args, need_input, need_offset
+        )
+        return (grad_input if need_input else None, None, grad_offset if need_offset else None) + no_arg_grads
+
+    return backward
+
+
+# --------------------------------------------------------------------------------------
 # convzoo::roi_align
 # --------------------------------------------------------------------------------------
 @torch.library.custom_op("convzoo::roi_align", mutates_args=())
@@ -239,31 +276,12 @@ def _deform_roi_pool_backward_op(
 
 @_deform_roi_pool_backward_op.register_fake
 def _(grad, input, rois, offset, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma, need_input_grad, need_offset_grad):
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
-    grad_offset = torch.empty_like(offset) if (need_offset_grad and offset is not None) else input.new_empty(0)
-    return grad_input, grad_offset
+    return _fake_input_offset_grads(input, offset, need_input_grad, need_offset_grad)
 
 
-def _deform_roi_pool_setup(ctx, inputs, output):
-    input, rois, offset, *args = inputs
-    ctx.has_offset = offset is not None
-    ctx.save_for_backward(input, rois, offset)
-    ctx.args = args
-
-
-def _deform_roi_pool_backward(ctx, grad):
-    input, rois, offset = ctx.saved_tensors
-    need_input = ctx.needs_input_grad[0]
-    need_offset = ctx.has_offset and ctx.needs_input_grad[2]
-    if not (need_input or need_offset):
-        return (None,) * 8
-    grad_input, grad_offset = _deform_roi_pool_backward_op(
-        grad, input, rois, offset if ctx.has_offset else None, *ctx.args, need_input, need_offset
-    )
-    return (grad_input if need_input else None, None, grad_offset if need_offset else None) + (None,) * 5
-
-
-_deform_roi_pool_op.register_autograd(_deform_roi_pool_backward, setup_context=_deform_roi_pool_setup)
+_deform_roi_pool_op.register_autograd(
+    _offset_pool_backward(_deform_roi_pool_backward_op), setup_context=_save_input_rois_offset
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,31 +400,12 @@ def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size,
 @_deform_ps_roi_pool_backward_op.register_fake
 def _(grad, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
       spatial_scale, need_input_grad, need_offset_grad):
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
-    grad_offset = torch.empty_like(offset) if (need_offset_grad and offset is not None) else input.new_empty(0)
-    return grad_input, grad_offset
+    return _fake_input_offset_grads(input, offset, need_input_grad, need_offset_grad)
 
 
-def _deform_ps_roi_pool_setup(ctx, inputs, output):
-    input, rois, offset, *args = inputs
-    ctx.has_offset = offset is not None
-    ctx.save_for_backward(input, rois, offset)
-    ctx.args = args
-
-
-def _deform_ps_roi_pool_backward(ctx, grad):
-    input, rois, offset = ctx.saved_tensors
-    need_input = ctx.needs_input_grad[0]
-    need_offset = ctx.has_offset and ctx.needs_input_grad[2]
-    if not (need_input or need_offset):
-        return (None,) * 10
-    grad_input, grad_offset = _deform_ps_roi_pool_backward_op(
-        grad, input, rois, offset if ctx.has_offset else None, *ctx.args, need_input, need_offset
-    )
-    return (grad_input if need_input else None, None, grad_offset if need_offset else None) + (None,) * 7
-
-
-_deform_ps_roi_pool_op.register_autograd(_deform_ps_roi_pool_backward, setup_context=_deform_ps_roi_pool_setup)
+_deform_ps_roi_pool_op.register_autograd(
+    _offset_pool_backward(_deform_ps_roi_pool_backward_op), setup_context=_save_input_rois_offset
+)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""Timing helper shared by the benchmark scripts: median milliseconds of a callable after warm-up."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+
+
+def median_ms(run: Callable[[], object], repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> float:
+    """Median wall time of ``run()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls.
+
+    On a CUDA device each call is timed with CUDA events (kernels are asynchronous); elsewhere with
+    ``time.perf_counter``.
+    """
+    for _ in range(warmup):
+        run()
+    if torch.device(device).type == "cuda":
+        return statistics.median(_cuda_event_times_ms(run, repeats))
+    times: List[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _cuda_event_times_ms(run: Callable[[], object], repeats: int) -> List[float]:
+    torch.cuda.synchronize()
+    times: List[float] = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
