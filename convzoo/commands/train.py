@@ -214,70 +214,82 @@ def _write_metrics_history(output: str, history) -> None:
 def run(args) -> int:
     import torch
 
-    from .. import save_checkpoint
     from ..train.distributed import init_distributed, shutdown
-    from ..train.loop import Trainer, load_training_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model_args = parse_model_args(args.model_arg)
     output = args.output or os.path.join("runs", args.model)
-    train_set, val_set, num_classes, data_info = build_datasets(args)
+    datasets = build_datasets(args)
     resume_path = _resume_path(args, output)
     try:
         info = init_distributed(args.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
-        if args.sync_bn and info.enabled and info.device.type == "cpu":
-            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
-        config = _train_config(args, info)
-        torch.manual_seed(args.seed)
-        model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                            drop_path_rate=args.drop_path, **model_args)
-        if args.grad_checkpointing:
-            if not hasattr(model, "set_grad_checkpointing"):
-                raise UsageError(f"{args.model} does not support --grad-checkpointing")
-            model.set_grad_checkpointing(True)
-        metadata = {"model_name": args.model, "model_args": {k: v for k, v in model_args.items()},
-                    "num_classes": num_classes, "data": data_info}
-        if info.is_main:
-            os.makedirs(output, exist_ok=True)
-        trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
-        if resume_path is None and info.is_main:
-            if os.path.exists(os.path.join(output, "checkpoint.pt")):
-                print(f"note: starting a new run in {output}; its old checkpoint will be replaced "
-                      "(use --resume to continue it instead)", file=sys.stderr)
-            _write_metrics_history(output, [])
-        if resume_path is not None:
-            state = load_training_checkpoint(resume_path)
-            if state["meta"].get("model_name") != args.model:
-                raise UsageError(f"{resume_path} was trained with --model {state['meta'].get('model_name')}, not {args.model}")
-            trainer.load_state_dict(state)
-            if info.is_main:
-                _write_metrics_history(output, trainer.history)
-                print(f"resumed from {resume_path} after epoch {trainer.epoch}", file=sys.stderr)
-        if info.is_main:
-            data_name = args.data or "built-in relation data set"
-            print(f"training {args.model} on {data_name}: {len(train_set)} train / {len(val_set)} val images, "
-                  f"{num_classes} classes, {info.world_size} process(es) on {info.device}, output {output}", file=sys.stderr)
-        on_step = ProgressBar() if info.is_main else None
-        tensorboard = TensorBoardLogger(os.path.join(output, "tensorboard")) if info.is_main else None
-
-        def on_epoch(record):
-            if info.is_main:
-                print(_epoch_line(record), file=sys.stderr)
-                tensorboard(record)
-
-        start = time.perf_counter()
-        history = trainer.fit(on_step=on_step, on_epoch=on_epoch)
-        elapsed = time.perf_counter() - start
-        if info.is_main:
-            save_checkpoint(trainer.final_model(), os.path.join(output, "model.safetensors"))
-            _print_summary(args, output, history, elapsed, trainer)
-        return 0
+        return _train(args, info, model_args, output, datasets, resume_path)
     finally:
+        # _train has returned, so the DDP model holding the process group is gone: the
+        # group is torn down here, not by a destructor during interpreter shutdown.
         shutdown(info)
+
+
+def _train(args, info, model_args, output, datasets, resume_path) -> int:
+    import torch
+
+    from .. import save_checkpoint
+    from ..train.distributed import barrier
+    from ..train.loop import Trainer, load_training_checkpoint
+
+    train_set, val_set, num_classes, data_info = datasets
+    if args.sync_bn and info.enabled and info.device.type == "cpu":
+        raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
+    config = _train_config(args, info)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+                        drop_path_rate=args.drop_path, **model_args)
+    if args.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UsageError(f"{args.model} does not support --grad-checkpointing")
+        model.set_grad_checkpointing(True)
+    metadata = {"model_name": args.model, "model_args": {k: v for k, v in model_args.items()},
+                "num_classes": num_classes, "data": data_info}
+    if info.is_main:
+        os.makedirs(output, exist_ok=True)
+    trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
+    if resume_path is None and info.is_main:
+        if os.path.exists(os.path.join(output, "checkpoint.pt")):
+            print(f"note: starting a new run in {output}; its old checkpoint will be replaced "
+                  "(use --resume to continue it instead)", file=sys.stderr)
+        _write_metrics_history(output, [])
+    if resume_path is not None:
+        state = load_training_checkpoint(resume_path)
+        if state["meta"].get("model_name") != args.model:
+            raise UsageError(f"{resume_path} was trained with --model {state['meta'].get('model_name')}, not {args.model}")
+        trainer.load_state_dict(state)
+        if info.is_main:
+            _write_metrics_history(output, trainer.history)
+            print(f"resumed from {resume_path} after epoch {trainer.epoch}", file=sys.stderr)
+    if info.is_main:
+        data_name = args.data or "built-in relation data set"
+        print(f"training {args.model} on {data_name}: {len(train_set)} train / {len(val_set)} val images, "
+              f"{num_classes} classes, {info.world_size} process(es) on {info.device}, output {output}", file=sys.stderr)
+    on_step = ProgressBar() if info.is_main else None
+    tensorboard = TensorBoardLogger(os.path.join(output, "tensorboard")) if info.is_main else None
+
+    def on_epoch(record):
+        if info.is_main:
+            print(_epoch_line(record), file=sys.stderr)
+            tensorboard(record)
+
+    start = time.perf_counter()
+    history = trainer.fit(on_step=on_step, on_epoch=on_epoch)
+    elapsed = time.perf_counter() - start
+    if info.is_main:
+        save_checkpoint(trainer.final_model(), os.path.join(output, "model.safetensors"))
+        _print_summary(args, output, history, elapsed, trainer)
+    barrier(info)  # no rank tears the process group down while rank 0 still writes the model
+    return 0
 
 
 def _print_summary(args, output, history, elapsed, trainer) -> None:

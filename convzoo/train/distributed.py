@@ -7,6 +7,7 @@ run on GPUs, Gloo on CPU. Without them everything runs as a single process.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from typing import List
@@ -64,7 +65,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group once the models using it are unreachable.
+
+    A DistributedDataParallel model keeps the group alive; if its last reference went only at
+    interpreter exit, Gloo's worker threads would be torn down by a C++ destructor then and
+    abort the process. Call this after the models are out of scope.
+    """
     if info.enabled and dist.is_initialized():
+        gc.collect()  # DDP models caught in reference cycles release the group now
         dist.destroy_process_group()
 
 
