@@ -112,22 +112,31 @@ def _index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes) < 2**31 - 1 else torch.int64
 
 
-# Values gathered per chunk of the corner dot products (2 MiB of float32).
-_DOT_CHUNK_VALUES = 2**19
+def _corner_rows(samples: _Samples, bags: int, points: int) -> torch.Tensor:
+    """Rows read by every bag, laid out (bag, corner, point): ``(bags * 4 * points,)``."""
+    shifts = torch.tensor(samples.shifts, device=samples.top_left.device, dtype=samples.top_left.dtype)
+    return (samples.top_left.view(bags, 1, points) + shifts.view(1, 4, 1)).view(-1)
+
+
+def _bag_pattern(samples: _Samples, values: torch.Tensor, bags: int, points: int, num_rows: int) -> torch.Tensor:
+    """The sampling matrix ``(bags, num_rows)`` in CSR: row ``b`` holds its 4 corners x P points."""
+    index_dtype = samples.top_left.dtype
+    crow = torch.arange(0, values.numel() + 1, 4 * points, device=values.device, dtype=index_dtype)
+    return _csr(crow, _corner_rows(samples, bags, points), values, (bags, num_rows))
 
 
 def _corner_dots(rows: torch.Tensor, samples: _Samples, grad_bags: torch.Tensor, points: int):
-    """``<rows[top_left + shift_k], grad_out[bag]>`` for every sample and corner k: four ``(bags, P)`` views."""
-    bags, group_channels = grad_bags.shape
-    shifts = torch.tensor(samples.shifts, device=rows.device).view(1, 4, 1)
-    top_left = samples.top_left.long().view(bags, 1, points)
-    dots = torch.empty(bags, 4 * points, dtype=rows.dtype, device=rows.device)
-    chunk = max(1, _DOT_CHUNK_VALUES // (4 * points * group_channels))
-    for start in range(0, bags, chunk):
-        stop = min(start + chunk, bags)
-        corner_rows = (top_left[start:stop] + shifts).view(stop - start, 4 * points)
-        values = F.embedding(corner_rows, rows)
-        torch.linalg.vecdot(values, grad_bags[start:stop, None, :], out=dots[start:stop])
+    """``<rows[top_left + shift_k], grad_out[bag]>`` for every sample and corner k: four ``(bags, P)`` views.
+
+    One sampled dense-dense product (``grad_bags @ rows.T`` evaluated only where the sampling
+    matrix has entries), so no corner row is copied.
+    """
+    bags = grad_bags.shape[0]
+    if rows.shape[0] < 4 * points:
+        # PyTorch's sampled_addmm refuses more entries than the dense matrix has: pad with zero rows.
+        rows = F.pad(rows, (0, 0, 0, 4 * points - rows.shape[0]))
+    pattern = _bag_pattern(samples, rows.new_empty(bags * 4 * points), bags, points, rows.shape[0])
+    dots = torch.sparse.sampled_addmm(pattern, grad_bags, rows.t(), beta=0.0).values()
     return dots.view(bags, 4, points).unbind(1)
 
 
@@ -140,16 +149,13 @@ def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *pa
     rows = _padded_rows(x.to(dtype), group_channels)
     num_samples = mask.numel()
     bags = n * height_out * width_out * channels // group_channels
-    index_dtype = _index_dtype(rows.shape[0], num_samples + 1)
+    points = num_samples // bags
+    index_dtype = _index_dtype(rows.shape[0], 4 * num_samples + 1)
     samples = _samples(offset.to(dtype), height, width, params, index_dtype)
     weights = _corner_weights(samples.frac_x, samples.frac_y, mask.to(dtype).reshape(-1) * samples.valid)
-    points = num_samples // bags
     # One CSR row per bag holding its 4 corners x P points, laid out (bag, corner, point).
-    shifts = torch.tensor(samples.shifts, device=x.device, dtype=index_dtype).view(1, 4, 1)
-    corner_rows = (samples.top_left.view(bags, 1, points) + shifts).view(-1)
     values = torch.stack([w.view(bags, points) for w in weights], 1).view(-1)
-    crow = torch.arange(0, 4 * num_samples + 1, 4 * points, device=x.device, dtype=index_dtype)
-    out = _csr(crow, corner_rows, values, (bags, rows.shape[0])) @ rows
+    out = _bag_pattern(samples, values, bags, points, rows.shape[0]) @ rows
     return out.reshape(n, height_out, width_out, channels).to(x.dtype)
 
 
@@ -164,7 +170,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     num_samples = mask.numel()
     bags = grad_out.numel() // group_channels
     points = num_samples // bags
-    index_dtype = _index_dtype(num_rows + 1, num_samples + 1)
+    index_dtype = _index_dtype(num_rows + 4 * points, 4 * num_samples + 1)
     samples = _samples(offset.to(dtype), height, width, params, index_dtype)
     grad_bags = grad_out.to(dtype).reshape(bags, group_channels)
     masked = mask.to(dtype).reshape(-1) * samples.valid
@@ -173,7 +179,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     top_left_sorted, order = torch.sort(samples.top_left, stable=True)
     crow = F.pad(torch.bincount(top_left_sorted, minlength=num_rows).cumsum(0), (1, 0)).to(index_dtype)
     bag_of_sample = torch.div(order, points, rounding_mode="floor").to(index_dtype)
-    sorted_weights = _corner_weights(samples.frac_x[order], samples.frac_y[order], masked[order])
+    sorted_weights = _corner_weights(*torch.stack((samples.frac_x, samples.frac_y, masked)).index_select(1, order))
     grad_rows = torch.zeros_like(rows)
     for shift, weight in zip(samples.shifts, sorted_weights):
         corner_grad = grad_rows[shift:]
