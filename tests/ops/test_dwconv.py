@@ -301,11 +301,26 @@ def test_bad_input_errors(call, error, match):
         call(x, weight)
 
 
+def test_jit_dw_width_limit_follows_the_instruction_set(monkeypatch):
+    cpu.jit_dw_max_kernel_width.cache_clear()
+    try:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+        assert cpu.jit_dw_max_kernel_width() == 13
+        cpu.jit_dw_max_kernel_width.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        assert cpu.jit_dw_max_kernel_width() == 9
+    finally:
+        cpu.jit_dw_max_kernel_width.cache_clear()
+
+
 def test_conv_layout_choice():
     nchw = torch.randn(1, 4, 8, 8)
     nhwc = nchw.contiguous(memory_format=torch.channels_last)
     assert cpu.conv_memory_format(nchw, (31, 31)) == torch.channels_last      # NCHW would be a gemm path
-    assert cpu.conv_memory_format(nchw, (31, 13)) == torch.contiguous_format  # oneDNN jit_dw takes width <= 13
+    widest = cpu.jit_dw_max_kernel_width()
+    assert widest in (9, 13)
+    assert cpu.conv_memory_format(nchw, (31, widest)) == torch.contiguous_format  # oneDNN jit_dw takes it
+    assert cpu.conv_memory_format(nchw, (3, widest + 1)) == torch.channels_last
     assert cpu.conv_memory_format(nhwc, (13, 13)) == torch.channels_last
     assert cpu.conv_memory_format(nchw, (3, 3)) == torch.contiguous_format    # no conversion for small kernels
     assert cpu.conv_memory_format(nhwc, (3, 3)) == torch.channels_last

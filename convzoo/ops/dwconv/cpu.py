@@ -5,15 +5,16 @@ B=8, C=128, 56x56, fp32) showed, and what this module does about it:
 
 * Forward on a ``channels_last`` tensor runs oneDNN's ``brdgmm_dw`` kernel for every kernel size
   (31x31: ~22 ms on 2 threads).  On an NCHW tensor oneDNN reorders to its blocked layout and
-  runs ``jit_dw`` when the kernel width is <= 13 (as fast as channels_last plus the two layout
-  conversions we would pay), but falls back to a generic gemm path for wider kernels (31x31:
-  ~850 ms).  So the convs run in :func:`conv_memory_format`: channels_last for kernels wider
-  than 13, the caller's own layout otherwise, and the output comes back in the caller's layout.
+  runs ``jit_dw`` when the kernel width is <= 13 (<= 9 on AVX2-only CPUs; as fast as
+  channels_last plus the two layout conversions we would pay), but falls back to a generic gemm
+  path for wider kernels (31x31: ~850 ms).  So the convs run in :func:`conv_memory_format`:
+  channels_last for kernels wider than jit_dw takes, the caller's own layout otherwise, and the
+  output comes back in the caller's layout.
   (``jit_dw`` is ~3x faster than ``brdgmm_dw`` at 13x13 in isolation, but converting a
   channels_last tensor there and back ate the gain under load, so channels_last inputs stay.)
-* Grad-input for kernels wider than 13 is a conv of the output gradient with the flipped kernel
-  (stride 1), in channels_last: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``; up to
-  width 13 ``convolution_backward`` (oneDNN jit_dw, ~14 ms at 13x13) beats it (~30 ms).
+* Grad-input for kernels wider than jit_dw takes is a conv of the output gradient with the
+  flipped kernel (stride 1), in channels_last: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``; up to
+  that width ``convolution_backward`` (oneDNN jit_dw, ~14 ms at 13x13) beats it (~30 ms).
 * Grad-weight through ``convolution_backward`` (fastest in channels_last) is fine for small
   kernels (~1 ms at 3x3, ~23 ms at 7x7) but collapses for large ones (~1.6 s at 31x31, a gemm
   path, either layout).  :func:`grad_weight_fft` computes it as a cross-correlation of the input
@@ -22,6 +23,7 @@ B=8, C=128, 56x56, fp32) showed, and what this module does about it:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -31,14 +33,25 @@ import torch.nn.functional as F
 from .reference import is_symmetric
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# oneDNN's jit_dw kernel (NCHW via its blocked layout) takes kernels up to this width.
-JIT_DW_MAX_KERNEL_WIDTH = 13
+# oneDNN's jit_dw kernel (NCHW via its blocked layout) takes kernels up to this width; wider
+# ones fall back to a gemm path 10-30x slower.  Measured with B=8, C=128, 56x56 fp32: width 13
+# on AVX-512 CPUs; on an AVX2-only CPU width 9 (9x9: 28 ms NCHW vs 11 ms channels_last, 10x10:
+# 289 ms vs 17 ms).  Other instruction sets are given the AVX2 limit.
+JIT_DW_MAX_KERNEL_WIDTH_BY_CAPABILITY = {"AVX512": 13}
+JIT_DW_MAX_KERNEL_WIDTH_OTHERWISE = 9
 # Up to this kernel area grad-weight through convolution_backward is as fast in NCHW as in channels_last.
 JIT_DW_ANY_LAYOUT_MAX_AREA = 9
 # Grad-weight uses the FFT when the direct MACs exceed this many times the FFT's n*log(n) work.
 FFT_WORK_RATIO = 3.0
 # Complex elements of one FFT chunk (bounds the memory of the grad-weight FFT).
 FFT_CHUNK_ELEMENTS = 1 << 23
+
+
+@functools.lru_cache(maxsize=None)
+def jit_dw_max_kernel_width() -> int:
+    """The widest kernel oneDNN's jit_dw runs on this CPU (see JIT_DW_MAX_KERNEL_WIDTH_BY_CAPABILITY)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return JIT_DW_MAX_KERNEL_WIDTH_BY_CAPABILITY.get(capability, JIT_DW_MAX_KERNEL_WIDTH_OTHERWISE)
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -63,7 +76,7 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 def conv_memory_format(x: torch.Tensor, kernel_size: Sequence[int]) -> torch.memory_format:
     """The memory format the native convs of a ``kernel_size`` depthwise conv on ``x`` run in."""
     if x.dtype in ONEDNN_DTYPES and x.device.type == "cpu":
-        if kernel_size[1] > JIT_DW_MAX_KERNEL_WIDTH:
+        if kernel_size[1] > jit_dw_max_kernel_width():
             return torch.channels_last
     return output_memory_format(x)
 
@@ -109,7 +122,7 @@ def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     """d loss / d x, Tensor[N, C, H, W], computed in the layout of ``grad_out``."""
     n, channels, height, width = x.shape
     kh, kw = weight.shape[2:]
-    if tuple(stride) == (1, 1) and kw > JIT_DW_MAX_KERNEL_WIDTH:
+    if tuple(stride) == (1, 1) and kw > jit_dw_max_kernel_width():
         # oneDNN's jit_dw backward-data is fast up to width 13; past it, a forward conv with the
         # flipped kernel (brdgmm_dw in channels_last) is ~2x faster.  The output
         # gradient is padded by (span - padding) on each side (negative = crop).
@@ -181,7 +194,7 @@ def use_fft_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: S
     otherwise compare the direct MACs with the FFT's ``n log n`` work per (image, channel).
     """
     c_out, _, kh, kw = weight_shape
-    if x.dtype in ONEDNN_DTYPES and kw > JIT_DW_MAX_KERNEL_WIDTH:
+    if x.dtype in ONEDNN_DTYPES and kw > jit_dw_max_kernel_width():
         return True
     multiplier = c_out // x.shape[1]
     size_h, size_w = _fft_sizes(x.shape, grad_out.shape, stride, padding)
