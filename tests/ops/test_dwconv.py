@@ -135,6 +135,54 @@ def test_fft_grad_weight_matches_autograd(stride, dilation, padding):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("stride,dilation,padding,multiplier,kernel", [
+    ((1, 1), (1, 1), (15, 15, 15, 15), 1, (31, 31)),
+    ((2, 3), (1, 1), (3, 7, 0, 9), 2, (9, 7)),
+    ((1, 1), (2, 3), (1, 0, 4, 2), 3, (4, 5)),
+    ((3, 2), (2, 1), (0, 6, 5, 0), 1, (6, 8)),
+])
+def test_fft_forward_and_grad_input_match_the_naive_loop_and_autograd(stride, dilation, padding, multiplier, kernel):
+    x = _leaf((2, 3, 17, 13))
+    weight = _leaf((3 * multiplier, 1) + kernel)
+    bias = torch.randn(3 * multiplier, dtype=torch.float64)
+    expected = dwconv2d_reference(x, weight, bias, stride, padding, dilation)
+    got = cpu.forward_fft(x.detach(), weight.detach(), bias, stride, padding, dilation)
+    torch.testing.assert_close(got, expected.detach())
+    if kernel == (9, 7):
+        torch.testing.assert_close(got, naive_dwconv2d(x.detach(), weight.detach(), bias, stride, padding, dilation))
+    grad_out = torch.randn_like(expected)
+    (want,) = torch.autograd.grad(expected, x, grad_out)
+    torch.testing.assert_close(cpu.grad_input_fft(grad_out, x.shape, weight.detach(), stride, padding, dilation), want)
+
+
+def test_fft_conv_chosen_for_large_kernels_on_cpus_without_avx512(monkeypatch):
+    big = torch.randn(8, 128, 56, 56)
+    small = torch.randn(8, 512, 14, 14)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu.use_fft_conv(big, (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)
+    assert not cpu.use_fft_conv(big, (128, 1, 13, 13), (56, 56), (1, 1), (6,) * 4)
+    assert not cpu.use_fft_conv(small, (512, 1, 27, 27), (14, 14), (1, 1), (13,) * 4)   # small FFTs lose
+    assert not cpu.use_fft_conv(big.double(), (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)
+    assert not cpu.use_fft_conv(big[:0], (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert not cpu.use_fft_conv(big, (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)   # brdgmm_dw is faster
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_dwconv2d_through_the_fft_path(monkeypatch, memory_format):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    x = _leaf((2, 3, 32, 30), torch.float32, memory_format)
+    weight = _leaf((3, 1, 31, 31), torch.float32)
+    bias = _leaf((3,), torch.float32)
+    assert cpu.use_fft_conv(x, weight.shape, (32, 30), (1, 1), (15,) * 4)
+    out = dwconv2d(x, weight, bias, padding=15)
+    assert out.is_contiguous(memory_format=memory_format)
+    expected = dwconv2d_reference(x, weight, bias, (1, 1), (15,) * 4, (1, 1))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for got, want in zip(_grads(out, (x, weight, bias)), _grads(expected, (x, weight, bias))):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
 def test_63x63_kernel_float32_channels_last():
     x = _leaf((2, 3, 20, 19), torch.float32, torch.channels_last)
     weight = _leaf((3, 1, 63, 63), torch.float32)

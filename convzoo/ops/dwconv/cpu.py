@@ -15,6 +15,9 @@ B=8, C=128, 56x56, fp32) showed, and what this module does about it:
 * Grad-input for kernels wider than jit_dw takes is a conv of the output gradient with the
   flipped kernel (stride 1), in channels_last: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``; up to
   that width ``convolution_backward`` (oneDNN jit_dw, ~14 ms at 13x13) beats it (~30 ms).
+* On CPUs without AVX-512 oneDNN has no brdgmm_dw and its channels_last depthwise conv is ~6x
+  slower at 31x31 (141 ms); there :func:`use_fft_conv` sends large kernels on large maps to
+  :func:`forward_fft` / :func:`grad_input_fft`, Fourier-domain correlations (33 ms).
 * Grad-weight through ``convolution_backward`` (fastest in channels_last) is fine for small
   kernels (~1 ms at 3x3, ~23 ms at 7x7) but collapses for large ones (~1.6 s at 31x31, a gemm
   path, either layout).  :func:`grad_weight_fft` computes it as a cross-correlation of the input
@@ -30,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .reference import is_symmetric
+from .reference import is_symmetric, output_shape
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # oneDNN's jit_dw kernel (NCHW via its blocked layout) takes kernels up to this width; wider
@@ -43,6 +46,14 @@ JIT_DW_MAX_KERNEL_WIDTH_OTHERWISE = 9
 JIT_DW_ANY_LAYOUT_MAX_AREA = 9
 # Grad-weight uses the FFT when the direct MACs exceed this many times the FFT's n*log(n) work.
 FFT_WORK_RATIO = 3.0
+# Forward and grad-input use the FFT when the direct MACs exceed this many times the FFT's work,
+# per instruction set (None: never).  On an AVX2-only CPU oneDNN's channels_last depthwise conv
+# runs ~20-50 GMAC/s, so the FFT wins from a ratio of ~30 (B=8, C=128, fp32, 2 threads: 56x56
+# 31x31 141 ms direct vs 33 ms FFT at ratio 47; 56x56 27x27 100 vs 30 ms at 36; 28x28 29x29 38
+# vs 32 ms at 30; 56x56 21x21 50 vs 48 ms at 22; 14x14 27x27 12 vs 64 ms at 21).  AVX-512 CPUs
+# run brdgmm_dw (22 ms at 56x56 31x31), which the FFT does not beat.
+FFT_CONV_WORK_RATIO_BY_CAPABILITY = {"AVX512": None}
+FFT_CONV_WORK_RATIO_OTHERWISE = 30.0
 # Complex elements of one FFT chunk (bounds the memory of the grad-weight FFT).
 FFT_CHUNK_ELEMENTS = 1 << 23
 
@@ -92,6 +103,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """Depthwise conv, Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] in ``x``'s memory format."""
     memory_format = output_memory_format(x)
+    if use_fft_conv(x, weight.shape, output_shape(x.shape, weight.shape, stride, padding, dilation)[2:],
+                    stride, padding):
+        return in_format(forward_fft(x, weight, bias, stride, padding, dilation), memory_format)
     work_format = conv_memory_format(x, weight.shape[2:])
     x_work, conv_padding = _pad_for_conv(x.contiguous(memory_format=work_format), padding)
     out = F.conv2d(x_work, weight, bias, tuple(stride), conv_padding, tuple(dilation), groups=x.shape[1])
@@ -104,8 +118,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
     """Gradients (x, weight, bias) of the depthwise conv; entries not in ``output_mask`` are None."""
     grad_x = grad_weight = grad_bias = None
     if output_mask[0]:
-        work_format = conv_memory_format(x, weight.shape[2:])
-        grad_x = _grad_input(grad_out.contiguous(memory_format=work_format), x, weight, stride, padding, dilation)
+        if use_fft_conv(x, weight.shape, grad_out.shape[2:], stride, padding):
+            grad_x = grad_input_fft(grad_out, x.shape, weight, stride, padding, dilation)
+        else:
+            work_format = conv_memory_format(x, weight.shape[2:])
+            grad_x = _grad_input(grad_out.contiguous(memory_format=work_format), x, weight, stride, padding,
+                                 dilation)
         grad_x = in_format(grad_x, output_memory_format(x))
     if output_mask[1]:
         if use_fft_grad_weight(x, grad_out, weight.shape, stride, padding):
@@ -186,6 +204,103 @@ def _fft_sizes(x_shape, grad_shape, stride, padding) -> Tuple[int, int]:
             _fft_size(max(x_shape[3] + max(padding[2], padding[3]), span_w)))
 
 
+def use_fft_conv(x: torch.Tensor, weight_shape: Sequence[int], out_size: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int]) -> bool:
+    """Whether the forward (and grad-input) should run as an FFT convolution on this CPU.
+
+    Compares the direct MACs per (image, output channel) with the FFT's ``S log S`` work, against
+    the instruction set's ratio (FFT_CONV_WORK_RATIO_BY_CAPABILITY).  float64 stays direct.
+    """
+    ratio = FFT_CONV_WORK_RATIO_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(),
+                                                  FFT_CONV_WORK_RATIO_OTHERWISE)
+    if ratio is None or x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or x.shape[0] == 0:
+        return False
+    out_h, out_w = out_size
+    if out_h <= 0 or out_w <= 0:
+        return False
+    size_h, size_w = _fft_sizes(x.shape, (0, 0, out_h, out_w), stride, padding)
+    direct = out_h * out_w * weight_shape[2] * weight_shape[3]
+    return direct >= ratio * size_h * size_w * math.log2(max(2, size_h * size_w))
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_spectra(weight: torch.Tensor, size: Tuple[int, int], padding: Sequence[int], dilation: Sequence[int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """rfft2 of each kernel placed at ``(i*dh - top, j*dw - left) mod size``: ``(C*m, S_h, S_w // 2 + 1)``."""
+    c_out, _, kh, kw = weight.shape
+    rows = (torch.arange(kh, device=weight.device) * dilation[0] - padding[0]) % size[0]
+    cols = (torch.arange(kw, device=weight.device) * dilation[1] - padding[2]) % size[1]
+    placed = weight.new_zeros((c_out,) + tuple(size), dtype=dtype)
+    placed[:, rows[:, None], cols[None, :]] = weight[:, 0].to(dtype)
+    return torch.fft.rfft2(placed)
+
+
+def _channel_chunks(n: int, channels: int, multiplier: int, size: Tuple[int, int]):
+    """Input-channel ranges whose complex spectra stay within FFT_CHUNK_ELEMENTS."""
+    per_channel = max(1, n * (1 + multiplier) * size[0] * (size[1] // 2 + 1))
+    chunk = max(1, FFT_CHUNK_ELEMENTS // per_channel)
+    return [(start, min(channels, start + chunk)) for start in range(0, channels, chunk)]
+
+
+def forward_fft(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """Depthwise conv as a Fourier-domain correlation, Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] (NCHW).
+
+    ``y[n, o, p, q] = sum_{i, j} w[o, i, j] x[n, o // m, p*sh + i*dh - top, q*sw + j*dw - left]``: the
+    circular correlation of ``x`` (zero tail) with the kernel placed at ``(i*dh - top) mod S`` equals
+    it for ``S >= H + max(top, bottom)`` (see grad_weight_fft), read on the stride grid.  Computed in
+    float32 (float64 for float64 input) and cast back to ``x``'s dtype.
+    """
+    n, channels, _, _ = x.shape
+    multiplier = weight.shape[0] // channels
+    out_h, out_w = output_shape(x.shape, weight.shape, stride, padding, dilation)[2:]
+    size = _fft_sizes(x.shape, (0, 0, out_h, out_w), stride, padding)
+    compute_dtype = _fft_dtype(x.dtype)
+    kernels = _kernel_spectra(weight, size, padding, dilation, compute_dtype)
+    pieces: List[torch.Tensor] = []
+    for start, stop in _channel_chunks(n, channels, multiplier, size):
+        x_spec = torch.fft.rfft2(x[:, start:stop].to(compute_dtype), s=size)
+        x_spec = x_spec.repeat_interleave(multiplier, dim=1) if multiplier > 1 else x_spec
+        corr = torch.fft.irfft2(x_spec * kernels[start * multiplier:stop * multiplier].conj(), s=size)
+        pieces.append(corr[:, :, : (out_h - 1) * stride[0] + 1: stride[0], : (out_w - 1) * stride[1] + 1: stride[1]])
+    out = torch.cat(pieces, 1)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+    return out.to(x.dtype)
+
+
+def grad_input_fft(grad_out: torch.Tensor, x_shape: Sequence[int], weight: torch.Tensor, stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """d loss / d x of the depthwise conv as a Fourier-domain convolution, Tensor[N, C, H, W] (NCHW).
+
+    ``gx[n, c, t, s] = sum_{o of c} sum_{i, j} g[n, o, p, q] w[o, i, j]`` over ``p*sh + i*dh - top = t``
+    (likewise for columns): the output gradient spread on the stride grid, convolved with the kernel
+    placed as in :func:`forward_fft`; no wrap-around for the same sizes.
+    """
+    n, channels, height, width = x_shape
+    c_out = weight.shape[0]
+    multiplier = c_out // channels
+    size = _fft_sizes(x_shape, grad_out.shape, stride, padding)
+    if tuple(stride) != (1, 1):
+        spread = grad_out.new_zeros(n, c_out, (grad_out.shape[2] - 1) * stride[0] + 1,
+                                    (grad_out.shape[3] - 1) * stride[1] + 1)
+        spread[:, :, ::stride[0], ::stride[1]] = grad_out
+        grad_out = spread
+    compute_dtype = _fft_dtype(grad_out.dtype)
+    kernels = _kernel_spectra(weight, size, padding, dilation, compute_dtype)
+    pieces: List[torch.Tensor] = []
+    for start, stop in _channel_chunks(n, channels, multiplier, size):
+        outputs = slice(start * multiplier, stop * multiplier)
+        g_spec = torch.fft.rfft2(grad_out[:, outputs].to(compute_dtype), s=size) * kernels[outputs]
+        if multiplier > 1:
+            g_spec = g_spec.view(n, stop - start, multiplier, *g_spec.shape[2:]).sum(2)
+        pieces.append(torch.fft.irfft2(g_spec, s=size)[:, :, :height, :width])
+    return torch.cat(pieces, 1).to(grad_out.dtype)
+
+
 def use_fft_grad_weight(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: Sequence[int],
                         stride: Sequence[int], padding: Sequence[int]) -> bool:
     """Whether the FFT grad-weight is cheaper than ``convolution_backward``.
@@ -218,7 +333,7 @@ def grad_weight_fft(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Seque
     multiplier = c_out // channels
     if n == 0:
         return grad_out.new_zeros(weight_shape)
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute_dtype = _fft_dtype(x.dtype)
     go_h, go_w = grad_out.shape[2:]
     span_h, span_w = (go_h - 1) * stride[0] + 1, (go_w - 1) * stride[1] + 1
     size_h, size_w = _fft_sizes(x.shape, grad_out.shape, stride, padding)
@@ -228,12 +343,8 @@ def grad_weight_fft(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Seque
         grad_out = spread
     rows = (torch.arange(kh, device=x.device) * dilation[0] - padding[0]) % size_h
     cols = (torch.arange(kw, device=x.device) * dilation[1] - padding[2]) % size_w
-    # Chunk over input channels so the complex spectra stay within FFT_CHUNK_ELEMENTS.
-    per_channel = max(1, n * (1 + multiplier) * size_h * (size_w // 2 + 1))
-    chunk = max(1, FFT_CHUNK_ELEMENTS // per_channel)
     pieces: List[torch.Tensor] = []
-    for start in range(0, channels, chunk):
-        stop = min(channels, start + chunk)
+    for start, stop in _channel_chunks(n, channels, multiplier, (size_h, size_w)):
         x_spec = torch.fft.rfft2(x[:, start:stop].to(compute_dtype), s=(size_h, size_w))
         g_spec = torch.fft.rfft2(grad_out[:, start * multiplier:stop * multiplier].to(compute_dtype),
                                  s=(size_h, size_w))
