@@ -185,7 +185,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
         corner_grad = grad_rows[shift:]
         corner_grad += _csr(crow[: corner_grad.shape[0] + 1], bag_of_sample, weight,
                             (corner_grad.shape[0], bags)) @ grad_bags
-    grad_x = grad_rows.reshape(n, height + 2, width + 2, channels)[:, 1:-1, 1:-1].to(x.dtype)
+    grad_x = grad_rows.reshape(n, height + 2, width + 2, channels)[:, 1:-1, 1:-1].to(x.dtype).contiguous()
 
     # <corner value, grad_out> per sample and corner.
     dots = _corner_dots(rows, samples, grad_bags, points)
