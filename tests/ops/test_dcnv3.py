@@ -421,7 +421,10 @@ def test_triton_rejects_float64():
         ops.dcnv3(x, offset, mask, *CASES[0].values[0], impl="triton")
 
 
-def test_autocast_mixed_dtypes_run_in_the_widest_and_return_x_dtype():
+@pytest.mark.parametrize("path", ["dense-gather", "sparse-cpu-kernels"])
+def test_autocast_mixed_dtypes_run_in_the_widest_and_return_x_dtype(path, monkeypatch):
+    if path == "sparse-cpu-kernels":  # MKL's sparse products have no bfloat16 kernels
+        monkeypatch.setattr(cpu, "MIN_SAMPLES", 0)
     x = torch.randn(2, 5, 6, 8)
     offset = torch.randn(2, 5, 6, 2 * 9 * 2)
     mask = torch.rand(2, 5, 6, 2 * 9)
@@ -430,5 +433,9 @@ def test_autocast_mixed_dtypes_run_in_the_widest_and_return_x_dtype():
         out = ops.dcnv3(x.bfloat16(), offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    leaf = x.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ops.dcnv3(leaf, offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0).sum().backward()
+    assert leaf.grad.dtype == torch.bfloat16 and torch.isfinite(leaf.grad).all()
     with pytest.raises(TypeError, match="offset must have the dtype of x"):
         ops.dcnv3(x.bfloat16(), offset, mask, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)

@@ -21,7 +21,7 @@ from typing import NamedTuple, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sampling_matrix
+from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sample, sampling_matrix
 from .reference import sampling_locations
 
 
@@ -108,7 +108,7 @@ def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *pa
     """Forward (no autograd): ``(N, H, W, G*C)`` -> ``(N, H_out, W_out, G*C)``; params as :func:`dcnv3`."""
     _, rows, samples, masked, bag_shape = _prepare(x, offset, mask, params)
     weights = _corner_weights(samples.frac_x, samples.frac_y, masked)
-    out = sampling_matrix(samples.top_left.view(bag_shape), samples.shifts, weights, rows.shape[0]) @ rows
+    out = sample(sampling_matrix(samples.top_left.view(bag_shape), samples.shifts, weights, rows.shape[0]), rows)
     return out.reshape(x.shape[0], offset.shape[1], offset.shape[2], x.shape[3]).to(x.dtype)
 
 
@@ -127,7 +127,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     grad_x = grad_rows.reshape(n, height + 2, width + 2, channels)[:, 1:-1, 1:-1].to(x.dtype).contiguous()
 
     # <corner value, grad_out> per sample and corner.
-    matrix = sampling_matrix(top_left, samples.shifts, None, rows.shape[0], dtype)
+    matrix = sampling_matrix(top_left, samples.shifts, weights, rows.shape[0])
     d00, d01, d10, d11 = corner_dots(matrix, grad_bags, rows).unbind(1)
     fx, fy = samples.frac_x.view(bag_shape), samples.frac_y.view(bag_shape)
     row_y0 = d00 + fx * (d01 - d00)

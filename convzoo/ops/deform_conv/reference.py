@@ -17,11 +17,11 @@ Two implementations share the sampling maths:
 * :func:`deform_conv2d_reference` -- differentiable by autograd, no chunking: the test oracle and
   the ``impl="reference"`` path (traceable by ``torch.jit.trace`` / ``torch.onnx``).
 * :func:`deform_conv2d_forward` / :func:`deform_conv2d_backward` -- the CPU kernels behind the
-  custom op: the same gather formulation processed in chunks of output positions (bounded
-  memory), with a hand-written backward that recomputes the columns chunk by chunk instead of
-  keeping them alive.
+  custom op: the same sampling as a sparse matrix product (:mod:`convzoo.ops._bilinear_sparse`)
+  processed in chunks of output positions (bounded memory), with a hand-written backward that
+  recomputes the columns chunk by chunk instead of keeping them alive.
 
-Both gather from a zero-padded NHWC copy of the input: coordinates are clamped to
+Both read from a zero-padded NHWC copy of the input: coordinates are clamped to
 ``[-2, H + 1]`` x ``[-2, W + 1]`` (outside ``(-1, H)`` every neighbour reads zero, so the value and
 its gradient do not change) and the padding border of two pixels before and three after makes
 every neighbour of a clamped point a real address that holds zero. No validity masks are needed.
@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sample, sampling_matrix
 
 # Border of zeros around the input: coordinates are clamped to [-PAD_BEFORE, size + PAD_BEFORE - 1],
 # whose floor + 1 is at most size + PAD_AFTER - 1.
@@ -263,8 +265,9 @@ def deform_conv2d_reference(
 class _Prepared:
     """Inputs converted to the compute dtype and laid out for the chunked kernels.
 
-    Large per-chunk buffers are allocated once and reused by every chunk (fresh allocations of
-    tens of MiB per chunk cost more in page faults than the gathers themselves).
+    Bilinear sampling is a sparse matrix product (:mod:`convzoo.ops._bilinear_sparse`), one
+    sample per matrix row. The column-gradient buffer is allocated once and reused by every chunk
+    (fresh allocations of tens of MiB per chunk cost more in page faults than the work).
     """
 
     def __init__(self, x, offset, weight, mask, stride, padding, dilation, chunk_elements):
@@ -279,6 +282,7 @@ class _Prepared:
         self.modulation = None if mask is None else mask_by_position(mask.to(self.dtype), self.kernel_size, self.groups)
         self.weights = weight_matrix(weight.to(self.dtype), g["weight_groups"])
         self.steps = corner_steps(g)
+        self.index_dtype = index_dtype(self.rows.shape[0], 4 * self.positions * self.kernel_size * self.groups + 1)
         columns_per_position = self.kernel_size * g["in_channels"]
         self.chunk = max(1, min(self.positions, chunk_elements // max(1, columns_per_position)))
         self.buffers = {}
@@ -295,32 +299,25 @@ class _Prepared:
         return self.buffers[name][:rows]
 
     def points(self, start: int, stop: int):
-        """Top-left rows (flat), fractional parts and modulation of positions [start, stop)."""
+        """Top-left rows ``(S, 1)``, fractional parts ``(S, 1)`` and modulation of positions [start, stop)."""
         positions = torch.arange(start, stop, device=self.rows.device)
         top_left, frac_y, frac_x = sampling_points(positions, self.offsets[start:stop], self.geometry)
         modulation = None if self.modulation is None else self.modulation[start:stop]
-        return top_left.reshape(-1), frac_y.reshape(-1, 1), frac_x.reshape(-1, 1), modulation
+        return top_left.reshape(-1, 1).to(self.index_dtype), frac_y.reshape(-1, 1), frac_x.reshape(-1, 1), modulation
 
-    def gather(self, top_left: torch.Tensor, corner: int, name: str = "gather") -> torch.Tensor:
-        """Rows of neighbour ``corner`` (0..3: tl, tr, bl, br) of every sampling point, (S, Cg),
-        written into the reusable buffer ``name``."""
-        out = self.buffer(name, top_left.shape[0])
-        return torch.index_select(self.rows, 0, top_left + self.steps[corner], out=out)
+    def sampling(self, start: int, stop: int):
+        """The sampling matrix of positions [start, stop) (``S = (stop - start) * K * G`` rows of
+        :mod:`convzoo.ops._bilinear_sparse`) with the parts it is made of:
+        ``(matrix, top_left, frac_y, frac_x, modulation, corner weights, modulated corner weights)``."""
+        top_left, frac_y, frac_x, modulation = self.points(start, stop)
+        weights = corner_weights(frac_y, frac_x)
+        modulated = weights if modulation is None else tuple(w * modulation.reshape(-1, 1) for w in weights)
+        matrix = sampling_matrix(top_left, self.steps, modulated, self.rows.shape[0])
+        return matrix, top_left, frac_y, frac_x, modulation, weights, modulated
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
         """Modulated columns of positions [start, stop) as (S, Cg), S = (stop - start) * K * G."""
-        top_left, frac_y, frac_x, modulation = self.points(start, stop)
-        weights = corner_weights(frac_y, frac_x)
-        if modulation is not None:
-            weights = tuple(w * modulation.reshape(-1, 1) for w in weights)
-        out = self.buffer("columns", top_left.shape[0])
-        for corner, weight in enumerate(weights):
-            values = self.gather(top_left, corner)
-            if corner == 0:
-                torch.mul(values, weight, out=out)
-            else:
-                out.addcmul_(values, weight)
-        return out
+        return sample(self.sampling(start, stop)[0], self.rows)
 
     def weight_gradient_and_columns_gradient(self, columns, grad_chunk, grad_weights) -> torch.Tensor:
         """Add columns^T @ grad to ``grad_weights``; return grad @ weight^T as (S, Cg).
@@ -350,11 +347,6 @@ class _Prepared:
             torch.matmul(columns.view(count, -1), self.weights[0], out=out)
         else:
             out.copy_(contract(columns, self.weights, self.kernel_size))
-
-
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Dot product of matching rows of two (S, Cg) matrices -> (S,)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def deform_conv2d_forward(
@@ -397,12 +389,12 @@ def deform_conv2d_backward(
 ):
     """Gradients of :func:`deform_conv2d_forward` w.r.t. x, offset, mask, weight and bias.
 
-    The columns are recomputed chunk by chunk from the four neighbours' gathered rows ``v_c``,
-    which are kept for the chunk. With ``G`` the columns' gradient, ``m`` the mask and
-    ``t_c = <G, v_c>`` (dot products over the channels of a group), the mask gradient is
-    ``sum_c w_c t_c`` and the coordinate gradients are ``m * sum_c (dw_c/dy) t_c`` and
-    ``m * sum_c (dw_c/dx) t_c``; they vanish wherever every neighbour reads zero, which covers
-    clamped and non-finite points. The input gradient is the scatter-add of ``m * w_c * G``.
+    The columns are recomputed chunk by chunk from the four neighbours' rows ``v_c``. With ``G``
+    the columns' gradient, ``m`` the mask and ``t_c = <G, v_c>`` (dot products over the channels
+    of a group, one sampled dense-dense product), the mask gradient is ``sum_c w_c t_c`` and the
+    coordinate gradients are ``m * sum_c (dw_c/dy) t_c`` and ``m * sum_c (dw_c/dx) t_c``; they
+    vanish wherever every neighbour reads zero, which covers clamped and non-finite points. The
+    input gradient is the scatter-add of ``m * w_c * G`` (the transposed sampling matrix).
 
     Returns:
         ``(grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)``.
@@ -420,16 +412,10 @@ def deform_conv2d_backward(
     grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"]).contiguous()
     grad_bias = grad_positions.sum(0)
     for start, stop in prep.chunks():
-        top_left, frac_y, frac_x, modulation = prep.points(start, stop)
-        rows = top_left.shape[0]
-        weights = corner_weights(frac_y, frac_x)
-        modulated = weights if modulation is None else tuple(w * modulation.reshape(-1, 1) for w in weights)
-        neighbours = [prep.gather(top_left, corner, name=f"neighbour{corner}") for corner in range(4)]
-        columns = torch.mul(neighbours[0], modulated[0], out=prep.buffer("columns", rows))
-        for corner in range(1, 4):
-            columns.addcmul_(neighbours[corner], modulated[corner])
+        matrix, top_left, frac_y, frac_x, modulation, weights, modulated = prep.sampling(start, stop)
+        columns = sample(matrix, prep.rows)
         grad_columns = prep.weight_gradient_and_columns_gradient(columns, grad_positions[start:stop], grad_weights)
-        tl_dot, tr_dot, bl_dot, br_dot = (_row_dot(grad_columns, values).view(-1, 1) for values in neighbours)
+        tl_dot, tr_dot, bl_dot, br_dot = corner_dots(matrix, grad_columns, prep.rows).unbind(1)
         point_range = slice(start * kernel_size * groups, stop * kernel_size * groups)
         along_y = (1 - frac_x) * (bl_dot - tl_dot) + frac_x * (br_dot - tr_dot)
         along_x = (1 - frac_y) * (tr_dot - tl_dot) + frac_y * (br_dot - bl_dot)
@@ -440,9 +426,7 @@ def deform_conv2d_backward(
             along_x = along_x * modulation.reshape(-1, 1)
         grad_offsets[point_range, 0] = along_y.view(-1)
         grad_offsets[point_range, 1] = along_x.view(-1)
-        scaled = prep.buffer("columns", rows)  # the columns are no longer needed
-        for corner, corner_weight in enumerate(modulated):
-            grad_rows.index_add_(0, top_left + prep.steps[corner], torch.mul(grad_columns, corner_weight, out=scaled))
+        add_transposed_product(grad_rows, top_left, prep.steps, modulated, grad_columns)
     grad_offsets = grad_offsets.view(prep.positions, kernel_size, groups, 2)
     if grad_modulation is not None:
         grad_modulation = grad_modulation.view(prep.positions, kernel_size, groups)
