@@ -1,20 +1,27 @@
 """Checkpoint reading, strict loading with key remapping, and convzoo's own safetensors format.
 
 Official checkpoints come as ``.pth`` files (a bare state dict, or one wrapped in ``model`` /
-``state_dict`` / ``module``); they are read with ``torch.load(weights_only=True)``. Each family
-passes a ``checkpoint_filter_fn(state_dict, model) -> state_dict`` that maps the official key
-layout onto ours and returns early when the keys are already native.
+``state_dict`` / ``module``); they are read with ``torch.load(weights_only=True)``, which here
+also accepts the ``argparse.Namespace`` of training arguments that official training scripts
+store next to the weights (``{'model': ..., 'optimizer': ..., 'epoch': ..., 'args': ...}``).
+Each family passes a ``checkpoint_filter_fn(state_dict, model) -> state_dict`` that maps the
+official key layout onto ours and returns early when the keys are already native.
 
 convzoo's own format is a ``.safetensors`` file whose metadata holds the model name and its
-config as JSON, so :func:`load_model` can rebuild the model from the file alone.
+config as JSON, so :func:`load_model` can rebuild the model from the file alone. The metadata
+also records the inference form: ``reparameterized`` (the whole model) and
+``reparameterized_modules`` (the submodules merged on their own, such as RepLKNet's large
+kernels after ``merge_large_kernels``), which loading redoes before it reads the weights.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +33,34 @@ FilterFn = Callable[[StateDict, nn.Module], StateDict]
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
 
+# Globals a weights_only load accepts beyond torch's defaults: the training arguments official
+# scripts (RepLKNet-pytorch, facebookresearch/ConvNeXt, ...) pickle next to the weights.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+@contextlib.contextmanager
+def _allow_safe_globals():
+    """Allow ``_SAFE_GLOBALS`` in ``torch.load(weights_only=True)`` within the block only.
+
+    ``torch.serialization.safe_globals`` (torch >= 2.5) scopes the allowlist to the block; on
+    torch 2.4, which only has the process-wide ``add_safe_globals``, the previous allowlist is
+    restored afterwards.
+    """
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        with serialization.safe_globals(_SAFE_GLOBALS):
+            yield
+    elif all(hasattr(serialization, f) for f in ("add_safe_globals", "get_safe_globals", "clear_safe_globals")):
+        previous = list(serialization.get_safe_globals())
+        serialization.add_safe_globals(_SAFE_GLOBALS)
+        try:
+            yield
+        finally:
+            serialization.clear_safe_globals()
+            serialization.add_safe_globals(previous)
+    else:  # no allowlist API: such files are refused as before
+        yield
+
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file on disk."""
@@ -36,7 +71,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with _allow_safe_globals():
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -67,24 +103,33 @@ def _classifier_prefixes(model: nn.Module) -> tuple:
     return (name,) if isinstance(name, str) else tuple(name)
 
 
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "checkpoint") -> None:
     """Load ``state`` into ``model`` strictly; a head of another size is left re-initialised.
 
     Keys under ``model.classifier_name`` whose shapes differ from the model's (a checkpoint
-    with another ``num_classes``) are dropped and the head keeps its fresh initialisation,
-    with a log message saying so. Any other missing, unexpected or mis-shaped key raises a
-    ``ValueError`` naming every one of them.
+    with another ``num_classes``) are dropped and the head keeps its fresh initialisation;
+    when the model has no classifier (``num_classes=0``: the head is an ``nn.Identity``), the
+    checkpoint's classifier keys are dropped. Both say so in a log message. Any other missing,
+    unexpected or mis-shaped key raises a ``ValueError`` naming every one of them.
     """
     own = model.state_dict()
     heads = _classifier_prefixes(model)
-    dropped_head, mismatched = [], []
+    headless = [h for h in heads if not any(_under(k, (h,)) for k in own)]
+    dropped_head, removed_head, mismatched = [], [], []
     for key in list(state):
         if key in own and own[key].shape != state[key].shape:
-            if any(key == h or key.startswith(h + ".") for h in heads):
+            if _under(key, heads):
                 dropped_head.append(key)
                 del state[key]
             else:
                 mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}")
+        elif key not in own and _under(key, headless):
+            removed_head.append(key)
+            del state[key]
     missing = [k for k in own if k not in state and k not in dropped_head]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or mismatched:
@@ -102,16 +147,51 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "ch
             "%s: classifier re-initialised for num_classes=%s (checkpoint head %s not loaded)",
             source, getattr(model, "num_classes", "?"), ", ".join(dropped_head),
         )
+    if removed_head:
+        _logger.warning(
+            "%s: no classifier for num_classes=%s (checkpoint head %s not loaded)",
+            source, getattr(model, "num_classes", "?"), ", ".join(removed_head),
+        )
+
+
+def _reparameterized_modules(model: nn.Module) -> List[str]:
+    """Names of the outermost submodules already in their merged form (``is_reparameterized``)
+    in a model that, as a whole, is not: RepLKNet's large kernels after ``merge_large_kernels``
+    or after loading a ``structural_reparam`` checkpoint."""
+    if getattr(model, "is_reparameterized", False):
+        return []
+    names: List[str] = []
+    for name, module in model.named_modules():
+        if name and getattr(module, "is_reparameterized", False) and not _under(name, names):
+            names.append(name)
+    return names
+
+
+def _redo_reparameterization(model: nn.Module, meta: Mapping[str, str]) -> None:
+    """Put ``model`` into the form recorded in a convzoo file's metadata, so that its keys fit."""
+    from ..layers.reparam import reparameterize
+
+    if meta.get("reparameterized") == "true" and not getattr(model, "is_reparameterized", False):
+        reparameterize(model)
+    for name in json.loads(meta.get("reparameterized_modules") or "[]"):
+        module = model.get_submodule(name)
+        if getattr(module, "is_reparameterized", False):
+            continue
+        if callable(getattr(module, "reparameterize", None)):
+            module.reparameterize()
+        else:
+            reparameterize(module)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``)."""
+    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``).
+
+    For a convzoo file, ``model`` is first put into the (partly) re-parameterized form the
+    file was saved in.
+    """
     state = read_state_dict(path)
     meta = read_metadata(path)
-    if meta.get("reparameterized") == "true" and not getattr(model, "is_reparameterized", False):
-        from ..layers.reparam import reparameterize
-
-        reparameterize(model)
+    _redo_reparameterization(model, meta)
     if filter_fn is not None and meta.get("format") != "convzoo":
         state = filter_fn(state, model)
     load_state_dict_strict(model, state, source=os.fspath(path))
@@ -141,6 +221,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         "in_chans": str(getattr(inner, "in_chans", "")),
         "config": json.dumps(_config_dict(inner)),
         "reparameterized": "true" if getattr(inner, "is_reparameterized", False) else "false",
+        "reparameterized_modules": json.dumps(_reparameterized_modules(inner)),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}
     tmp = path + ".tmp"

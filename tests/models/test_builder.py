@@ -1,6 +1,8 @@
 """The shared model machinery: registry, builder, features_only and checkpoints, on a toy family."""
+import argparse
 import dataclasses
 import logging
+import pathlib
 
 import pytest
 import torch
@@ -124,6 +126,43 @@ def test_other_num_classes_reinitialises_head_and_says_so(tmp_path, toy_register
     assert "classifier re-initialised for num_classes=7" in caplog.text
     torch.testing.assert_close(model.stages[0].weight, reference.stages[0].weight)
     assert model.head.out_features == 7
+
+
+def test_no_classifier_drops_the_checkpoint_head_and_says_so(tmp_path, toy_registered, caplog):
+    state, reference = official_state(num_classes=1000)
+    torch.save(state, tmp_path / "official.pth")
+    with caplog.at_level(logging.WARNING):
+        model = convzoo.create_model("toy_net", pretrained=tmp_path / "official.pth", num_classes=0)
+    assert "no classifier for num_classes=0 (checkpoint head head.weight, head.bias not loaded)" in caplog.text
+    assert isinstance(model.head, nn.Identity)
+    torch.testing.assert_close(model.stages[1].weight, reference.stages[1].weight)
+
+
+def training_script_checkpoint(state):
+    """What official training scripts save: weights, optimizer state, epoch and their argparse args."""
+    args = argparse.Namespace(model="toy_net", lr=4e-3, input_size=224, drop_path=0.1, layer_decay=None)
+    return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 4e-3}]}, "epoch": 299, "args": args}
+
+
+@pytest.mark.parametrize("scoped", [True, False], ids=["safe_globals", "add_safe_globals"])
+def test_training_script_checkpoint_with_argparse_args_loads(tmp_path, toy_registered, monkeypatch, scoped):
+    """The Namespace is allowed for this load only (torch 2.4 has no scoped safe_globals: the
+    process-wide list is restored); other globals are still refused."""
+    if not scoped:
+        monkeypatch.delattr(torch.serialization, "safe_globals")
+    state, reference = official_state()
+    torch.save(training_script_checkpoint(state), tmp_path / "checkpoint-best.pth")
+    model = convzoo.create_model("toy_net", pretrained=tmp_path / "checkpoint-best.pth")
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(tmp_path / "checkpoint-best.pth", weights_only=True)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x))
+    payload = training_script_checkpoint(state)
+    payload["args"].output_dir = pathlib.PurePosixPath("/output")  # only the Namespace itself is allowed
+    torch.save(payload, tmp_path / "other_global.pth")
+    with pytest.raises(Exception, match="PurePosixPath"):
+        convzoo.create_model("toy_net", pretrained=tmp_path / "other_global.pth")
 
 
 def test_wrong_keys_are_named(tmp_path, toy_registered):

@@ -236,6 +236,28 @@ def test_other_num_classes_reinitialises_the_head_and_says_so(name, tmp_path, ca
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
+def test_no_classifier_drops_the_checkpoint_head_and_says_so(name, tmp_path, caplog):
+    """num_classes=0 (timm's headless model) loads a file with a head: its classifier keys are
+    left out with a log message, everything else loads, the output is the pre-logits features."""
+    model = build(name)
+    randomize_norms(model)
+    model.eval()
+    path = tmp_path / "with_head.pth"
+    torch.save(model.state_dict(), path)
+    with caplog.at_level(logging.WARNING, logger="convzoo"):
+        headless = build(name, pretrained=path, num_classes=0).eval()
+    assert "no classifier for num_classes=0" in caplog.text
+    heads = (model.classifier_name,) if isinstance(model.classifier_name, str) else model.classifier_name
+    assert not any(k.startswith(h + ".") for h in heads for k in headless.state_dict())
+    own = model.state_dict()
+    for key, value in headless.state_dict().items():
+        torch.testing.assert_close(value, own[key])
+    x = image()
+    with torch.no_grad():
+        assert_rel_close(headless(x), model.forward_head(model.forward_features(x), pre_logits=True))
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_wrong_keys_are_named(name, tmp_path):
     model = build(name)
     state = model.state_dict()

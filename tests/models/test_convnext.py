@@ -160,6 +160,19 @@ def test_official_checkpoint_with_another_head_loads_into_a_new_head(tmp_path, c
     torch.testing.assert_close(model.head.norm.weight, official["norm.weight"])
 
 
+def test_official_checkpoint_loads_without_classifier(tmp_path, caplog):
+    source = randomized_small_model()
+    path = tmp_path / "convnext_tiny_1k_224_ema.pth"
+    torch.save({"model": to_official(source.state_dict())}, path)
+    with caplog.at_level("WARNING", logger="convzoo"):
+        model = convzoo.create_model("convnext_tiny", pretrained=path, num_classes=0, **SMALL).eval()
+    assert "no classifier for num_classes=0 (checkpoint head head.fc.weight, head.fc.bias not loaded)" in caplog.text
+    assert isinstance(model.head.fc, nn.Identity)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source.forward_head(source.forward_features(x), pre_logits=True))
+
+
 def test_init_follows_the_official_code():
     model = convzoo.create_model("convnext_tiny", **SMALL)
     block = model.stages[0].blocks[0]

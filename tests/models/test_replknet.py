@@ -1,4 +1,6 @@
 """RepLKNet: architecture figures, RepLKNet-pytorch checkpoints (trained and structural_reparam forms)."""
+import argparse
+import logging
 import re
 
 import pytest
@@ -170,6 +172,62 @@ def test_structural_reparam_checkpoint_is_loaded_into_a_merged_model(tmp_path):
     assert all(m.is_reparameterized for m in model.modules() if isinstance(m, ReparamLargeKernelConv))
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["merged_by_hand", "loaded_from_structural_reparam"])
+def test_model_with_merged_large_kernels_saves_and_loads_back(tmp_path, how):
+    """Only the large kernels merged (not the whole model): save_checkpoint records that form and
+    load_model redoes it before reading the lkb_reparam weights."""
+    source = convzoo.create_model("replknet_tiny", num_classes=10)
+    randomize(source)
+    source.eval()
+    merge_large_kernels(source)
+    if how == "loaded_from_structural_reparam":
+        torch.save(source.state_dict(), tmp_path / "RepLKNet-tiny-reparam.pth")
+        source = convzoo.create_model("replknet_tiny", pretrained=tmp_path / "RepLKNet-tiny-reparam.pth",
+                                      num_classes=10).eval()
+    path = tmp_path / "model.safetensors"
+    convzoo.save_checkpoint(source, path)
+    loaded = convzoo.models.load_model(path).eval()
+    assert not getattr(loaded, "is_reparameterized", False)
+    assert all(m.is_reparameterized for m in loaded.modules() if isinstance(m, ReparamLargeKernelConv))
+    assert "stages.0.blocks.0.pw1.bn.running_var" in loaded.state_dict()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+    convzoo.reparameterize(loaded)  # still goes on to the full inference form
+    convzoo.save_checkpoint(loaded, path)
+    with torch.no_grad():
+        torch.testing.assert_close(convzoo.models.load_model(path).eval()(x), source(x), rtol=1e-4, atol=1e-5)
+
+
+def test_official_checkpoint_loads_without_classifier(tmp_path, caplog):
+    source = convzoo.create_model("replknet_31b", num_classes=10, **SMALL)
+    randomize(source)
+    source.eval()
+    path = tmp_path / "RepLKNet-31B.pth"
+    torch.save(to_official(source.state_dict()), path)
+    with caplog.at_level(logging.WARNING, logger="convzoo"):
+        model = convzoo.create_model("replknet_31b", pretrained=path, num_classes=0, **SMALL).eval()
+    assert "no classifier for num_classes=0 (checkpoint head head.weight, head.bias not loaded)" in caplog.text
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source.forward_head(source.forward_features(x), pre_logits=True))
+
+
+def test_training_script_checkpoint_with_args_loads(tmp_path):
+    """RepLKNet-pytorch's training script saves the model with its optimizer, epoch and argparse args."""
+    source = convzoo.create_model("replknet_tiny", num_classes=10)
+    randomize(source)
+    source.eval()
+    args = argparse.Namespace(model="RepLKNet-31B", lr=4e-3, drop_path=0.3, input_size=224, model_ema=False)
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": to_official(source.state_dict()), "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 299, "args": args}, path)
+    model = convzoo.create_model("replknet_tiny", pretrained=path, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
 
 
 def test_checkpoint_without_batchnorm_counters_loads(tmp_path):
