@@ -155,22 +155,34 @@ def test_fft_forward_and_grad_input_match_the_naive_loop_and_autograd(stride, di
     torch.testing.assert_close(cpu.grad_input_fft(grad_out, x.shape, weight.detach(), stride, padding, dilation), want)
 
 
-def test_fft_conv_chosen_for_large_kernels_on_cpus_without_avx512(monkeypatch):
+@pytest.fixture
+def cpu_capability(monkeypatch):
+    """Pretend to run on a CPU with the given instruction set (the cached choices are cleared)."""
+    def pretend(capability):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        cpu._fft_conv_work_ratio.cache_clear()
+        cpu.jit_dw_max_kernel_width.cache_clear()
+    yield pretend
+    cpu._fft_conv_work_ratio.cache_clear()
+    cpu.jit_dw_max_kernel_width.cache_clear()
+
+
+def test_fft_conv_chosen_for_large_kernels_on_cpus_without_avx512(cpu_capability):
     big = torch.randn(8, 128, 56, 56)
     small = torch.randn(8, 512, 14, 14)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cpu_capability("AVX2")
     assert cpu.use_fft_conv(big, (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)
     assert not cpu.use_fft_conv(big, (128, 1, 13, 13), (56, 56), (1, 1), (6,) * 4)
     assert not cpu.use_fft_conv(small, (512, 1, 27, 27), (14, 14), (1, 1), (13,) * 4)   # small FFTs lose
     assert not cpu.use_fft_conv(big.double(), (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)
     assert not cpu.use_fft_conv(big[:0], (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    cpu_capability("AVX512")
     assert not cpu.use_fft_conv(big, (128, 1, 31, 31), (56, 56), (1, 1), (15,) * 4)   # brdgmm_dw is faster
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_dwconv2d_through_the_fft_path(monkeypatch, memory_format):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+def test_dwconv2d_through_the_fft_path(cpu_capability, memory_format):
+    cpu_capability("AVX2")
     x = _leaf((2, 3, 32, 30), torch.float32, memory_format)
     weight = _leaf((3, 1, 31, 31), torch.float32)
     bias = _leaf((3,), torch.float32)
@@ -293,6 +305,28 @@ def test_flop_count_matches_aten_convolution():
     assert ours.get_total_flops() == theirs.get_total_flops() > 0
 
 
+def test_plain_cpu_inference_skips_the_op_dispatch_and_nothing_else(monkeypatch):
+    from convzoo.ops import dwconv as dwconv_module
+
+    calls = []
+    run_forward = dwconv_module._run_forward
+    monkeypatch.setattr(dwconv_module, "_run_forward", lambda *args: calls.append(1) or run_forward(*args))
+    x = torch.randn(2, 4, 10, 9)
+    weight = torch.nn.Parameter(torch.randn(4, 1, 5, 5))
+    with torch.no_grad():
+        fast = dwconv2d(x, weight, padding=2)
+    assert calls == []                                  # eager no-grad CPU call: the kernel directly
+    torch.testing.assert_close(fast, F.conv2d(x, weight, None, 1, 2, 1, 4))
+    dwconv2d(x, weight, padding=2).sum().backward()     # autograd needs the op
+    assert calls == [1] and weight.grad is not None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:   # so do the modes
+        dwconv2d(x, weight, padding=2)
+    assert calls == [1, 1] and counter.get_total_flops() == 2 * x.numel() * 25
+    with torch.no_grad():
+        block = _Block().eval()
+        assert "convzoo.dwconv2d.default" in exported_call_targets(block, x[:, :4])   # and torch.export
+
+
 class _Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -349,16 +383,11 @@ def test_bad_input_errors(call, error, match):
         call(x, weight)
 
 
-def test_jit_dw_width_limit_follows_the_instruction_set(monkeypatch):
-    cpu.jit_dw_max_kernel_width.cache_clear()
-    try:
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-        assert cpu.jit_dw_max_kernel_width() == 13
-        cpu.jit_dw_max_kernel_width.cache_clear()
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-        assert cpu.jit_dw_max_kernel_width() == 9
-    finally:
-        cpu.jit_dw_max_kernel_width.cache_clear()
+def test_jit_dw_width_limit_follows_the_instruction_set(cpu_capability):
+    cpu_capability("AVX512")
+    assert cpu.jit_dw_max_kernel_width() == 13
+    cpu_capability("AVX2")
+    assert cpu.jit_dw_max_kernel_width() == 9
 
 
 def test_conv_layout_choice():

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import autocast_to_lower, check_impl, check_same, check_tensor, pair, use_triton
+from .._checks import autocast_to_lower, check_impl, check_same, check_tensor, pair, plain_cpu_inference, use_triton
 from . import cpu
 from .reference import dwconv2d_reference, output_shape, same_padding
 
@@ -64,6 +64,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if impl == "reference":
         return dwconv2d_reference(x, weight, bias, stride, padding4, dilation)
     backend = "triton" if use_triton("dwconv2d", impl, x) else "native"
+    if backend == "native" and plain_cpu_inference(x, weight, bias):
+        return cpu.forward(x, weight, bias, stride, padding4, dilation)
     return torch.ops.convzoo.dwconv2d(x, weight, bias, list(stride), list(padding4), list(dilation), backend)
 
 

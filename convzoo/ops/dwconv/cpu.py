@@ -74,8 +74,10 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """``t`` laid out densely in ``memory_format`` with the canonical strides of that format."""
-    canonical = torch.empty((0,) + tuple(t.shape[1:]), memory_format=memory_format).stride()
-    if t.is_contiguous(memory_format=memory_format) and t.stride()[1:] == canonical[1:]:
+    _, channels, height, width = t.shape
+    canonical = ((1, width * channels, channels) if memory_format == torch.channels_last
+                 else (height * width, width, 1))
+    if t.is_contiguous(memory_format=memory_format) and t.stride()[1:] == canonical:
         return t
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)
 
@@ -204,6 +206,13 @@ def _fft_sizes(x_shape, grad_shape, stride, padding) -> Tuple[int, int]:
             _fft_size(max(x_shape[3] + max(padding[2], padding[3]), span_w)))
 
 
+@functools.lru_cache(maxsize=None)
+def _fft_conv_work_ratio() -> Optional[float]:
+    """This CPU's FFT_CONV_WORK_RATIO_BY_CAPABILITY entry."""
+    return FFT_CONV_WORK_RATIO_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(),
+                                                 FFT_CONV_WORK_RATIO_OTHERWISE)
+
+
 def use_fft_conv(x: torch.Tensor, weight_shape: Sequence[int], out_size: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int]) -> bool:
     """Whether the forward (and grad-input) should run as an FFT convolution on this CPU.
@@ -211,12 +220,14 @@ def use_fft_conv(x: torch.Tensor, weight_shape: Sequence[int], out_size: Sequenc
     Compares the direct MACs per (image, output channel) with the FFT's ``S log S`` work, against
     the instruction set's ratio (FFT_CONV_WORK_RATIO_BY_CAPABILITY).  float64 stays direct.
     """
-    ratio = FFT_CONV_WORK_RATIO_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(),
-                                                  FFT_CONV_WORK_RATIO_OTHERWISE)
+    ratio = _fft_conv_work_ratio()
     if ratio is None or x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or x.shape[0] == 0:
         return False
     out_h, out_w = out_size
     if out_h <= 0 or out_w <= 0:
+        return False
+    # The FFT is at least as large as the output: small kernels never qualify.
+    if weight_shape[2] * weight_shape[3] < ratio * math.log2(max(2, out_h * out_w)):
         return False
     size_h, size_w = _fft_sizes(x.shape, (0, 0, out_h, out_w), stride, padding)
     direct = out_h * out_w * weight_shape[2] * weight_shape[3]
