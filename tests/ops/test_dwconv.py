@@ -193,6 +193,21 @@ def test_dwconv2d_through_the_fft_path(cpu_capability, memory_format):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     for got, want in zip(_grads(out, (x, weight, bias)), _grads(expected, (x, weight, bias))):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():   # also without the custom op's dispatch (eager inference)
+        torch.testing.assert_close(dwconv2d(x, weight, bias, padding=15), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fft_path_in_bfloat16_computes_in_float32(cpu_capability):
+    cpu_capability("AVX2")
+    x = torch.randn(2, 3, 32, 30).bfloat16().requires_grad_()
+    weight = torch.randn(3, 1, 31, 31).div(31).bfloat16().requires_grad_()
+    out = dwconv2d(x, weight, padding=15)
+    assert out.dtype == torch.bfloat16
+    expected = F.conv2d(x.detach().float(), weight.detach().float(), None, 1, 15, 1, 3)
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=2e-2)
+    (grad_x, grad_w) = torch.autograd.grad(out.float().sum(), (x, weight))
+    assert grad_x.dtype == grad_w.dtype == torch.bfloat16
+    assert torch.isfinite(grad_x.float()).all() and torch.isfinite(grad_w.float()).all()
 
 
 def test_63x63_kernel_float32_channels_last():
