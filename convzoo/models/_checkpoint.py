@@ -113,7 +113,8 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "ch
     Keys under ``model.classifier_name`` whose shapes differ from the model's (a checkpoint
     with another ``num_classes``) are dropped and the head keeps its fresh initialisation;
     when the model has no classifier (``num_classes=0``: the head is an ``nn.Identity``), the
-    checkpoint's classifier keys are dropped. Both say so in a log message. Any other missing,
+    checkpoint's classifier keys are dropped. Both say so in a log message. BatchNorm step
+    counters (``num_batches_tracked``) a file lacks start at 0. Any other missing,
     unexpected or mis-shaped key raises a ``ValueError`` naming every one of them.
     """
     own = model.state_dict()
@@ -130,6 +131,12 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "ch
         elif key not in own and _under(key, headless):
             removed_head.append(key)
             del state[key]
+    for key in own:
+        if key.endswith(".num_batches_tracked") and key not in state:
+            # Files written before BatchNorm had step counters (torchvision's legacy ResNet-50,
+            # RepLKNet's releases) lack them; they are unused in eval: start them at 0, as
+            # BatchNorm's own loading of such files does.
+            state[key] = torch.zeros_like(own[key], device="cpu")
     missing = [k for k in own if k not in state and k not in dropped_head]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or mismatched:

@@ -219,20 +219,13 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
 
     Official files saved after ``structural_reparam()`` hold ``large_kernel.lkb_reparam`` keys:
     the large kernels of ``model`` are then merged first (in place) so that the file fits.
-    Files without BatchNorm's ``num_batches_tracked`` counters get them as zeros.
+    (Files without BatchNorm's ``num_batches_tracked`` counters are handled by the strict loader.)
     """
     if any(".lkb_reparam." in k for k in state_dict):
         merge_large_kernels(model)
-    official = any(".small_conv." in k for k in state_dict)
-    counters = not any(k.endswith(".num_batches_tracked") for k in state_dict)
-    if not official and not counters:
+    if not any(".small_conv." in k for k in state_dict):
         return state_dict
-    state = {re.sub(r"\.small_conv\.", ".small_convs.0.", k): v for k, v in state_dict.items()}
-    if counters:  # files written without BatchNorm's step counters (unused in eval): start them at 0
-        for key, value in model.state_dict().items():
-            if key.endswith(".num_batches_tracked"):
-                state.setdefault(key, torch.zeros_like(value, device="cpu"))
-    return state
+    return {re.sub(r"\.small_conv\.", ".small_convs.0.", k): v for k, v in state_dict.items()}
 
 
 def _create_replknet(variant: str, cfg: RepLKNetCfg, pretrained=None, **kwargs) -> RepLKNet:

@@ -107,6 +107,22 @@ def test_torchvision_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(model(x), reference.eval()(x))
 
 
+def test_legacy_checkpoint_without_batchnorm_counters_loads(tmp_path):
+    """torchvision's first resnet50 file (resnet50-19c8e357.pth) predates num_batches_tracked."""
+    state, reference = torchvision_state(**SHALLOW)
+    legacy = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert len(legacy) < len(state)
+    torch.save(legacy, tmp_path / "resnet50-19c8e357.pth")
+    model = convzoo.create_model("resnet50", pretrained=tmp_path / "resnet50-19c8e357.pth", **SHALLOW).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference.eval()(x))
+    assert model.bn1.num_batches_tracked.item() == 0
+    del legacy["layer1.0.bn1.running_var"]  # any other missing key is still an error
+    torch.save(legacy, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): layer1.0.bn1.running_var"):
+        convzoo.create_model("resnet50", pretrained=tmp_path / "broken.pth", **SHALLOW)
+
+
 def test_torchvision_checkpoint_loads_into_dcnv2_with_zero_offsets(tmp_path, caplog):
     state, reference = torchvision_state(**SHALLOW)
     torch.save(state, tmp_path / "resnet50.pth")
