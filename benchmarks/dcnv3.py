@@ -5,7 +5,7 @@ the input, build normalised sampling grids, one ``F.grid_sample`` over ``N * gro
 multiply by the mask, sum over the points), with its two bugs fixed (H padded by pad_h, W by
 pad_w; stride honoured) so that it computes exactly what ``convzoo.ops.dcnv3`` computes.
 
-Usage: python benchmarks/dcnv3.py [--repeats 7] [--threads 2]
+Usage: python benchmarks/dcnv3.py [--repeats 7] [--threads 2] [--case 8,28,4,16,3,1 --rounds 2]
 Prints a markdown table: median milliseconds of forward and forward+backward, ours vs baseline.
 """
 from __future__ import annotations
@@ -97,10 +97,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--case", help="one case N,H,group,group_channels,kernel,stride (default: all four)")
+    parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cases = [(8, 28, 4, 16, 3, 1), (8, 56, 4, 16, 3, 1), (8, 28, 8, 16, 3, 2), (8, 14, 16, 16, 3, 1)]
+    if args.case:
+        cases = [tuple(int(v) for v in args.case.split(","))]
+    cases = cases * args.rounds
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} (ms)\n")
     print("| shape | pass | convzoo | grid_sample | speed-up |")
     print("|---|---|---:|---:|---:|")
