@@ -167,6 +167,21 @@ def cpu_capability(monkeypatch):
     cpu.jit_dw_max_kernel_width.cache_clear()
 
 
+def test_fft_paths_with_a_kernel_wider_than_the_transform():
+    """3 columns padded by 4 on each side: the FFT is 8 wide and the 9-wide kernel wraps onto itself
+    (the taps that share a place only ever read padding, so the result is still exact)."""
+    x = _leaf((2, 3, 5, 3))
+    weight = _leaf((3, 1, 2, 9))
+    padding = (1, 0, 4, 4)
+    assert cpu._fft_sizes(x.shape, (0, 0, 5, 3), (1, 1), padding)[1] < 9
+    expected = dwconv2d_reference(x, weight, None, (1, 1), padding, (1, 1))
+    torch.testing.assert_close(cpu.forward_fft(x.detach(), weight.detach(), None, (1, 1), padding, (1, 1)),
+                               expected.detach())
+    grad_out = torch.randn_like(expected)
+    (want,) = torch.autograd.grad(expected, x, grad_out)
+    torch.testing.assert_close(cpu.grad_input_fft(grad_out, x.shape, weight.detach(), (1, 1), padding, (1, 1)), want)
+
+
 def test_fft_conv_chosen_for_large_kernels_on_cpus_without_avx512(cpu_capability):
     big = torch.randn(8, 128, 56, 56)
     small = torch.randn(8, 512, 14, 14)

@@ -240,12 +240,18 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kernel_spectra(weight: torch.Tensor, size: Tuple[int, int], padding: Sequence[int], dilation: Sequence[int],
                     dtype: torch.dtype) -> torch.Tensor:
-    """rfft2 of each kernel placed at ``(i*dh - top, j*dw - left) mod size``: ``(C*m, S_h, S_w // 2 + 1)``."""
+    """rfft2 of each kernel placed at ``(i*dh - top, j*dw - left) mod size``: ``(C*m, S_h, S_w // 2 + 1)``.
+
+    Taps that land on the same place (a kernel wider than the FFT, possible with large padding)
+    add up, as in the circular correlation they stand for (within the sizes of :func:`_fft_sizes`
+    such taps only ever read padding).
+    """
     c_out, _, kh, kw = weight.shape
     rows = (torch.arange(kh, device=weight.device) * dilation[0] - padding[0]) % size[0]
     cols = (torch.arange(kw, device=weight.device) * dilation[1] - padding[2]) % size[1]
     placed = weight.new_zeros((c_out,) + tuple(size), dtype=dtype)
-    placed[:, rows[:, None], cols[None, :]] = weight[:, 0].to(dtype)
+    channel = torch.arange(c_out, device=weight.device).view(-1, 1, 1)
+    placed.index_put_((channel, rows.view(1, -1, 1), cols.view(1, 1, -1)), weight[:, 0].to(dtype), accumulate=True)
     return torch.fft.rfft2(placed)
 
 
