@@ -1,7 +1,9 @@
 """The ``convzoo`` command line: ``convzoo <command> [options]``.
 
-Subcommands live in :mod:`convzoo.commands`, one module each, discovered at start-up. Only
-this layer prints; the library logs through :mod:`logging`, which is routed to stderr here.
+Subcommands live in :mod:`convzoo.commands`, one module each, discovered at start-up. The
+commands print their results to stdout; everything else logs through :mod:`logging`, which is
+routed to stderr here. A command's own progress reports (INFO records of its
+``convzoo.commands.<name>`` logger) are shown at the default verbosity, as plain lines.
 """
 from __future__ import annotations
 
@@ -45,24 +47,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(logging.Formatter):
+    """``LEVEL logger: message``, except a command's progress reports, which are the bare message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO and record.name.startswith(commands.__name__ + "."):
+            return record.getMessage()
+        return super().format(record)
+
+
 @contextlib.contextmanager
 def _logging_to_stderr(verbosity: int):
     """Route convzoo's log records (and warnings) to stderr while a command runs."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("convzoo")
-    saved = (root.level, root.propagate)
+    command_logger = logging.getLogger(commands.__name__)
+    saved = (root.level, root.propagate, command_logger.level)
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    command_logger.setLevel(min(level, logging.INFO))
     logging.captureWarnings(True)
     try:
         yield
     finally:
         logging.captureWarnings(False)
         root.removeHandler(handler)
-        root.level, root.propagate = saved
+        root.level, root.propagate, command_logger.level = saved
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -10,6 +11,8 @@ import time
 from . import UsageError, build_model, parse_model_args
 
 DEFAULT_MODEL = "replknet_tiny"
+
+_logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
 Train an image classifier.
@@ -259,8 +262,8 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
     trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
     if resume_path is None and info.is_main:
         if os.path.exists(os.path.join(output, "checkpoint.pt")):
-            print(f"note: starting a new run in {output}; its old checkpoint will be replaced "
-                  "(use --resume to continue it instead)", file=sys.stderr)
+            _logger.warning("starting a new run in %s; its old checkpoint will be replaced "
+                            "(use --resume to continue it instead)", output)
         _write_metrics_history(output, [])
     if resume_path is not None:
         state = load_training_checkpoint(resume_path)
@@ -269,17 +272,18 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
         trainer.load_state_dict(state)
         if info.is_main:
             _write_metrics_history(output, trainer.history)
-            print(f"resumed from {resume_path} after epoch {trainer.epoch}", file=sys.stderr)
+            _logger.info("resumed from %s after epoch %d", resume_path, trainer.epoch)
     if info.is_main:
         data_name = args.data or "built-in relation data set"
-        print(f"training {args.model} on {data_name}: {len(train_set)} train / {len(val_set)} val images, "
-              f"{num_classes} classes, {info.world_size} process(es) on {info.device}, output {output}", file=sys.stderr)
+        _logger.info("training %s on %s: %d train / %d val images, %d classes, %d process(es) on %s, output %s",
+                     args.model, data_name, len(train_set), len(val_set), num_classes, info.world_size,
+                     info.device, output)
     on_step = ProgressBar() if info.is_main else None
     tensorboard = TensorBoardLogger(os.path.join(output, "tensorboard")) if info.is_main else None
 
     def on_epoch(record):
         if info.is_main:
-            print(_epoch_line(record), file=sys.stderr)
+            _logger.info("%s", _epoch_line(record))
             tensorboard(record)
 
     start = time.perf_counter()
