@@ -105,6 +105,11 @@ def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
     return False
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel computes in: float64 stays float64, every other floating dtype float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
 
 

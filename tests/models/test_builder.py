@@ -118,21 +118,24 @@ def test_dataparallel_prefix_is_stripped(tmp_path):
     assert set(read_state_dict(tmp_path / "ddp.pth")) == set(reference.state_dict())
 
 
-def test_other_num_classes_reinitialises_head_and_says_so(tmp_path, toy_registered, caplog):
+def _load_1000_class_checkpoint(tmp_path, caplog, num_classes):
+    """toy_net built for ``num_classes`` from a 1000-class official file; also the file's model."""
     state, reference = official_state(num_classes=1000)
     torch.save(state, tmp_path / "official.pth")
     with caplog.at_level(logging.WARNING):
-        model = convzoo.create_model("toy_net", pretrained=tmp_path / "official.pth", num_classes=7)
+        model = convzoo.create_model("toy_net", pretrained=tmp_path / "official.pth", num_classes=num_classes)
+    return model, reference
+
+
+def test_other_num_classes_reinitialises_head_and_says_so(tmp_path, toy_registered, caplog):
+    model, reference = _load_1000_class_checkpoint(tmp_path, caplog, num_classes=7)
     assert "classifier re-initialised for num_classes=7" in caplog.text
     torch.testing.assert_close(model.stages[0].weight, reference.stages[0].weight)
     assert model.head.out_features == 7
 
 
 def test_no_classifier_drops_the_checkpoint_head_and_says_so(tmp_path, toy_registered, caplog):
-    state, reference = official_state(num_classes=1000)
-    torch.save(state, tmp_path / "official.pth")
-    with caplog.at_level(logging.WARNING):
-        model = convzoo.create_model("toy_net", pretrained=tmp_path / "official.pth", num_classes=0)
+    model, reference = _load_1000_class_checkpoint(tmp_path, caplog, num_classes=0)
     assert "no classifier for num_classes=0 (checkpoint head head.weight, head.bias not loaded)" in caplog.text
     assert isinstance(model.head, nn.Identity)
     torch.testing.assert_close(model.stages[1].weight, reference.stages[1].weight)

@@ -160,11 +160,9 @@ def cpu_capability(monkeypatch):
     """Pretend to run on a CPU with the given instruction set (the cached choices are cleared)."""
     def pretend(capability):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        cpu._fft_conv_work_ratio.cache_clear()
-        cpu.jit_dw_max_kernel_width.cache_clear()
+        cpu.cpu_capability.cache_clear()
     yield pretend
-    cpu._fft_conv_work_ratio.cache_clear()
-    cpu.jit_dw_max_kernel_width.cache_clear()
+    cpu.cpu_capability.cache_clear()
 
 
 def test_fft_paths_with_a_kernel_wider_than_the_transform():

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sample, sampling_matrix
+from .._checks import compute_dtype
 from .reference import sampling_locations
 
 
@@ -85,14 +86,10 @@ def _padded_rows(x: torch.Tensor, group_channels: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 1, 1, 1, 1)).reshape(-1, group_channels)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, params: tuple):
     """Compute dtype, padded rows ``(num_rows, C)``, samples, masked weights and ``(bags, P)``."""
     group_channels = params[9]
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     n, height, width, channels = x.shape
     rows = _padded_rows(x.to(dtype), group_channels)
     num_samples = mask.numel()

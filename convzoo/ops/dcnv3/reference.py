@@ -17,6 +17,8 @@ from typing import NamedTuple, Tuple
 
 import torch
 
+from .._checks import compute_dtype
+
 
 def output_size(height: int, width: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
                 pad_h: int, pad_w: int, dilation_h: int, dilation_w: int) -> Tuple[int, int]:
@@ -111,10 +113,6 @@ def bilinear_corners(loc_x: torch.Tensor, loc_y: torch.Tensor, height: int, widt
     return Corners(rows, weight, frac_x, frac_y, inside_f)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
                   stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
                   group: int, group_channels: int, offset_scale: float, remove_center: bool) -> torch.Tensor:
@@ -129,7 +127,7 @@ def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, ker
         ``(N, H_out, W_out, group * group_channels)`` in the dtype of ``x``.
     """
     out_dtype = x.dtype
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     n, height, width, _ = x.shape
     _, height_out, width_out, _ = offset.shape
     loc_x, loc_y = sampling_locations(offset.to(dtype), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
@@ -153,7 +151,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     The derivative of the bilinear weights is taken with the corners' floor fixed (as the CUDA
     kernel does); samples the kernel skips get zero gradient.
     """
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     n, height, width, channels = x.shape
     _, height_out, width_out, _ = offset.shape
     loc_x, loc_y = sampling_locations(offset.to(dtype), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,

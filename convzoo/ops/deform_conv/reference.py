@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sample, sampling_matrix
+from .._checks import compute_dtype
 
 # Border of zeros around the input: coordinates are clamped to [-PAD_BEFORE, size + PAD_BEFORE - 1],
 # whose floor + 1 is at most size + PAD_AFTER - 1.
@@ -52,11 +53,6 @@ def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, stride, padd
     out_h = (in_h + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
     out_w = (in_w + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
     return out_h, out_w
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def padded_rows(x: torch.Tensor, offset_groups: int) -> Tuple[torch.Tensor, int, int]:

@@ -13,8 +13,9 @@ B=8, C=128, 56x56, fp32) showed, and what this module does about it:
   (``jit_dw`` is ~3x faster than ``brdgmm_dw`` at 13x13 in isolation, but converting a
   channels_last tensor there and back ate the gain under load, so channels_last inputs stay.)
 * Grad-input for kernels wider than jit_dw takes is a conv of the output gradient with the
-  flipped kernel (stride 1), in channels_last: ~25 ms at 31x31 vs ~50 ms for ``convolution_backward``; up to
-  that width ``convolution_backward`` (oneDNN jit_dw, ~14 ms at 13x13) beats it (~30 ms).
+  flipped kernel (stride 1), in channels_last: ~25 ms at 31x31 vs ~50 ms for
+  ``convolution_backward``; up to that width ``convolution_backward`` (oneDNN jit_dw, ~14 ms at
+  13x13) beats it (~30 ms).
 * On CPUs without AVX-512 oneDNN has no brdgmm_dw and its channels_last depthwise conv is ~6x
   slower at 31x31 (141 ms); there :func:`use_fft_conv` sends large kernels on large maps to
   :func:`forward_fft` / :func:`grad_input_fft`, Fourier-domain correlations (33 ms).
@@ -33,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._checks import compute_dtype
 from .reference import is_symmetric, output_shape
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,10 +61,14 @@ FFT_CHUNK_ELEMENTS = 1 << 23
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_capability() -> str:
+    """This CPU's instruction set as PyTorch names it ("AVX512", "AVX2", ...), read once."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def jit_dw_max_kernel_width() -> int:
     """The widest kernel oneDNN's jit_dw runs on this CPU (see JIT_DW_MAX_KERNEL_WIDTH_BY_CAPABILITY)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return JIT_DW_MAX_KERNEL_WIDTH_BY_CAPABILITY.get(capability, JIT_DW_MAX_KERNEL_WIDTH_OTHERWISE)
+    return JIT_DW_MAX_KERNEL_WIDTH_BY_CAPABILITY.get(cpu_capability(), JIT_DW_MAX_KERNEL_WIDTH_OTHERWISE)
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -143,7 +149,7 @@ def _grad_input(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
     n, channels, height, width = x.shape
     kh, kw = weight.shape[2:]
     if tuple(stride) == (1, 1) and kw > jit_dw_max_kernel_width():
-        # oneDNN's jit_dw backward-data is fast up to width 13; past it, a forward conv with the
+        # oneDNN's jit_dw backward-data is fast up to its width limit; past it, a forward conv with the
         # flipped kernel (brdgmm_dw in channels_last) is ~2x faster.  The output
         # gradient is padded by (span - padding) on each side (negative = crop).
         span_h, span_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
@@ -206,13 +212,6 @@ def _fft_sizes(x_shape, grad_shape, stride, padding) -> Tuple[int, int]:
             _fft_size(max(x_shape[3] + max(padding[2], padding[3]), span_w)))
 
 
-@functools.lru_cache(maxsize=None)
-def _fft_conv_work_ratio() -> Optional[float]:
-    """This CPU's FFT_CONV_WORK_RATIO_BY_CAPABILITY entry."""
-    return FFT_CONV_WORK_RATIO_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(),
-                                                 FFT_CONV_WORK_RATIO_OTHERWISE)
-
-
 def use_fft_conv(x: torch.Tensor, weight_shape: Sequence[int], out_size: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int]) -> bool:
     """Whether the forward (and grad-input) should run as an FFT convolution on this CPU.
@@ -220,7 +219,7 @@ def use_fft_conv(x: torch.Tensor, weight_shape: Sequence[int], out_size: Sequenc
     Compares the direct MACs per (image, output channel) with the FFT's ``S log S`` work, against
     the instruction set's ratio (FFT_CONV_WORK_RATIO_BY_CAPABILITY).  float64 stays direct.
     """
-    ratio = _fft_conv_work_ratio()
+    ratio = FFT_CONV_WORK_RATIO_BY_CAPABILITY.get(cpu_capability(), FFT_CONV_WORK_RATIO_OTHERWISE)
     if ratio is None or x.device.type != "cpu" or x.dtype not in ONEDNN_DTYPES or x.shape[0] == 0:
         return False
     out_h, out_w = out_size
@@ -234,8 +233,15 @@ def use_fft_conv(x: torch.Tensor, weight_shape: Sequence[int], out_size: Sequenc
     return direct >= ratio * size_h * size_w * math.log2(max(2, size_h * size_w))
 
 
-def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _spread_on_stride_grid(grad_out: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """The output gradient placed on the input's stride grid, zeros between:
+    ``(N, C*m, Ho, Wo) -> (N, C*m, (Ho - 1) * sh + 1, (Wo - 1) * sw + 1)``."""
+    if tuple(stride) == (1, 1):
+        return grad_out
+    n, c_out, out_h, out_w = grad_out.shape
+    spread = grad_out.new_zeros(n, c_out, (out_h - 1) * stride[0] + 1, (out_w - 1) * stride[1] + 1)
+    spread[:, :, ::stride[0], ::stride[1]] = grad_out
+    return spread
 
 
 def _kernel_spectra(weight: torch.Tensor, size: Tuple[int, int], padding: Sequence[int], dilation: Sequence[int],
@@ -275,11 +281,11 @@ def forward_fft(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     multiplier = weight.shape[0] // channels
     out_h, out_w = output_shape(x.shape, weight.shape, stride, padding, dilation)[2:]
     size = _fft_sizes(x.shape, (0, 0, out_h, out_w), stride, padding)
-    compute_dtype = _fft_dtype(x.dtype)
-    kernels = _kernel_spectra(weight, size, padding, dilation, compute_dtype)
+    dtype = compute_dtype(x.dtype)
+    kernels = _kernel_spectra(weight, size, padding, dilation, dtype)
     pieces: List[torch.Tensor] = []
     for start, stop in _channel_chunks(n, channels, multiplier, size):
-        x_spec = torch.fft.rfft2(x[:, start:stop].to(compute_dtype), s=size)
+        x_spec = torch.fft.rfft2(x[:, start:stop].to(dtype), s=size)
         x_spec = x_spec.repeat_interleave(multiplier, dim=1) if multiplier > 1 else x_spec
         corr = torch.fft.irfft2(x_spec * kernels[start * multiplier:stop * multiplier].conj(), s=size)
         pieces.append(corr[:, :, : (out_h - 1) * stride[0] + 1: stride[0], : (out_w - 1) * stride[1] + 1: stride[1]])
@@ -301,17 +307,13 @@ def grad_input_fft(grad_out: torch.Tensor, x_shape: Sequence[int], weight: torch
     c_out = weight.shape[0]
     multiplier = c_out // channels
     size = _fft_sizes(x_shape, grad_out.shape, stride, padding)
-    if tuple(stride) != (1, 1):
-        spread = grad_out.new_zeros(n, c_out, (grad_out.shape[2] - 1) * stride[0] + 1,
-                                    (grad_out.shape[3] - 1) * stride[1] + 1)
-        spread[:, :, ::stride[0], ::stride[1]] = grad_out
-        grad_out = spread
-    compute_dtype = _fft_dtype(grad_out.dtype)
-    kernels = _kernel_spectra(weight, size, padding, dilation, compute_dtype)
+    grad_out = _spread_on_stride_grid(grad_out, stride)
+    dtype = compute_dtype(grad_out.dtype)
+    kernels = _kernel_spectra(weight, size, padding, dilation, dtype)
     pieces: List[torch.Tensor] = []
     for start, stop in _channel_chunks(n, channels, multiplier, size):
         outputs = slice(start * multiplier, stop * multiplier)
-        g_spec = torch.fft.rfft2(grad_out[:, outputs].to(compute_dtype), s=size) * kernels[outputs]
+        g_spec = torch.fft.rfft2(grad_out[:, outputs].to(dtype), s=size) * kernels[outputs]
         if multiplier > 1:
             g_spec = g_spec.view(n, stop - start, multiplier, *g_spec.shape[2:]).sum(2)
         pieces.append(torch.fft.irfft2(g_spec, s=size)[:, :, :height, :width])
@@ -350,20 +352,15 @@ def grad_weight_fft(grad_out: torch.Tensor, x: torch.Tensor, weight_shape: Seque
     multiplier = c_out // channels
     if n == 0:
         return grad_out.new_zeros(weight_shape)
-    compute_dtype = _fft_dtype(x.dtype)
-    go_h, go_w = grad_out.shape[2:]
-    span_h, span_w = (go_h - 1) * stride[0] + 1, (go_w - 1) * stride[1] + 1
+    dtype = compute_dtype(x.dtype)
     size_h, size_w = _fft_sizes(x.shape, grad_out.shape, stride, padding)
-    if tuple(stride) != (1, 1):
-        spread = grad_out.new_zeros(n, c_out, span_h, span_w)
-        spread[:, :, ::stride[0], ::stride[1]] = grad_out
-        grad_out = spread
+    grad_out = _spread_on_stride_grid(grad_out, stride)
     rows = (torch.arange(kh, device=x.device) * dilation[0] - padding[0]) % size_h
     cols = (torch.arange(kw, device=x.device) * dilation[1] - padding[2]) % size_w
     pieces: List[torch.Tensor] = []
     for start, stop in _channel_chunks(n, channels, multiplier, (size_h, size_w)):
-        x_spec = torch.fft.rfft2(x[:, start:stop].to(compute_dtype), s=(size_h, size_w))
-        g_spec = torch.fft.rfft2(grad_out[:, start * multiplier:stop * multiplier].to(compute_dtype),
+        x_spec = torch.fft.rfft2(x[:, start:stop].to(dtype), s=(size_h, size_w))
+        g_spec = torch.fft.rfft2(grad_out[:, start * multiplier:stop * multiplier].to(dtype),
                                  s=(size_h, size_w))
         x_spec = x_spec.repeat_interleave(multiplier, dim=1) if multiplier > 1 else x_spec
         corr = torch.fft.irfft2((g_spec.conj() * x_spec).sum(0), s=(size_h, size_w))
