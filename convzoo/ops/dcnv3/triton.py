@@ -2,7 +2,10 @@
 
 One program handles ``BLOCK_Q`` output pixels of one group and all its channels (a channel
 block ``BLOCK_C``, the next power of two of ``group_channels``, masked), looping over the P
-points at compile time. The forward accumulates in fp32. The backward recomputes the samples,
+points.  The tile (``TILE = BLOCK_Q * BLOCK_C`` values) and the warps are autotuned among
+configs that keep every value in registers on sm_90; the autotuning key holds the layer's sizes,
+never the batch.  (``tests/ops/hopper_compile.py`` showed the first design, the points unrolled
+at compile time in 2048-value tiles on 4 warps, spilling up to 4.6 KB per thread.) The forward accumulates in fp32. The backward recomputes the samples,
 writes the offset and mask gradients of its pixels directly (each is owned by one program) and
 adds the input gradient into an fp32 buffer with atomic adds. Definition: :mod:`convzoo.ops.dcnv3`.
 """
@@ -10,9 +13,28 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: (values per tile, warps) tried by the autotuner; one config under the interpreter, where timing
+#: is pointless.  These keep every value in registers on sm_90 at group_channels 16, 24 and 32.
+FORWARD_TILES = [(2048, 4)] if INTERPRETED else [(512, 4), (1024, 8), (2048, 8)]
+BACKWARD_TILES = [(2048, 4)] if INTERPRETED else [(512, 8), (1024, 8)]
+AUTOTUNE_KEY = ["height", "width", "height_out", "width_out", "group", "group_channels", "KERNEL_H", "KERNEL_W"]
+
+
+def _tuned(tiles, reset_to_zero=None):
+    """Autotune over ``tiles``; ``BLOCK_Q`` (pixels per program) follows from the tile and ``BLOCK_C``."""
+    configs = [triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in tiles]
+
+    def decorate(kernel):
+        kernel = triton.heuristics({"BLOCK_Q": lambda meta: max(16, meta["TILE"] // meta["BLOCK_C"])})(kernel)
+        return triton.autotune(configs, key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero)(kernel)
+    return decorate
 
 
 @triton.jit
@@ -64,7 +86,8 @@ def _kernel_window(q, height, width, height_out, width_out, stride_h, stride_w, 
     return n * height * width * row_stride, centre_x, centre_y, half_w, half_h
 
 
-@triton.jit
+@_tuned(FORWARD_TILES)
+@triton.jit(do_not_specialize=["num_pixels"])
 def _dcnv3_fwd_kernel(
     x_ptr,  # (N, H, W, G*C)
     offset_ptr,  # (N, Ho, Wo, G, P, 2)
@@ -73,7 +96,7 @@ def _dcnv3_fwd_kernel(
     num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
     dilation_h, dilation_w, group, group_channels, offset_scale,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, POINTS: tl.constexpr, SKIP: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     g = tl.program_id(1)
@@ -88,7 +111,7 @@ def _dcnv3_fwd_kernel(
     channel_ptrs = g * group_channels + c
     sample_base = (q * group + g) * POINTS
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
-    for p in tl.static_range(POINTS):
+    for p in range(POINTS):
         # x-major point order, the removed centre (flat index SKIP) jumped over.
         flat = p + (p >= SKIP)
         ix = flat // KERNEL_H
@@ -107,7 +130,8 @@ def _dcnv3_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pix_mask[:, None] & chan_mask[None, :])
 
 
-@triton.jit
+@_tuned(BACKWARD_TILES, reset_to_zero=["grad_x_ptr"])
+@triton.jit(do_not_specialize=["num_pixels"])
 def _dcnv3_bwd_kernel(
     x_ptr,  # (N, H, W, G*C)
     offset_ptr,  # (N, Ho, Wo, G, P, 2)
@@ -119,7 +143,7 @@ def _dcnv3_bwd_kernel(
     num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
     dilation_h, dilation_w, group, group_channels, offset_scale,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, POINTS: tl.constexpr, SKIP: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     g = tl.program_id(1)
@@ -136,7 +160,7 @@ def _dcnv3_bwd_kernel(
     tile_mask = pix_mask[:, None] & chan_mask[None, :]
     grad = tl.load(grad_out_ptr + (q * row_stride + g * group_channels)[:, None] + c[None, :],
                    mask=tile_mask, other=0.0).to(tl.float32)
-    for p in tl.static_range(POINTS):
+    for p in range(POINTS):
         # x-major point order, the removed centre (flat index SKIP) jumped over.
         flat = p + (p >= SKIP)
         ix = flat // KERNEL_H
@@ -174,26 +198,23 @@ def _dcnv3_bwd_kernel(
         tl.atomic_add(dst + p11[:, None], wgrad * (fy2 * fx2), mask=m11[:, None] & cm)
 
 
-def _blocks(group_channels: int) -> Tuple[int, int]:
-    block_c = triton.next_power_of_2(group_channels)
-    block_q = max(16, min(128, 2048 // block_c))
-    return block_q, block_c
-
-
 def _launch_args(x: torch.Tensor, offset: torch.Tensor, params: tuple):
     kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels, \
         offset_scale, remove_center = params
     n, height, width, _ = x.shape
     _, height_out, width_out, _ = offset.shape
     num_pixels = n * height_out * width_out
-    block_q, block_c = _blocks(group_channels)
-    grid = (triton.cdiv(num_pixels, block_q), group)
+
+    def grid(meta):
+        return triton.cdiv(num_pixels, meta["BLOCK_Q"]), group
+
     runtime = (num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
                dilation_h, dilation_w, group, group_channels, float(offset_scale))
     points = kernel_h * kernel_w - int(bool(remove_center))
     # Flat index (ix * kernel_h + iy) of the removed centre point; past the end when none is removed.
     skip = (kernel_w // 2) * kernel_h + kernel_h // 2 if remove_center else kernel_h * kernel_w
-    meta = dict(KERNEL_H=kernel_h, KERNEL_W=kernel_w, POINTS=points, SKIP=skip, BLOCK_Q=block_q, BLOCK_C=block_c)
+    meta = dict(KERNEL_H=kernel_h, KERNEL_W=kernel_w, POINTS=points, SKIP=skip,
+                BLOCK_C=triton.next_power_of_2(group_channels))
     return grid, runtime, meta
 
 

@@ -1,0 +1,200 @@
+"""Compile every Triton kernel of convzoo for a Hopper GPU (sm_90) on a machine without one.
+
+The interpreter tests check what the kernels compute; they cannot see what only the GPU compiler
+sees: code Triton cannot lower, too much shared memory, register spills.  This script runs the
+real launchers of :mod:`convzoo.ops` on CPU tensors with Triton's active driver replaced by one
+that only *targets* sm_90: every launch compiles (through ptxas, which ships with Triton) and
+returns without running, and every autotuning config is compiled instead of timed.  It prints one
+JSON line per compiled kernel (name, dtype case, config, registers, stack bytes, local-memory
+instructions, shared memory).
+
+Run it in a process of its own without ``TRITON_INTERPRET=1`` (kernels are compiled or
+interpreted from the moment they are defined)::
+
+    python tests/ops/hopper_compile.py [--arch 90] [--dtypes fp32 bf16] [--extreme-configs]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("hopper_compile.py: unset TRITON_INTERPRET; it compiles the kernels instead of interpreting them")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+#: Largest shared memory one block may opt into on sm_90 (H100/H200), in bytes.
+HOPPER_SHARED_LIMIT = 227 * 1024
+
+
+class CompileOnlyDriver:
+    """A Triton driver that targets a CUDA architecture but has no device: enough for compiling."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    """Registers, stack frame bytes and local-memory instructions (spills) of a cubin, by cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage, sass = (subprocess.run([tool, flag, handle.name], capture_output=True, text=True, check=True).stdout
+                       for flag in ("--dump-resource-usage", "--dump-sass"))
+    fields = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+    return {"registers": int(fields.get("REG", 0)), "stack_bytes": int(fields.get("STACK", 0)),
+            "local_memory_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\s", sass))}
+
+
+class CompileRecorder:
+    """Patches Triton so launches compile without running; keeps one record per compiled kernel.
+
+    ``every_config``: compile each autotuning config; otherwise only the first and the last (the
+    smallest and the largest tiles in convzoo's config lists).
+    """
+
+    def __init__(self, arch: int, every_config: bool):
+        self.arch = arch
+        self.every_config = every_config
+        self.case = ""
+        self.records: Dict[tuple, dict] = {}
+
+    def __enter__(self):
+        self._jit_run, self._tune_run = JITFunction.run, Autotuner.run
+        self._driver = driver._active  # None when no driver was made yet (no GPU here)
+        recorder = self
+
+        def compile_only(fn, *args, grid, warmup, **kwargs):
+            kernel = recorder._jit_run(fn, *args, grid=grid, warmup=True, **kwargs)
+            recorder._record(fn, kernel, kwargs)
+            return kernel
+
+        def compile_configs(tuner, *args, warmup=False, **kwargs):
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs)
+            for config in configs if recorder.every_config else {configs[0], configs[-1]}:
+                tuner.fn.warmup(*args, **kwargs, **config.all_kwargs())
+            tuner.nargs = None
+
+        JITFunction.run, Autotuner.run = compile_only, compile_configs
+        driver.set_active(CompileOnlyDriver(self.arch))
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.run, Autotuner.run = self._jit_run, self._tune_run
+        driver._active = self._driver
+
+    def _record(self, fn, kernel, kwargs):
+        config = {k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in kwargs.items()
+                  if k.isupper() or k in ("num_warps", "num_stages")}
+        key = (fn.fn.__name__, self.case, json.dumps(config, sort_keys=True))
+        if key not in self.records:
+            self.records[key] = {
+                "kernel": key[0], "case": self.case, "config": config, "num_warps": kernel.metadata.num_warps,
+                "shared_bytes": kernel.metadata.shared, **_resource_usage(kernel.asm["cubin"])}
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _dwconv_cases(dtypes):
+    from convzoo.ops.dwconv.triton import dwconv2d_backward, dwconv2d_forward
+
+    for dtype_name in dtypes:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            dtype = DTYPES[dtype_name]
+            x = torch.zeros(2, 64, 20, 20, dtype=dtype).contiguous(memory_format=layout)
+            weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
+            geometry = ((1, 1), (15, 15, 15, 15), (1, 1))
+            name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
+            yield name, lambda: dwconv2d_forward(x, weight, weight[:, 0, 0, 0], *geometry)
+            yield name, lambda: dwconv2d_backward(torch.zeros_like(x), x, weight, *geometry, (True, True, False))
+
+
+def _dcnv3_cases(dtypes):
+    from convzoo.ops.dcnv3.triton import dcnv3_backward_triton, dcnv3_forward_triton
+
+    group = 4
+    for dtype_name in set(dtypes) - {"fp64"}:           # the Triton path has no fp64
+        for group_channels in (16, 32, 24):
+            dtype = DTYPES[dtype_name]
+            x = torch.zeros(2, 14, 14, group * group_channels, dtype=dtype)
+            offset = torch.zeros(2, 14, 14, group * 9 * 2, dtype=dtype)
+            mask = torch.zeros(2, 14, 14, group * 9, dtype=dtype)
+            params = (3, 3, 1, 1, 1, 1, 1, 1, group, group_channels, 1.0, False)
+            name = f"dcnv3 {dtype_name} gc{group_channels}"
+            yield name, lambda: dcnv3_forward_triton(x, offset, mask, *params)
+            yield name, lambda: dcnv3_backward_triton(torch.zeros_like(x), x, offset, mask, *params)
+
+
+def _deform_conv_cases(dtypes):
+    from convzoo.ops.deform_conv.triton import deform_conv2d_backward, deform_conv2d_forward
+
+    geometry = ((1, 1), (1, 1), (1, 1))
+    for dtype_name in dtypes:
+        for modulated in (True, False):
+            dtype = DTYPES[dtype_name]
+            x = torch.zeros(2, 64, 14, 14, dtype=dtype)
+            weight = torch.zeros(64, 64, 3, 3, dtype=dtype)
+            offset = torch.zeros(2, 18, 14, 14, dtype=dtype)
+            mask = torch.zeros(2, 9, 14, 14, dtype=dtype) if modulated else None
+            name = f"deform_conv2d {dtype_name} {'v2' if modulated else 'v1'}"
+            yield name, lambda: deform_conv2d_forward(x, offset, weight, None, *geometry, mask)
+            yield name, lambda: deform_conv2d_backward(torch.zeros_like(x), x, offset, weight, mask, *geometry)
+
+
+def compile_all(arch: int = 90, dtypes=tuple(DTYPES), every_config: bool = True) -> List[dict]:
+    """Compile every kernel for ``sm_<arch>`` through the real launchers; one record per compiled kernel.
+
+    ``dtypes``: names from :data:`DTYPES`; ``every_config``: all autotuning configs, else the first
+    and the last of each list.
+    """
+    with CompileRecorder(arch, every_config) as recorder:
+        for cases in (_dwconv_cases, _dcnv3_cases, _deform_conv_cases):
+            for name, launch in cases(dtypes):
+                recorder.case = name
+                launch()
+    return list(recorder.records.values())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90 = sm_90)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--extreme-configs", action="store_true",
+                        help="only the first and the last autotuning config of each kernel")
+    args = parser.parse_args(argv)
+    for record in compile_all(args.arch, args.dtypes, not args.extreme_configs):
+        print(json.dumps(record, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
