@@ -25,3 +25,10 @@ except ImportError:  # pragma: no cover
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> torch.device:
+    """Where the Triton kernel tests run: the GPU when there is one (compiled kernels), else the CPU
+    (the same kernels under TRITON_INTERPRET=1).  References always run on the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -393,22 +393,49 @@ TRITON_CASES = [
 ]
 
 
+def _triton_grads(device, x, offset, mask, params, grad):
+    """Output and gradients of the Triton path on ``device``, brought back to the CPU."""
+    return [t.cpu() for t in _grads("triton", *(t.to(device) for t in (x, offset, mask)), params, grad.to(device))]
+
+
 @pytest.mark.parametrize("params, n, height, width", TRITON_CASES)
-def test_triton_forward_and_gradients(params, n, height, width):
+def test_triton_forward_and_gradients(params, n, height, width, triton_device):
     x, offset, mask = make_inputs(params, n, height, width, dtype=torch.float32, spread=4.0)  # crosses the border
     offset.view(-1)[3] = float("nan")
     grad = torch.randn(ops.dcnv3(x, offset, mask, *params).shape)
-    got = _grads("triton", x, offset, mask, params, grad)
+    got = _triton_grads(triton_device, x, offset, mask, params, grad)
     want = _grads("reference", x, offset, mask, params, grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=10)
+@given(
+    n=st.integers(1, 2), height=st.integers(1, 6), width=st.integers(1, 6),
+    kernel_h=st.integers(1, 3), kernel_w=st.integers(1, 3), stride=st.integers(1, 2),
+    pad=st.integers(0, 2), dilation=st.integers(1, 2), group=st.integers(1, 3), group_channels=st.integers(1, 20),
+    offset_scale=st.sampled_from([0.5, 1.0, 2.0]), remove_center=st.booleans(), spread=st.sampled_from([0.5, 4.0]),
+)
+def test_triton_random_shapes_match_reference(n, height, width, kernel_h, kernel_w, stride, pad, dilation, group,
+                                              group_channels, offset_scale, remove_center, spread, triton_device):
+    remove_center = remove_center and kernel_h * kernel_w > 1
+    params = (kernel_h, kernel_w, stride, stride, pad, pad, dilation, dilation, group, group_channels, offset_scale,
+              remove_center)
+    height = max(height, dilation * (kernel_h - 1) + 1 - 2 * pad)   # at least one output row and column
+    width = max(width, dilation * (kernel_w - 1) + 1 - 2 * pad)
+    x, offset, mask = make_inputs(params, n, height, width, dtype=torch.float32, spread=spread)
+    grad = torch.randn(ops.dcnv3(x, offset, mask, *params).shape)
+    got = _triton_grads(triton_device, x, offset, mask, params, grad)
+    want = _grads("reference", x, offset, mask, params, grad)
+    for name, g, w in zip(("out", "x", "offset", "mask"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision(dtype):
+def test_triton_half_precision(dtype, triton_device):
     params = (3, 3, 1, 1, 1, 1, 1, 1, 2, 3, 1.0, False)
     x, offset, mask = [t.to(dtype) for t in make_inputs(params, 1, 4, 5, dtype=torch.float32)]
-    got = _grads("triton", x, offset, mask, params, torch.ones(1, 4, 5, 6, dtype=dtype))
+    got = _triton_grads(triton_device, x, offset, mask, params, torch.ones(1, 4, 5, 6, dtype=dtype))
     want = _grads("reference", x.float(), offset.float(), mask.float(), params, torch.ones(1, 4, 5, 6))
     for g, w in zip(got, want):
         assert g.dtype == dtype

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convzoo.ops import deform_conv2d
@@ -412,14 +412,10 @@ TRITON_CASES = [
 ]
 
 
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("overrides", TRITON_CASES)
-def test_triton_forward_and_gradients_match_reference(overrides):
+def test_triton_forward_and_gradients_match_reference(overrides, triton_device):
     case = make_case(dtype=torch.float32, **overrides)
-    case = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    case = {k: (v.to(triton_device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     # Integer offsets put some samples exactly on the border and on pixel centres.
     case["offset"][:, ::3] = case["offset"][:, ::3].round()
     names = [k for k in ("x", "offset", "weight", "bias", "mask") if case[k] is not None]
@@ -434,9 +430,9 @@ def test_triton_forward_and_gradients_match_reference(overrides):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_non_finite_offsets_and_batch_zero():
+def test_triton_non_finite_offsets_and_batch_zero(triton_device):
     case = make_case(dtype=torch.float32, batch=1, channels=2, out_channels=2, weight_groups=1, offset_groups=1)
-    case = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    case = {k: (v.to(triton_device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     case["offset"][0, 0, 0, 0] = float("nan")
     case["offset"][0, 3, 1, 1] = float("inf")
     offset = case["offset"].clone().requires_grad_()
@@ -446,14 +442,44 @@ def test_triton_non_finite_offsets_and_batch_zero():
     (grad,) = torch.autograd.grad(out.sum(), offset)
     assert torch.isfinite(grad).all() and grad[0, 0, 0, 0] == 0
     empty = make_case(dtype=torch.float32, batch=0)
-    empty = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in empty.items()}
+    empty = {k: (v.to(triton_device) if isinstance(v, torch.Tensor) else v) for k, v in empty.items()}
     assert call(empty, "triton").shape == (0, 6, 3, 3)
 
 
+@settings(max_examples=10)
+@given(
+    batch=st.integers(1, 2), group_channels=st.integers(1, 3), weight_groups=st.integers(1, 2),
+    offset_groups=st.integers(1, 2), out_per_group=st.integers(1, 3), height=st.integers(1, 6),
+    width=st.integers(1, 6), kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), with_mask=st.booleans(), with_bias=st.booleans(),
+    offset_scale=st.sampled_from([0.0, 0.7, 4.0]), seed=st.integers(0, 2**16),
+)
+def test_triton_random_shapes_match_reference(
+    batch, group_channels, weight_groups, offset_groups, out_per_group, height, width, kernel, stride, padding,
+    dilation, with_mask, with_bias, offset_scale, seed, triton_device,
+):
+    channels = group_channels * weight_groups * offset_groups
+    height = max(height, dilation[0] * (kernel[0] - 1) + 1 - 2 * padding[0])   # at least one output row
+    width = max(width, dilation[1] * (kernel[1] - 1) + 1 - 2 * padding[1])     # and column
+    case = make_case(batch, channels, out_per_group * weight_groups, (height, width), kernel, stride, padding, dilation,
+                     weight_groups, offset_groups, with_mask, with_bias, offset_scale, dtype=torch.float32, seed=seed)
+    names = [k for k in ("x", "offset", "weight", "bias", "mask") if case[k] is not None]
+    results = {}
+    for impl, device in (("triton", triton_device), ("reference", torch.device("cpu"))):
+        leaves = {k: case[k].to(device).requires_grad_() for k in names}
+        out = call(case, impl, **leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+        results[impl] = [out.detach().cpu()] + [g.cpu() for g in grads]
+    for name, got, want in zip(["out"] + names, results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision(dtype):
+def test_triton_half_precision(dtype, triton_device):
     case = make_case(dtype=torch.float32, batch=1, channels=4, out_channels=3, weight_groups=1, offset_groups=2)
-    case = {k: (v.to(_device()) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    case = {k: (v.to(triton_device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     expected = call(case, "reference")
     low = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     leaves = {k: low[k].clone().requires_grad_() for k in ("x", "offset", "weight", "bias", "mask")}

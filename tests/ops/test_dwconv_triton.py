@@ -1,6 +1,8 @@
 """dwconv2d Triton kernels (run under TRITON_INTERPRET=1 on CPU) against the reference."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convzoo.ops import dwconv2d
 from convzoo.ops.dwconv import dwconv2d_reference
@@ -23,56 +25,85 @@ def _padding4(height, width, kernel, stride, padding, dilation):
     return padding[0], padding[0], padding[1], padding[1]
 
 
-def _run_both(n, channels, multiplier, height, width, kernel, stride, padding, dilation, memory_format, dtype):
+def _run_both(n, channels, multiplier, height, width, kernel, stride, padding, dilation, memory_format, dtype,
+              device):
+    """Ours (Triton, on ``device``, in ``dtype``) and the fp32 CPU reference: outputs and gradients,
+    ours brought back to the CPU."""
     x = torch.randn(n, channels, height, width).contiguous(memory_format=memory_format)
     weight = torch.randn(channels * multiplier, 1, *kernel) / kernel[0]
     bias = torch.randn(channels * multiplier)
-    ours = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+    ours = [t.to(device, dtype).requires_grad_() for t in (x, weight, bias)]
     ref = [t.to(dtype).detach().float().requires_grad_() for t in (x, weight, bias)]
     out = dwconv2d(*ours, stride=stride, padding=padding, dilation=dilation, impl="triton")
     expected = dwconv2d_reference(*ref, stride, _padding4(height, width, kernel, stride, padding, dilation), dilation)
     grad_out = torch.randn(expected.shape)
-    grads = torch.autograd.grad(out, ours, grad_out.to(dtype))
+    grads = torch.autograd.grad(out, ours, grad_out.to(device, dtype))
     ref_grads = torch.autograd.grad(expected, ref, grad_out)
-    return out, expected, grads, ref_grads, ours[0]
+    return out.cpu(), expected, [g.cpu() for g in grads], ref_grads, ours[0], grads[0]
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("n,channels,multiplier,height,width,kernel,stride,padding,dilation", CASES)
 def test_triton_matches_reference(n, channels, multiplier, height, width, kernel, stride, padding, dilation,
-                                  memory_format):
-    out, expected, grads, ref_grads, x = _run_both(n, channels, multiplier, height, width, kernel, stride, padding,
-                                                   dilation, memory_format, torch.float32)
+                                  memory_format, triton_device):
+    out, expected, grads, ref_grads, x, grad_x = _run_both(n, channels, multiplier, height, width, kernel, stride,
+                                                           padding, dilation, memory_format, torch.float32,
+                                                           triton_device)
     assert out.is_contiguous(memory_format=memory_format)
-    assert grads[0].is_contiguous(memory_format=memory_format)
+    assert grad_x.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_triton_float16_accumulates_in_float32():
-    out, expected, grads, ref_grads, _ = _run_both(2, 3, 1, 7, 6, (5, 5), (1, 1), "same", (1, 1),
-                                                   torch.channels_last, torch.float16)
-    assert out.dtype == torch.float16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_accumulates_in_float32(dtype, triton_device):
+    out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 7, 6, (5, 5), (1, 1), "same", (1, 1),
+                                                      torch.channels_last, dtype, triton_device)
+    assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=1e-2)
 
 
-def test_triton_non_contiguous_input_and_batch_zero():
+def test_triton_non_contiguous_input_and_batch_zero(triton_device):
     base = torch.randn(2, 6, 5, 7)
     x = base.transpose(2, 3)[:, ::2].requires_grad_()  # (2, 3, 7, 5) strided view
     weight = torch.randn(3, 1, 3, 5, requires_grad=True)
-    out = dwconv2d(x, weight, padding="same", impl="triton")
+    x_dev = base.to(triton_device).transpose(2, 3)[:, ::2].requires_grad_()  # the same view on the kernels' device
+    weight_dev = weight.detach().to(triton_device).requires_grad_()
+    out = dwconv2d(x_dev, weight_dev, padding="same", impl="triton")
     expected = dwconv2d_reference(x, weight, None, (1, 1), (1, 1, 2, 2), (1, 1))
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    grad_out = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (x, weight), grad_out),
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(expected)
+    for got, want in zip(torch.autograd.grad(out, (x_dev, weight_dev), grad_out.to(triton_device)),
                          torch.autograd.grad(expected, (x, weight), grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-5)
 
-    empty = torch.randn(0, 3, 7, 5, requires_grad=True)
+    weight = weight_dev
+    empty = torch.randn(0, 3, 7, 5, device=triton_device, requires_grad=True)
     out = dwconv2d(empty, weight, padding="same", impl="triton")
     assert out.shape == (0, 3, 7, 5)
     grad_x, grad_w = torch.autograd.grad(out.sum(), (empty, weight))
     assert grad_x.shape == empty.shape and torch.equal(grad_w, torch.zeros_like(weight))
+
+
+@settings(max_examples=10)
+@given(
+    n=st.integers(1, 2), channels=st.integers(1, 5), multiplier=st.integers(1, 2), height=st.integers(1, 9),
+    width=st.integers(1, 9), kernel_h=st.integers(1, 6), kernel_w=st.integers(1, 6), stride=st.integers(1, 2),
+    dilation=st.integers(1, 2), same=st.booleans(), channels_last=st.booleans(),
+)
+def test_triton_random_shapes_match_reference(n, channels, multiplier, height, width, kernel_h, kernel_w, stride,
+                                              dilation, same, channels_last, triton_device):
+    kernel, strides, dilations = (kernel_h, kernel_w), (stride, stride), (dilation, dilation)
+    padding = (kernel_h // 2, kernel_w // 2)
+    too_small = any(dilation * (k - 1) + 1 > size + 2 * pad for k, size, pad in zip(kernel, (height, width), padding))
+    padding = "same" if same or too_small else padding
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    out, expected, grads, ref_grads, _, _ = _run_both(n, channels, multiplier, height, width, kernel, strides,
+                                                      padding, dilations, memory_format, torch.float32,
+                                                      triton_device)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
