@@ -329,8 +329,9 @@ def describe(device: torch.device) -> str:
     return f"{name}, {', '.join(versions)}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
 
 
-def run_sections(bench: Bench, names: Iterable[str]) -> str:
-    """Run the named sections, printing each table as it completes; return the whole markdown."""
+def run_sections(bench: Bench, names: Iterable[str], output: str | None = None) -> str:
+    """Run the named sections, printing each table as it completes (and rewriting ``output``, if
+    given, so that a run cut short keeps the finished tables); return the whole markdown."""
     lines = [f"## benchmarks/gpu.py: {describe(bench.device)}", "",
              f"`python {' '.join(sys.argv)}`; median of {bench.repeats} after {bench.warmup} warm-up runs (ms)."]
     print("\n".join(lines), flush=True)
@@ -338,11 +339,19 @@ def run_sections(bench: Bench, names: Iterable[str]) -> str:
         section = ["", *SECTIONS[name](bench)]
         print("\n".join(section), flush=True)
         lines += section
+        write_markdown(output, lines)
     if bench.notes:
         notes = ["", "Notes:"] + [f"- {note}" for note in bench.notes]
         print("\n".join(notes), flush=True)
         lines += notes
+        write_markdown(output, lines)
     return "\n".join(lines)
+
+
+def write_markdown(path: str | None, lines: List[str]) -> None:
+    if path:
+        with open(path, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -362,10 +371,7 @@ def main() -> None:
                   warmup=args.warmup if args.warmup is not None else (2 if args.quick else 5),
                   repeats=args.repeats if args.repeats is not None else (5 if args.quick else 20))
     torch.manual_seed(0)
-    markdown = run_sections(bench, args.only)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(markdown + "\n")
+    run_sections(bench, args.only, args.output)
 
 
 if __name__ == "__main__":

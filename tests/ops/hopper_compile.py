@@ -34,9 +34,6 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-#: Largest shared memory one block may opt into on sm_90 (H100/H200), in bytes.
-HOPPER_SHARED_LIMIT = 227 * 1024
-
 
 class CompileOnlyDriver:
     """A Triton driver that targets a CUDA architecture but has no device: enough for compiling."""
@@ -73,8 +70,8 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
 class CompileRecorder:
     """Patches Triton so launches compile without running; keeps one record per compiled kernel.
 
-    ``every_config``: compile each autotuning config; otherwise only the first and the last (the
-    smallest and the largest tiles in convzoo's config lists).
+    ``every_config``: compile each autotuning config; otherwise only the first and the last (in
+    convzoo's lists the default and the one with the most values per thread).
     """
 
     def __init__(self, arch: int, every_config: bool):
@@ -174,7 +171,7 @@ def compile_all(arch: int = 90, dtypes=tuple(DTYPES), every_config: bool = True)
     """Compile every kernel for ``sm_<arch>`` through the real launchers; one record per compiled kernel.
 
     ``dtypes``: names from :data:`DTYPES`; ``every_config``: all autotuning configs, else the first
-    and the last of each list.
+    (default) and the last (most values per thread) of each list.
     """
     with CompileRecorder(arch, every_config) as recorder:
         for cases in (_dwconv_cases, _dcnv3_cases, _deform_conv_cases):
@@ -189,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90 = sm_90)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--extreme-configs", action="store_true",
-                        help="only the first and the last autotuning config of each kernel")
+                        help="only the first (default) and the last (most values per thread) autotuning config")
     args = parser.parse_args(argv)
     for record in compile_all(args.arch, args.dtypes, not args.extreme_configs):
         print(json.dumps(record, sort_keys=True))

@@ -24,32 +24,46 @@ kernels.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .._triton_tuning import INTERPRETED, tuning_configs
 from .cpu import output_memory_format
 from .reference import output_shape
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+def _configs(block_name: str, default: Tuple[int, int], sizes, warps):
+    """Autotuning configs: ``default`` (size, warps) first, then the rest by values per thread, most last
+    (the config with the most register pressure); one small block under the interpreter."""
+    others = sorted(((size, w) for size in sizes for w in warps if (size, w) != default), key=lambda c: c[0] / c[1])
+    configs = [triton.Config({block_name: size}, num_warps=w) for size, w in [default] + others]
+    return tuning_configs(configs, interpreted=triton.Config({block_name: 16}, num_warps=1))
 
 
-def _configs(block_name: str, sizes, warps):
-    """Autotuning configs; a single small one under the interpreter (where timing is pointless)."""
-    if INTERPRETED:
-        return [triton.Config({block_name: 16}, num_warps=1)]
-    return [triton.Config({block_name: size}, num_warps=w) for size in sizes for w in warps]
+#: Most accumulator registers per thread a pixel-tile config may need (a 32-bit register each for
+#: fp32, two for fp64); beyond it ptxas spills on sm_90 (seen with Triton 3.6: 128 fp32 values).
+MAX_ACCUMULATOR_REGISTERS = 64
+
+
+def _fit_in_registers(configs, named_args, **kwargs):
+    """Autotuner pruning: drop pixel-tile configs whose (BLOCK_C, BLOCK_P) accumulators would spill."""
+    words = 2 if kwargs["ACC"] == tl.float64 else 1
+
+    def registers(config):
+        return config.kwargs["BLOCK_P"] * kwargs["BLOCK_C"] * words / (32 * config.num_warps)
+    return [c for c in configs if registers(c) <= MAX_ACCUMULATOR_REGISTERS] or [min(configs, key=registers)]
 
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton.autotune(configs=_configs("BLOCK_P", (64, 128, 256), (2, 4, 8)),
-                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
+@triton.autotune(configs=_configs("BLOCK_P", (128, 4), (64, 128, 256), (2, 4, 8)),
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"],
+                 prune_configs_by={"early_config_prune": _fit_in_registers})
 @triton.jit(do_not_specialize=["N"])
 def _forward_kernel(
     # x (N, C, H, W), w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
@@ -87,8 +101,9 @@ def _forward_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs("BLOCK_P", (64, 128, 256), (2, 4, 8)),
-                 key=["C", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
+@triton.autotune(configs=_configs("BLOCK_P", (128, 4), (64, 128, 256), (2, 4, 8)),
+                 key=["C", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"],
+                 prune_configs_by={"early_config_prune": _fit_in_registers})
 @triton.jit(do_not_specialize=["N"])
 def _grad_input_kernel(
     go_ptr, w_ptr, gx_ptr,               # go (N, C*MULT, Ho, Wo), w (C*MULT, 1, KH, KW) contiguous, gx (N, C, H, W)
@@ -127,7 +142,7 @@ def _grad_input_kernel(
     tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs("BLOCK_W", (32, 64), (2, 4)),
+@triton.autotune(configs=_configs("BLOCK_W", (64, 4), (32, 64), (2, 4)),
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
 @triton.jit(do_not_specialize=["N", "ROWS_PER_SLICE"])
 def _grad_weight_kernel(

@@ -1,0 +1,35 @@
+"""benchmarks/gpu.py runs end to end (on the CPU at toy sizes: the script, not the figures) and
+refuses a CUDA run without a GPU, so a lent GPU's minutes are not spent finding a broken script."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def test_every_kernel_section_writes_its_table(tmp_path):
+    output = tmp_path / "gpu.md"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "0",
+                           "--only", "dwconv", "dcnv3", "deform_conv", "--output", str(output)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    markdown = output.read_text()
+    assert markdown.strip() in done.stdout
+    for heading in ("### dwconv2d vs F.conv2d", "### dcnv3 vs the grid_sample reference", "### deform_conv2d vs"):
+        assert heading in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    for dtype in ("fp32", "bf16"):
+        for pass_name in ("fwd", "fwd+bwd"):
+            assert any(f"| {dtype} | {pass_name} |" in row for row in rows), (dtype, pass_name)
+    dcnv3_rows = [row for row in rows if "8ch@6x6 g2" in row]
+    assert len(dcnv3_rows) == 4 and all(row.endswith("x |") for row in dcnv3_rows)   # a speed-up in each
+    assert "large kernel / 3x3" in markdown
+
+
+def test_cuda_run_without_a_gpu_is_refused():
+    hidden = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}   # no GPU, also on a machine that has one
+    done = subprocess.run([sys.executable, str(SCRIPT), "--only", "dwconv"], capture_output=True, text=True,
+                          timeout=300, env=hidden)
+    assert done.returncode != 0
+    assert "needs an NVIDIA GPU" in done.stderr and "Nothing measured" in done.stderr
