@@ -11,7 +11,8 @@ instructions, shared memory).
 Run it in a process of its own without ``TRITON_INTERPRET=1`` (kernels are compiled or
 interpreted from the moment they are defined)::
 
-    python tests/ops/hopper_compile.py [--arch 90] [--dtypes fp32 bf16] [--extreme-configs]
+    python tests/ops/hopper_compile.py [--arch 90] [--dtypes fp32 bf16] [--configs extremes]
+    python tests/ops/hopper_compile.py --batch-sizes 1 2 3 64
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from collections import defaultdict
+from typing import Dict, List, Sequence
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("hopper_compile.py: unset TRITON_INTERPRET; it compiles the kernels instead of interpreting them")
@@ -67,18 +69,22 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
             "local_memory_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\s", sass))}
 
 
+#: Which autotuning configs to compile: each, the first and the last (in convzoo's lists the default
+#: and the one with the most values per thread), or the first alone.
+CONFIG_CHOICES = {"all": lambda configs: configs, "extremes": lambda configs: {configs[0], configs[-1]},
+                  "default": lambda configs: configs[:1]}
+
+
 class CompileRecorder:
-    """Patches Triton so launches compile without running; keeps one record per compiled kernel.
+    """Patches Triton so launches compile without running; keeps one record per compiled kernel
+    (``records``) and the distinct binaries compiled for each kernel (``binaries``)."""
 
-    ``every_config``: compile each autotuning config; otherwise only the first and the last (in
-    convzoo's lists the default and the one with the most values per thread).
-    """
-
-    def __init__(self, arch: int, every_config: bool):
+    def __init__(self, arch: int, configs: str = "all"):
         self.arch = arch
-        self.every_config = every_config
+        self.choose_configs = CONFIG_CHOICES[configs]
         self.case = ""
         self.records: Dict[tuple, dict] = {}
+        self.binaries: Dict[str, set] = defaultdict(set)
 
     def __enter__(self):
         self._jit_run, self._tune_run = JITFunction.run, Autotuner.run
@@ -87,13 +93,14 @@ class CompileRecorder:
 
         def compile_only(fn, *args, grid, warmup, **kwargs):
             kernel = recorder._jit_run(fn, *args, grid=grid, warmup=True, **kwargs)
+            recorder.binaries[fn.fn.__name__].add(id(kernel))   # Triton's cache holds it: ids stay unique
             recorder._record(fn, kernel, kwargs)
             return kernel
 
         def compile_configs(tuner, *args, warmup=False, **kwargs):
             tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs)
-            for config in configs if recorder.every_config else {configs[0], configs[-1]}:
+            for config in recorder.choose_configs(configs):
                 tuner.fn.warmup(*args, **kwargs, **config.all_kwargs())
             tuner.nargs = None
 
@@ -121,13 +128,13 @@ class CompileRecorder:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-def _dwconv_cases(dtypes):
+def _dwconv_cases(dtypes, batch=2):
     from convzoo.ops.dwconv.triton import dwconv2d_backward, dwconv2d_forward
 
     for dtype_name in dtypes:
         for layout in (torch.contiguous_format, torch.channels_last):
             dtype = DTYPES[dtype_name]
-            x = torch.zeros(2, 64, 20, 20, dtype=dtype).contiguous(memory_format=layout)
+            x = torch.zeros(batch, 64, 20, 20, dtype=dtype).contiguous(memory_format=layout)
             weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
             geometry = ((1, 1), (15, 15, 15, 15), (1, 1))
             name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
@@ -135,60 +142,79 @@ def _dwconv_cases(dtypes):
             yield name, lambda: dwconv2d_backward(torch.zeros_like(x), x, weight, *geometry, (True, True, False))
 
 
-def _dcnv3_cases(dtypes):
+def _dcnv3_cases(dtypes, batch=2):
     from convzoo.ops.dcnv3.triton import dcnv3_backward_triton, dcnv3_forward_triton
 
     group = 4
     for dtype_name in set(dtypes) - {"fp64"}:           # the Triton path has no fp64
         for group_channels in (16, 32, 24):
             dtype = DTYPES[dtype_name]
-            x = torch.zeros(2, 14, 14, group * group_channels, dtype=dtype)
-            offset = torch.zeros(2, 14, 14, group * 9 * 2, dtype=dtype)
-            mask = torch.zeros(2, 14, 14, group * 9, dtype=dtype)
+            x = torch.zeros(batch, 14, 14, group * group_channels, dtype=dtype)
+            offset = torch.zeros(batch, 14, 14, group * 9 * 2, dtype=dtype)
+            mask = torch.zeros(batch, 14, 14, group * 9, dtype=dtype)
             params = (3, 3, 1, 1, 1, 1, 1, 1, group, group_channels, 1.0, False)
             name = f"dcnv3 {dtype_name} gc{group_channels}"
             yield name, lambda: dcnv3_forward_triton(x, offset, mask, *params)
             yield name, lambda: dcnv3_backward_triton(torch.zeros_like(x), x, offset, mask, *params)
 
 
-def _deform_conv_cases(dtypes):
+def _deform_conv_cases(dtypes, batch=2):
     from convzoo.ops.deform_conv.triton import deform_conv2d_backward, deform_conv2d_forward
 
     geometry = ((1, 1), (1, 1), (1, 1))
     for dtype_name in dtypes:
         for modulated in (True, False):
             dtype = DTYPES[dtype_name]
-            x = torch.zeros(2, 64, 14, 14, dtype=dtype)
+            x = torch.zeros(batch, 64, 14, 14, dtype=dtype)
             weight = torch.zeros(64, 64, 3, 3, dtype=dtype)
-            offset = torch.zeros(2, 18, 14, 14, dtype=dtype)
-            mask = torch.zeros(2, 9, 14, 14, dtype=dtype) if modulated else None
+            offset = torch.zeros(batch, 18, 14, 14, dtype=dtype)
+            mask = torch.zeros(batch, 9, 14, 14, dtype=dtype) if modulated else None
             name = f"deform_conv2d {dtype_name} {'v2' if modulated else 'v1'}"
             yield name, lambda: deform_conv2d_forward(x, offset, weight, None, *geometry, mask)
             yield name, lambda: deform_conv2d_backward(torch.zeros_like(x), x, offset, weight, mask, *geometry)
 
 
-def compile_all(arch: int = 90, dtypes=tuple(DTYPES), every_config: bool = True) -> List[dict]:
+CASES = (_dwconv_cases, _dcnv3_cases, _deform_conv_cases)
+
+
+def compile_all(arch: int = 90, dtypes=tuple(DTYPES), configs: str = "all") -> List[dict]:
     """Compile every kernel for ``sm_<arch>`` through the real launchers; one record per compiled kernel.
 
-    ``dtypes``: names from :data:`DTYPES`; ``every_config``: all autotuning configs, else the first
-    (default) and the last (most values per thread) of each list.
+    ``dtypes``: names from :data:`DTYPES`; ``configs``: a key of :data:`CONFIG_CHOICES`.
     """
-    with CompileRecorder(arch, every_config) as recorder:
-        for cases in (_dwconv_cases, _dcnv3_cases, _deform_conv_cases):
+    with CompileRecorder(arch, configs) as recorder:
+        for cases in CASES:
             for name, launch in cases(dtypes):
                 recorder.case = name
                 launch()
     return list(recorder.records.values())
 
 
+def binaries_over_batches(batch_sizes: Sequence[int], arch: int = 90) -> Dict[str, int]:
+    """Distinct binaries compiled per kernel when every fp32 case runs at each of ``batch_sizes``
+    (default configs only): what a new batch size costs in compiles."""
+    with CompileRecorder(arch, "default") as recorder:
+        for batch in batch_sizes:
+            for cases in CASES:
+                for name, launch in cases(["fp32"], batch):
+                    recorder.case = name
+                    launch()
+    return {kernel: len(ids) for kernel, ids in recorder.binaries.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90 = sm_90)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--extreme-configs", action="store_true",
-                        help="only the first (default) and the last (most values per thread) autotuning config")
+    parser.add_argument("--configs", choices=list(CONFIG_CHOICES), default="all",
+                        help="autotuning configs to compile: all, the first and the last, or the default")
+    parser.add_argument("--batch-sizes", nargs="+", type=int,
+                        help="instead: count the binaries each kernel needs over these batch sizes (fp32)")
     args = parser.parse_args(argv)
-    for record in compile_all(args.arch, args.dtypes, not args.extreme_configs):
+    if args.batch_sizes:
+        print(json.dumps(binaries_over_batches(args.batch_sizes, args.arch), sort_keys=True))
+        return 0
+    for record in compile_all(args.arch, args.dtypes, args.configs):
         print(json.dumps(record, sort_keys=True))
     return 0
 

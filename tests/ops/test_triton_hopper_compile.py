@@ -24,12 +24,17 @@ SCRIPT = Path(__file__).with_name("hopper_compile.py")
 
 @pytest.fixture(scope="module")
 def records():
+    return [json.loads(line) for line in _compile("--dtypes", "fp32", "bf16", "fp64", "--configs", "extremes")]
+
+
+def _compile(*arguments):
+    """stdout lines of hopper_compile.py run with ``arguments`` in a process that compiles."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CONVZOO_TRITON_AUTOTUNE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dtypes", "fp32", "bf16", "fp64", "--extreme-configs"],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    done = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, env=env,
+                          timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return done.stdout.splitlines()
 
 
 def _launched_kernels(module):
@@ -64,3 +69,11 @@ def test_within_hopper_limits_and_no_spills(records):
         assert 0 < record["registers"] <= 255, where
         # A few stack bytes hold a saved register (seen: 8 with Triton 3.6); spilled tiles take hundreds.
         assert record["stack_bytes"] <= 16, f"{where} spills {record['stack_bytes']} B to local memory"
+
+
+def test_a_new_batch_size_compiles_nothing_new():
+    one = json.loads(_compile("--batch-sizes", "2")[0])
+    many = json.loads(_compile("--batch-sizes", "2", "1", "3", "16", "17", "64")[0])
+    assert set(many) == set(one) == {name for module in (dwconv_triton, dcnv3_triton, deform_conv_triton)
+                                     for name in _launched_kernels(module)}
+    assert many == one

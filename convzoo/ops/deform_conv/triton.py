@@ -62,7 +62,7 @@ def _sampling_point(
     return n, y - y_floor, x - x_floor, y0, x0, modulation, offset_index
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["positions"])   # positions = N * Ho * Wo: a new batch compiles nothing
 def _im2col_kernel(
     x_ptr,  # (N, H, W, C) input, channels last, contiguous
     offset_ptr,  # (N, 2*G*K, Ho, Wo) contiguous
@@ -110,7 +110,7 @@ def _im2col_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["positions"])
 def _col2im_kernel(
     x_ptr,  # (N, H, W, C) input, channels last, contiguous
     offset_ptr,  # (N, 2*G*K, Ho, Wo) contiguous
