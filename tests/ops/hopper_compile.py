@@ -129,17 +129,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 
 def _dwconv_cases(dtypes, batch=2):
-    from convzoo.ops.dwconv.triton import dwconv2d_backward, dwconv2d_forward
+    from convzoo.ops.dwconv import triton as dwconv_triton
 
+    def forward_with(kernel, *args):
+        dwconv_triton.FORWARD_KERNEL = kernel
+        try:
+            return dwconv_triton.dwconv2d_forward(*args)
+        finally:
+            dwconv_triton.FORWARD_KERNEL = "auto"
+
+    geometry = ((1, 1), (15, 15, 15, 15), (1, 1))
     for dtype_name in dtypes:
         for layout in (torch.contiguous_format, torch.channels_last):
             dtype = DTYPES[dtype_name]
             x = torch.zeros(batch, 64, 20, 20, dtype=dtype).contiguous(memory_format=layout)
             weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
-            geometry = ((1, 1), (15, 15, 15, 15), (1, 1))
             name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
-            yield name, lambda: dwconv2d_forward(x, weight, weight[:, 0, 0, 0], *geometry)
-            yield name, lambda: dwconv2d_backward(torch.zeros_like(x), x, weight, *geometry, (True, True, False))
+            for kernel in ("direct", "band"):   # where "band" does not apply (nhwc, fp64) it is "direct"
+                yield name, lambda: forward_with(kernel, x, weight, weight[:, 0, 0, 0], *geometry)
+            yield name, lambda: dwconv_triton.dwconv2d_backward(torch.zeros_like(x), x, weight, *geometry,
+                                                                (True, True, False))
 
 
 def _dcnv3_cases(dtypes, batch=2):

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from convzoo.ops import dwconv2d
 from convzoo.ops.dwconv import dwconv2d_reference
+from convzoo.ops.dwconv import triton as dwconv_triton
 from convzoo.ops.dwconv.reference import same_padding
 
 CASES = [
@@ -42,10 +43,25 @@ def _run_both(n, channels, multiplier, height, width, kernel, stride, padding, d
     return out.cpu(), expected, [g.cpu() for g in grads], ref_grads, ours[0], grads[0]
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.fixture(params=["direct", "band"])
+def forward_kernel(request, monkeypatch):
+    """Run the forward through each kernel (where the row-band kernel does not apply, the direct one runs)."""
+    monkeypatch.setattr(dwconv_triton, "FORWARD_KERNEL", request.param)
+    return request.param
+
+
+LAYOUTS_AND_KERNELS = [  # the row-band kernel takes NCHW rows only
+    pytest.param(torch.contiguous_format, "direct", id="nchw-direct"),
+    pytest.param(torch.contiguous_format, "band", id="nchw-band"),
+    pytest.param(torch.channels_last, "direct", id="nhwc"),
+]
+
+
+@pytest.mark.parametrize("memory_format,kernel_name", LAYOUTS_AND_KERNELS)
 @pytest.mark.parametrize("n,channels,multiplier,height,width,kernel,stride,padding,dilation", CASES)
 def test_triton_matches_reference(n, channels, multiplier, height, width, kernel, stride, padding, dilation,
-                                  memory_format, triton_device):
+                                  memory_format, kernel_name, triton_device, monkeypatch):
+    monkeypatch.setattr(dwconv_triton, "FORWARD_KERNEL", kernel_name)
     out, expected, grads, ref_grads, x, grad_x = _run_both(n, channels, multiplier, height, width, kernel, stride,
                                                            padding, dilation, memory_format, torch.float32,
                                                            triton_device)
@@ -57,9 +73,9 @@ def test_triton_matches_reference(n, channels, multiplier, height, width, kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision_accumulates_in_float32(dtype, triton_device):
+def test_triton_half_precision_accumulates_in_float32(dtype, triton_device, forward_kernel):
     out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 7, 6, (5, 5), (1, 1), "same", (1, 1),
-                                                      torch.channels_last, dtype, triton_device)
+                                                      torch.contiguous_format, dtype, triton_device)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
     for got, want in zip(grads, ref_grads):
@@ -93,17 +109,55 @@ def test_triton_non_contiguous_input_and_batch_zero(triton_device):
     n=st.integers(1, 2), channels=st.integers(1, 5), multiplier=st.integers(1, 2), height=st.integers(1, 9),
     width=st.integers(1, 9), kernel_h=st.integers(1, 6), kernel_w=st.integers(1, 6), stride=st.integers(1, 2),
     dilation=st.integers(1, 2), same=st.booleans(), channels_last=st.booleans(),
+    forward_kernel=st.sampled_from(["direct", "band"]),
 )
 def test_triton_random_shapes_match_reference(n, channels, multiplier, height, width, kernel_h, kernel_w, stride,
-                                              dilation, same, channels_last, triton_device):
+                                              dilation, same, channels_last, forward_kernel, triton_device):
     kernel, strides, dilations = (kernel_h, kernel_w), (stride, stride), (dilation, dilation)
     padding = (kernel_h // 2, kernel_w // 2)
     too_small = any(dilation * (k - 1) + 1 > size + 2 * pad for k, size, pad in zip(kernel, (height, width), padding))
     padding = "same" if same or too_small else padding
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out, expected, grads, ref_grads, _, _ = _run_both(n, channels, multiplier, height, width, kernel, strides,
-                                                      padding, dilations, memory_format, torch.float32,
-                                                      triton_device)
+    dwconv_triton.FORWARD_KERNEL = forward_kernel
+    try:
+        out, expected, grads, ref_grads, _, _ = _run_both(n, channels, multiplier, height, width, kernel, strides,
+                                                          padding, dilations, memory_format, torch.float32,
+                                                          triton_device)
+    finally:
+        dwconv_triton.FORWARD_KERNEL = "auto"
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
+    """31x31, stride 1 and 2, at sizes where the band spans several tiles (the direct kernel is too slow
+    for this under the interpreter; it is compared with the reference)."""
+    monkeypatch.setattr(dwconv_triton, "FORWARD_KERNEL", "band")
+    for stride in (1, 2):
+        x = torch.randn(2, 3, 37, 35)
+        weight, bias = torch.randn(3, 1, 31, 31) / 31, torch.randn(3)
+        out = dwconv2d(x.to(triton_device), weight.to(triton_device), bias.to(triton_device), stride=stride,
+                       padding="same", impl="triton")
+        padding = _padding4(37, 35, (31, 31), (stride, stride), "same", (1, 1))
+        expected = dwconv2d_reference(x, weight, bias, (stride, stride), padding, (1, 1))
+        torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_kernel_choice():
+    run = pytest.fail   # "auto" must not time anything on the CPU
+    nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    weight = torch.zeros(4, 1, 3, 3)
+    choose = dwconv_triton._forward_kernel_choice
+    assert choose(nchw, weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == "direct"
+    for kernel in ("direct", "band"):
+        dwconv_triton.FORWARD_KERNEL = kernel
+        try:
+            assert choose(nchw, weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == kernel
+            assert choose(nchw.bfloat16(), weight, (2, 2), (1, 1, 1, 1), (1, 1), run) == kernel
+            # where the row-band kernel does not apply: channels_last, dilation, float64
+            assert choose(nhwc, weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == "direct"
+            assert choose(nchw, weight, (1, 1), (2, 2, 2, 2), (2, 2), run) == "direct"
+            assert choose(nchw.double(), weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == "direct"
+        finally:
+            dwconv_triton.FORWARD_KERNEL = "auto"

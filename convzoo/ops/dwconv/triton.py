@@ -24,7 +24,7 @@ kernels.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -183,6 +183,65 @@ def _grad_weight_kernel(
     tl.store(part_ptr + part_off, acc, mask=mask_c[:, None] & (offs_j[None, :] < KW))
 
 
+def _band_configs():
+    """(BLOCK_H, BLOCK_W, warps) of the row-band kernel: the default first, one 16x16 tile under the interpreter."""
+    sizes = [(64, 32, 4), (32, 32, 4), (64, 64, 4), (128, 32, 8), (64, 64, 8)]
+    configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=warps) for h, w, warps in sizes]
+    return tuning_configs(configs, interpreted=triton.Config({"BLOCK_H": 16, "BLOCK_W": 16}, num_warps=1))
+
+
+def _band_fits(configs, named_args, **kwargs):
+    """Autotuner pruning: fp32's three-pass products ("tf32x3") spill at 64-wide tiles on sm_90."""
+    if kwargs["PRECISION"] != "tf32x3":
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_W"] <= 32] or configs[:1]
+
+
+@triton.autotune(configs=_band_configs(), key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
+                 prune_configs_by={"early_config_prune": _band_fits})
+@triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
+@triton.jit(do_not_specialize=["N"])
+def _forward_band_kernel(
+    # x (N, C, H, W) with unit column stride, w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C_out, H, W, Ho, Wo, MULT,
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    KH, KW, SH, SW, PT, PL,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # Kernel row i of a depthwise conv is a matrix product: the BLOCK_H input rows the output rows
+    # read, BLOCK_T columns wide, times the banded (Toeplitz) matrix T[t, o] = w[i, t - o*SW].
+    pid_nc = tl.program_id(0)             # first: N * C_out can pass the 65535 limit of the other axes
+    pid_h = tl.program_id(1)
+    pid_w = tl.program_id(2)
+    n = (pid_nc // C_out).to(tl.int64)
+    c = pid_nc % C_out
+    oh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    col = tl.arange(0, BLOCK_W)
+    ow = pid_w * BLOCK_W + col
+    t = tl.arange(0, BLOCK_T)
+    iw = pid_w * BLOCK_W * SW - PL + t
+    col_ok = (iw >= 0) & (iw < W)
+    tap = t[:, None] - col[None, :] * SW                 # kernel column joining input column t to output o
+    tap_ok = (tap >= 0) & (tap < KW)
+    x_base = x_ptr + n * sxn + (c // MULT) * sxc + iw[None, :] * sxw
+    w_base = w_ptr + c * (KH * KW)
+    acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+    for i in range(KH):
+        ih = oh * SH + i - PT
+        rows = tl.load(x_base + ih[:, None] * sxh, mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :], other=0.0)
+        band = tl.load(w_base + i * KW + tap, mask=tap_ok, other=0.0)
+        if UPCAST:
+            rows = rows.to(tl.float32)
+        acc = tl.dot(rows, band.to(rows.dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    y_off = n * syn + c * syc + oh[:, None] * syh + ow[None, :] * syw
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=(oh < Ho)[:, None] & (ow < Wo)[None, :])
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -193,27 +252,81 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
     return 1
 
 
+#: Which forward kernel runs where both apply: "auto" times both once per layer shape on the GPU
+#: and keeps the faster (the direct kernel elsewhere); "direct" or "band" forces one.
+FORWARD_KERNEL = "auto"
+_FORWARD_CHOICE: Dict[tuple, str] = {}
+
+
 def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] in ``x``'s memory format."""
-    n, channels, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if out.numel() == 0:
         return out
     w = weight.contiguous()
-    b = bias.contiguous() if bias is not None else w
+
+    def run(kernel: str) -> None:
+        launch = _launch_band if kernel == "band" else _launch_direct
+        launch(x, w, bias, out, stride, padding, dilation)
+
+    run(_forward_kernel_choice(x, w, stride, padding, dilation, run))
+    return out
+
+
+def _band_applies(x: torch.Tensor, dilation: Sequence[int]) -> bool:
+    """The row-band kernel needs unit dilation, rows contiguous in memory and a dtype ``tl.dot`` takes."""
+    return tuple(dilation) == (1, 1) and x.stride(3) == 1 and x.dtype in (torch.float32, torch.float16,
+                                                                           torch.bfloat16)
+
+
+def _forward_kernel_choice(x, weight, stride, padding, dilation, run) -> str:
+    """"direct" or "band" (see :data:`FORWARD_KERNEL`); ``run(name)`` launches one, for timing."""
+    if not _band_applies(x, dilation):
+        return "direct"
+    if FORWARD_KERNEL != "auto":
+        return FORWARD_KERNEL
+    if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return "direct"
+    key = (tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), x.device)
+    if key not in _FORWARD_CHOICE:
+        times = {name: triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
+                 for name in ("direct", "band")}
+        _FORWARD_CHOICE[key] = min(times, key=times.get)
+    return _FORWARD_CHOICE[key]
+
+
+def _launch_direct(x, w, bias, out, stride, padding, dilation) -> None:
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = w.shape
     block_c = _block_c(x, c_out)
 
     def grid(meta):
-        return triton.cdiv(shape[2] * shape[3], meta["BLOCK_P"]), triton.cdiv(c_out, block_c), n
+        return triton.cdiv(out.shape[2] * out.shape[3], meta["BLOCK_P"]), triton.cdiv(c_out, block_c), n
 
     _forward_kernel[grid](
-        x, w, b, out, n, c_out, height, width, shape[2], shape[3], c_out // channels,
-        *x.stride(), *out.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, ACC=_acc_dtype(x.dtype), BLOCK_C=block_c)
-    return out
+        x, w, bias if bias is not None else w, out, n, c_out, height, width, out.shape[2], out.shape[3],
+        c_out // channels, *x.stride(), *out.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
+        dilation[0], dilation[1], HAS_BIAS=bias is not None, ACC=_acc_dtype(x.dtype), BLOCK_C=block_c)
+
+
+def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = w.shape
+    out_h, out_w = out.shape[2:]
+
+    def grid(meta):
+        return n * c_out, triton.cdiv(out_h, meta["BLOCK_H"]), triton.cdiv(out_w, meta["BLOCK_W"])
+
+    # fp32: three TF32 products per step ("tf32x3"), about fp32's accuracy on the tensor cores.
+    # Triton 3.9's interpreter multiplies bf16 matrices wrongly (raw bits), so it gets fp32 ones.
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    precision = "tf32x3" if x.dtype == torch.float32 and not INTERPRETED else "ieee"
+    _forward_band_kernel[grid](
+        x, w, bias if bias is not None else w, out, n, c_out, height, width, out_h, out_w, c_out // channels,
+        *x.stride(), *out.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
+        HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast)
 
 
 def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
