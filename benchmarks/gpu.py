@@ -159,6 +159,20 @@ def bench_dwconv(bench: Bench) -> List[str]:
         for layout in layouts:
             ratio = ours_forward_ms[dtype_name, layout, large] / ours_forward_ms[dtype_name, layout, 3]
             lines.append(f"- {dtype_name} {layout}: {large}x{large} / 3x3 = {ratio:.2f}")
+    return lines + kernel_choices()
+
+
+def kernel_choices() -> List[str]:
+    """Which dwconv2d kernel (direct or row-band) the first call of each layer shape timed faster."""
+    try:
+        from convzoo.ops.dwconv.triton import _KERNEL_CHOICE
+    except ImportError:   # no Triton
+        return []
+    if not _KERNEL_CHOICE:
+        return []
+    lines = ["", "dwconv2d kernel kept per layer shape (timed at the first call):"]
+    for (role, shape, weight_shape, dtype, stride, _, _), kernel in sorted(_KERNEL_CHOICE.items(), key=str):
+        lines.append(f"- {role} {str(dtype)[6:]} x{list(shape)} k{weight_shape[2]} stride {stride[0]}: {kernel}")
     return lines
 
 

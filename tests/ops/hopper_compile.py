@@ -131,12 +131,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 def _dwconv_cases(dtypes, batch=2):
     from convzoo.ops.dwconv import triton as dwconv_triton
 
-    def forward_with(kernel, *args):
-        dwconv_triton.FORWARD_KERNEL = kernel
+    def with_kernel(kernel, launch, *args):
+        dwconv_triton.KERNEL = kernel
         try:
-            return dwconv_triton.dwconv2d_forward(*args)
+            return launch(*args)
         finally:
-            dwconv_triton.FORWARD_KERNEL = "auto"
+            dwconv_triton.KERNEL = "auto"
 
     geometry = ((1, 1), (15, 15, 15, 15), (1, 1))
     for dtype_name in dtypes:
@@ -146,9 +146,10 @@ def _dwconv_cases(dtypes, batch=2):
             weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
             name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
             for kernel in ("direct", "band"):   # where "band" does not apply (nhwc, fp64) it is "direct"
-                yield name, lambda: forward_with(kernel, x, weight, weight[:, 0, 0, 0], *geometry)
-            yield name, lambda: dwconv_triton.dwconv2d_backward(torch.zeros_like(x), x, weight, *geometry,
-                                                                (True, True, False))
+                yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_forward, x, weight,
+                                                weight[:, 0, 0, 0], *geometry)
+                yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_backward, torch.zeros_like(x), x,
+                                                weight, *geometry, (True, True, False))
 
 
 def _dcnv3_cases(dtypes, batch=2):

@@ -46,7 +46,7 @@ def _run_both(n, channels, multiplier, height, width, kernel, stride, padding, d
 @pytest.fixture(params=["direct", "band"])
 def forward_kernel(request, monkeypatch):
     """Run the forward through each kernel (where the row-band kernel does not apply, the direct one runs)."""
-    monkeypatch.setattr(dwconv_triton, "FORWARD_KERNEL", request.param)
+    monkeypatch.setattr(dwconv_triton, "KERNEL", request.param)
     return request.param
 
 
@@ -61,7 +61,7 @@ LAYOUTS_AND_KERNELS = [  # the row-band kernel takes NCHW rows only
 @pytest.mark.parametrize("n,channels,multiplier,height,width,kernel,stride,padding,dilation", CASES)
 def test_triton_matches_reference(n, channels, multiplier, height, width, kernel, stride, padding, dilation,
                                   memory_format, kernel_name, triton_device, monkeypatch):
-    monkeypatch.setattr(dwconv_triton, "FORWARD_KERNEL", kernel_name)
+    monkeypatch.setattr(dwconv_triton, "KERNEL", kernel_name)
     out, expected, grads, ref_grads, x, grad_x = _run_both(n, channels, multiplier, height, width, kernel, stride,
                                                            padding, dilation, memory_format, torch.float32,
                                                            triton_device)
@@ -118,13 +118,13 @@ def test_triton_random_shapes_match_reference(n, channels, multiplier, height, w
     too_small = any(dilation * (k - 1) + 1 > size + 2 * pad for k, size, pad in zip(kernel, (height, width), padding))
     padding = "same" if same or too_small else padding
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    dwconv_triton.FORWARD_KERNEL = forward_kernel
+    dwconv_triton.KERNEL = forward_kernel
     try:
         out, expected, grads, ref_grads, _, _ = _run_both(n, channels, multiplier, height, width, kernel, strides,
                                                           padding, dilations, memory_format, torch.float32,
                                                           triton_device)
     finally:
-        dwconv_triton.FORWARD_KERNEL = "auto"
+        dwconv_triton.KERNEL = "auto"
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
@@ -133,7 +133,7 @@ def test_triton_random_shapes_match_reference(n, channels, multiplier, height, w
 def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
     """31x31, stride 1 and 2, at sizes where the band spans several tiles (the direct kernel is too slow
     for this under the interpreter; it is compared with the reference)."""
-    monkeypatch.setattr(dwconv_triton, "FORWARD_KERNEL", "band")
+    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     for stride in (1, 2):
         x = torch.randn(2, 3, 37, 35)
         weight, bias = torch.randn(3, 1, 31, 31) / 31, torch.randn(3)
@@ -144,20 +144,32 @@ def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
         torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_forward_kernel_choice():
+def test_kernel_choice():
     run = pytest.fail   # "auto" must not time anything on the CPU
     nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     weight = torch.zeros(4, 1, 3, 3)
-    choose = dwconv_triton._forward_kernel_choice
-    assert choose(nchw, weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == "direct"
+    geometry = ((1, 1), (1, 1, 1, 1))
+    assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == "direct"
     for kernel in ("direct", "band"):
-        dwconv_triton.FORWARD_KERNEL = kernel
+        dwconv_triton.KERNEL = kernel
         try:
-            assert choose(nchw, weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == kernel
-            assert choose(nchw.bfloat16(), weight, (2, 2), (1, 1, 1, 1), (1, 1), run) == kernel
-            # where the row-band kernel does not apply: channels_last, dilation, float64
-            assert choose(nhwc, weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == "direct"
-            assert choose(nchw, weight, (1, 1), (2, 2, 2, 2), (2, 2), run) == "direct"
-            assert choose(nchw.double(), weight, (1, 1), (1, 1, 1, 1), (1, 1), run) == "direct"
+            assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == kernel
+            assert dwconv_triton._kernel_choice("grad_input", nchw, weight, *geometry, False, run) == "direct"
         finally:
-            dwconv_triton.FORWARD_KERNEL = "auto"
+            dwconv_triton.KERNEL = "auto"
+    assert dwconv_triton._band_applies(nchw, (1, 1)) and dwconv_triton._band_applies(nchw.bfloat16(), (1, 1))
+    assert not dwconv_triton._band_applies(nhwc, (1, 1))           # rows not contiguous
+    assert not dwconv_triton._band_applies(nchw, (2, 1))           # dilation
+    assert not dwconv_triton._band_applies(nchw.double(), (1, 1))  # no fp64 tl.dot
+
+
+@pytest.mark.parametrize("stride,multiplier", [((1, 1), 1), ((2, 2), 1), ((1, 1), 2)],
+                         ids=["band-grad-input", "stride2-direct", "multiplier-direct"])
+def test_input_gradient_through_the_row_band_kernel(stride, multiplier, triton_device, monkeypatch):
+    """At stride 1 without a multiplier the input gradient is the band kernel's 'full' conv with the
+    flipped kernel; elsewhere the direct kernel computes it, whatever KERNEL says."""
+    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
+    out, expected, grads, ref_grads, _, _ = _run_both(2, 3, multiplier, 13, 11, (9, 8), stride, "same", (1, 1),
+                                                      torch.contiguous_format, torch.float32, triton_device)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-4, rtol=1e-4)

@@ -252,10 +252,11 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
     return 1
 
 
-#: Which forward kernel runs where both apply: "auto" times both once per layer shape on the GPU
-#: and keeps the faster (the direct kernel elsewhere); "direct" or "band" forces one.
-FORWARD_KERNEL = "auto"
-_FORWARD_CHOICE: Dict[tuple, str] = {}
+#: Which kernel computes the forward, and the input gradient at stride 1 without a channel
+#: multiplier, where the row-band kernel applies: "auto" times both once per layer shape on the GPU
+#: and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
+KERNEL = "auto"
+_KERNEL_CHOICE: Dict[tuple, str] = {}
 
 
 def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
@@ -271,7 +272,7 @@ def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         launch = _launch_band if kernel == "band" else _launch_direct
         launch(x, w, bias, out, stride, padding, dilation)
 
-    run(_forward_kernel_choice(x, w, stride, padding, dilation, run))
+    run(_kernel_choice("forward", x, w, stride, padding, _band_applies(x, dilation), run))
     return out
 
 
@@ -281,20 +282,20 @@ def _band_applies(x: torch.Tensor, dilation: Sequence[int]) -> bool:
                                                                            torch.bfloat16)
 
 
-def _forward_kernel_choice(x, weight, stride, padding, dilation, run) -> str:
-    """"direct" or "band" (see :data:`FORWARD_KERNEL`); ``run(name)`` launches one, for timing."""
-    if not _band_applies(x, dilation):
+def _kernel_choice(role: str, x, weight, stride, padding, band_applies: bool, run) -> str:
+    """"direct" or "band" for ``role`` on input ``x`` (see :data:`KERNEL`); ``run(name)`` launches one."""
+    if not band_applies:
         return "direct"
-    if FORWARD_KERNEL != "auto":
-        return FORWARD_KERNEL
+    if KERNEL != "auto":
+        return KERNEL
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "direct"
-    key = (tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), x.device)
-    if key not in _FORWARD_CHOICE:
+    key = (role, tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), x.device)
+    if key not in _KERNEL_CHOICE:
         times = {name: triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
                  for name in ("direct", "band")}
-        _FORWARD_CHOICE[key] = min(times, key=times.get)
-    return _FORWARD_CHOICE[key]
+        _KERNEL_CHOICE[key] = min(times, key=times.get)
+    return _KERNEL_CHOICE[key]
 
 
 def _launch_direct(x, w, bias, out, stride, padding, dilation) -> None:
@@ -345,16 +346,32 @@ def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if grad_x.numel() == 0:
         return grad_x
+    w = weight.contiguous()
+
+    def run(kernel: str) -> None:
+        if kernel == "band":   # at stride 1: the 'full' conv of grad_out with the flipped kernel
+            _launch_band(grad_out, w.flip(2, 3).contiguous(), None, grad_x, (1, 1),
+                         (kh - 1 - padding[0], 0, kw - 1 - padding[2], 0), (1, 1))
+        else:
+            _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation)
+
+    band_applies = tuple(stride) == (1, 1) and c_out == channels and _band_applies(grad_out, dilation)
+    run(_kernel_choice("grad_input", grad_out, w, stride, padding, band_applies, run))
+    return grad_x
+
+
+def _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation) -> None:
+    n, channels, height, width = grad_x.shape
+    c_out, _, kh, kw = w.shape
     block_c = _block_c(grad_out, channels)
 
     def grid(meta):
         return triton.cdiv(height * width, meta["BLOCK_P"]), triton.cdiv(channels, block_c), n
 
     _grad_input_kernel[grid](
-        grad_out, weight.contiguous(), grad_x, n, channels, height, width, grad_out.shape[2], grad_out.shape[3],
+        grad_out, w, grad_x, n, channels, height, width, grad_out.shape[2], grad_out.shape[3],
         c_out // channels, *grad_out.stride(), *grad_x.stride(), kh, kw, stride[0], stride[1], padding[0],
-        padding[2], dilation[0], dilation[1], ACC=_acc_dtype(x.dtype), BLOCK_C=block_c)
-    return grad_x
+        padding[2], dilation[0], dilation[1], ACC=_acc_dtype(grad_x.dtype), BLOCK_C=block_c)
 
 
 def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
