@@ -1,8 +1,8 @@
 """Triton kernels for ``dwconv2d`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
-Three kernels, all direct (no im2col), accumulating in fp32 (fp64 for fp64 inputs), reading
-and writing tensors through their strides so NCHW, channels_last and strided views work
-without copies:
+Three direct kernels (no im2col) and one of matrix products, all accumulating in fp32 (the
+direct ones in fp64 for fp64 inputs), reading and writing tensors through their strides so NCHW,
+channels_last and strided views work without copies:
 
 * forward: one program = (a tile of ``BLOCK_P`` output pixels) x (``BLOCK_C`` output channels)
   of one image; it loops over the kernel rows and columns and reads the input tile plus its halo
@@ -17,6 +17,12 @@ without copies:
   with the ``kw`` shifted input rows, keeping the ``[BLOCK_C, BLOCK_KW]`` partial sums in
   registers.  Each program writes its own partial sums; the slices are then summed by one
   ``torch.sum`` (no atomics, deterministic).
+* row band (NCHW rows, dilation 1, fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output
+  tile of one channel; kernel row ``i`` is the product of the input rows it reads (``BLOCK_T``
+  columns) with the banded matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as
+  ``tf32x3``).  It computes the forward and, at stride 1 without a channel multiplier, the input
+  gradient (the 'full' conv of the output gradient with the flipped kernel).  Which of it and the
+  direct kernel runs is timed once per layer shape on the GPU (:data:`KERNEL`).
 
 Autotuning keys hold the layer's channels, spatial sizes and kernel, never the batch size, and
 the batch-dependent integers are not specialised, so a new batch size reuses the compiled
