@@ -200,16 +200,19 @@ def compile_all(arch: int = 90, dtypes=tuple(DTYPES), configs: str = "all") -> L
     return list(recorder.records.values())
 
 
-def binaries_over_batches(batch_sizes: Sequence[int], arch: int = 90) -> Dict[str, int]:
-    """Distinct binaries compiled per kernel when every fp32 case runs at each of ``batch_sizes``
-    (default configs only): what a new batch size costs in compiles."""
+def binaries_over_batches(batch_sizes: Sequence[int], arch: int = 90) -> Dict[str, List[int]]:
+    """Distinct binaries compiled per kernel so far after each of ``batch_sizes``, every fp32 case
+    run at each (default configs only): what a new batch size costs in compiles."""
+    counts: Dict[str, List[int]] = defaultdict(list)
     with CompileRecorder(arch, "default") as recorder:
         for batch in batch_sizes:
             for cases in CASES:
                 for name, launch in cases(["fp32"], batch):
                     recorder.case = name
                     launch()
-    return {kernel: len(ids) for kernel, ids in recorder.binaries.items()}
+            for kernel, ids in recorder.binaries.items():
+                counts[kernel].append(len(ids))
+    return dict(counts)
 
 
 def main(argv=None) -> int:
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", choices=list(CONFIG_CHOICES), default="all",
                         help="autotuning configs to compile: all, the first and the last, or the default")
     parser.add_argument("--batch-sizes", nargs="+", type=int,
-                        help="instead: count the binaries each kernel needs over these batch sizes (fp32)")
+                        help="instead: the binaries each kernel has after each of these batch sizes (fp32)")
     args = parser.parse_args(argv)
     if args.batch_sizes:
         print(json.dumps(binaries_over_batches(args.batch_sizes, args.arch), sort_keys=True))

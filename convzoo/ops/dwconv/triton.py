@@ -43,10 +43,10 @@ from .reference import output_shape
 
 def _configs(block_name: str, default: Tuple[int, int], sizes, warps):
     """Autotuning configs: ``default`` (size, warps) first, then the rest by values per thread, most last
-    (the config with the most register pressure); one small block under the interpreter."""
+    (the config with the most register pressure); one 64-wide block under the interpreter."""
     others = sorted(((size, w) for size in sizes for w in warps if (size, w) != default), key=lambda c: c[0] / c[1])
     configs = [triton.Config({block_name: size}, num_warps=w) for size, w in [default] + others]
-    return tuning_configs(configs, interpreted=triton.Config({block_name: 16}, num_warps=1))
+    return tuning_configs(configs, interpreted=triton.Config({block_name: 64}, num_warps=1))
 
 
 #: Most accumulator registers per thread a pixel-tile config may need (a 32-bit register each for
