@@ -144,19 +144,16 @@ def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
         torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_choice():
+def test_kernel_choice(monkeypatch):
     run = pytest.fail   # "auto" must not time anything on the CPU
     nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     weight = torch.zeros(4, 1, 3, 3)
     geometry = ((1, 1), (1, 1, 1, 1))
     assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == "direct"
     for kernel in ("direct", "band"):
-        dwconv_triton.KERNEL = kernel
-        try:
-            assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == kernel
-            assert dwconv_triton._kernel_choice("grad_input", nchw, weight, *geometry, False, run) == "direct"
-        finally:
-            dwconv_triton.KERNEL = "auto"
+        monkeypatch.setattr(dwconv_triton, "KERNEL", kernel)
+        assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == kernel
+        assert dwconv_triton._kernel_choice("grad_input", nchw, weight, *geometry, False, run) == "direct"
     assert dwconv_triton._band_applies(nchw, (1, 1)) and dwconv_triton._band_applies(nchw.bfloat16(), (1, 1))
     assert not dwconv_triton._band_applies(nhwc, (1, 1))           # rows not contiguous
     assert not dwconv_triton._band_applies(nchw, (2, 1))           # dilation

@@ -25,7 +25,8 @@ SCRIPT = Path(__file__).with_name("hopper_compile.py")
 @pytest.fixture(scope="module")
 def records():
     """Both cores at once: fp32 and bf16 in one process, fp64 in another."""
-    outputs = _compile(["--dtypes", "fp32", "bf16", "--configs", "extremes"], ["--dtypes", "fp64", "--configs", "extremes"])
+    outputs = _compile(["--dtypes", "fp32", "bf16", "--configs", "extremes"],
+                       ["--dtypes", "fp64", "--configs", "extremes"])
     return [json.loads(line) for output in outputs for line in output]
 
 

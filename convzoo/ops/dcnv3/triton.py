@@ -5,9 +5,10 @@ block ``BLOCK_C``, the next power of two of ``group_channels``, masked), looping
 points.  The tile (``TILE = BLOCK_Q * BLOCK_C`` values) and the warps are autotuned among
 configs that keep every value in registers on sm_90; the autotuning key holds the layer's sizes,
 never the batch.  (``tests/ops/hopper_compile.py`` showed the first design, the points unrolled
-at compile time in 2048-value tiles on 4 warps, spilling up to 4.6 KB per thread.) The forward accumulates in fp32. The backward recomputes the samples,
-writes the offset and mask gradients of its pixels directly (each is owned by one program) and
-adds the input gradient into an fp32 buffer with atomic adds. Definition: :mod:`convzoo.ops.dcnv3`.
+at compile time in 2048-value tiles on 4 warps, spilling up to 4.6 KB per thread.)  The forward
+accumulates in fp32.  The backward recomputes the samples, writes the offset and mask gradients
+of its pixels directly (each is owned by one program) and adds the input gradient into an fp32
+buffer with atomic adds. Definition: :mod:`convzoo.ops.dcnv3`.
 """
 from __future__ import annotations
 
