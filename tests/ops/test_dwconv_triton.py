@@ -144,6 +144,24 @@ def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
         torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("stride,multiplier", [(1, 1), (2, 1), (1, 2)], ids=["stride1", "stride2", "multiplier2"])
+def test_weight_gradient_through_the_row_band_kernel(stride, multiplier, triton_device, monkeypatch):
+    """31x31 over a map narrower than the kernel and wider than one 16-column tile: the weight gradient
+    is the band kernel's (the direct one must not run) and matches the reference."""
+    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
+    monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_weight", pytest.fail)
+    x = torch.randn(2, 1, 23, 37)
+    weight = torch.randn(multiplier, 1, 31, 31) / 31
+    padding = _padding4(23, 37, (31, 31), (stride, stride), "same", (1, 1))
+    expected = dwconv2d_reference(x, weight.requires_grad_(), None, (stride, stride), padding, (1, 1))
+    grad_out = torch.randn(expected.shape)
+    want, = torch.autograd.grad(expected, weight, grad_out)
+    _, got, _ = dwconv_triton.dwconv2d_backward(grad_out.to(triton_device), x.to(triton_device),
+                                                weight.detach().to(triton_device), (stride, stride), padding,
+                                                (1, 1), (False, True, False))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_kernel_choice(monkeypatch):
     run = pytest.fail   # "auto" must not time anything on the CPU
     nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """Triton kernels for ``dwconv2d`` (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
-Three direct kernels (no im2col) and one of matrix products, all accumulating in fp32 (the
+Three direct kernels (no im2col) and two of matrix products, all accumulating in fp32 (the
 direct ones in fp64 for fp64 inputs), reading and writing tensors through their strides so NCHW,
 channels_last and strided views work without copies:
 
@@ -21,8 +21,15 @@ channels_last and strided views work without copies:
   tile of one channel; kernel row ``i`` is the product of the input rows it reads (``BLOCK_T``
   columns) with the banded matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as
   ``tf32x3``).  It computes the forward and, at stride 1 without a channel multiplier, the input
-  gradient (the 'full' conv of the output gradient with the flipped kernel).  Which of it and the
-  direct kernel runs is timed once per layer shape on the GPU (:data:`KERNEL`).
+  gradient (the 'full' conv of the output gradient with the flipped kernel).
+* row-band weight gradient (NCHW rows, dilation 1, fp32/fp16/bf16): one program = (one channel,
+  one kernel row ``i``, ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
+  ``BLOCK_H`` output rows it adds ``go^T @ rows`` (``[BLOCK_W, BLOCK_H] @ [BLOCK_H, BLOCK_T]``, tensor
+  cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o, o*SW + j]``.
+  Slices write their own partial sums, summed by ``torch.sum`` as for the direct kernel.
+
+Where a row-band kernel applies, which of it and the direct kernel runs is timed once per layer
+shape and role on the GPU (:data:`KERNEL`).
 
 Autotuning keys hold the layer's channels, spatial sizes and kernel, never the batch size, and
 the batch-dependent integers are not specialised, so a new batch size reuses the compiled
@@ -196,15 +203,18 @@ def _band_configs():
     return tuning_configs(configs, interpreted=triton.Config({"BLOCK_H": 16, "BLOCK_W": 16}, num_warps=1))
 
 
-def _band_fits(configs, named_args, **kwargs):
-    """Autotuner pruning: fp32's three-pass products ("tf32x3") spill at 64-wide tiles on sm_90."""
-    if kwargs["PRECISION"] != "tf32x3":
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_W"] <= 32] or configs[:1]
+def _tf32x3_fits(block: str, most: int):
+    """Autotuner pruning: fp32's three-pass products ("tf32x3") spill on sm_90 when tile size ``block``
+    passes ``most`` (the first config stays if none is left)."""
+    def prune(configs, named_args, **kwargs):
+        if kwargs["PRECISION"] != "tf32x3":
+            return configs
+        return [c for c in configs if c.kwargs[block] <= most] or configs[:1]
+    return prune
 
 
 @triton.autotune(configs=_band_configs(), key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
-                 prune_configs_by={"early_config_prune": _band_fits})
+                 prune_configs_by={"early_config_prune": _tf32x3_fits("BLOCK_W", 32)})
 @triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
 @triton.jit(do_not_specialize=["N"])
 def _forward_band_kernel(
@@ -248,6 +258,68 @@ def _forward_band_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=(oh < Ho)[:, None] & (ow < Wo)[None, :])
 
 
+def _band_grad_weight_configs():
+    """(BLOCK_H, warps) of the row-band weight-gradient kernel: the default first, 16 rows under the interpreter."""
+    sizes = [(32, 4), (64, 4), (16, 4), (128, 8), (64, 8)]
+    configs = [triton.Config({"BLOCK_H": h}, num_warps=warps) for h, warps in sizes]
+    return tuning_configs(configs, interpreted=triton.Config({"BLOCK_H": 16}, num_warps=1))
+
+
+@triton.autotune(configs=_band_grad_weight_configs(),
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_W"],
+                 prune_configs_by={"early_config_prune": _tf32x3_fits("BLOCK_H", 64)})
+@triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
+@triton.jit(do_not_specialize=["N", "SLICES"])
+def _grad_weight_band_kernel(
+    # go (N, C_out, Ho, Wo) and x (N, C, H, W) with unit column strides,
+    # part (SLICES, C_out, KH, column tiles, BLOCK_KW) in fp32
+    go_ptr, x_ptr, part_ptr,
+    N, C_out, H, W, Ho, Wo, MULT, SLICES,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    KH, KW, SH, SW, PT, PL,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    # For kernel row i and the BLOCK_W output columns of this program, the products
+    # S[o, t] = sum over output rows of go[row, o] * x[row*SH + i - PT, t] are one matrix product per
+    # tile of BLOCK_H rows, go^T @ rows, on the tensor cores; S accumulates over the slice's tiles and
+    # weight column j is then the sum of S's band t - o*SW == j.
+    pid_ci = tl.program_id(0)             # channel * KH + kernel row
+    pid_w = tl.program_id(1)              # tile of BLOCK_W output columns
+    pid_s = tl.program_id(2)              # slice of the N * ceil(Ho / BLOCK_H) row tiles
+    c = pid_ci // KH
+    i = pid_ci % KH
+    col = tl.arange(0, BLOCK_W)
+    ow = pid_w * BLOCK_W + col
+    t = tl.arange(0, BLOCK_T)
+    iw = pid_w * BLOCK_W * SW - PL + t
+    col_ok = (iw >= 0) & (iw < W)
+    row_tiles = tl.cdiv(Ho, BLOCK_H)
+    tiles_per_slice = tl.cdiv(N * row_tiles, SLICES)
+    acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
+    tile_start = pid_s * tiles_per_slice
+    for tile in range(tile_start, tl.minimum(tile_start + tiles_per_slice, N * row_tiles)):
+        n = (tile // row_tiles).to(tl.int64)
+        oh = (tile % row_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ih = oh * SH + i - PT
+        go_t = tl.load(go_ptr + n * sgn + c * sgc + ow[:, None] * sgw + oh[None, :] * sgh,
+                       mask=(ow < Wo)[:, None] & (oh < Ho)[None, :], other=0.0)
+        rows = tl.load(x_ptr + n * sxn + (c // MULT) * sxc + ih[:, None] * sxh + iw[None, :] * sxw,
+                       mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            go_t = go_t.to(tl.float32)
+            rows = rows.to(tl.float32)
+        acc = tl.dot(go_t, rows.to(go_t.dtype), acc, input_precision=PRECISION)
+    offs_j = tl.arange(0, BLOCK_KW)
+    band = col[:, None] * SW + offs_j[None, :]           # S[o, o*SW + j] holds column o's share of w[i, j]
+    in_band = (offs_j < KW)[None, :] & (band < BLOCK_T)
+    diagonals = tl.gather(acc, tl.where(in_band, band, 0), axis=1)
+    columns = tl.sum(tl.where(in_band, diagonals, 0.0), axis=0)
+    part_off = (((pid_s * C_out + c) * KH + i) * tl.num_programs(1) + pid_w) * BLOCK_KW + offs_j
+    tl.store(part_ptr + part_off, columns, mask=offs_j < KW)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -258,9 +330,9 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
     return 1
 
 
-#: Which kernel computes the forward, and the input gradient at stride 1 without a channel
-#: multiplier, where the row-band kernel applies: "auto" times both once per layer shape on the GPU
-#: and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
+#: Which kernel computes the forward, the weight gradient, and the input gradient at stride 1
+#: without a channel multiplier, where the row-band kernels apply: "auto" times both once per layer
+#: shape on the GPU and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
 KERNEL = "auto"
 _KERNEL_CHOICE: Dict[tuple, str] = {}
 
@@ -381,15 +453,29 @@ def _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation) ->
 
 
 def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
-    n, channels, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
-    out_h, out_w = grad_out.shape[2:]
-    rows = n * out_h
-    if rows == 0:
+    if grad_out.shape[0] * grad_out.shape[2] == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    results = {}
+
+    def run(kernel: str) -> None:
+        launch = _launch_band_grad_weight if kernel == "band" else _launch_direct_grad_weight
+        results[kernel] = launch(grad_out, x, weight.shape, stride, padding, dilation)
+
+    band_applies = _band_applies(x, dilation) and grad_out.stride(3) == 1
+    kernel = _kernel_choice("grad_weight", x, weight, stride, padding, band_applies, run)
+    run(kernel)
+    return results[kernel].to(weight.dtype)
+
+
+def _launch_direct_grad_weight(grad_out, x, weight_shape, stride, padding, dilation) -> torch.Tensor:
+    """The weight gradient (C_out, 1, KH, KW) in the accumulator dtype, by the direct kernel."""
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = weight_shape
+    out_h, out_w = grad_out.shape[2:]
     block_c = _block_c(grad_out, c_out) if grad_out.stride(1) == 1 else min(4, triton.next_power_of_2(c_out))
     block_kw = triton.next_power_of_2(kw)
     c_blocks = triton.cdiv(c_out, block_c)
+    rows = n * out_h
     slices = _grad_weight_slices(rows, c_blocks * kh, x.device)
     rows_per_slice = triton.cdiv(rows, slices)
     slices = triton.cdiv(rows, rows_per_slice)
@@ -399,7 +485,28 @@ def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor
         grad_out, x, partial, n, c_out, height, width, out_h, out_w, c_out // channels, rows_per_slice,
         *grad_out.stride(), *x.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0],
         dilation[1], ACC=_acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_KW=block_kw)
-    return partial[..., :kw].sum(0).unsqueeze(1).to(weight.dtype)
+    return partial[..., :kw].sum(0).unsqueeze(1)
+
+
+def _launch_band_grad_weight(grad_out, x, weight_shape, stride, padding, dilation) -> torch.Tensor:
+    """The weight gradient (C_out, 1, KH, KW) in fp32, by the row-band kernel (NCHW rows, dilation 1)."""
+    n, channels, height, width = x.shape
+    c_out, _, kh, kw = weight_shape
+    out_h, out_w = grad_out.shape[2:]
+    block_kw = triton.next_power_of_2(kw)
+    # The output-column tile and the number of row slices fix the partial sums' shape, so they are
+    # chosen here and only the row tile and warps are autotuned.
+    block_w = 16 if INTERPRETED or out_w <= 16 else 32
+    column_tiles = triton.cdiv(out_w, block_w)
+    slices = _grad_weight_slices(n * triton.cdiv(out_h, 16), c_out * kh * column_tiles, x.device)
+    partial = torch.empty((slices, c_out, kh, column_tiles, block_kw), dtype=torch.float32, device=x.device)
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    precision = "tf32x3" if x.dtype == torch.float32 and not INTERPRETED else "ieee"
+    _grad_weight_band_kernel[(c_out * kh, column_tiles, slices)](
+        grad_out, x, partial, n, c_out, height, width, out_h, out_w, c_out // channels, slices,
+        *grad_out.stride(), *x.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
+        PRECISION=precision, UPCAST=upcast, BLOCK_W=block_w, BLOCK_KW=block_kw)
+    return partial[..., :kw].sum((0, 3)).unsqueeze(1)
 
 
 def _grad_weight_slices(rows: int, programs_per_slice: int, device: torch.device) -> int:
