@@ -215,6 +215,22 @@ def binaries_over_batches(batch_sizes: Sequence[int], arch: int = 90) -> Dict[st
     return dict(counts)
 
 
+def markdown_table(records: Sequence[dict]) -> str:
+    """One row per (case, kernel): binaries, register range and the worst stack, spill instructions
+    and shared memory over its configs (the table in benchmarks/RESULTS.md)."""
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for record in records:
+        groups[record["case"], record["kernel"]].append(record)
+    lines = ["| case | kernel | binaries | registers | max stack B | max LDL/STL | max shared B |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for (case, kernel), group in groups.items():
+        registers = [r["registers"] for r in group]
+        lines.append(f"| {case} | `{kernel}` | {len(group)} | {min(registers)}-{max(registers)} | "
+                     f"{max(r['stack_bytes'] for r in group)} | {max(r['local_memory_instructions'] for r in group)} | "
+                     f"{max(r['shared_bytes'] for r in group)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90 = sm_90)")
@@ -223,11 +239,16 @@ def main(argv=None) -> int:
                         help="autotuning configs to compile: all, the first and the last, or the default")
     parser.add_argument("--batch-sizes", nargs="+", type=int,
                         help="instead: the binaries each kernel has after each of these batch sizes (fp32)")
+    parser.add_argument("--markdown", action="store_true", help="print a table per case and kernel, not JSON lines")
     args = parser.parse_args(argv)
     if args.batch_sizes:
         print(json.dumps(binaries_over_batches(args.batch_sizes, args.arch), sort_keys=True))
         return 0
-    for record in compile_all(args.arch, args.dtypes, args.configs):
+    records = compile_all(args.arch, args.dtypes, args.configs)
+    if args.markdown:
+        print(markdown_table(records))
+        return 0
+    for record in records:
         print(json.dumps(record, sort_keys=True))
     return 0
 

@@ -85,3 +85,13 @@ def test_a_new_batch_size_compiles_nothing_new(records):   # after `records`: it
                            for name in _launched_kernels(module)}
     for kernel, after_each_batch in counts.items():
         assert after_each_batch == after_each_batch[:1] * 6, kernel
+
+
+def test_markdown_table_has_a_row_per_case_and_kernel(records):   # after `records`: its binaries are cached
+    (output,) = _compile(["--dtypes", "fp64", "--configs", "default", "--markdown"])
+    header, rule, *rows = output
+    assert header.startswith("| case | kernel | binaries | registers |") and rule.startswith("|---|")
+    fp64_pairs = {(r["case"], r["kernel"]) for r in records if " fp64 " in r["case"]}
+    cells = [row.strip("|").split(" | ") for row in rows]
+    assert {(case.strip(), kernel.strip("`")) for case, kernel, *_ in cells} == fp64_pairs
+    assert all(binaries == "1" and int(stack) <= 16 for _, _, binaries, _, stack, _, _ in cells)
