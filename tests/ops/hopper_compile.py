@@ -142,7 +142,7 @@ def _dwconv_cases(dtypes, batch=2):
     for dtype_name in dtypes:
         for layout in (torch.contiguous_format, torch.channels_last):
             dtype = DTYPES[dtype_name]
-            x = torch.zeros(batch, 64, 20, 20, dtype=dtype).contiguous(memory_format=layout)
+            x = torch.zeros(batch, 64, 72, 72, dtype=dtype).contiguous(memory_format=layout)   # 128-row tiles apply
             weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
             name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
             for kernel in ("direct", "band"):   # where "band" does not apply (nhwc, fp64) it is "direct"

@@ -1,6 +1,7 @@
 """dwconv2d Triton kernels (run under TRITON_INTERPRET=1 on CPU) against the reference."""
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,6 +161,21 @@ def test_weight_gradient_through_the_row_band_kernel(stride, multiplier, triton_
                                                 weight.detach().to(triton_device), (stride, stride), padding,
                                                 (1, 1), (False, True, False))
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_band_tiles_fit_the_output_map_and_the_registers():
+    prune = dwconv_triton._band_prune("BLOCK_W", 32, {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})
+    configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}) for h, w in [(64, 32), (16, 16), (32, 16), (64, 64),
+                                                                       (128, 32)]]
+
+    def kept(sizes, precision, among=configs):
+        return [(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in prune(among, sizes, PRECISION=precision)]
+
+    assert kept({"Ho": 7, "Wo": 7}, "ieee") == [(16, 16)]
+    assert kept({"Ho": 28, "Wo": 20}, "ieee") == [(16, 16), (32, 16)]
+    assert kept({"Ho": 56, "Wo": 56}, "tf32x3") == [(64, 32), (16, 16), (32, 16)]      # 64 wide: spills
+    assert kept({"Ho": 65, "Wo": 56}, "ieee") == [(64, 32), (16, 16), (32, 16), (64, 64), (128, 32)]
+    assert kept({"Ho": 7, "Wo": 7}, "ieee", [configs[4], configs[0]]) == [(64, 32)]   # the smallest stays
 
 
 def test_kernel_choice(monkeypatch):

@@ -37,6 +37,7 @@ kernels.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -197,24 +198,35 @@ def _grad_weight_kernel(
 
 
 def _band_configs():
-    """(BLOCK_H, BLOCK_W, warps) of the row-band kernel: the default first, one 16x16 tile under the interpreter."""
-    sizes = [(64, 32, 4), (32, 32, 4), (64, 64, 4), (128, 32, 8), (64, 64, 8)]
+    """(BLOCK_H, BLOCK_W, warps) of the row-band kernel: the default first, the most values per thread
+    last, one 16x16 tile under the interpreter."""
+    sizes = [(64, 32, 4), (32, 32, 4), (16, 16, 2), (32, 16, 4), (64, 64, 4), (128, 32, 8), (64, 64, 8)]
     configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=warps) for h, w, warps in sizes]
     return tuning_configs(configs, interpreted=triton.Config({"BLOCK_H": 16, "BLOCK_W": 16}, num_warps=1))
 
 
-def _tf32x3_fits(block: str, most: int):
-    """Autotuner pruning: fp32's three-pass products ("tf32x3") spill on sm_90 when tile size ``block``
-    passes ``most`` (the first config stays if none is left)."""
+def _band_prune(tf32x3_block: str, tf32x3_most: int, map_sizes: Dict[str, str]):
+    """Autotuner pruning for the row-band kernels: with fp32's three-pass products ("tf32x3") tiles
+    whose ``tf32x3_block`` passes ``tf32x3_most`` spill on sm_90; and a tile that passes the output
+    map (``map_sizes``: tile name -> size argument, rounded up to a power of two, at least 16) only
+    computes padding.  The smallest tile stays if none is left."""
     def prune(configs, named_args, **kwargs):
-        if kwargs["PRECISION"] != "tf32x3":
-            return configs
-        return [c for c in configs if c.kwargs[block] <= most] or configs[:1]
+        if kwargs["PRECISION"] == "tf32x3":
+            configs = [c for c in configs if c.kwargs[tf32x3_block] <= tf32x3_most] or configs[:1]
+
+        def within_map(config):
+            return all(config.kwargs[block] <= max(16, triton.next_power_of_2(named_args[size]))
+                       for block, size in map_sizes.items())
+
+        def tile_size(config):
+            return math.prod(config.kwargs[block] for block in map_sizes)
+        return [c for c in configs if within_map(c)] or [min(configs, key=tile_size)]
     return prune
 
 
 @triton.autotune(configs=_band_configs(), key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
-                 prune_configs_by={"early_config_prune": _tf32x3_fits("BLOCK_W", 32)})
+                 prune_configs_by={"early_config_prune": _band_prune("BLOCK_W", 32,
+                                                                     {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})})
 @triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
 @triton.jit(do_not_specialize=["N"])
 def _forward_band_kernel(
@@ -267,7 +279,7 @@ def _band_grad_weight_configs():
 
 @triton.autotune(configs=_band_grad_weight_configs(),
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_W"],
-                 prune_configs_by={"early_config_prune": _tf32x3_fits("BLOCK_H", 64)})
+                 prune_configs_by={"early_config_prune": _band_prune("BLOCK_H", 64, {"BLOCK_H": "Ho"})})
 @triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
 @triton.jit(do_not_specialize=["N", "SLICES"])
 def _grad_weight_band_kernel(
