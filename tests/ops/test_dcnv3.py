@@ -394,6 +394,9 @@ TRITON_CASES = [
     pytest.param((3, 3, 1, 1, 1, 1, 1, 1, 2, 3, 1.0, False), 2, 5, 7, id="g2-gc3-nonsquare"),
     pytest.param((3, 3, 2, 2, 1, 1, 1, 1, 3, 5, 0.5, True), 2, 7, 6, id="s2-gc5-remove-center"),
     pytest.param((3, 2, 1, 2, 0, 1, 2, 1, 1, 17, 2.0, False), 1, 6, 5, id="rect-d2-gc17"),
+    # group_channels with power-of-two factors 8 and 4: the kernels' alignment hint (_channel_alignment)
+    pytest.param((3, 3, 1, 1, 1, 1, 1, 1, 2, 24, 1.0, False), 2, 4, 5, id="g2-gc24"),
+    pytest.param((3, 3, 2, 1, 1, 1, 1, 1, 3, 12, 1.0, True), 1, 5, 4, id="g3-gc12-remove-center"),
 ]
 
 
@@ -439,6 +442,11 @@ def test_triton_half_precision(dtype, triton_device):
     for g, w in zip(got, want):
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), w, rtol=3e-2, atol=3e-2)
+
+
+def test_triton_channel_alignment_divides_group_channels():
+    from convzoo.ops.dcnv3.triton import _channel_alignment
+    assert [_channel_alignment(gc) for gc in (1, 7, 12, 16, 20, 24, 40, 48, 64)] == [1, 1, 4, 16, 4, 8, 8, 16, 16]
 
 
 def test_triton_rejects_float64():

@@ -78,6 +78,15 @@ def test_within_hopper_limits_and_no_spills(records):
         assert record["stack_bytes"] <= 16, f"{where} spills {record['stack_bytes']} B to local memory"
 
 
+def test_dcnv3_channels_move_as_vectors_at_every_group_width(records):
+    """group_channels 24 (not a multiple of 16) too: without the kernels' alignment hint its loads
+    and stores compiled to one 32-bit (fp32) or 16-bit (bf16) access per channel."""
+    forward = [r for r in records if r["kernel"] == "_dcnv3_fwd_kernel"]
+    assert {r["case"] for r in forward} >= {"dcnv3 fp32 gc24", "dcnv3 bf16 gc24"}
+    for record in forward:
+        assert record["vector_global_instructions"] >= 4, f"{record['case']} {record['config']}"
+
+
 def test_a_new_batch_size_compiles_nothing_new(records):   # after `records`: its binaries are cached
     (output,) = _compile(["--batch-sizes", "2", "1", "3", "16", "17", "64"])
     counts = json.loads(output[0])

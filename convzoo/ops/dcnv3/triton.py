@@ -97,8 +97,9 @@ def _dcnv3_fwd_kernel(
     num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
     dilation_h, dilation_w, group, group_channels, offset_scale,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, POINTS: tl.constexpr, SKIP: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
 ):
+    group_channels = group_channels // CHANNEL_ALIGN * CHANNEL_ALIGN   # the same value, known aligned
     pid_q = tl.program_id(0)
     g = tl.program_id(1)
     q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
@@ -144,8 +145,9 @@ def _dcnv3_bwd_kernel(
     num_pixels, height, width, height_out, width_out, stride_h, stride_w, pad_h, pad_w,
     dilation_h, dilation_w, group, group_channels, offset_scale,
     KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, POINTS: tl.constexpr, SKIP: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, CHANNEL_ALIGN: tl.constexpr,
 ):
+    group_channels = group_channels // CHANNEL_ALIGN * CHANNEL_ALIGN   # the same value, known aligned
     pid_q = tl.program_id(0)
     g = tl.program_id(1)
     q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
@@ -199,6 +201,14 @@ def _dcnv3_bwd_kernel(
         tl.atomic_add(dst + p11[:, None], wgrad * (fy2 * fx2), mask=m11[:, None] & cm)
 
 
+def _channel_alignment(group_channels: int) -> int:
+    """The largest power of two (at most 16) dividing ``group_channels``.  The kernels rewrite
+    ``group_channels`` as a multiple of it, which tells the compiler that each group's channels
+    start aligned and that the channel mask is constant over that many channels: vector loads and
+    stores for group_channels 24 or 40 (Triton itself only knows divisibility by 16)."""
+    return min(16, group_channels & -group_channels)
+
+
 def _launch_args(x: torch.Tensor, offset: torch.Tensor, params: tuple):
     kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels, \
         offset_scale, remove_center = params
@@ -215,7 +225,7 @@ def _launch_args(x: torch.Tensor, offset: torch.Tensor, params: tuple):
     # Flat index (ix * kernel_h + iy) of the removed centre point; past the end when none is removed.
     skip = (kernel_w // 2) * kernel_h + kernel_h // 2 if remove_center else kernel_h * kernel_w
     meta = dict(KERNEL_H=kernel_h, KERNEL_W=kernel_w, POINTS=points, SKIP=skip,
-                BLOCK_C=triton.next_power_of_2(group_channels))
+                BLOCK_C=triton.next_power_of_2(group_channels), CHANNEL_ALIGN=_channel_alignment(group_channels))
     return grid, runtime, meta
 
 
