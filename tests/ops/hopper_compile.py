@@ -6,7 +6,7 @@ real launchers of :mod:`convzoo.ops` on CPU tensors with Triton's active driver 
 that only *targets* sm_90: every launch compiles (through ptxas, which ships with Triton) and
 returns without running, and every autotuning config is compiled instead of timed.  It prints one
 JSON line per compiled kernel (name, dtype case, config, registers, stack bytes, local-memory
-instructions, 64/128-bit global loads and stores, shared memory).
+instructions, 64/128-bit global loads and stores, tensor-core instructions, shared memory).
 
 Run it in a process of its own without ``TRITON_INTERPRET=1`` (kernels are compiled or
 interpreted from the moment they are defined)::
@@ -57,8 +57,9 @@ class CompileOnlyDriver:
 
 
 def _resource_usage(cubin: bytes) -> Dict[str, int]:
-    """Registers, stack frame bytes, local-memory instructions (spills) and 64/128-bit global loads and
-    stores (vectorized accesses) of a cubin, by cuobjdump."""
+    """Registers, stack frame bytes, local-memory instructions (spills), 64/128-bit global loads and
+    stores (vectorized accesses) and tensor-core instructions (Hopper's warpgroup HGMMA, the older
+    per-warp HMMA) of a cubin, by cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -68,7 +69,9 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
     fields = dict(re.findall(r"(REG|STACK):(\d+)", usage))
     return {"registers": int(fields.get("REG", 0)), "stack_bytes": int(fields.get("STACK", 0)),
             "local_memory_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\s", sass)),
-            "vector_global_instructions": len(re.findall(r"\b(?:LDG|STG)(?:\.\w+)*\.(?:64|128)\s", sass))}
+            "vector_global_instructions": len(re.findall(r"\b(?:LDG|STG)(?:\.\w+)*\.(?:64|128)\s", sass)),
+            "warpgroup_mma_instructions": len(re.findall(r"\bHGMMA(?:\.\w+)*\s", sass)),
+            "warp_mma_instructions": len(re.findall(r"\bHMMA(?:\.\w+)*\s", sass))}
 
 
 #: Which autotuning configs to compile: each, the first and the last (in convzoo's lists the default

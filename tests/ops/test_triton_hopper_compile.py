@@ -87,6 +87,17 @@ def test_dcnv3_channels_move_as_vectors_at_every_group_width(records):
         assert record["vector_global_instructions"] >= 4, f"{record['case']} {record['config']}"
 
 
+def test_row_band_kernels_run_on_hoppers_warpgroup_tensor_cores(records):
+    """Their products compile to HGMMA in fp32 (as tf32x3) and bf16, at the tiles the compile cases
+    reach (M = 64 or more: BLOCK_H for the forward, BLOCK_T for the weight gradient)."""
+    band = [r for r in records if "band" in r["kernel"]]
+    assert {(r["kernel"], r["case"]) for r in band} == {
+        (kernel, f"dwconv2d {dtype} nchw") for kernel in ("_forward_band_kernel", "_grad_weight_band_kernel")
+        for dtype in ("fp32", "bf16")}
+    for record in band:
+        assert record["warpgroup_mma_instructions"] > 0, f"{record['kernel']} {record['case']} {record['config']}"
+
+
 def test_a_new_batch_size_compiles_nothing_new(records):   # after `records`: its binaries are cached
     (output,) = _compile(["--batch-sizes", "2", "1", "3", "16", "17", "64"])
     counts = json.loads(output[0])

@@ -24,8 +24,8 @@ channels_last and strided views work without copies:
   gradient (the 'full' conv of the output gradient with the flipped kernel).
 * row-band weight gradient (NCHW rows, dilation 1, fp32/fp16/bf16): one program = (one channel,
   one kernel row ``i``, ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
-  ``BLOCK_H`` output rows it adds ``go^T @ rows`` (``[BLOCK_W, BLOCK_H] @ [BLOCK_H, BLOCK_T]``, tensor
-  cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o, o*SW + j]``.
+  ``BLOCK_H`` output rows it adds ``rows^T @ go`` (``[BLOCK_T, BLOCK_H] @ [BLOCK_H, BLOCK_W]``, tensor
+  cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o*SW + j, o]``.
   Slices write their own partial sums, summed by ``torch.sum`` as for the direct kernel.
 
 Where a row-band kernel applies, which of it and the direct kernel runs is timed once per layer
@@ -294,9 +294,10 @@ def _grad_weight_band_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     # For kernel row i and the BLOCK_W output columns of this program, the products
-    # S[o, t] = sum over output rows of go[row, o] * x[row*SH + i - PT, t] are one matrix product per
-    # tile of BLOCK_H rows, go^T @ rows, on the tensor cores; S accumulates over the slice's tiles and
-    # weight column j is then the sum of S's band t - o*SW == j.
+    # S[t, o] = sum over output rows of x[row*SH + i - PT, t] * go[row, o] are one matrix product per
+    # tile of BLOCK_H rows, rows^T @ go, on the tensor cores (BLOCK_T, the larger side, as M: Hopper's
+    # warpgroup MMA wants M >= 64); S accumulates over the slice's tiles and weight column j is then
+    # the sum of S's band t - o*SW == j.
     pid_ci = tl.program_id(0)             # channel * KH + kernel row
     pid_w = tl.program_id(1)              # tile of BLOCK_W output columns
     pid_s = tl.program_id(2)              # slice of the N * ceil(Ho / BLOCK_H) row tiles
@@ -309,25 +310,25 @@ def _grad_weight_band_kernel(
     col_ok = (iw >= 0) & (iw < W)
     row_tiles = tl.cdiv(Ho, BLOCK_H)
     tiles_per_slice = tl.cdiv(N * row_tiles, SLICES)
-    acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_W], dtype=tl.float32)
     tile_start = pid_s * tiles_per_slice
     for tile in range(tile_start, tl.minimum(tile_start + tiles_per_slice, N * row_tiles)):
         n = (tile // row_tiles).to(tl.int64)
         oh = (tile % row_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
         ih = oh * SH + i - PT
-        go_t = tl.load(go_ptr + n * sgn + c * sgc + ow[:, None] * sgw + oh[None, :] * sgh,
-                       mask=(ow < Wo)[:, None] & (oh < Ho)[None, :], other=0.0)
-        rows = tl.load(x_ptr + n * sxn + (c // MULT) * sxc + ih[:, None] * sxh + iw[None, :] * sxw,
-                       mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :], other=0.0)
+        rows_t = tl.load(x_ptr + n * sxn + (c // MULT) * sxc + iw[:, None] * sxw + ih[None, :] * sxh,
+                         mask=col_ok[:, None] & ((ih >= 0) & (ih < H))[None, :], other=0.0)
+        go = tl.load(go_ptr + n * sgn + c * sgc + oh[:, None] * sgh + ow[None, :] * sgw,
+                     mask=(oh < Ho)[:, None] & (ow < Wo)[None, :], other=0.0)
         if UPCAST:
-            go_t = go_t.to(tl.float32)
-            rows = rows.to(tl.float32)
-        acc = tl.dot(go_t, rows.to(go_t.dtype), acc, input_precision=PRECISION)
+            rows_t = rows_t.to(tl.float32)
+            go = go.to(tl.float32)
+        acc = tl.dot(rows_t, go.to(rows_t.dtype), acc, input_precision=PRECISION)
     offs_j = tl.arange(0, BLOCK_KW)
-    band = col[:, None] * SW + offs_j[None, :]           # S[o, o*SW + j] holds column o's share of w[i, j]
-    in_band = (offs_j < KW)[None, :] & (band < BLOCK_T)
-    diagonals = tl.gather(acc, tl.where(in_band, band, 0), axis=1)
-    columns = tl.sum(tl.where(in_band, diagonals, 0.0), axis=0)
+    band = offs_j[:, None] + col[None, :] * SW           # S[o*SW + j, o] holds column o's share of w[i, j]
+    in_band = (offs_j < KW)[:, None] & (band < BLOCK_T)
+    diagonals = tl.gather(acc, tl.where(in_band, band, 0), axis=0)
+    columns = tl.sum(tl.where(in_band, diagonals, 0.0), axis=1)
     part_off = (((pid_s * C_out + c) * KH + i) * tl.num_programs(1) + pid_w) * BLOCK_KW + offs_j
     tl.store(part_ptr + part_off, columns, mask=offs_j < KW)
 
