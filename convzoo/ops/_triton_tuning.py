@@ -5,7 +5,9 @@
 * With ``CONVZOO_TRITON_AUTOTUNE=0`` the first config of each list, the default, is used without
   timing anything: one compile per kernel specialization instead of one per config, for short
   runs such as the GPU test session.
-* Otherwise every config is compiled and timed once per autotuning key.
+* Otherwise every config is compiled and timed once per autotuning key, by :func:`time_ms`: a
+  5 ms warm-up and 25 ms of timed runs per config instead of Triton's 25 and 100, so that the
+  first call of a new layer shape costs a fraction of a second per kernel, not seconds.
 
 Both variables are read once, when the kernels are defined.
 """
@@ -18,6 +20,17 @@ import triton
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("CONVZOO_TRITON_AUTOTUNE", "1") != "0"
+
+
+#: Warm-up and timed window (ms) per candidate when timing kernels; see :func:`time_ms`.
+TIMING_WARMUP_MS, TIMING_REP_MS = 5, 25
+
+
+def time_ms(fn, quantiles=None):
+    """Median milliseconds of ``fn`` (or the given ``quantiles``) by Triton's ``do_bench`` over a
+    short window: the timer of convzoo's autotuned kernels and of dwconv2d's kernel choice."""
+    return triton.testing.do_bench(fn, warmup=TIMING_WARMUP_MS, rep=TIMING_REP_MS, quantiles=quantiles,
+                                   return_mode="median")
 
 
 def tuning_configs(configs: Sequence[triton.Config], interpreted: triton.Config) -> List[triton.Config]:

@@ -54,3 +54,34 @@ def test_dwconv_pixel_tiles_that_would_spill_are_pruned():
     assert (256, 2) not in kept(32, tl.float32) and (256, 4) in kept(32, tl.float32)
     assert (256, 4) not in kept(32, tl.float64) and (128, 4) in kept(32, tl.float64)
     assert kept(1024, tl.float64) == {(64, 8)}                # none fits: the lightest is kept
+
+
+def _autotuned_kernels():
+    from triton.runtime.autotuner import Autotuner
+
+    from convzoo.ops.dcnv3 import triton as dcnv3_triton
+    from convzoo.ops.dwconv import triton as dwconv_triton
+
+    for module in (dwconv_triton, dcnv3_triton):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            while not isinstance(kernel, Autotuner) and hasattr(kernel, "fn"):   # through @triton.heuristics
+                kernel = kernel.fn
+            if name.endswith("_kernel") and isinstance(kernel, Autotuner):
+                yield name, kernel
+
+
+def test_every_autotuned_kernel_times_its_configs_over_the_short_window():
+    kernels = dict(_autotuned_kernels())
+    assert {"_forward_kernel", "_grad_weight_band_kernel", "_dcnv3_fwd_kernel", "_dcnv3_bwd_kernel"} <= set(kernels)
+    for name, kernel in kernels.items():
+        assert kernel.do_bench is _triton_tuning.time_ms, name
+
+
+def test_time_ms_asks_do_bench_for_the_short_window_and_the_median(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: calls.append(kwargs) or 1.5)
+    assert _triton_tuning.time_ms(lambda: None) == 1.5
+    assert _triton_tuning.time_ms(lambda: None, quantiles=(0.5, 0.2, 0.8)) == 1.5
+    assert calls[0] == {"warmup": 5, "rep": 25, "quantiles": None, "return_mode": "median"}
+    assert calls[1]["quantiles"] == (0.5, 0.2, 0.8)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_tuning import tuning_configs
+from .._triton_tuning import time_ms, tuning_configs
 
 #: (values per tile, warps) tried by the autotuner: the default first, the most values per thread
 #: last.  All keep every value in registers on sm_90 at group_channels 16, 24 and 32.
@@ -34,7 +34,7 @@ def _tuned(tiles, reset_to_zero=None):
 
     def decorate(kernel):
         kernel = triton.heuristics({"BLOCK_Q": lambda meta: max(16, meta["TILE"] // meta["BLOCK_C"])})(kernel)
-        return triton.autotune(configs, key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero)(kernel)
+        return triton.autotune(configs, key=AUTOTUNE_KEY, reset_to_zero=reset_to_zero, do_bench=time_ms)(kernel)
     return decorate
 
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_tuning import INTERPRETED, tuning_configs
+from .._triton_tuning import INTERPRETED, time_ms, tuning_configs
 from .cpu import output_memory_format
 from .reference import output_shape
 
@@ -75,7 +75,7 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@triton.autotune(configs=_configs("BLOCK_P", (128, 4), (64, 128, 256), (2, 4, 8)),
+@triton.autotune(configs=_configs("BLOCK_P", (128, 4), (64, 128, 256), (2, 4, 8)), do_bench=time_ms,
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"],
                  prune_configs_by={"early_config_prune": _fit_in_registers})
 @triton.jit(do_not_specialize=["N"])
@@ -115,7 +115,7 @@ def _forward_kernel(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs("BLOCK_P", (128, 4), (64, 128, 256), (2, 4, 8)),
+@triton.autotune(configs=_configs("BLOCK_P", (128, 4), (64, 128, 256), (2, 4, 8)), do_bench=time_ms,
                  key=["C", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"],
                  prune_configs_by={"early_config_prune": _fit_in_registers})
 @triton.jit(do_not_specialize=["N"])
@@ -156,7 +156,7 @@ def _grad_input_kernel(
     tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
 
 
-@triton.autotune(configs=_configs("BLOCK_W", (64, 4), (32, 64), (2, 4)),
+@triton.autotune(configs=_configs("BLOCK_W", (64, 4), (32, 64), (2, 4)), do_bench=time_ms,
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_C"])
 @triton.jit(do_not_specialize=["N", "ROWS_PER_SLICE"])
 def _grad_weight_kernel(
@@ -224,7 +224,7 @@ def _band_prune(tf32x3_block: str, tf32x3_most: int, map_sizes: Dict[str, str]):
     return prune
 
 
-@triton.autotune(configs=_band_configs(), key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
+@triton.autotune(configs=_band_configs(), do_bench=time_ms, key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
                  prune_configs_by={"early_config_prune": _band_prune("BLOCK_W", 32,
                                                                      {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})})
 @triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
@@ -277,7 +277,7 @@ def _band_grad_weight_configs():
     return tuning_configs(configs, interpreted=triton.Config({"BLOCK_H": 16}, num_warps=1))
 
 
-@triton.autotune(configs=_band_grad_weight_configs(),
+@triton.autotune(configs=_band_grad_weight_configs(), do_bench=time_ms,
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_W"],
                  prune_configs_by={"early_config_prune": _band_prune("BLOCK_H", 64, {"BLOCK_H": "Ho"})})
 @triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
@@ -383,8 +383,7 @@ def _kernel_choice(role: str, x, weight, stride, padding, band_applies: bool, ru
         return "direct"
     key = (role, tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), x.device)
     if key not in _KERNEL_CHOICE:
-        times = {name: triton.testing.do_bench(lambda: run(name), warmup=5, rep=20, return_mode="median")
-                 for name in ("direct", "band")}
+        times = {name: time_ms(lambda: run(name)) for name in ("direct", "band")}
         _KERNEL_CHOICE[key] = min(times, key=times.get)
     return _KERNEL_CHOICE[key]
 
