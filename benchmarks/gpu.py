@@ -31,6 +31,7 @@ import copy
 import datetime
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
@@ -346,11 +347,18 @@ def describe(device: torch.device) -> str:
 def run_sections(bench: Bench, names: Iterable[str], output: str | None = None) -> str:
     """Run the named sections, printing each table as it completes (and rewriting ``output``, if
     given, so that a run cut short keeps the finished tables); return the whole markdown."""
+    from convzoo.ops._triton_tuning import AUTOTUNE, INTERPRETED
+
+    tuning = ("none, interpreted (TRITON_INTERPRET=1)" if INTERPRETED else "every config timed" if AUTOTUNE
+              else "default configs only (CONVZOO_TRITON_AUTOTUNE=0)")
     lines = [f"## benchmarks/gpu.py: {describe(bench.device)}", "",
-             f"`python {' '.join(sys.argv)}`; median of {bench.repeats} after {bench.warmup} warm-up runs (ms)."]
+             f"`python {' '.join(sys.argv)}`; median of {bench.repeats} after {bench.warmup} warm-up runs (ms); "
+             f"Triton autotuning: {tuning}."]
     print("\n".join(lines), flush=True)
     for name in names:
+        started = time.perf_counter()
         section = ["", *SECTIONS[name](bench)]
+        section.append(f"\n(section {name}: {time.perf_counter() - started:.0f} s wall, compiles and autotuning included)")
         print("\n".join(section), flush=True)
         lines += section
         write_markdown(output, lines)

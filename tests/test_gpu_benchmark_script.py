@@ -12,7 +12,7 @@ def test_every_kernel_section_writes_its_table(tmp_path):
     output = tmp_path / "gpu.md"
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "0",
                            "--only", "dwconv", "dcnv3", "deform_conv", "--output", str(output)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     markdown = output.read_text()
     assert markdown.strip() in done.stdout
@@ -25,6 +25,9 @@ def test_every_kernel_section_writes_its_table(tmp_path):
     dcnv3_rows = [row for row in rows if "8ch@6x6 g2" in row]
     assert len(dcnv3_rows) == 4 and all(row.endswith("x |") for row in dcnv3_rows)   # a speed-up in each
     assert "large kernel / 3x3" in markdown
+    assert "Triton autotuning: none, interpreted (TRITON_INTERPRET=1)." in markdown
+    for section in ("dwconv", "dcnv3", "deform_conv"):
+        assert f"(section {section}: " in markdown
 
 
 def test_cuda_run_without_a_gpu_is_refused():
