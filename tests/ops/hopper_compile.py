@@ -221,18 +221,22 @@ def binaries_over_batches(batch_sizes: Sequence[int], arch: int = 90) -> Dict[st
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """One row per (case, kernel): binaries, register range and the worst stack, spill instructions
-    and shared memory over its configs (the table in benchmarks/RESULTS.md)."""
+    """One row per (case, kernel): binaries, register range, the worst stack, spill instructions and
+    shared memory over its configs, the fewest vector accesses and the most tensor-core instructions
+    (the table in benchmarks/RESULTS.md)."""
     groups: Dict[tuple, List[dict]] = defaultdict(list)
     for record in records:
         groups[record["case"], record["kernel"]].append(record)
-    lines = ["| case | kernel | binaries | registers | max stack B | max LDL/STL | max shared B |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| case | kernel | binaries | registers | max stack B | max LDL/STL | max shared B | "
+             "min vector LDG/STG | max HGMMA/HMMA |", "|---|---|---:|---|---:|---:|---:|---:|---|"]
     for (case, kernel), group in groups.items():
+        def worst(field, pick=max):
+            return pick(r[field] for r in group)
         registers = [r["registers"] for r in group]
         lines.append(f"| {case} | `{kernel}` | {len(group)} | {min(registers)}-{max(registers)} | "
-                     f"{max(r['stack_bytes'] for r in group)} | {max(r['local_memory_instructions'] for r in group)} | "
-                     f"{max(r['shared_bytes'] for r in group)} |")
+                     f"{worst('stack_bytes')} | {worst('local_memory_instructions')} | {worst('shared_bytes')} | "
+                     f"{worst('vector_global_instructions', min)} | "
+                     f"{worst('warpgroup_mma_instructions')}/{worst('warp_mma_instructions')} |")
     return "\n".join(lines)
 
 
