@@ -402,6 +402,17 @@ def _launch_direct(x, w, bias, out, stride, padding, dilation) -> None:
         dilation[0], dilation[1], HAS_BIAS=bias is not None, ACC=_acc_dtype(x.dtype), BLOCK_C=block_c)
 
 
+def _dot_settings(dtype: torch.dtype) -> Tuple[str, bool]:
+    """(``input_precision``, whether to upcast to fp32) for the row-band kernels' ``tl.dot``.
+
+    fp32 runs as three TF32 products per step ("tf32x3"), about fp32's accuracy on the tensor
+    cores.  Triton 3.9's interpreter multiplies bf16 matrices wrongly (raw bits), so there bf16
+    tiles are upcast.
+    """
+    precision = "tf32x3" if dtype == torch.float32 and not INTERPRETED else "ieee"
+    return precision, INTERPRETED and dtype == torch.bfloat16
+
+
 def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
     n, channels, height, width = x.shape
     c_out, _, kh, kw = w.shape
@@ -410,10 +421,7 @@ def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
     def grid(meta):
         return n * c_out, triton.cdiv(out_h, meta["BLOCK_H"]), triton.cdiv(out_w, meta["BLOCK_W"])
 
-    # fp32: three TF32 products per step ("tf32x3"), about fp32's accuracy on the tensor cores.
-    # Triton 3.9's interpreter multiplies bf16 matrices wrongly (raw bits), so it gets fp32 ones.
-    upcast = INTERPRETED and x.dtype == torch.bfloat16
-    precision = "tf32x3" if x.dtype == torch.float32 and not INTERPRETED else "ieee"
+    precision, upcast = _dot_settings(x.dtype)
     _forward_band_kernel[grid](
         x, w, bias if bias is not None else w, out, n, c_out, height, width, out_h, out_w, c_out // channels,
         *x.stride(), *out.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
@@ -512,8 +520,7 @@ def _launch_band_grad_weight(grad_out, x, weight_shape, stride, padding, dilatio
     column_tiles = triton.cdiv(out_w, block_w)
     slices = _grad_weight_slices(n * triton.cdiv(out_h, 16), c_out * kh * column_tiles, x.device)
     partial = torch.empty((slices, c_out, kh, column_tiles, block_kw), dtype=torch.float32, device=x.device)
-    upcast = INTERPRETED and x.dtype == torch.bfloat16
-    precision = "tf32x3" if x.dtype == torch.float32 and not INTERPRETED else "ieee"
+    precision, upcast = _dot_settings(x.dtype)
     _grad_weight_band_kernel[(c_out * kh, column_tiles, slices)](
         grad_out, x, partial, n, c_out, height, width, out_h, out_w, c_out // channels, slices,
         *grad_out.stride(), *x.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
