@@ -194,6 +194,38 @@ def test_kernel_choice(monkeypatch):
     assert not dwconv_triton._band_applies(nchw.double(), (1, 1))  # no fp64 tl.dot
 
 
+def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monkeypatch):
+    """The CUDA branch of "auto", with the timer replaced: the faster kernel is kept per (role, layer
+    shape), and a later call of the same shape, at any batch size, times nothing."""
+    timed, speeds = [], {"direct": 2.0, "band": 1.0}
+
+    def fake_time_ms(fn):
+        return speeds[fn()]
+
+    def run(name):
+        timed.append(name)
+        return name
+
+    class CudaTensor:   # what _kernel_choice reads of a tensor, on a device this machine may not have
+        def __init__(self, batch):
+            self.shape, self.dtype, self.device = (batch, 4, 30, 30), torch.float32, torch.device("cuda")
+
+    monkeypatch.setattr(dwconv_triton, "time_ms", fake_time_ms)
+    monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    weight, geometry = torch.zeros(4, 1, 31, 31), ((1, 1), (15, 15, 15, 15))
+    assert dwconv_triton._kernel_choice("forward", CudaTensor(8), weight, *geometry, True, run) == "band"
+    assert sorted(timed) == ["band", "direct"]
+    speeds["band"] = 3.0   # a cached choice is not re-timed
+    assert dwconv_triton._kernel_choice("forward", CudaTensor(64), weight, *geometry, True, run) == "band"
+    assert len(timed) == 2
+    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, True, run) == "direct"
+    assert len(timed) == 4 and len(dwconv_triton._KERNEL_CHOICE) == 2
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # no timing in a graph capture
+    assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, True, run) == "direct"
+    assert len(timed) == 4
+
+
 @pytest.mark.parametrize("stride,multiplier", [((1, 1), 1), ((2, 2), 1), ((1, 1), 2)],
                          ids=["band-grad-input", "stride2-direct", "multiplier-direct"])
 def test_input_gradient_through_the_row_band_kernel(stride, multiplier, triton_device, monkeypatch):

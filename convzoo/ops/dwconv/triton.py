@@ -473,6 +473,7 @@ def _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation) ->
 
 
 def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
+    """The weight gradient (C_out, 1, KH, KW) in the weight's dtype, by the kernel :data:`KERNEL` picks."""
     if grad_out.shape[0] * grad_out.shape[2] == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     results = {}
