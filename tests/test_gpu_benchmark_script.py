@@ -28,6 +28,14 @@ def test_every_kernel_section_writes_its_table(tmp_path):
     assert "Triton autotuning: none, interpreted (TRITON_INTERPRET=1)." in markdown
     for section in ("dwconv", "dcnv3", "deform_conv"):
         assert f"(section {section}: " in markdown
+    # every case compared with its baseline (deform_conv's is torchvision) after the timings, within tolerance
+    try:
+        import torchvision  # noqa: F401
+        checked_sections = 3
+    except ImportError:
+        checked_sections = 2
+    assert markdown.count("worst relative difference: fp32 ") == checked_sections
+    assert "differs from the fp32 baseline" not in markdown
 
 
 def test_cuda_run_without_a_gpu_is_refused():
@@ -36,3 +44,19 @@ def test_cuda_run_without_a_gpu_is_refused():
                           timeout=300, env=hidden)
     assert done.returncode != 0
     assert "needs an NVIDIA GPU" in done.stderr and "Nothing measured" in done.stderr
+
+
+def test_the_check_after_the_timings_notes_a_wrong_kernel(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu
+    import torch
+
+    bench = gpu.Bench(torch.device("cpu"), quick=False, tiny=True, warmup=0, repeats=1)
+    x = torch.randn(4, 5, dtype=torch.bfloat16, requires_grad=True)
+    bench.check("exact", "bf16", lambda t: t * 3, lambda t: t * 3, [x])
+    assert bench.worst_difference["bf16"] < 5e-3 and bench.notes == []   # bf16 rounding only
+    bench.check("wrong gradient", "bf16", lambda t: t * 3 + (t * 0.2 - (t * 0.2).detach()), lambda t: t * 3, [x])
+    assert abs(bench.worst_difference["bf16"] - 0.2 / 3) < 1e-2          # the input gradient is 3.2, not 3
+    assert len(bench.notes) == 1 and bench.notes[0].startswith("wrong gradient: ours differs from the fp32 baseline")
+    bench.check("raises", "bf16", lambda t: t.view(-1, 3), lambda t: t, [x])
+    assert bench.notes[-1].startswith("raises: check failed:")
