@@ -133,16 +133,21 @@ def test_triton_random_shapes_match_reference(n, channels, multiplier, height, w
 
 def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
     """31x31, stride 1 and 2, at sizes where the band spans several tiles (the direct kernel is too slow
-    for this under the interpreter; it is compared with the reference)."""
+    for this under the interpreter; it is compared with the reference): output and input gradient."""
     monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     for stride in (1, 2):
-        x = torch.randn(2, 3, 37, 35)
+        x = torch.randn(2, 3, 37, 35, requires_grad=True)
         weight, bias = torch.randn(3, 1, 31, 31) / 31, torch.randn(3)
-        out = dwconv2d(x.to(triton_device), weight.to(triton_device), bias.to(triton_device), stride=stride,
-                       padding="same", impl="triton")
+        x_dev = x.detach().to(triton_device).requires_grad_()
+        out = dwconv2d(x_dev, weight.to(triton_device), bias.to(triton_device), stride=stride, padding="same",
+                       impl="triton")
         padding = _padding4(37, 35, (31, 31), (stride, stride), "same", (1, 1))
         expected = dwconv2d_reference(x, weight, bias, (stride, stride), padding, (1, 1))
         torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+        grad_out = torch.randn(expected.shape)
+        got, = torch.autograd.grad(out, x_dev, grad_out.to(triton_device))
+        want, = torch.autograd.grad(expected, x, grad_out)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stride,multiplier", [(1, 1), (2, 1), (1, 2)], ids=["stride1", "stride2", "multiplier2"])
@@ -226,13 +231,30 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
     assert len(timed) == 4
 
 
-@pytest.mark.parametrize("stride,multiplier", [((1, 1), 1), ((2, 2), 1), ((1, 1), 2)],
-                         ids=["band-grad-input", "stride2-direct", "multiplier-direct"])
-def test_input_gradient_through_the_row_band_kernel(stride, multiplier, triton_device, monkeypatch):
-    """At stride 1 without a multiplier the input gradient is the band kernel's 'full' conv with the
-    flipped kernel; elsewhere the direct kernel computes it, whatever KERNEL says."""
+@pytest.mark.parametrize("stride,multiplier,runs", [((1, 1), 1, "band"), ((2, 2), 1, "band"), ((2, 1), 1, "band"),
+                                                     ((3, 2), 1, "band"), ((1, 1), 2, "direct")],
+                         ids=["stride1", "stride2", "stride2x1", "stride3x2", "multiplier-direct"])
+def test_input_gradient_through_the_row_band_kernel(stride, multiplier, runs, triton_device, monkeypatch):
+    """Without a channel multiplier the input gradient is the band kernel's: one stride-1 conv of the
+    output gradient with flipped taps per phase of the stride; with one, the direct kernel computes
+    it, whatever KERNEL says."""
     monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
+    other = "_launch_direct_grad_input" if runs == "band" else "_launch_band_grad_input"
+    monkeypatch.setattr(dwconv_triton, other, pytest.fail)
     out, expected, grads, ref_grads, _, _ = _run_both(2, 3, multiplier, 9, 8, (5, 4), stride, "same", (1, 1),
                                                       torch.contiguous_format, torch.float32, triton_device)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_phase_taps_match_a_loop_over_the_taps():
+    """Input position phase + stride*a receives go[o] * w[k] exactly where o*stride + k - pad equals it."""
+    for stride, kernel, pad in [(s, k, d) for s in (1, 2, 3) for k in (1, 2, 4, 5) for d in (0, 1, 2)]:
+        for phase in range(stride):
+            first, taps, pad_1 = dwconv_triton._phase_taps(phase, kernel, stride, pad)
+            for a in range(4):
+                h = phase + stride * a
+                want = {(o, k) for o in range(-8, 12) for k in range(kernel) if o * stride + k - pad == h}
+                # the stride-1 conv with flipped taps v[t] = w[first + stride*(taps-1-t)] reads go[a + t - pad_1]
+                got = {(a + t - pad_1, first + stride * (taps - 1 - t)) for t in range(taps)}
+                assert got == want, (stride, kernel, pad, phase, a)

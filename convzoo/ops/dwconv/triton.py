@@ -20,8 +20,9 @@ channels_last and strided views work without copies:
 * row band (NCHW rows, dilation 1, fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output
   tile of one channel; kernel row ``i`` is the product of the input rows it reads (``BLOCK_T``
   columns) with the banded matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as
-  ``tf32x3``).  It computes the forward and, at stride 1 without a channel multiplier, the input
-  gradient (the 'full' conv of the output gradient with the flipped kernel).
+  ``tf32x3``).  It computes the forward and, without a channel multiplier, the input gradient: at
+  stride 1 the 'full' conv of the output gradient with the flipped kernel, at stride ``s`` one such
+  conv per phase of the input rows and columns with the flipped taps that reach it.
 * row-band weight gradient (NCHW rows, dilation 1, fp32/fp16/bf16): one program = (one channel,
   one kernel row ``i``, ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
   ``BLOCK_H`` output rows it adds ``rows^T @ go`` (``[BLOCK_T, BLOCK_H] @ [BLOCK_H, BLOCK_W]``, tensor
@@ -343,8 +344,8 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
     return 1
 
 
-#: Which kernel computes the forward, the weight gradient, and the input gradient at stride 1
-#: without a channel multiplier, where the row-band kernels apply: "auto" times both once per layer
+#: Which kernel computes the forward, the weight gradient, and the input gradient without a
+#: channel multiplier, where the row-band kernels apply: "auto" times both once per layer
 #: shape on the GPU and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
 KERNEL = "auto"
 _KERNEL_CHOICE: Dict[tuple, str] = {}
@@ -447,15 +448,49 @@ def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
     w = weight.contiguous()
 
     def run(kernel: str) -> None:
-        if kernel == "band":   # at stride 1: the 'full' conv of grad_out with the flipped kernel
-            _launch_band(grad_out, w.flip(2, 3).contiguous(), None, grad_x, (1, 1),
-                         (kh - 1 - padding[0], 0, kw - 1 - padding[2], 0), (1, 1))
+        if kernel == "band":
+            _launch_band_grad_input(grad_out, w, grad_x, stride, padding)
         else:
             _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation)
 
-    band_applies = tuple(stride) == (1, 1) and c_out == channels and _band_applies(grad_out, dilation)
+    band_applies = c_out == channels and _band_applies(grad_out, dilation)
     run(_kernel_choice("grad_input", grad_out, w, stride, padding, band_applies, run))
     return grad_x
+
+
+def _launch_band_grad_input(grad_out, w, grad_x, stride, padding) -> None:
+    """The input gradient (a transposed conv of ``grad_out``) by the row-band forward kernel, without a
+    channel multiplier, dilation 1.  The input rows and columns of one phase (``h % SH``, ``w % SW``)
+    get a stride-1 conv of ``grad_out`` with the flipped sub-kernel of the taps that reach them
+    (``SH * SW`` launches, each into a strided view of ``grad_x``; at stride 1, one with the whole
+    flipped kernel: the 'full' conv)."""
+    for phase_h in range(stride[0]):
+        first_h, taps_h, pad_h = _phase_taps(phase_h, w.shape[2], stride[0], padding[0])
+        for phase_w in range(stride[1]):
+            first_w, taps_w, pad_w = _phase_taps(phase_w, w.shape[3], stride[1], padding[2])
+            out = grad_x[:, :, phase_h::stride[0], phase_w::stride[1]]
+            if out.numel() == 0:
+                continue
+            if taps_h == 0 or taps_w == 0:   # a kernel smaller than the stride: no tap reaches this phase
+                out.zero_()
+                continue
+            taps = w[:, :, first_h::stride[0], first_w::stride[1]].flip(2, 3).contiguous()
+            _launch_band(grad_out, taps, None, out, (1, 1), (pad_h, 0, pad_w, 0), (1, 1))
+
+
+def _phase_taps(phase: int, kernel: int, stride: int, pad: int) -> Tuple[int, int, int]:
+    """For the input positions ``phase + stride * a`` along one axis: the first kernel tap that
+    reaches them, how many taps do (every ``stride``-th from it), and the padding (negative: an
+    offset) of the stride-1 conv of the output gradient with those taps flipped.
+
+    Position ``h`` gets ``go[o] * w[k]`` where ``o * stride + k - pad == h``, so its taps are
+    ``k = first + stride * m`` with ``first = (phase + pad) % stride``, at ``o = a + shift - m``
+    where ``shift = (phase + pad - first) // stride``.
+    """
+    first = (phase + pad) % stride
+    taps = max(0, -(-(kernel - first) // stride))
+    shift = (phase + pad - first) // stride
+    return first, taps, taps - 1 - shift
 
 
 def _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation) -> None:
