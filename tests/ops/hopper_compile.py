@@ -155,6 +155,11 @@ def _dwconv_cases(dtypes, batch=2):
                                                 weight[:, 0, 0, 0], *geometry)
                 yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_backward, torch.zeros_like(x), x,
                                                 weight, *geometry, (True, True, False))
+                # stride 2: the band input gradient runs per phase into strided views of grad_x
+                yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_backward,
+                                                torch.zeros(batch, 64, 36, 36, dtype=dtype).contiguous(
+                                                    memory_format=layout), x, weight, (2, 2), *geometry[1:],
+                                                (True, True, False))
 
 
 def _dcnv3_cases(dtypes, batch=2):
