@@ -52,6 +52,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TABLE_HEADER = ["| case | dtype | pass | ours ms | baseline ms | speed-up |", "|---|---|---|---:|---:|---:|"]
 
 
+#: What a failed measurement or check raises (e.g. a dtype a kernel lacks): noted, not fatal.
+MEASUREMENT_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
+
+
 @dataclass
 class Bench:
     """What every section needs: device, sizes, timing settings, and notes on failed measurements."""
@@ -74,7 +78,7 @@ class Bench:
         """Median ms of ``run``; NaN (and a note) when it raises, e.g. for a dtype a kernel lacks."""
         try:
             return median_ms(run, self.repeats, self.warmup, self.device)
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+        except MEASUREMENT_ERRORS as error:
             self.notes.append(f"{label}: failed: {str(error).splitlines()[0]}")
             return float("nan")
         finally:
@@ -89,7 +93,7 @@ class Bench:
         :data:`TOLERANCE`."""
         try:
             difference = relative_difference(ours, baseline, leaves)
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+        except MEASUREMENT_ERRORS as error:
             self.notes.append(f"{label}: check failed: {str(error).splitlines()[0]}")
             return
         self.worst_difference[dtype_name] = max(difference, self.worst_difference.get(dtype_name, 0.0))

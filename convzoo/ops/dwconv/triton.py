@@ -225,10 +225,15 @@ def _band_prune(tf32x3_block: str, tf32x3_most: int, map_sizes: Dict[str, str]):
     return prune
 
 
+#: BLOCK_T of the row-band kernels: the input columns that BLOCK_W output columns read, to a power of two.
+_band_columns = triton.heuristics(
+    {"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
+
+
 @triton.autotune(configs=_band_configs(), do_bench=time_ms, key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
                  prune_configs_by={"early_config_prune": _band_prune("BLOCK_W", 32,
                                                                      {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})})
-@triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
+@_band_columns
 @triton.jit(do_not_specialize=["N"])
 def _forward_band_kernel(
     # x (N, C, H, W) with unit column stride, w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
@@ -281,7 +286,7 @@ def _band_grad_weight_configs():
 @triton.autotune(configs=_band_grad_weight_configs(), do_bench=time_ms,
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_W"],
                  prune_configs_by={"early_config_prune": _band_prune("BLOCK_H", 64, {"BLOCK_H": "Ho"})})
-@triton.heuristics({"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
+@_band_columns
 @triton.jit(do_not_specialize=["N", "SLICES"])
 def _grad_weight_band_kernel(
     # go (N, C_out, Ho, Wo) and x (N, C, H, W) with unit column strides,
