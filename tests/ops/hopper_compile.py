@@ -150,7 +150,7 @@ def _dwconv_cases(dtypes, batch=2):
             x = torch.zeros(batch, 64, 72, 72, dtype=dtype).contiguous(memory_format=layout)   # 128-row tiles apply
             weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
             name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
-            for kernel in ("direct", "band"):   # where "band" does not apply (nhwc, fp64) it is "direct"
+            for kernel in ("direct", "band"):   # where "band" does not apply (fp64) it is "direct"
                 yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_forward, x, weight,
                                                 weight[:, 0, 0, 0], *geometry)
                 yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_backward, torch.zeros_like(x), x,

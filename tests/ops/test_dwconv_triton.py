@@ -51,10 +51,11 @@ def forward_kernel(request, monkeypatch):
     return request.param
 
 
-LAYOUTS_AND_KERNELS = [  # the row-band kernel takes NCHW rows only
+LAYOUTS_AND_KERNELS = [  # the row-band kernels read channels_last inputs through an NCHW copy
     pytest.param(torch.contiguous_format, "direct", id="nchw-direct"),
     pytest.param(torch.contiguous_format, "band", id="nchw-band"),
-    pytest.param(torch.channels_last, "direct", id="nhwc"),
+    pytest.param(torch.channels_last, "direct", id="nhwc-direct"),
+    pytest.param(torch.channels_last, "band", id="nhwc-band"),
 ]
 
 
@@ -150,17 +151,20 @@ def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("stride,multiplier", [(1, 1), (2, 1), (1, 2)], ids=["stride1", "stride2", "multiplier2"])
-def test_weight_gradient_through_the_row_band_kernel(stride, multiplier, triton_device, monkeypatch):
+@pytest.mark.parametrize("stride,multiplier,channels,memory_format", [
+    (1, 1, 1, torch.contiguous_format), (2, 1, 1, torch.contiguous_format), (1, 2, 1, torch.contiguous_format),
+    (1, 1, 2, torch.channels_last)], ids=["stride1", "stride2", "multiplier2", "nhwc"])
+def test_weight_gradient_through_the_row_band_kernel(stride, multiplier, channels, memory_format, triton_device,
+                                                     monkeypatch):
     """31x31 over a map narrower than the kernel and wider than one 16-column tile: the weight gradient
     is the band kernel's (the direct one must not run) and matches the reference."""
     monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_weight", pytest.fail)
-    x = torch.randn(2, 1, 23, 37)
-    weight = torch.randn(multiplier, 1, 31, 31) / 31
+    x = torch.randn(2, channels, 23, 37).contiguous(memory_format=memory_format)
+    weight = torch.randn(channels * multiplier, 1, 31, 31) / 31
     padding = _padding4(23, 37, (31, 31), (stride, stride), "same", (1, 1))
     expected = dwconv2d_reference(x, weight.requires_grad_(), None, (stride, stride), padding, (1, 1))
-    grad_out = torch.randn(expected.shape)
+    grad_out = torch.randn(expected.shape).contiguous(memory_format=memory_format)
     want, = torch.autograd.grad(expected, weight, grad_out)
     _, got, _ = dwconv_triton.dwconv2d_backward(grad_out.to(triton_device), x.to(triton_device),
                                                 weight.detach().to(triton_device), (stride, stride), padding,
@@ -194,14 +198,16 @@ def test_kernel_choice(monkeypatch):
         assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == kernel
         assert dwconv_triton._kernel_choice("grad_input", nchw, weight, *geometry, False, run) == "direct"
     assert dwconv_triton._band_applies(nchw, (1, 1)) and dwconv_triton._band_applies(nchw.bfloat16(), (1, 1))
-    assert not dwconv_triton._band_applies(nhwc, (1, 1))           # rows not contiguous
+    assert dwconv_triton._band_applies(nhwc, (1, 1))               # through an NCHW copy
+    assert dwconv_triton._rows(nchw) is nchw and dwconv_triton._rows(nhwc).stride(3) == 1
+    assert torch.equal(dwconv_triton._rows(nhwc), nhwc)
     assert not dwconv_triton._band_applies(nchw, (2, 1))           # dilation
     assert not dwconv_triton._band_applies(nchw.double(), (1, 1))  # no fp64 tl.dot
 
 
 def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monkeypatch):
     """The CUDA branch of "auto", with the timer replaced: the faster kernel is kept per (role, layer
-    shape), and a later call of the same shape, at any batch size, times nothing."""
+    shape, layout), and a later call of the same shape, at any batch size, times nothing."""
     timed, speeds = [], {"direct": 2.0, "band": 1.0}
 
     def fake_time_ms(fn):
@@ -212,8 +218,10 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
         return name
 
     class CudaTensor:   # what _kernel_choice reads of a tensor, on a device this machine may not have
-        def __init__(self, batch):
-            self.shape, self.dtype, self.device = (batch, 4, 30, 30), torch.float32, torch.device("cuda")
+        def __init__(self, batch, memory_format=torch.contiguous_format):
+            layout = torch.empty(batch, 4, 30, 30, device="meta", memory_format=memory_format)
+            self.shape, self.stride, self.dtype, self.device = layout.shape, layout.stride, torch.float32, \
+                torch.device("cuda")
 
     monkeypatch.setattr(dwconv_triton, "time_ms", fake_time_ms)
     monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", {})
@@ -226,25 +234,29 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
     assert len(timed) == 2
     assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, True, run) == "direct"
     assert len(timed) == 4 and len(dwconv_triton._KERNEL_CHOICE) == 2
+    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8, torch.channels_last), weight, *geometry, True, run) == "direct"
+    assert len(timed) == 6 and len(dwconv_triton._KERNEL_CHOICE) == 3   # another layout, timed on its own
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # no timing in a graph capture
     assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, True, run) == "direct"
-    assert len(timed) == 4
+    assert len(timed) == 6
 
 
-@pytest.mark.parametrize("stride,multiplier,runs", [((1, 1), 1, "band"), ((2, 2), 1, "band"), ((2, 1), 1, "band"),
-                                                     ((3, 2), 1, "band"), ((1, 1), 2, "direct")],
-                         ids=["stride1", "stride2", "stride2x1", "stride3x2", "multiplier-direct"])
-def test_input_gradient_through_the_row_band_kernel(stride, multiplier, runs, triton_device, monkeypatch):
-    """Without a channel multiplier the input gradient is the band kernel's: one stride-1 conv of the
-    output gradient with flipped taps per phase of the stride; with one, the direct kernel computes
-    it, whatever KERNEL says."""
+@pytest.mark.parametrize("stride,multiplier,memory_format", [
+    ((1, 1), 1, torch.contiguous_format), ((2, 2), 1, torch.contiguous_format), ((2, 1), 1, torch.contiguous_format),
+    ((3, 2), 1, torch.contiguous_format), ((1, 1), 2, torch.contiguous_format), ((2, 1), 3, torch.contiguous_format),
+    ((2, 2), 2, torch.channels_last)],
+    ids=["stride1", "stride2", "stride2x1", "stride3x2", "multiplier2", "multiplier3-stride2x1", "nhwc-multiplier2"])
+def test_input_gradient_through_the_row_band_kernel(stride, multiplier, memory_format, triton_device, monkeypatch):
+    """The input gradient is the band kernel's (the direct one must not run): one stride-1 conv of the
+    output gradient with flipped taps per phase of the stride, summing the ``m`` output channels of
+    each input channel; a channels_last gradient is read through an NCHW copy."""
     monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
-    other = "_launch_direct_grad_input" if runs == "band" else "_launch_band_grad_input"
-    monkeypatch.setattr(dwconv_triton, other, pytest.fail)
-    out, expected, grads, ref_grads, _, _ = _run_both(2, 3, multiplier, 9, 8, (5, 4), stride, "same", (1, 1),
-                                                      torch.contiguous_format, torch.float32, triton_device)
+    monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_input", pytest.fail)
+    out, expected, grads, ref_grads, _, grad_x = _run_both(2, 3, multiplier, 9, 8, (5, 4), stride, "same", (1, 1),
+                                                           memory_format, torch.float32, triton_device)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-4, rtol=1e-4)
+    assert grad_x.is_contiguous(memory_format=memory_format)
 
 
 def test_phase_taps_match_a_loop_over_the_taps():

@@ -2,7 +2,8 @@
 
 Three direct kernels (no im2col) and two of matrix products, all accumulating in fp32 (the
 direct ones in fp64 for fp64 inputs), reading and writing tensors through their strides so NCHW,
-channels_last and strided views work without copies:
+channels_last and strided views work without copies (the row-band kernels read rows: they take an
+NCHW copy of a channels_last input, and write any layout):
 
 * forward: one program = (a tile of ``BLOCK_P`` output pixels) x (``BLOCK_C`` output channels)
   of one image; it loops over the kernel rows and columns and reads the input tile plus its halo
@@ -17,20 +18,21 @@ channels_last and strided views work without copies:
   with the ``kw`` shifted input rows, keeping the ``[BLOCK_C, BLOCK_KW]`` partial sums in
   registers.  Each program writes its own partial sums; the slices are then summed by one
   ``torch.sum`` (no atomics, deterministic).
-* row band (NCHW rows, dilation 1, fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output
-  tile of one channel; kernel row ``i`` is the product of the input rows it reads (``BLOCK_T``
-  columns) with the banded matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as
-  ``tf32x3``).  It computes the forward and, without a channel multiplier, the input gradient: at
-  stride 1 the 'full' conv of the output gradient with the flipped kernel, at stride ``s`` one such
-  conv per phase of the input rows and columns with the flipped taps that reach it.
-* row-band weight gradient (NCHW rows, dilation 1, fp32/fp16/bf16): one program = (one channel,
+* row band (dilation 1, fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output tile of
+  one channel; kernel row ``i`` is the product of the input rows it reads (``BLOCK_T`` columns)
+  with the banded matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as ``tf32x3``).
+  It computes the forward and the input gradient: at stride 1 the 'full' conv of the output
+  gradient with the flipped kernel, at stride ``s`` one such conv per phase of the input rows and
+  columns with the flipped taps that reach it, summing the ``m`` output channels of an input
+  channel in the same program.
+* row-band weight gradient (dilation 1, fp32/fp16/bf16): one program = (one channel,
   one kernel row ``i``, ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
   ``BLOCK_H`` output rows it adds ``rows^T @ go`` (``[BLOCK_T, BLOCK_H] @ [BLOCK_H, BLOCK_W]``, tensor
   cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o*SW + j, o]``.
   Slices write their own partial sums, summed by ``torch.sum`` as for the direct kernel.
 
 Where a row-band kernel applies, which of it and the direct kernel runs is timed once per layer
-shape and role on the GPU (:data:`KERNEL`).
+shape, layout and role on the GPU (:data:`KERNEL`).
 
 Autotuning keys hold the layer's channels, spatial sizes and kernel, never the batch size, and
 the batch-dependent integers are not specialised, so a new batch size reuses the compiled
@@ -236,9 +238,11 @@ _band_columns = triton.heuristics(
 @_band_columns
 @triton.jit(do_not_specialize=["N"])
 def _forward_band_kernel(
-    # x (N, C, H, W) with unit column stride, w (C_out, 1, KH, KW) contiguous, b (C_out,), y (N, C_out, Ho, Wo)
+    # x (N, C, H, W) with unit column stride, w (C_out * IN_PER_OUT, 1, KH, KW) contiguous, b (C_out,),
+    # y (N, C_out, Ho, Wo); output channel c sums input channels (c // MULT) * IN_PER_OUT + k, k < IN_PER_OUT,
+    # with weights c * IN_PER_OUT + k (the forward: IN_PER_OUT = 1; the input gradient: MULT = 1)
     x_ptr, w_ptr, b_ptr, y_ptr,
-    N, C_out, H, W, Ho, Wo, MULT,
+    N, C_out, H, W, Ho, Wo, MULT, IN_PER_OUT,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     KH, KW, SH, SW, PT, PL,
@@ -260,16 +264,18 @@ def _forward_band_kernel(
     col_ok = (iw >= 0) & (iw < W)
     tap = t[:, None] - col[None, :] * SW                 # kernel column joining input column t to output o
     tap_ok = (tap >= 0) & (tap < KW)
-    x_base = x_ptr + n * sxn + (c // MULT) * sxc + iw[None, :] * sxw
-    w_base = w_ptr + c * (KH * KW)
     acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-    for i in range(KH):
-        ih = oh * SH + i - PT
-        rows = tl.load(x_base + ih[:, None] * sxh, mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :], other=0.0)
-        band = tl.load(w_base + i * KW + tap, mask=tap_ok, other=0.0)
-        if UPCAST:
-            rows = rows.to(tl.float32)
-        acc = tl.dot(rows, band.to(rows.dtype), acc, input_precision=PRECISION)
+    for k in range(IN_PER_OUT):
+        x_base = x_ptr + n * sxn + ((c // MULT) * IN_PER_OUT + k) * sxc + iw[None, :] * sxw
+        w_base = w_ptr + (c * IN_PER_OUT + k) * (KH * KW)
+        for i in range(KH):
+            ih = oh * SH + i - PT
+            rows = tl.load(x_base + ih[:, None] * sxh, mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :],
+                           other=0.0)
+            band = tl.load(w_base + i * KW + tap, mask=tap_ok, other=0.0)
+            if UPCAST:
+                rows = rows.to(tl.float32)
+            acc = tl.dot(rows, band.to(rows.dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     y_off = n * syn + c * syc + oh[:, None] * syh + ow[None, :] * syw
@@ -349,9 +355,9 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
     return 1
 
 
-#: Which kernel computes the forward, the weight gradient, and the input gradient without a
-#: channel multiplier, where the row-band kernels apply: "auto" times both once per layer
-#: shape on the GPU and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
+#: Which kernel computes each pass (forward, input gradient, weight gradient) where the row-band
+#: kernels apply (dilation 1, fp32/fp16/bf16): "auto" times both once per layer shape, layout and
+#: pass on the GPU and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
 KERNEL = "auto"
 _KERNEL_CHOICE: Dict[tuple, str] = {}
 
@@ -374,9 +380,15 @@ def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def _band_applies(x: torch.Tensor, dilation: Sequence[int]) -> bool:
-    """The row-band kernel needs unit dilation, rows contiguous in memory and a dtype ``tl.dot`` takes."""
-    return tuple(dilation) == (1, 1) and x.stride(3) == 1 and x.dtype in (torch.float32, torch.float16,
-                                                                           torch.bfloat16)
+    """The row-band kernels need unit dilation and a dtype ``tl.dot`` takes."""
+    return tuple(dilation) == (1, 1) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, H, W) with contiguous rows, as the row-band kernels read it: ``t`` itself, or an NCHW
+    copy (of a channels_last tensor).  Each input row is read once per kernel row, so the copy costs
+    little beside the kernel; :func:`_kernel_choice` times it with the band kernel."""
+    return t if t.stride(3) == 1 else t.contiguous()
 
 
 def _kernel_choice(role: str, x, weight, stride, padding, band_applies: bool, run) -> str:
@@ -387,7 +399,8 @@ def _kernel_choice(role: str, x, weight, stride, padding, band_applies: bool, ru
         return KERNEL
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "direct"
-    key = (role, tuple(x.shape[1:]), tuple(weight.shape), x.dtype, tuple(stride), tuple(padding), x.device)
+    key = (role, tuple(x.shape[1:]), x.stride(3) == 1, tuple(weight.shape), x.dtype, tuple(stride), tuple(padding),
+           x.device)
     if key not in _KERNEL_CHOICE:
         times = {name: time_ms(lambda: run(name)) for name in ("direct", "band")}
         _KERNEL_CHOICE[key] = min(times, key=times.get)
@@ -420,18 +433,23 @@ def _dot_settings(dtype: torch.dtype) -> Tuple[str, bool]:
 
 
 def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
+    """``out`` (N, C_out, Ho, Wo) = the depthwise conv of ``x`` (N, C, H, W) by the row-band kernel.
+    ``C_out = C * m``: output channel ``o`` reads input channel ``o // m`` with weight row ``o`` (the
+    forward).  ``C = C_out * m``: output channel ``o`` sums input channels ``o*m + k`` convolved with
+    weight rows ``o*m + k`` (the input gradient with a channel multiplier)."""
+    x = _rows(x)
     n, channels, height, width = x.shape
-    c_out, _, kh, kw = w.shape
-    out_h, out_w = out.shape[2:]
+    _, _, kh, kw = w.shape
+    out_channels, out_h, out_w = out.shape[1:]
 
     def grid(meta):
-        return n * c_out, triton.cdiv(out_h, meta["BLOCK_H"]), triton.cdiv(out_w, meta["BLOCK_W"])
+        return n * out_channels, triton.cdiv(out_h, meta["BLOCK_H"]), triton.cdiv(out_w, meta["BLOCK_W"])
 
     precision, upcast = _dot_settings(x.dtype)
     _forward_band_kernel[grid](
-        x, w, bias if bias is not None else w, out, n, c_out, height, width, out_h, out_w, c_out // channels,
-        *x.stride(), *out.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
-        HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast)
+        x, w, bias if bias is not None else w, out, n, out_channels, height, width, out_h, out_w,
+        max(1, out_channels // channels), max(1, channels // out_channels), *x.stride(), *out.stride(), kh, kw,
+        stride[0], stride[1], padding[0], padding[2], HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast)
 
 
 def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
@@ -445,8 +463,6 @@ def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 
 def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
-    n, channels, height, width = x.shape
-    c_out, _, kh, kw = weight.shape
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if grad_x.numel() == 0:
         return grad_x
@@ -458,17 +474,17 @@ def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
         else:
             _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation)
 
-    band_applies = c_out == channels and _band_applies(grad_out, dilation)
-    run(_kernel_choice("grad_input", grad_out, w, stride, padding, band_applies, run))
+    run(_kernel_choice("grad_input", grad_out, w, stride, padding, _band_applies(grad_out, dilation), run))
     return grad_x
 
 
 def _launch_band_grad_input(grad_out, w, grad_x, stride, padding) -> None:
-    """The input gradient (a transposed conv of ``grad_out``) by the row-band forward kernel, without a
-    channel multiplier, dilation 1.  The input rows and columns of one phase (``h % SH``, ``w % SW``)
-    get a stride-1 conv of ``grad_out`` with the flipped sub-kernel of the taps that reach them
-    (``SH * SW`` launches, each into a strided view of ``grad_x``; at stride 1, one with the whole
-    flipped kernel: the 'full' conv)."""
+    """The input gradient (a transposed conv of ``grad_out``) by the row-band forward kernel, dilation 1.
+    The input rows and columns of one phase (``h % SH``, ``w % SW``) get a stride-1 conv of ``grad_out``
+    with the flipped sub-kernel of the taps that reach them (``SH * SW`` launches, each into a strided
+    view of ``grad_x``; at stride 1, one with the whole flipped kernel: the 'full' conv), summing the
+    ``m`` output channels of each input channel."""
+    grad_out = _rows(grad_out)
     for phase_h in range(stride[0]):
         first_h, taps_h, pad_h = _phase_taps(phase_h, w.shape[2], stride[0], padding[0])
         for phase_w in range(stride[1]):
@@ -522,8 +538,7 @@ def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor
         launch = _launch_band_grad_weight if kernel == "band" else _launch_direct_grad_weight
         results[kernel] = launch(grad_out, x, weight.shape, stride, padding, dilation)
 
-    band_applies = _band_applies(x, dilation) and grad_out.stride(3) == 1
-    kernel = _kernel_choice("grad_weight", x, weight, stride, padding, band_applies, run)
+    kernel = _kernel_choice("grad_weight", x, weight, stride, padding, _band_applies(x, dilation), run)
     run(kernel)
     return results[kernel].to(weight.dtype)
 
@@ -550,7 +565,8 @@ def _launch_direct_grad_weight(grad_out, x, weight_shape, stride, padding, dilat
 
 
 def _launch_band_grad_weight(grad_out, x, weight_shape, stride, padding, dilation) -> torch.Tensor:
-    """The weight gradient (C_out, 1, KH, KW) in fp32, by the row-band kernel (NCHW rows, dilation 1)."""
+    """The weight gradient (C_out, 1, KH, KW) in fp32, by the row-band kernel (dilation 1)."""
+    grad_out, x = _rows(grad_out), _rows(x)
     n, channels, height, width = x.shape
     c_out, _, kh, kw = weight_shape
     out_h, out_w = grad_out.shape[2:]
