@@ -160,6 +160,17 @@ def _dwconv_cases(dtypes, batch=2):
                                                 torch.zeros(batch, 64, 36, 36, dtype=dtype).contiguous(
                                                     memory_format=layout), x, weight, (2, 2), *geometry[1:],
                                                 (True, True, False))
+    for dtype_name in [name for name in dtypes if name != "fp64"]:   # 63x63 on the band kernels (no fp64 there)
+        dtype = DTYPES[dtype_name]
+        x = torch.zeros(batch, 16, 72, 72, dtype=dtype)
+        weight = torch.zeros(16, 1, 63, 63, dtype=dtype)
+        name = f"dwconv2d {dtype_name} nchw k63"
+        for stride in ((1, 1), (2, 2)):
+            yield name, lambda: with_kernel("band", dwconv_triton.dwconv2d_forward, x, weight, None, stride,
+                                            (31, 31, 31, 31), (1, 1))
+        yield name, lambda: with_kernel("band", dwconv_triton.dwconv2d_backward,
+                                        torch.zeros(batch, 16, 36, 36, dtype=dtype), x, weight, (2, 2),
+                                        (31, 31, 31, 31), (1, 1), (True, True, False))
 
 
 def _dcnv3_cases(dtypes, batch=2):

@@ -173,18 +173,27 @@ def test_weight_gradient_through_the_row_band_kernel(stride, multiplier, channel
 
 
 def test_band_tiles_fit_the_output_map_and_the_registers():
-    prune = dwconv_triton._band_prune("BLOCK_W", 32, {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})
-    configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}) for h, w in [(64, 32), (16, 16), (32, 16), (64, 64),
-                                                                       (128, 32)]]
+    prune = dwconv_triton._band_prune(dwconv_triton._forward_band_fits, {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})
+    configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=warps)
+               for h, w, warps in [(64, 32, 4), (16, 16, 2), (32, 16, 4), (64, 64, 4), (128, 32, 8), (64, 32, 8)]]
 
-    def kept(sizes, precision, among=configs):
-        return [(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in prune(among, sizes, PRECISION=precision)]
+    def kept(sizes, precision, among=configs, kernel=31, stride=1):
+        args = {**sizes, "KW": kernel, "SW": stride}
+        return [(c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"], c.num_warps)
+                for c in prune(among, args, PRECISION=precision)]
 
-    assert kept({"Ho": 7, "Wo": 7}, "ieee") == [(16, 16)]
-    assert kept({"Ho": 28, "Wo": 20}, "ieee") == [(16, 16), (32, 16)]
-    assert kept({"Ho": 56, "Wo": 56}, "tf32x3") == [(64, 32), (16, 16), (32, 16)]      # 64 wide: spills
-    assert kept({"Ho": 65, "Wo": 56}, "ieee") == [(64, 32), (16, 16), (32, 16), (64, 64), (128, 32)]
-    assert kept({"Ho": 7, "Wo": 7}, "ieee", [configs[4], configs[0]]) == [(64, 32)]   # the smallest stays
+    assert kept({"Ho": 7, "Wo": 7}, "ieee") == [(16, 16, 2)]
+    assert kept({"Ho": 28, "Wo": 20}, "ieee") == [(16, 16, 2), (32, 16, 4)]
+    # fp32 tiles 64 wide spill
+    assert kept({"Ho": 56, "Wo": 56}, "tf32x3") == [(64, 32, 4), (16, 16, 2), (32, 16, 4), (64, 32, 8)]
+    assert kept({"Ho": 65, "Wo": 56}, "ieee") == [(64, 32, 4), (16, 16, 2), (32, 16, 4), (64, 64, 4), (128, 32, 8),
+                                                 (64, 32, 8)]
+    assert kept({"Ho": 7, "Wo": 7}, "ieee", [configs[4], configs[0]]) == [(64, 32, 4)]   # the smallest stays
+    # bands of more than 64 input columns (128 in 16-bit) only on 8 warps
+    assert kept({"Ho": 72, "Wo": 72}, "tf32x3", kernel=63) == [(128, 32, 8), (64, 32, 8)]
+    assert kept({"Ho": 72, "Wo": 72}, "ieee", kernel=63, stride=2) == [(64, 32, 4), (16, 16, 2), (32, 16, 4),
+                                                                     (128, 32, 8), (64, 32, 8)]
+    assert kept({"Ho": 56, "Wo": 56}, "tf32x3", [configs[1], configs[0]], kernel=63) == [(16, 16, 2)]   # the first
 
 
 def test_kernel_choice(monkeypatch):
@@ -234,7 +243,8 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
     assert len(timed) == 2
     assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, True, run) == "direct"
     assert len(timed) == 4 and len(dwconv_triton._KERNEL_CHOICE) == 2
-    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8, torch.channels_last), weight, *geometry, True, run) == "direct"
+    nhwc = CudaTensor(8, torch.channels_last)
+    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, True, run) == "direct"
     assert len(timed) == 6 and len(dwconv_triton._KERNEL_CHOICE) == 3   # another layout, timed on its own
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # no timing in a graph capture
     assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, True, run) == "direct"

@@ -41,7 +41,7 @@ kernels.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -203,19 +203,18 @@ def _grad_weight_kernel(
 def _band_configs():
     """(BLOCK_H, BLOCK_W, warps) of the row-band kernel: the default first, the most values per thread
     last, one 16x16 tile under the interpreter."""
-    sizes = [(64, 32, 4), (32, 32, 4), (16, 16, 2), (32, 16, 4), (64, 64, 4), (128, 32, 8), (64, 64, 8)]
+    sizes = [(64, 32, 4), (32, 32, 4), (16, 16, 2), (32, 16, 4), (64, 32, 8), (128, 32, 8), (64, 64, 8), (64, 64, 4)]
     configs = [triton.Config({"BLOCK_H": h, "BLOCK_W": w}, num_warps=warps) for h, w, warps in sizes]
     return tuning_configs(configs, interpreted=triton.Config({"BLOCK_H": 16, "BLOCK_W": 16}, num_warps=1))
 
 
-def _band_prune(tf32x3_block: str, tf32x3_most: int, map_sizes: Dict[str, str]):
-    """Autotuner pruning for the row-band kernels: with fp32's three-pass products ("tf32x3") tiles
-    whose ``tf32x3_block`` passes ``tf32x3_most`` spill on sm_90; and a tile that passes the output
-    map (``map_sizes``: tile name -> size argument, rounded up to a power of two, at least 16) only
-    computes padding.  The smallest tile stays if none is left."""
+def _band_prune(fits: Callable[[triton.Config, dict, str], bool], map_sizes: Dict[str, str]):
+    """Autotuner pruning for the row-band kernels: only configs that ``fits(config, named_args,
+    precision)`` (the others spill on sm_90), and no tile that passes the output map (``map_sizes``:
+    tile name -> size argument, rounded up to a power of two, at least 16): it would only compute
+    padding.  The first config, then the smallest tile, stays if none is left."""
     def prune(configs, named_args, **kwargs):
-        if kwargs["PRECISION"] == "tf32x3":
-            configs = [c for c in configs if c.kwargs[tf32x3_block] <= tf32x3_most] or configs[:1]
+        configs = [c for c in configs if fits(c, named_args, kwargs["PRECISION"])] or configs[:1]
 
         def within_map(config):
             return all(config.kwargs[block] <= max(16, triton.next_power_of_2(named_args[size]))
@@ -227,15 +226,39 @@ def _band_prune(tf32x3_block: str, tf32x3_most: int, map_sizes: Dict[str, str]):
     return prune
 
 
-#: BLOCK_T of the row-band kernels: the input columns that BLOCK_W output columns read, to a power of two.
-_band_columns = triton.heuristics(
-    {"BLOCK_T": lambda meta: triton.next_power_of_2((meta["BLOCK_W"] - 1) * meta["SW"] + meta["KW"])})
+def _band_width(block_w: int, stride: int, kernel: int) -> int:
+    """BLOCK_T of the row-band kernels: the input columns that ``block_w`` output columns read, to a power of two."""
+    return triton.next_power_of_2((block_w - 1) * stride + kernel)
+
+
+_band_columns = triton.heuristics({"BLOCK_T": lambda meta: _band_width(meta["BLOCK_W"], meta["SW"], meta["KW"])})
+
+
+def _forward_band_fits(config: triton.Config, args: dict, precision: str) -> bool:
+    """Forward band configs that compile without spills on sm_90 (``tests/ops/hopper_compile.py``,
+    Triton 3.9, kernels 7 to 63 wide at stride 1 and 2): in fp32 (three-pass products) tiles at
+    most 32 columns wide; and a band of more than 64 input columns in fp32 (128 in fp16/bf16:
+    kernels wider than about 33 or 65) only on 8 warps."""
+    if precision == "tf32x3" and config.kwargs["BLOCK_W"] > 32:
+        return False
+    band = _band_width(config.kwargs["BLOCK_W"], args["SW"], args["KW"])
+    return config.num_warps >= 8 or band <= (64 if precision == "tf32x3" else 128)
+
+
+def _band_k_chunk(dtype: torch.dtype) -> int:
+    """Most input columns per product of the forward band kernel (the K side of its ``tl.dot``): 64 for
+    fp32 (three-pass products of 128 columns spill on sm_90, seen at 63x63), 128 for fp16/bf16; 32
+    under the interpreter, so that the tests' small tiles take several chunks too."""
+    if INTERPRETED:
+        return 32
+    return 64 if dtype == torch.float32 else 128
 
 
 @triton.autotune(configs=_band_configs(), do_bench=time_ms, key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
-                 prune_configs_by={"early_config_prune": _band_prune("BLOCK_W", 32,
+                 prune_configs_by={"early_config_prune": _band_prune(_forward_band_fits,
                                                                      {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})})
 @_band_columns
+@triton.heuristics({"BLOCK_K": lambda meta: min(meta["BLOCK_T"], meta["K_CHUNK"])})
 @triton.jit(do_not_specialize=["N"])
 def _forward_band_kernel(
     # x (N, C, H, W) with unit column stride, w (C_out * IN_PER_OUT, 1, KH, KW) contiguous, b (C_out,),
@@ -246,11 +269,12 @@ def _forward_band_kernel(
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     KH, KW, SH, SW, PT, PL,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_CHUNK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Kernel row i of a depthwise conv is a matrix product: the BLOCK_H input rows the output rows
-    # read, BLOCK_T columns wide, times the banded (Toeplitz) matrix T[t, o] = w[i, t - o*SW].
+    # read, BLOCK_T columns wide, times the banded (Toeplitz) matrix T[t, o] = w[i, t - o*SW], taken
+    # in chunks of BLOCK_K columns.
     pid_nc = tl.program_id(0)             # first: N * C_out can pass the 65535 limit of the other axes
     pid_h = tl.program_id(1)
     pid_w = tl.program_id(2)
@@ -259,27 +283,33 @@ def _forward_band_kernel(
     oh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     col = tl.arange(0, BLOCK_W)
     ow = pid_w * BLOCK_W + col
-    t = tl.arange(0, BLOCK_T)
-    iw = pid_w * BLOCK_W * SW - PL + t
-    col_ok = (iw >= 0) & (iw < W)
-    tap = t[:, None] - col[None, :] * SW                 # kernel column joining input column t to output o
-    tap_ok = (tap >= 0) & (tap < KW)
     acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-    for k in range(IN_PER_OUT):
-        x_base = x_ptr + n * sxn + ((c // MULT) * IN_PER_OUT + k) * sxc + iw[None, :] * sxw
-        w_base = w_ptr + (c * IN_PER_OUT + k) * (KH * KW)
-        for i in range(KH):
-            ih = oh * SH + i - PT
-            rows = tl.load(x_base + ih[:, None] * sxh, mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :],
-                           other=0.0)
-            band = tl.load(w_base + i * KW + tap, mask=tap_ok, other=0.0)
-            if UPCAST:
-                rows = rows.to(tl.float32)
-            acc = tl.dot(rows, band.to(rows.dtype), acc, input_precision=PRECISION)
+    for t0 in tl.static_range(0, BLOCK_T, BLOCK_K):   # one loop nest per chunk: one chunk's indices live at a time
+        t = t0 + tl.arange(0, BLOCK_K)
+        iw = pid_w * BLOCK_W * SW - PL + t
+        col_ok = (iw >= 0) & (iw < W)
+        tap = t[:, None] - col[None, :] * SW     # kernel column joining input column t to output o
+        tap_ok = (tap >= 0) & (tap < KW)
+        for k in range(IN_PER_OUT):
+            x_base = x_ptr + n * sxn + ((c // MULT) * IN_PER_OUT + k) * sxc + iw[None, :] * sxw
+            w_base = w_ptr + (c * IN_PER_OUT + k) * (KH * KW)
+            for i in range(KH):
+                ih = oh * SH + i - PT
+                rows = tl.load(x_base + ih[:, None] * sxh, mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :],
+                               other=0.0)
+                band = tl.load(w_base + i * KW + tap, mask=tap_ok, other=0.0)
+                if UPCAST:
+                    rows = rows.to(tl.float32)
+                acc = tl.dot(rows, band.to(rows.dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     y_off = n * syn + c * syc + oh[:, None] * syh + ow[None, :] * syw
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=(oh < Ho)[:, None] & (ow < Wo)[None, :])
+
+
+def _grad_weight_band_fits(config: triton.Config, args: dict, precision: str) -> bool:
+    """Weight-gradient band configs that compile without spills on sm_90: in fp32 at most 64 rows."""
+    return precision != "tf32x3" or config.kwargs["BLOCK_H"] <= 64
 
 
 def _band_grad_weight_configs():
@@ -291,7 +321,7 @@ def _band_grad_weight_configs():
 
 @triton.autotune(configs=_band_grad_weight_configs(), do_bench=time_ms,
                  key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_W"],
-                 prune_configs_by={"early_config_prune": _band_prune("BLOCK_H", 64, {"BLOCK_H": "Ho"})})
+                 prune_configs_by={"early_config_prune": _band_prune(_grad_weight_band_fits, {"BLOCK_H": "Ho"})})
 @_band_columns
 @triton.jit(do_not_specialize=["N", "SLICES"])
 def _grad_weight_band_kernel(
@@ -449,7 +479,8 @@ def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
     _forward_band_kernel[grid](
         x, w, bias if bias is not None else w, out, n, out_channels, height, width, out_h, out_w,
         max(1, out_channels // channels), max(1, channels // out_channels), *x.stride(), *out.stride(), kh, kw,
-        stride[0], stride[1], padding[0], padding[2], HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast)
+        stride[0], stride[1], padding[0], padding[2], HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast,
+        K_CHUNK=_band_k_chunk(x.dtype))
 
 
 def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
