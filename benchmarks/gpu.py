@@ -225,8 +225,10 @@ def kernel_choices() -> List[str]:
     if not _KERNEL_CHOICE:
         return []
     lines = ["", "dwconv2d kernel kept per layer shape (timed at the first call):"]
-    for (role, shape, weight_shape, dtype, stride, _, _), kernel in sorted(_KERNEL_CHOICE.items(), key=str):
-        lines.append(f"- {role} {str(dtype)[6:]} x{list(shape)} k{weight_shape[2]} stride {stride[0]}: {kernel}")
+    for key, kernel in sorted(_KERNEL_CHOICE.items(), key=str):
+        layout = "nchw" if key.rows_contiguous else "channels_last"
+        lines.append(f"- {key.role} {str(key.dtype)[6:]} {layout} x{list(key.shape)} k{key.weight_shape[2]} "
+                     f"stride {key.stride[0]}: {kernel}")
     return lines
 
 

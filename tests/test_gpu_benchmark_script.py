@@ -60,3 +60,20 @@ def test_the_check_after_the_timings_notes_a_wrong_kernel(monkeypatch):
     assert len(bench.notes) == 1 and bench.notes[0].startswith("wrong gradient: ours differs from the fp32 baseline")
     bench.check("raises", "bf16", lambda t: t.view(-1, 3), lambda t: t, [x])
     assert bench.notes[-1].startswith("raises: check failed:")
+
+
+def test_kernel_choices_lists_each_kept_choice(monkeypatch):
+    """The dwconv2d kernel kept per (pass, layer, layout), as the GPU run records it; on the CPU nothing
+    is timed, so the choices are put in by hand."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import gpu
+    import torch
+    from convzoo.ops.dwconv import triton as dwconv_triton
+
+    assert gpu.kernel_choices() == []
+    key = dwconv_triton.ChoiceKey("forward", (128, 56, 56), True, (128, 1, 31, 31), torch.bfloat16, (1, 1),
+                                  (15, 15, 15, 15), (1, 1), torch.device("cuda"))
+    choices = {key: "band", key._replace(role="grad_weight", rows_contiguous=False): "direct"}
+    monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", choices)
+    assert gpu.kernel_choices()[2:] == ["- forward bfloat16 nchw x[128, 56, 56] k31 stride 1: band",
+                                        "- grad_weight bfloat16 channels_last x[128, 56, 56] k31 stride 1: direct"]

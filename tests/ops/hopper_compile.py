@@ -160,7 +160,7 @@ def _dwconv_cases(dtypes, batch=2):
                                                 torch.zeros(batch, 64, 36, 36, dtype=dtype).contiguous(
                                                     memory_format=layout), x, weight, (2, 2), *geometry[1:],
                                                 (True, True, False))
-    for dtype_name in [name for name in dtypes if name != "fp64"]:   # 63x63 on the band kernels (no fp64 there)
+    for dtype_name in [name for name in dtypes if name != "fp64"]:   # 63x63, dilated: band kernels (no fp64)
         dtype = DTYPES[dtype_name]
         x = torch.zeros(batch, 16, 72, 72, dtype=dtype)
         weight = torch.zeros(16, 1, 63, 63, dtype=dtype)
@@ -171,6 +171,13 @@ def _dwconv_cases(dtypes, batch=2):
         yield name, lambda: with_kernel("band", dwconv_triton.dwconv2d_backward,
                                         torch.zeros(batch, 16, 36, 36, dtype=dtype), x, weight, (2, 2),
                                         (31, 31, 31, 31), (1, 1), (True, True, False))
+        dilated = torch.zeros(16, 1, 13, 13, dtype=dtype)   # 13 taps 3 apart: 37 wide
+        dilated_geometry = ((1, 1), (18, 18, 18, 18), (3, 3))
+        yield f"dwconv2d {dtype_name} nchw k13 dilated", lambda: with_kernel(
+            "band", dwconv_triton.dwconv2d_forward, x, dilated, None, *dilated_geometry)
+        yield f"dwconv2d {dtype_name} nchw k13 dilated", lambda: with_kernel(
+            "band", dwconv_triton.dwconv2d_backward, torch.zeros_like(x), x, dilated, *dilated_geometry,
+            (True, True, False))
 
 
 def _dcnv3_cases(dtypes, batch=2):

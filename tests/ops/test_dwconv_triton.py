@@ -10,6 +10,8 @@ from convzoo.ops.dwconv import dwconv2d_reference
 from convzoo.ops.dwconv import triton as dwconv_triton
 from convzoo.ops.dwconv.reference import same_padding
 
+NCHW, NHWC = torch.contiguous_format, torch.channels_last
+
 CASES = [
     # (n, channels, multiplier, height, width, kernel, stride, padding, dilation)
     pytest.param(2, 3, 1, 7, 5, (5, 3), (1, 1), "same", (1, 1), id="rect-same"),
@@ -151,24 +153,24 @@ def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("stride,multiplier,channels,memory_format", [
-    (1, 1, 1, torch.contiguous_format), (2, 1, 1, torch.contiguous_format), (1, 2, 1, torch.contiguous_format),
-    (1, 1, 2, torch.channels_last)], ids=["stride1", "stride2", "multiplier2", "nhwc"])
-def test_weight_gradient_through_the_row_band_kernel(stride, multiplier, channels, memory_format, triton_device,
-                                                     monkeypatch):
+@pytest.mark.parametrize("stride,dilation,multiplier,channels,memory_format", [
+    (1, 1, 1, 1, NCHW), (2, 1, 1, 1, NCHW), (1, 1, 2, 1, NCHW), (1, 1, 1, 2, NHWC), (2, 2, 1, 1, NCHW)],
+    ids=["stride1", "stride2", "multiplier2", "nhwc", "stride2-dilation2"])
+def test_weight_gradient_through_the_row_band_kernel(stride, dilation, multiplier, channels, memory_format,
+                                                     triton_device, monkeypatch):
     """31x31 over a map narrower than the kernel and wider than one 16-column tile: the weight gradient
     is the band kernel's (the direct one must not run) and matches the reference."""
     monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_weight", pytest.fail)
     x = torch.randn(2, channels, 23, 37).contiguous(memory_format=memory_format)
     weight = torch.randn(channels * multiplier, 1, 31, 31) / 31
-    padding = _padding4(23, 37, (31, 31), (stride, stride), "same", (1, 1))
-    expected = dwconv2d_reference(x, weight.requires_grad_(), None, (stride, stride), padding, (1, 1))
+    geometry = (stride, stride), _padding4(23, 37, (31, 31), (stride, stride), "same", (dilation, dilation)), \
+        (dilation, dilation)
+    expected = dwconv2d_reference(x, weight.requires_grad_(), None, *geometry)
     grad_out = torch.randn(expected.shape).contiguous(memory_format=memory_format)
     want, = torch.autograd.grad(expected, weight, grad_out)
     _, got, _ = dwconv_triton.dwconv2d_backward(grad_out.to(triton_device), x.to(triton_device),
-                                                weight.detach().to(triton_device), (stride, stride), padding,
-                                                (1, 1), (False, True, False))
+                                                weight.detach().to(triton_device), *geometry, (False, True, False))
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
@@ -189,29 +191,30 @@ def test_band_tiles_fit_the_output_map_and_the_registers():
     assert kept({"Ho": 65, "Wo": 56}, "ieee") == [(64, 32, 4), (16, 16, 2), (32, 16, 4), (64, 64, 4), (128, 32, 8),
                                                  (64, 32, 8)]
     assert kept({"Ho": 7, "Wo": 7}, "ieee", [configs[4], configs[0]]) == [(64, 32, 4)]   # the smallest stays
-    # bands of more than 64 input columns (128 in 16-bit) only on 8 warps
-    assert kept({"Ho": 72, "Wo": 72}, "tf32x3", kernel=63) == [(128, 32, 8), (64, 32, 8)]
+    # bands of more than 64 input columns (128 in 16-bit) only in tiles of at most 64 rows on 8 warps
+    assert kept({"Ho": 72, "Wo": 72}, "tf32x3", kernel=63) == [(64, 32, 8)]
     assert kept({"Ho": 72, "Wo": 72}, "ieee", kernel=63, stride=2) == [(64, 32, 4), (16, 16, 2), (32, 16, 4),
-                                                                     (128, 32, 8), (64, 32, 8)]
+                                                                     (128, 32, 8), (64, 32, 8)]   # 64x64: 256
     assert kept({"Ho": 56, "Wo": 56}, "tf32x3", [configs[1], configs[0]], kernel=63) == [(16, 16, 2)]   # the first
+    # 13 taps dilated 3 span 37 columns (the kernel the band kernels see): 68 under 32 outputs, 52 under 16
+    assert kept({"Ho": 72, "Wo": 72}, "tf32x3", kernel=37) == [(16, 16, 2), (32, 16, 4), (64, 32, 8)]
 
 
 def test_kernel_choice(monkeypatch):
     run = pytest.fail   # "auto" must not time anything on the CPU
     nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     weight = torch.zeros(4, 1, 3, 3)
-    geometry = ((1, 1), (1, 1, 1, 1))
-    assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == "direct"
+    geometry = ((1, 1), (1, 1, 1, 1), (1, 1))
+    assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run) == "direct"
     for kernel in ("direct", "band"):
         monkeypatch.setattr(dwconv_triton, "KERNEL", kernel)
-        assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, True, run) == kernel
-        assert dwconv_triton._kernel_choice("grad_input", nchw, weight, *geometry, False, run) == "direct"
-    assert dwconv_triton._band_applies(nchw, (1, 1)) and dwconv_triton._band_applies(nchw.bfloat16(), (1, 1))
-    assert dwconv_triton._band_applies(nhwc, (1, 1))               # through an NCHW copy
+        assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run) == kernel
+        assert dwconv_triton._kernel_choice("grad_input", nchw.double(), weight, *geometry, run) == "direct"
+    assert dwconv_triton._band_applies(nchw) and dwconv_triton._band_applies(nchw.bfloat16())
+    assert dwconv_triton._band_applies(nhwc)                 # through an NCHW copy
     assert dwconv_triton._rows(nchw) is nchw and dwconv_triton._rows(nhwc).stride(3) == 1
     assert torch.equal(dwconv_triton._rows(nhwc), nhwc)
-    assert not dwconv_triton._band_applies(nchw, (2, 1))           # dilation
-    assert not dwconv_triton._band_applies(nchw.double(), (1, 1))  # no fp64 tl.dot
+    assert not dwconv_triton._band_applies(nchw.double())    # no fp64 tl.dot
 
 
 def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monkeypatch):
@@ -235,34 +238,37 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
     monkeypatch.setattr(dwconv_triton, "time_ms", fake_time_ms)
     monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    weight, geometry = torch.zeros(4, 1, 31, 31), ((1, 1), (15, 15, 15, 15))
-    assert dwconv_triton._kernel_choice("forward", CudaTensor(8), weight, *geometry, True, run) == "band"
+    weight, geometry = torch.zeros(4, 1, 31, 31), ((1, 1), (15, 15, 15, 15), (1, 1))
+    assert dwconv_triton._kernel_choice("forward", CudaTensor(8), weight, *geometry, run) == "band"
     assert sorted(timed) == ["band", "direct"]
     speeds["band"] = 3.0   # a cached choice is not re-timed
-    assert dwconv_triton._kernel_choice("forward", CudaTensor(64), weight, *geometry, True, run) == "band"
+    assert dwconv_triton._kernel_choice("forward", CudaTensor(64), weight, *geometry, run) == "band"
     assert len(timed) == 2
-    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, True, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, run) == "direct"
     assert len(timed) == 4 and len(dwconv_triton._KERNEL_CHOICE) == 2
     nhwc = CudaTensor(8, torch.channels_last)
-    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, True, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run) == "direct"
     assert len(timed) == 6 and len(dwconv_triton._KERNEL_CHOICE) == 3   # another layout, timed on its own
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # no timing in a graph capture
-    assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, True, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, run) == "direct"
     assert len(timed) == 6
 
 
-@pytest.mark.parametrize("stride,multiplier,memory_format", [
-    ((1, 1), 1, torch.contiguous_format), ((2, 2), 1, torch.contiguous_format), ((2, 1), 1, torch.contiguous_format),
-    ((3, 2), 1, torch.contiguous_format), ((1, 1), 2, torch.contiguous_format), ((2, 1), 3, torch.contiguous_format),
-    ((2, 2), 2, torch.channels_last)],
-    ids=["stride1", "stride2", "stride2x1", "stride3x2", "multiplier2", "multiplier3-stride2x1", "nhwc-multiplier2"])
-def test_input_gradient_through_the_row_band_kernel(stride, multiplier, memory_format, triton_device, monkeypatch):
+@pytest.mark.parametrize("stride,dilation,multiplier,memory_format", [
+    ((1, 1), (1, 1), 1, NCHW), ((2, 2), (1, 1), 1, NCHW), ((2, 1), (1, 1), 1, NCHW), ((3, 2), (1, 1), 1, NCHW),
+    ((1, 1), (1, 1), 2, NCHW), ((2, 1), (1, 1), 3, NCHW), ((2, 2), (1, 1), 2, NHWC), ((1, 1), (2, 3), 1, NCHW),
+    ((2, 2), (2, 3), 1, NCHW), ((3, 2), (2, 2), 2, NHWC)],
+    ids=["stride1", "stride2", "stride2x1", "stride3x2", "multiplier2", "multiplier3-stride2x1", "nhwc-multiplier2",
+         "dilation2x3", "stride2-dilation2x3", "nhwc-stride3x2-dilation2-multiplier2"])
+def test_input_gradient_through_the_row_band_kernel(stride, dilation, multiplier, memory_format, triton_device,
+                                                    monkeypatch):
     """The input gradient is the band kernel's (the direct one must not run): one stride-1 conv of the
-    output gradient with flipped taps per phase of the stride, summing the ``m`` output channels of
-    each input channel; a channels_last gradient is read through an NCHW copy."""
+    output gradient with flipped taps per phase of the stride (dilated where the kernel is), summing
+    the ``m`` output channels of each input channel; a channels_last gradient is read through an NCHW
+    copy."""
     monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_input", pytest.fail)
-    out, expected, grads, ref_grads, _, grad_x = _run_both(2, 3, multiplier, 9, 8, (5, 4), stride, "same", (1, 1),
+    out, expected, grads, ref_grads, _, grad_x = _run_both(2, 3, multiplier, 13, 11, (5, 4), stride, "same", dilation,
                                                            memory_format, torch.float32, triton_device)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-4, rtol=1e-4)
@@ -270,13 +276,16 @@ def test_input_gradient_through_the_row_band_kernel(stride, multiplier, memory_f
 
 
 def test_phase_taps_match_a_loop_over_the_taps():
-    """Input position phase + stride*a receives go[o] * w[k] exactly where o*stride + k - pad equals it."""
-    for stride, kernel, pad in [(s, k, d) for s in (1, 2, 3) for k in (1, 2, 4, 5) for d in (0, 1, 2)]:
+    """Input position phase + stride*a receives go[o] * w[k] exactly where o*stride + k*dilation - pad
+    equals it."""
+    cases = [(s, k, p, d) for s in (1, 2, 3, 4) for k in (1, 2, 4, 5) for p in (0, 1, 2, 5) for d in (1, 2, 3)]
+    for stride, kernel, pad, dilation in cases:
         for phase in range(stride):
-            first, taps, pad_1 = dwconv_triton._phase_taps(phase, kernel, stride, pad)
+            first, step, taps, pad_1, dilation_1 = dwconv_triton._phase_taps(phase, kernel, stride, pad, dilation)
             for a in range(4):
                 h = phase + stride * a
-                want = {(o, k) for o in range(-8, 12) for k in range(kernel) if o * stride + k - pad == h}
-                # the stride-1 conv with flipped taps v[t] = w[first + stride*(taps-1-t)] reads go[a + t - pad_1]
-                got = {(a + t - pad_1, first + stride * (taps - 1 - t)) for t in range(taps)}
-                assert got == want, (stride, kernel, pad, phase, a)
+                want = {(o, k) for o in range(-20, 20) for k in range(kernel) if o * stride + k * dilation - pad == h}
+                # the stride-1 conv with flipped taps v[t] = w[first + step*(taps-1-t)]
+                # reads go[a + t*dilation_1 - pad_1]
+                got = {(a + t * dilation_1 - pad_1, first + step * (taps - 1 - t)) for t in range(taps)}
+                assert got == want, (stride, kernel, pad, dilation, phase, a)

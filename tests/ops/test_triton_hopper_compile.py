@@ -94,7 +94,7 @@ def test_row_band_kernels_run_on_the_tensor_cores(records):
     band = [r for r in records if "band" in r["kernel"]]
     assert {(r["kernel"], r["case"]) for r in band} == {
         (kernel, f"dwconv2d {dtype} {layout}") for kernel in ("_forward_band_kernel", "_grad_weight_band_kernel")
-        for dtype in ("fp32", "bf16") for layout in ("nchw", "nhwc", "nchw k63")}
+        for dtype in ("fp32", "bf16") for layout in ("nchw", "nhwc", "nchw k63", "nchw k13 dilated")}
     for record in band:
         where = f"{record['kernel']} {record['case']} {record['config']}"
         m_side = record["config"]["BLOCK_H" if record["kernel"] == "_forward_band_kernel" else "BLOCK_T"]

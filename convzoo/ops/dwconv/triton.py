@@ -18,14 +18,15 @@ NCHW copy of a channels_last input, and write any layout):
   with the ``kw`` shifted input rows, keeping the ``[BLOCK_C, BLOCK_KW]`` partial sums in
   registers.  Each program writes its own partial sums; the slices are then summed by one
   ``torch.sum`` (no atomics, deterministic).
-* row band (dilation 1, fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output tile of
-  one channel; kernel row ``i`` is the product of the input rows it reads (``BLOCK_T`` columns)
-  with the banded matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as ``tf32x3``).
-  It computes the forward and the input gradient: at stride 1 the 'full' conv of the output
-  gradient with the flipped kernel, at stride ``s`` one such conv per phase of the input rows and
-  columns with the flipped taps that reach it, summing the ``m`` output channels of an input
-  channel in the same program.
-* row-band weight gradient (dilation 1, fp32/fp16/bf16): one program = (one channel,
+* row band (fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output tile of one channel;
+  kernel row ``i`` is the product of the input rows it reads (``BLOCK_T`` columns) with the banded
+  matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as ``tf32x3``), in chunks of
+  ``BLOCK_K`` input columns; a dilation along the rows is taken as zero kernel columns between
+  the taps.  It computes the forward and the input
+  gradient: at stride 1 the 'full' conv of the output gradient with the flipped kernel, at stride
+  ``s`` one such conv per phase of the input rows and columns with the flipped taps that reach it,
+  summing the ``m`` output channels of an input channel in the same program.
+* row-band weight gradient (fp32/fp16/bf16): one program = (one channel,
   one kernel row ``i``, ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
   ``BLOCK_H`` output rows it adds ``rows^T @ go`` (``[BLOCK_T, BLOCK_H] @ [BLOCK_H, BLOCK_W]``, tensor
   cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o*SW + j, o]``.
@@ -41,7 +42,7 @@ kernels.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -236,13 +237,14 @@ _band_columns = triton.heuristics({"BLOCK_T": lambda meta: _band_width(meta["BLO
 
 def _forward_band_fits(config: triton.Config, args: dict, precision: str) -> bool:
     """Forward band configs that compile without spills on sm_90 (``tests/ops/hopper_compile.py``,
-    Triton 3.9, kernels 7 to 63 wide at stride 1 and 2): in fp32 (three-pass products) tiles at
-    most 32 columns wide; and a band of more than 64 input columns in fp32 (128 in fp16/bf16:
-    kernels wider than about 33 or 65) only on 8 warps."""
+    Triton 3.9, kernels 7 to 63 wide at stride 1 and 2, dilated ones): in fp32 (three-pass
+    products) tiles at most 32 columns wide; and a band of more than 64 input columns in fp32 (128
+    in fp16/bf16: kernels wider than about 33 or 65) only in tiles of at most 64 rows on 8 warps."""
     if precision == "tf32x3" and config.kwargs["BLOCK_W"] > 32:
         return False
     band = _band_width(config.kwargs["BLOCK_W"], args["SW"], args["KW"])
-    return config.num_warps >= 8 or band <= (64 if precision == "tf32x3" else 128)
+    wide = band > (64 if precision == "tf32x3" else 128)
+    return not wide or (config.num_warps >= 8 and config.kwargs["BLOCK_H"] <= 64)
 
 
 def _band_k_chunk(dtype: torch.dtype) -> int:
@@ -254,7 +256,8 @@ def _band_k_chunk(dtype: torch.dtype) -> int:
     return 64 if dtype == torch.float32 else 128
 
 
-@triton.autotune(configs=_band_configs(), do_bench=time_ms, key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW"],
+@triton.autotune(configs=_band_configs(), do_bench=time_ms,
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "DH"],
                  prune_configs_by={"early_config_prune": _band_prune(_forward_band_fits,
                                                                      {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})})
 @_band_columns
@@ -268,13 +271,13 @@ def _forward_band_kernel(
     N, C_out, H, W, Ho, Wo, MULT, IN_PER_OUT,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
-    KH, KW, SH, SW, PT, PL,
+    KH, KW, SH, SW, PT, PL, DH,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, K_CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Kernel row i of a depthwise conv is a matrix product: the BLOCK_H input rows the output rows
     # read, BLOCK_T columns wide, times the banded (Toeplitz) matrix T[t, o] = w[i, t - o*SW], taken
-    # in chunks of BLOCK_K columns.
+    # in chunks of BLOCK_K columns.  (A column dilation is in the weight: zero columns between taps.)
     pid_nc = tl.program_id(0)             # first: N * C_out can pass the 65535 limit of the other axes
     pid_h = tl.program_id(1)
     pid_w = tl.program_id(2)
@@ -294,7 +297,7 @@ def _forward_band_kernel(
             x_base = x_ptr + n * sxn + ((c // MULT) * IN_PER_OUT + k) * sxc + iw[None, :] * sxw
             w_base = w_ptr + (c * IN_PER_OUT + k) * (KH * KW)
             for i in range(KH):
-                ih = oh * SH + i - PT
+                ih = oh * SH + i * DH - PT
                 rows = tl.load(x_base + ih[:, None] * sxh, mask=((ih >= 0) & (ih < H))[:, None] & col_ok[None, :],
                                other=0.0)
                 band = tl.load(w_base + i * KW + tap, mask=tap_ok, other=0.0)
@@ -320,7 +323,7 @@ def _band_grad_weight_configs():
 
 
 @triton.autotune(configs=_band_grad_weight_configs(), do_bench=time_ms,
-                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "BLOCK_W"],
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "DH", "BLOCK_W"],
                  prune_configs_by={"early_config_prune": _band_prune(_grad_weight_band_fits, {"BLOCK_H": "Ho"})})
 @_band_columns
 @triton.jit(do_not_specialize=["N", "SLICES"])
@@ -331,15 +334,16 @@ def _grad_weight_band_kernel(
     N, C_out, H, W, Ho, Wo, MULT, SLICES,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
-    KH, KW, SH, SW, PT, PL,
+    KH, KW, SH, SW, PT, PL, DH,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     # For kernel row i and the BLOCK_W output columns of this program, the products
-    # S[t, o] = sum over output rows of x[row*SH + i - PT, t] * go[row, o] are one matrix product per
-    # tile of BLOCK_H rows, rows^T @ go, on the tensor cores (BLOCK_T, the larger side, as M: Hopper's
-    # warpgroup MMA wants M >= 64); S accumulates over the slice's tiles and weight column j is then
-    # the sum of S's band t - o*SW == j.
+    # S[t, o] = sum over output rows of x[row*SH + i*DH - PT, t] * go[row, o] are one matrix product
+    # per tile of BLOCK_H rows, rows^T @ go, on the tensor cores (BLOCK_T, the larger side, as M:
+    # Hopper's warpgroup MMA wants M >= 64); S accumulates over the slice's tiles and weight column j
+    # is then the sum of S's band t - o*SW == j.  (For a column dilation d the launcher asks for the
+    # gradient of the kernel with zero columns between the taps, and keeps every d-th column.)
     pid_ci = tl.program_id(0)             # channel * KH + kernel row
     pid_w = tl.program_id(1)              # tile of BLOCK_W output columns
     pid_s = tl.program_id(2)              # slice of the N * ceil(Ho / BLOCK_H) row tiles
@@ -357,7 +361,7 @@ def _grad_weight_band_kernel(
     for tile in range(tile_start, tl.minimum(tile_start + tiles_per_slice, N * row_tiles)):
         n = (tile // row_tiles).to(tl.int64)
         oh = (tile % row_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
-        ih = oh * SH + i - PT
+        ih = oh * SH + i * DH - PT
         rows_t = tl.load(x_ptr + n * sxn + (c // MULT) * sxc + iw[:, None] * sxw + ih[None, :] * sxh,
                          mask=col_ok[:, None] & ((ih >= 0) & (ih < H))[None, :], other=0.0)
         go = tl.load(go_ptr + n * sgn + c * sgc + oh[:, None] * sgh + ow[None, :] * sgw,
@@ -386,10 +390,25 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
 
 
 #: Which kernel computes each pass (forward, input gradient, weight gradient) where the row-band
-#: kernels apply (dilation 1, fp32/fp16/bf16): "auto" times both once per layer shape, layout and
+#: kernels apply (fp32/fp16/bf16): "auto" times both once per layer shape, layout and
 #: pass on the GPU and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
 KERNEL = "auto"
-_KERNEL_CHOICE: Dict[tuple, str] = {}
+
+
+class ChoiceKey(NamedTuple):
+    """What the kernel choice of "auto" is kept for: one pass of one layer on one device (never the batch)."""
+    role: str                 # "forward", "grad_input" or "grad_weight"
+    shape: Tuple[int, ...]    # (C, H, W) of the pass's input (the output gradient for "grad_input")
+    rows_contiguous: bool     # False for channels_last (the band kernels read an NCHW copy)
+    weight_shape: Tuple[int, ...]
+    dtype: torch.dtype
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    device: torch.device
+
+
+_KERNEL_CHOICE: Dict[ChoiceKey, str] = {}
 
 
 def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
@@ -405,13 +424,23 @@ def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         launch = _launch_band if kernel == "band" else _launch_direct
         launch(x, w, bias, out, stride, padding, dilation)
 
-    run(_kernel_choice("forward", x, w, stride, padding, _band_applies(x, dilation), run))
+    run(_kernel_choice("forward", x, w, stride, padding, dilation, run))
     return out
 
 
-def _band_applies(x: torch.Tensor, dilation: Sequence[int]) -> bool:
-    """The row-band kernels need unit dilation and a dtype ``tl.dot`` takes."""
-    return tuple(dilation) == (1, 1) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+def _band_applies(x: torch.Tensor) -> bool:
+    """The row-band kernels need a dtype ``tl.dot`` takes."""
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dilate_columns(w: torch.Tensor, dilation: int) -> torch.Tensor:
+    """Kernels (C, 1, KH, KW) -> (C, 1, KH, (KW - 1) * dilation + 1) with zero columns between the taps:
+    a conv dilated along the rows (the row-band kernels' columns) by the undilated conv with these."""
+    if dilation == 1:
+        return w
+    dilated = w.new_zeros(*w.shape[:3], (w.shape[3] - 1) * dilation + 1)
+    dilated[..., ::dilation] = w
+    return dilated
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -421,16 +450,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 else t.contiguous()
 
 
-def _kernel_choice(role: str, x, weight, stride, padding, band_applies: bool, run) -> str:
+def _kernel_choice(role: str, x, weight, stride, padding, dilation, run) -> str:
     """"direct" or "band" for ``role`` on input ``x`` (see :data:`KERNEL`); ``run(name)`` launches one."""
-    if not band_applies:
+    if not _band_applies(x):
         return "direct"
     if KERNEL != "auto":
         return KERNEL
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "direct"
-    key = (role, tuple(x.shape[1:]), x.stride(3) == 1, tuple(weight.shape), x.dtype, tuple(stride), tuple(padding),
-           x.device)
+    key = ChoiceKey(role, tuple(x.shape[1:]), x.stride(3) == 1, tuple(weight.shape), x.dtype, tuple(stride),
+                    tuple(padding), tuple(dilation), x.device)
     if key not in _KERNEL_CHOICE:
         times = {name: time_ms(lambda: run(name)) for name in ("direct", "band")}
         _KERNEL_CHOICE[key] = min(times, key=times.get)
@@ -467,7 +496,7 @@ def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
     ``C_out = C * m``: output channel ``o`` reads input channel ``o // m`` with weight row ``o`` (the
     forward).  ``C = C_out * m``: output channel ``o`` sums input channels ``o*m + k`` convolved with
     weight rows ``o*m + k`` (the input gradient with a channel multiplier)."""
-    x = _rows(x)
+    x, w = _rows(x), _dilate_columns(w, dilation[1])
     n, channels, height, width = x.shape
     _, _, kh, kw = w.shape
     out_channels, out_h, out_w = out.shape[1:]
@@ -479,8 +508,8 @@ def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
     _forward_band_kernel[grid](
         x, w, bias if bias is not None else w, out, n, out_channels, height, width, out_h, out_w,
         max(1, out_channels // channels), max(1, channels // out_channels), *x.stride(), *out.stride(), kh, kw,
-        stride[0], stride[1], padding[0], padding[2], HAS_BIAS=bias is not None, PRECISION=precision, UPCAST=upcast,
-        K_CHUNK=_band_k_chunk(x.dtype))
+        stride[0], stride[1], padding[0], padding[2], dilation[0], HAS_BIAS=bias is not None,
+        PRECISION=precision, UPCAST=upcast, K_CHUNK=_band_k_chunk(x.dtype))
 
 
 def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
@@ -501,48 +530,62 @@ def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
 
     def run(kernel: str) -> None:
         if kernel == "band":
-            _launch_band_grad_input(grad_out, w, grad_x, stride, padding)
+            _launch_band_grad_input(grad_out, w, grad_x, stride, padding, dilation)
         else:
             _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation)
 
-    run(_kernel_choice("grad_input", grad_out, w, stride, padding, _band_applies(grad_out, dilation), run))
+    run(_kernel_choice("grad_input", grad_out, w, stride, padding, dilation, run))
     return grad_x
 
 
-def _launch_band_grad_input(grad_out, w, grad_x, stride, padding) -> None:
-    """The input gradient (a transposed conv of ``grad_out``) by the row-band forward kernel, dilation 1.
-    The input rows and columns of one phase (``h % SH``, ``w % SW``) get a stride-1 conv of ``grad_out``
-    with the flipped sub-kernel of the taps that reach them (``SH * SW`` launches, each into a strided
-    view of ``grad_x``; at stride 1, one with the whole flipped kernel: the 'full' conv), summing the
-    ``m`` output channels of each input channel."""
+def _launch_band_grad_input(grad_out, w, grad_x, stride, padding, dilation) -> None:
+    """The input gradient (a transposed conv of ``grad_out``) by the row-band forward kernel.  The input
+    rows and columns of one phase (``h % SH``, ``w % SW``) get a stride-1 conv of ``grad_out`` with the
+    flipped sub-kernel of the taps that reach them (``SH * SW`` launches, each into a strided view of
+    ``grad_x``; at stride 1, one with the whole flipped kernel: the 'full' conv), summing the ``m``
+    output channels of each input channel."""
     grad_out = _rows(grad_out)
     for phase_h in range(stride[0]):
-        first_h, taps_h, pad_h = _phase_taps(phase_h, w.shape[2], stride[0], padding[0])
+        rows = _phase_taps(phase_h, w.shape[2], stride[0], padding[0], dilation[0])
         for phase_w in range(stride[1]):
-            first_w, taps_w, pad_w = _phase_taps(phase_w, w.shape[3], stride[1], padding[2])
+            columns = _phase_taps(phase_w, w.shape[3], stride[1], padding[2], dilation[1])
             out = grad_x[:, :, phase_h::stride[0], phase_w::stride[1]]
             if out.numel() == 0:
                 continue
-            if taps_h == 0 or taps_w == 0:   # a kernel smaller than the stride: no tap reaches this phase
+            if rows.taps == 0 or columns.taps == 0:   # no tap reaches this phase
                 out.zero_()
                 continue
-            taps = w[:, :, first_h::stride[0], first_w::stride[1]].flip(2, 3).contiguous()
-            _launch_band(grad_out, taps, None, out, (1, 1), (pad_h, 0, pad_w, 0), (1, 1))
+            taps = w[:, :, rows.first::rows.step, columns.first::columns.step]
+            _launch_band(grad_out, taps.flip(2, 3).contiguous(), None, out, (1, 1),
+                         (rows.pad, 0, columns.pad, 0), (rows.dilation, columns.dilation))
 
 
-def _phase_taps(phase: int, kernel: int, stride: int, pad: int) -> Tuple[int, int, int]:
-    """For the input positions ``phase + stride * a`` along one axis: the first kernel tap that
-    reaches them, how many taps do (every ``stride``-th from it), and the padding (negative: an
-    offset) of the stride-1 conv of the output gradient with those taps flipped.
+class PhaseTaps(NamedTuple):
+    """The taps of a strided, dilated conv that reach one phase of the input along one axis, and the
+    stride-1 conv of the output gradient with them flipped that gives that phase's gradient."""
+    first: int      # the first kernel tap that reaches the phase
+    step: int       # the taps that do are first, first + step, ...
+    taps: int       # how many
+    pad: int        # padding of the stride-1 conv (negative: an offset)
+    dilation: int   # its dilation
 
-    Position ``h`` gets ``go[o] * w[k]`` where ``o * stride + k - pad == h``, so its taps are
-    ``k = first + stride * m`` with ``first = (phase + pad) % stride``, at ``o = a + shift - m``
-    where ``shift = (phase + pad - first) // stride``.
+
+def _phase_taps(phase: int, kernel: int, stride: int, pad: int, dilation: int) -> PhaseTaps:
+    """:class:`PhaseTaps` of the input positions ``h = phase + stride * a`` along one axis.
+
+    Position ``h`` gets ``go[o] * w[k]`` where ``o * stride + k * dilation - pad == h``.  With
+    ``g = gcd(stride, dilation)``, the taps for which ``o`` is whole are ``k = first + m * stride / g``,
+    at ``o = a + shift - m * dilation / g`` where ``shift = (phase + pad - first * dilation) / stride``:
+    a stride-1 conv over ``a``, dilated ``dilation / g``, of ``go`` with those taps flipped.
     """
-    first = (phase + pad) % stride
-    taps = max(0, -(-(kernel - first) // stride))
-    shift = (phase + pad - first) // stride
-    return first, taps, taps - 1 - shift
+    common = math.gcd(stride, dilation)
+    step, conv_dilation = stride // common, dilation // common
+    first = next((k for k in range(min(step, kernel)) if (phase + pad - k * dilation) % stride == 0), None)
+    if first is None:
+        return PhaseTaps(0, step, 0, 0, conv_dilation)
+    taps = -(-(kernel - first) // step)
+    shift = (phase + pad - first * dilation) // stride
+    return PhaseTaps(first, step, taps, (taps - 1) * conv_dilation - shift, conv_dilation)
 
 
 def _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation) -> None:
@@ -569,7 +612,7 @@ def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor
         launch = _launch_band_grad_weight if kernel == "band" else _launch_direct_grad_weight
         results[kernel] = launch(grad_out, x, weight.shape, stride, padding, dilation)
 
-    kernel = _kernel_choice("grad_weight", x, weight, stride, padding, _band_applies(x, dilation), run)
+    kernel = _kernel_choice("grad_weight", x, weight, stride, padding, dilation, run)
     run(kernel)
     return results[kernel].to(weight.dtype)
 
@@ -596,10 +639,13 @@ def _launch_direct_grad_weight(grad_out, x, weight_shape, stride, padding, dilat
 
 
 def _launch_band_grad_weight(grad_out, x, weight_shape, stride, padding, dilation) -> torch.Tensor:
-    """The weight gradient (C_out, 1, KH, KW) in fp32, by the row-band kernel (dilation 1)."""
+    """The weight gradient (C_out, 1, KH, KW) in fp32, by the row-band kernel.  For a column dilation
+    ``d`` it computes the gradient of the kernel with zero columns between the taps
+    (:func:`_dilate_columns`) and keeps every ``d``-th column."""
     grad_out, x = _rows(grad_out), _rows(x)
     n, channels, height, width = x.shape
-    c_out, _, kh, kw = weight_shape
+    c_out, _, kh, taps = weight_shape
+    kw = (taps - 1) * dilation[1] + 1
     out_h, out_w = grad_out.shape[2:]
     block_kw = triton.next_power_of_2(kw)
     # The output-column tile and the number of row slices fix the partial sums' shape, so they are
@@ -611,9 +657,9 @@ def _launch_band_grad_weight(grad_out, x, weight_shape, stride, padding, dilatio
     precision, upcast = _dot_settings(x.dtype)
     _grad_weight_band_kernel[(c_out * kh, column_tiles, slices)](
         grad_out, x, partial, n, c_out, height, width, out_h, out_w, c_out // channels, slices,
-        *grad_out.stride(), *x.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2],
+        *grad_out.stride(), *x.stride(), kh, kw, stride[0], stride[1], padding[0], padding[2], dilation[0],
         PRECISION=precision, UPCAST=upcast, BLOCK_W=block_w, BLOCK_KW=block_kw)
-    return partial[..., :kw].sum((0, 3)).unsqueeze(1)
+    return partial[..., :kw:dilation[1]].sum((0, 3)).unsqueeze(1)
 
 
 def _grad_weight_slices(rows: int, programs_per_slice: int, device: torch.device) -> int:
