@@ -200,6 +200,21 @@ def test_band_tiles_fit_the_output_map_and_the_registers():
     assert kept({"Ho": 72, "Wo": 72}, "tf32x3", kernel=37) == [(16, 16, 2), (32, 16, 4), (64, 32, 8)]
 
 
+def test_weight_gradient_band_tiles_fit_the_registers():
+    prune = dwconv_triton._band_prune(dwconv_triton._grad_weight_band_fits, {"BLOCK_H": "Ho"})
+    configs = [triton.Config({"BLOCK_H": h}, num_warps=warps) for h, warps in [(32, 4), (64, 4), (16, 4), (128, 8),
+                                                                               (64, 8)]]
+
+    def kept(precision, kernel):
+        # BLOCK_W is the launcher's (a keyword of the launch), the rest positional arguments
+        kept_configs = prune(configs, {"Ho": 72, "KW": kernel, "SW": 1}, PRECISION=precision, BLOCK_W=32)
+        return [(c.kwargs["BLOCK_H"], c.num_warps) for c in kept_configs]
+
+    assert kept("ieee", 63) == [(32, 4), (64, 4), (16, 4), (128, 8), (64, 8)]
+    assert kept("tf32x3", 31) == [(32, 4), (64, 4), (16, 4), (64, 8)]   # 128 fp32 rows spill
+    assert kept("tf32x3", 37) == [(32, 4), (16, 4), (64, 8)]            # a band of 68 columns: 8 rows per warp
+
+
 def test_kernel_choice(monkeypatch):
     run = pytest.fail   # "auto" must not time anything on the CPU
     nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
