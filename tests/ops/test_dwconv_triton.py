@@ -76,10 +76,11 @@ def test_triton_matches_reference(n, channels, multiplier, height, width, kernel
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("memory_format,dilation", [(NCHW, (1, 1)), (NHWC, (2, 1))], ids=["nchw", "nhwc-dilated"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_precision_accumulates_in_float32(dtype, triton_device, forward_kernel):
-    out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 7, 6, (5, 5), (1, 1), "same", (1, 1),
-                                                      torch.contiguous_format, dtype, triton_device)
+def test_triton_half_precision_accumulates_in_float32(dtype, memory_format, dilation, triton_device, forward_kernel):
+    out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 7, 6, (5, 5), (1, 1), "same", dilation,
+                                                      memory_format, dtype, triton_device)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
     for got, want in zip(grads, ref_grads):

@@ -21,13 +21,13 @@ NCHW copy of a channels_last input, and write any layout):
 * row band (fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output tile of one channel;
   kernel row ``i`` is the product of the input rows it reads (``BLOCK_T`` columns) with the banded
   matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as ``tf32x3``), in chunks of
-  ``BLOCK_K`` input columns; a dilation along the rows is taken as zero kernel columns between
-  the taps.  It computes the forward and the input
-  gradient: at stride 1 the 'full' conv of the output gradient with the flipped kernel, at stride
-  ``s`` one such conv per phase of the input rows and columns with the flipped taps that reach it,
-  summing the ``m`` output channels of an input channel in the same program.
-* row-band weight gradient (fp32/fp16/bf16): one program = (one channel,
-  one kernel row ``i``, ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
+  ``BLOCK_K`` input columns; a dilation along the width is taken as zero kernel columns between
+  the taps.  It computes the forward and the input gradient: at stride 1 the 'full' conv of the
+  output gradient with the flipped kernel, at stride ``s`` one such conv per phase of the input
+  rows and columns with the flipped taps that reach it, summing the ``m`` output channels of an
+  input channel in the same program.
+* row-band weight gradient (fp32/fp16/bf16): one program = (one channel, one kernel row ``i``,
+  ``BLOCK_W`` output columns, one slice of the row tiles).  Per tile of
   ``BLOCK_H`` output rows it adds ``rows^T @ go`` (``[BLOCK_T, BLOCK_H] @ [BLOCK_H, BLOCK_W]``, tensor
   cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o*SW + j, o]``.
   Slices write their own partial sums, summed by ``torch.sum`` as for the direct kernel.
@@ -442,7 +442,7 @@ def _band_applies(x: torch.Tensor) -> bool:
 
 def _dilate_columns(w: torch.Tensor, dilation: int) -> torch.Tensor:
     """Kernels (C, 1, KH, KW) -> (C, 1, KH, (KW - 1) * dilation + 1) with zero columns between the taps:
-    a conv dilated along the rows (the row-band kernels' columns) by the undilated conv with these."""
+    a conv dilated ``dilation`` along the width is the conv with these, undilated along the width."""
     if dilation == 1:
         return w
     dilated = w.new_zeros(*w.shape[:3], (w.shape[3] - 1) * dilation + 1)
