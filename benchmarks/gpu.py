@@ -85,7 +85,6 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-
     def check(self, label: str, dtype_name: str, ours: Callable[..., torch.Tensor],
               baseline: Callable[..., torch.Tensor], leaves: Sequence[torch.Tensor]) -> None:
         """Compare ours with ``baseline`` run in fp32 on the same values (output and gradients, with

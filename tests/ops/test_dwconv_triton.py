@@ -54,10 +54,10 @@ def forward_kernel(request, monkeypatch):
 
 
 LAYOUTS_AND_KERNELS = [  # the row-band kernels read channels_last inputs through an NCHW copy
-    pytest.param(torch.contiguous_format, "direct", id="nchw-direct"),
-    pytest.param(torch.contiguous_format, "band", id="nchw-band"),
-    pytest.param(torch.channels_last, "direct", id="nhwc-direct"),
-    pytest.param(torch.channels_last, "band", id="nhwc-band"),
+    pytest.param(NCHW, "direct", id="nchw-direct"),
+    pytest.param(NCHW, "band", id="nchw-band"),
+    pytest.param(NHWC, "direct", id="nhwc-direct"),
+    pytest.param(NHWC, "band", id="nhwc-band"),
 ]
 
 

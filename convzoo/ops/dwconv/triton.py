@@ -551,7 +551,7 @@ def _launch_band_grad_input(grad_out, w, grad_x, stride, padding, dilation) -> N
     flipped sub-kernel of the taps that reach them (``SH * SW`` launches, each into a strided view of
     ``grad_x``; at stride 1, one with the whole flipped kernel: the 'full' conv), summing the ``m``
     output channels of each input channel."""
-    grad_out = _rows(grad_out)
+    grad_out = _rows(grad_out)   # once for all phases (_launch_band would copy a channels_last one each time)
     for phase_h in range(stride[0]):
         rows = _phase_taps(phase_h, w.shape[2], stride[0], padding[0], dilation[0])
         for phase_w in range(stride[1]):
