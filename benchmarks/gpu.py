@@ -4,8 +4,10 @@ Sections (all run by default, ``--only`` picks some), each printing a markdown t
 bf16, forward and forward+backward:
 
 * ``dwconv``: ``dwconv2d`` vs ``F.conv2d(groups=C)`` (cuDNN) at RepLKNet-31B's stage shapes (batch
-  64, 224x224 input) with the stage's large kernel and k=7, 3, NCHW and channels_last; plus the
-  ratio of our large-kernel to our 3x3 forward time on the first stage's feature map.
+  64, 224x224 input) with the stage's large kernel and k=7, 3, NCHW and channels_last; the large
+  kernels again as "tf32" (fp32 at ``torch.set_float32_matmul_precision("high")``, which lets
+  our row-band products run in one TF32 pass instead of three); plus the ratio of our
+  large-kernel to our 3x3 forward time on the first stage's feature map.
 * ``dcnv3``: ``dcnv3`` vs the grid_sample formulation (benchmarks/dcnv3.py) at InternImage-T's
   stage shapes (batch 64).
 * ``deform_conv``: ``deform_conv2d`` vs ``torchvision.ops.deform_conv2d`` at ResNet-50 conv3-conv5
@@ -30,6 +32,7 @@ it mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import math
@@ -101,9 +104,10 @@ class Bench:
 
 
 #: Largest relative difference (norm of the difference over the baseline's norm) accepted between
-#: ours and the fp32 baseline: fp32 allows for a baseline on TF32 tensor cores, bf16 for ours
-#: rounding its output and gradients to bf16.
-TOLERANCE = {"fp32": 2e-3, "bf16": 3e-2}
+#: ours and the fp32 baseline: fp32 allows for a baseline on TF32 tensor cores, tf32 for ours on
+#: them (fp32 at ``torch.set_float32_matmul_precision("high")``), bf16 for ours rounding its
+#: output and gradients to bf16.
+TOLERANCE = {"fp32": 2e-3, "tf32": 5e-3, "bf16": 3e-2}
 
 
 def relative_difference(ours: Callable[..., torch.Tensor], baseline: Callable[..., torch.Tensor],
@@ -206,6 +210,15 @@ def bench_dwconv(bench: Bench) -> List[str]:
                     lines += pass_rows(case, dtype_name, times)
                     if (channels, size) == stages[0][:2]:
                         ours_forward_ms[dtype_name, layout, kernel] = times["fwd"][0]
+    with float32_matmul_precision("high"):   # fp32 with our products in one TF32 pass: the large kernels, NCHW
+        for channels, size, large in stages:
+            x = randn(bench, batch, channels, size, size, dtype=torch.float32)
+            weight = randn(bench, channels, 1, large, large, dtype=torch.float32, scale=1.0 / large)
+            pad = large // 2
+            case = f"nchw {channels}@{size}x{size} k{large}"
+            times = compare_passes(bench, case, "tf32", lambda x, w: dwconv2d(x, w, padding=pad, impl=bench.ops_impl),
+                                   lambda x, w: F.conv2d(x, w, None, 1, pad, 1, channels), (x, weight))
+            lines += pass_rows(case, "tf32", times)
     lines += ["", f"Ours, forward, large kernel / 3x3 on {stages[0][0]}@{stages[0][1]}x{stages[0][1]}:"]
     large = stages[0][2]
     for dtype_name in DTYPES:
@@ -213,6 +226,17 @@ def bench_dwconv(bench: Bench) -> List[str]:
             ratio = ours_forward_ms[dtype_name, layout, large] / ours_forward_ms[dtype_name, layout, 3]
             lines.append(f"- {dtype_name} {layout}: {large}x{large} / 3x3 = {ratio:.2f}")
     return lines + kernel_choices()
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` while in the block."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def kernel_choices() -> List[str]:
@@ -226,8 +250,9 @@ def kernel_choices() -> List[str]:
     lines = ["", "dwconv2d kernel kept per layer shape (timed at the first call):"]
     for key, kernel in sorted(_KERNEL_CHOICE.items(), key=str):
         layout = "nchw" if key.rows_contiguous else "channels_last"
-        lines.append(f"- {key.role} {str(key.dtype)[6:]} {layout} x{list(key.shape)} k{key.weight_shape[2]} "
-                     f"stride {key.stride[0]}: {kernel}")
+        products = "" if key.precision == "ieee" else f" ({key.precision})"
+        lines.append(f"- {key.role} {str(key.dtype)[6:]}{products} {layout} x{list(key.shape)} "
+                     f"k{key.weight_shape[2]} stride {key.stride[0]}: {kernel}")
     return lines
 
 

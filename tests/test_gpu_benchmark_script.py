@@ -22,6 +22,10 @@ def test_every_kernel_section_writes_its_table(tmp_path):
     for dtype in ("fp32", "bf16"):
         for pass_name in ("fwd", "fwd+bwd"):
             assert any(f"| {dtype} | {pass_name} |" in row for row in rows), (dtype, pass_name)
+    tf32_rows = [row for row in rows if "| tf32 |" in row]   # dwconv2d's large kernels, NCHW, both passes
+    assert [row.split(" | ")[:3] for row in tf32_rows] == [["| nchw 8@12x12 k7", "tf32", "fwd"],
+                                                           ["| nchw 8@12x12 k7", "tf32", "fwd+bwd"]]
+    assert "tf32 " in markdown.split("### dcnv3")[0].split("worst relative difference:")[1]
     dcnv3_rows = [row for row in rows if "8ch@6x6 g2" in row]
     assert len(dcnv3_rows) == 4 and all(row.endswith("x |") for row in dcnv3_rows)   # a speed-up in each
     assert "large kernel / 3x3" in markdown
@@ -71,9 +75,11 @@ def test_kernel_choices_lists_each_kept_choice(monkeypatch):
     from convzoo.ops.dwconv import triton as dwconv_triton
 
     assert gpu.kernel_choices() == []
-    key = dwconv_triton.ChoiceKey("forward", (128, 56, 56), True, (128, 1, 31, 31), torch.bfloat16, (1, 1),
+    key = dwconv_triton.ChoiceKey("forward", (128, 56, 56), True, (128, 1, 31, 31), torch.bfloat16, "ieee", (1, 1),
                                   (15, 15, 15, 15), (1, 1), torch.device("cuda"))
-    choices = {key: "band", key._replace(role="grad_weight", rows_contiguous=False): "direct"}
+    choices = {key: "band", key._replace(role="grad_weight", rows_contiguous=False): "direct",
+               key._replace(dtype=torch.float32, precision="tf32"): "band"}
     monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", choices)
     assert gpu.kernel_choices()[2:] == ["- forward bfloat16 nchw x[128, 56, 56] k31 stride 1: band",
+                                        "- forward float32 (tf32) nchw x[128, 56, 56] k31 stride 1: band",
                                         "- grad_weight bfloat16 channels_last x[128, 56, 56] k31 stride 1: direct"]

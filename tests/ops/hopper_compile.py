@@ -17,6 +17,7 @@ interpreted from the moment they are defined)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -130,61 +131,78 @@ class CompileRecorder:
 # ----------------------------------------------------------------------------- launches
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64,
+          "tf32": torch.float32}
+#: Dtype cases run at another ``torch.set_float32_matmul_precision`` than "highest": fp32 whose
+#: products may run in one TF32 pass.  Only the row-band kernels take it into account.
+MATMUL_PRECISIONS = {"tf32": "high"}
+
+
+@contextlib.contextmanager
+def matmul_precision(dtype_name: str):
+    """``torch.set_float32_matmul_precision`` for the dtype case ``dtype_name`` while in the block."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(MATMUL_PRECISIONS.get(dtype_name, "highest"))
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _dwconv_cases(dtypes, batch=2):
     from convzoo.ops.dwconv import triton as dwconv_triton
 
-    def with_kernel(kernel, launch, *args):
-        dwconv_triton.KERNEL = kernel
-        try:
-            return launch(*args)
-        finally:
-            dwconv_triton.KERNEL = "auto"
+    def case(dtype_name, kernel, launch, *args):
+        """``launch(*args)`` with ``KERNEL = kernel`` at the dtype case's matmul precision."""
+        def run():
+            dwconv_triton.KERNEL = kernel
+            try:
+                with matmul_precision(dtype_name):
+                    return launch(*args)
+            finally:
+                dwconv_triton.KERNEL = "auto"
+        return run
 
+    forward, backward = dwconv_triton.dwconv2d_forward, dwconv_triton.dwconv2d_backward
     geometry = ((1, 1), (15, 15, 15, 15), (1, 1))
     for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        # where "band" does not apply (fp64) it is "direct"; a matmul precision changes only the band kernels
+        kernels = ("band",) if dtype_name in MATMUL_PRECISIONS else ("direct", "band")
         for layout in (torch.contiguous_format, torch.channels_last):
-            dtype = DTYPES[dtype_name]
             x = torch.zeros(batch, 64, 72, 72, dtype=dtype).contiguous(memory_format=layout)   # 128-row tiles apply
             weight = torch.zeros(64, 1, 31, 31, dtype=dtype)
             name = f"dwconv2d {dtype_name} {'nhwc' if layout == torch.channels_last else 'nchw'}"
-            for kernel in ("direct", "band"):   # where "band" does not apply (fp64) it is "direct"
-                yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_forward, x, weight,
-                                                weight[:, 0, 0, 0], *geometry)
-                yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_backward, torch.zeros_like(x), x,
-                                                weight, *geometry, (True, True, False))
+            for kernel in kernels:
+                yield name, case(dtype_name, kernel, forward, x, weight, weight[:, 0, 0, 0], *geometry)
+                yield name, case(dtype_name, kernel, backward, torch.zeros_like(x), x, weight, *geometry,
+                                 (True, True, False))
                 # stride 2: the band input gradient runs per phase into strided views of grad_x
-                yield name, lambda: with_kernel(kernel, dwconv_triton.dwconv2d_backward,
-                                                torch.zeros(batch, 64, 36, 36, dtype=dtype).contiguous(
-                                                    memory_format=layout), x, weight, (2, 2), *geometry[1:],
-                                                (True, True, False))
+                grad_out = torch.zeros(batch, 64, 36, 36, dtype=dtype).contiguous(memory_format=layout)
+                yield name, case(dtype_name, kernel, backward, grad_out, x, weight, (2, 2), *geometry[1:],
+                                 (True, True, False))
     for dtype_name in [name for name in dtypes if name != "fp64"]:   # 63x63, dilated: band kernels (no fp64)
         dtype = DTYPES[dtype_name]
         x = torch.zeros(batch, 16, 72, 72, dtype=dtype)
         weight = torch.zeros(16, 1, 63, 63, dtype=dtype)
         name = f"dwconv2d {dtype_name} nchw k63"
         for stride in ((1, 1), (2, 2)):
-            yield name, lambda: with_kernel("band", dwconv_triton.dwconv2d_forward, x, weight, None, stride,
-                                            (31, 31, 31, 31), (1, 1))
-        yield name, lambda: with_kernel("band", dwconv_triton.dwconv2d_backward,
-                                        torch.zeros(batch, 16, 36, 36, dtype=dtype), x, weight, (2, 2),
-                                        (31, 31, 31, 31), (1, 1), (True, True, False))
+            yield name, case(dtype_name, "band", forward, x, weight, None, stride, (31, 31, 31, 31), (1, 1))
+        yield name, case(dtype_name, "band", backward, torch.zeros(batch, 16, 36, 36, dtype=dtype), x, weight,
+                         (2, 2), (31, 31, 31, 31), (1, 1), (True, True, False))
         dilated = torch.zeros(16, 1, 13, 13, dtype=dtype)   # 13 taps 3 apart: 37 wide
         dilated_geometry = ((1, 1), (18, 18, 18, 18), (3, 3))
-        yield f"dwconv2d {dtype_name} nchw k13 dilated", lambda: with_kernel(
-            "band", dwconv_triton.dwconv2d_forward, x, dilated, None, *dilated_geometry)
-        yield f"dwconv2d {dtype_name} nchw k13 dilated", lambda: with_kernel(
-            "band", dwconv_triton.dwconv2d_backward, torch.zeros_like(x), x, dilated, *dilated_geometry,
-            (True, True, False))
+        name = f"dwconv2d {dtype_name} nchw k13 dilated"
+        yield name, case(dtype_name, "band", forward, x, dilated, None, *dilated_geometry)
+        yield name, case(dtype_name, "band", backward, torch.zeros_like(x), x, dilated, *dilated_geometry,
+                         (True, True, False))
 
 
 def _dcnv3_cases(dtypes, batch=2):
     from convzoo.ops.dcnv3.triton import dcnv3_backward_triton, dcnv3_forward_triton
 
     group = 4
-    for dtype_name in set(dtypes) - {"fp64"}:           # the Triton path has no fp64
+    for dtype_name in set(dtypes) - {"fp64"} - set(MATMUL_PRECISIONS):   # the Triton path has no fp64
         for group_channels in (16, 32, 24):
             dtype = DTYPES[dtype_name]
             x = torch.zeros(batch, 14, 14, group * group_channels, dtype=dtype)
@@ -200,7 +218,7 @@ def _deform_conv_cases(dtypes, batch=2):
     from convzoo.ops.deform_conv.triton import deform_conv2d_backward, deform_conv2d_forward
 
     geometry = ((1, 1), (1, 1), (1, 1))
-    for dtype_name in dtypes:
+    for dtype_name in [name for name in dtypes if name not in MATMUL_PRECISIONS]:   # products by torch
         for modulated in (True, False):
             dtype = DTYPES[dtype_name]
             x = torch.zeros(batch, 64, 14, 14, dtype=dtype)

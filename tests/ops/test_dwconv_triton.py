@@ -199,6 +199,11 @@ def test_band_tiles_fit_the_output_map_and_the_registers():
     assert kept({"Ho": 56, "Wo": 56}, "tf32x3", [configs[1], configs[0]], kernel=63) == [(16, 16, 2)]   # the first
     # 13 taps dilated 3 span 37 columns (the kernel the band kernels see): 68 under 32 outputs, 52 under 16
     assert kept({"Ho": 72, "Wo": 72}, "tf32x3", kernel=37) == [(16, 16, 2), (32, 16, 4), (64, 32, 8)]
+    # one-pass fp32 products: 64 columns wide too, their band of 94 columns on 8 warps
+    with_64x64_8 = configs + [triton.Config({"BLOCK_H": 64, "BLOCK_W": 64}, num_warps=8)]
+    assert kept({"Ho": 56, "Wo": 56}, "tf32", with_64x64_8) == [(64, 32, 4), (16, 16, 2), (32, 16, 4), (64, 32, 8),
+                                                                (64, 64, 8)]
+    assert kept({"Ho": 56, "Wo": 56}, "tf32x3", with_64x64_8) == kept({"Ho": 56, "Wo": 56}, "tf32x3")
 
 
 def test_weight_gradient_band_tiles_fit_the_registers():
@@ -214,6 +219,7 @@ def test_weight_gradient_band_tiles_fit_the_registers():
     assert kept("ieee", 63) == [(32, 4), (64, 4), (16, 4), (128, 8), (64, 8)]
     assert kept("tf32x3", 31) == [(32, 4), (64, 4), (16, 4), (64, 8)]   # 128 fp32 rows spill
     assert kept("tf32x3", 37) == [(32, 4), (16, 4), (64, 8)]            # a band of 68 columns: 8 rows per warp
+    assert kept("tf32", 37) == kept("tf32x3", 31)   # one-pass: 8 rows per warp not needed; 128 rows: shared memory
 
 
 def test_kernel_choice(monkeypatch):
@@ -265,9 +271,26 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
     nhwc = CudaTensor(8, torch.channels_last)
     assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run) == "direct"
     assert len(timed) == 6 and len(dwconv_triton._KERNEL_CHOICE) == 3   # another layout, timed on its own
+    # fp32 products allowed one TF32 pass (on the GPU, not interpreted): another kernel pair, timed on its own
+    monkeypatch.setattr(dwconv_triton, "INTERPRETED", False)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run) == "direct"
+    assert len(timed) == 8 and {key.precision for key in dwconv_triton._KERNEL_CHOICE} == {"ieee", "tf32"}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # no timing in a graph capture
     assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, run) == "direct"
-    assert len(timed) == 6
+    assert len(timed) == 8
+
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_band_products_follow_the_float32_matmul_precision(monkeypatch, interpreted):
+    """fp32 band products take torch.matmul's setting: three TF32 passes at "highest" (the default), one
+    at "high" or "medium"; 16-bit ones are exact products; the interpreter computes all in fp32."""
+    monkeypatch.setattr(dwconv_triton, "INTERPRETED", interpreted)
+    for setting, fp32_products in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: setting)
+        assert dwconv_triton._dot_settings(torch.float32) == ("ieee" if interpreted else fp32_products, False)
+        assert dwconv_triton._dot_settings(torch.float16) == ("ieee", False)
+        assert dwconv_triton._dot_settings(torch.bfloat16) == ("ieee", interpreted)   # upcast where interpreted
 
 
 @pytest.mark.parametrize("stride,dilation,multiplier,memory_format", [

@@ -24,9 +24,10 @@ SCRIPT = Path(__file__).with_name("hopper_compile.py")
 
 @pytest.fixture(scope="module")
 def records():
-    """Both cores at once: fp32 and bf16 in one process, fp64 in another."""
+    """Both cores at once: fp32 and bf16 in one process, fp64 and tf32 (fp32 products in one TF32 pass) in
+    another."""
     outputs = _compile(["--dtypes", "fp32", "bf16", "--configs", "extremes"],
-                       ["--dtypes", "fp64", "--configs", "extremes"])
+                       ["--dtypes", "fp64", "tf32", "--configs", "extremes"])
     return [json.loads(line) for output in outputs for line in output]
 
 
@@ -88,13 +89,13 @@ def test_dcnv3_channels_move_as_vectors_at_every_group_width(records):
 
 
 def test_row_band_kernels_run_on_the_tensor_cores(records):
-    """Their products compile to MMA instructions in fp32 (as tf32x3) and bf16, to Hopper's warpgroup
+    """Their products compile to MMA instructions in fp32 (as tf32x3 or tf32) and bf16, to Hopper's warpgroup
     HGMMA wherever the product's M side is 64 or more (BLOCK_H for the forward, BLOCK_T for the
     weight gradient), to per-warp HMMA on the smaller tiles."""
     band = [r for r in records if "band" in r["kernel"]]
     assert {(r["kernel"], r["case"]) for r in band} == {
         (kernel, f"dwconv2d {dtype} {layout}") for kernel in ("_forward_band_kernel", "_grad_weight_band_kernel")
-        for dtype in ("fp32", "bf16") for layout in ("nchw", "nhwc", "nchw k63", "nchw k13 dilated")}
+        for dtype in ("fp32", "tf32", "bf16") for layout in ("nchw", "nhwc", "nchw k63", "nchw k13 dilated")}
     for record in band:
         where = f"{record['kernel']} {record['case']} {record['config']}"
         m_side = record["config"]["BLOCK_H" if record["kernel"] == "_forward_band_kernel" else "BLOCK_T"]
@@ -102,6 +103,23 @@ def test_row_band_kernels_run_on_the_tensor_cores(records):
             assert record["warpgroup_mma_instructions"] > 0, where
         else:
             assert record["warp_mma_instructions"] > 0, where
+
+
+def test_fp32_band_products_take_one_tf32_pass_where_the_matmul_precision_allows(records):
+    """At torch.set_float32_matmul_precision("high") the same tiles run a third of the MMA instructions
+    of the default's three-pass products; the direct kernels (no products) are not compiled again."""
+    mma = {}
+    for record in records:
+        dtype, case = record["case"].split()[1], " ".join(record["case"].split()[2:])
+        tile = json.dumps({k: v for k, v in record["config"].items() if k != "PRECISION"}, sort_keys=True)
+        mma[dtype, case, record["kernel"], tile] = record["warpgroup_mma_instructions"] + \
+            record["warp_mma_instructions"]
+    tf32 = {key[1:]: count for key, count in mma.items() if key[0] == "tf32"}
+    assert {kernel for _, kernel, _ in tf32} == {"_forward_band_kernel", "_grad_weight_band_kernel"}
+    compared = [(key, count, mma["fp32", *key]) for key, count in tf32.items() if ("fp32", *key) in mma]
+    assert len(compared) >= len(tf32) // 2
+    for key, one_pass, three_passes in compared:
+        assert 0 < 2 * one_pass < three_passes, (key, one_pass, three_passes)
 
 
 def test_a_new_batch_size_compiles_nothing_new(records):   # after `records`: its binaries are cached

@@ -20,7 +20,8 @@ NCHW copy of a channels_last input, and write any layout):
   ``torch.sum`` (no atomics, deterministic).
 * row band (fp32/fp16/bf16): one program = a ``BLOCK_H x BLOCK_W`` output tile of one channel;
   kernel row ``i`` is the product of the input rows it reads (``BLOCK_T`` columns) with the banded
-  matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as ``tf32x3``), in chunks of
+  matrix ``T[t, o] = w[i, t - o*SW]``, on the tensor cores (fp32 as ``tf32x3``, or ``tf32`` where
+  ``torch.get_float32_matmul_precision()`` allows it, as for ``torch.matmul``), in chunks of
   ``BLOCK_K`` input columns; a dilation along the width is taken as zero kernel columns between
   the taps.  It computes the forward and the input gradient: at stride 1 the 'full' conv of the
   output gradient with the flipped kernel, at stride ``s`` one such conv per phase of the input
@@ -201,6 +202,10 @@ def _grad_weight_kernel(
     tl.store(part_ptr + part_off, acc, mask=mask_c[:, None] & (offs_j[None, :] < KW))
 
 
+#: ``input_precision`` values of the band kernels' products with fp32 operands (:func:`_dot_settings`).
+FP32_PRECISIONS = ("tf32x3", "tf32")
+
+
 def _band_configs():
     """(BLOCK_H, BLOCK_W, warps) of the row-band kernel: the default first, the most values per thread
     last, one 16x16 tile under the interpreter."""
@@ -238,13 +243,14 @@ _band_columns = triton.heuristics({"BLOCK_T": lambda meta: _band_width(meta["BLO
 
 def _forward_band_fits(config: triton.Config, args: dict, precision: str) -> bool:
     """Forward band configs that compile without spills on sm_90 (``tests/ops/hopper_compile.py``,
-    Triton 3.9, kernels 7 to 63 wide at stride 1 and 2, dilated ones): in fp32 (three-pass
-    products) tiles at most 32 columns wide; and a band of more than 64 input columns in fp32 (128
-    in fp16/bf16: kernels wider than about 33 or 65) only in tiles of at most 64 rows on 8 warps."""
+    Triton 3.9 and 3.6, kernels 7 to 63 wide at stride 1 and 2, dilated ones): with three-pass fp32
+    products ("tf32x3") tiles at most 32 columns wide; and a band of more than 64 input columns in
+    fp32 (128 in fp16/bf16: kernels wider than about 33 or 65) only in tiles of at most 64 rows on
+    8 warps (a 64x64 one-pass fp32 tile on 4 warps sat at 244 registers at 31x31)."""
     if precision == "tf32x3" and config.kwargs["BLOCK_W"] > 32:
         return False
     band = _band_width(config.kwargs["BLOCK_W"], args["SW"], args["KW"])
-    wide = band > (64 if precision == "tf32x3" else 128)
+    wide = band > (64 if precision in FP32_PRECISIONS else 128)
     return not wide or (config.num_warps >= 8 and config.kwargs["BLOCK_H"] <= 64)
 
 
@@ -258,7 +264,7 @@ def _band_k_chunk(dtype: torch.dtype) -> int:
 
 
 @triton.autotune(configs=_band_configs(), do_bench=time_ms,
-                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "DH"],
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "DH", "PRECISION"],
                  prune_configs_by={"early_config_prune": _band_prune(_forward_band_fits,
                                                                      {"BLOCK_H": "Ho", "BLOCK_W": "Wo"})})
 @_band_columns
@@ -312,14 +318,16 @@ def _forward_band_kernel(
 
 
 def _grad_weight_band_fits(config: triton.Config, args: dict, precision: str) -> bool:
-    """Weight-gradient band configs that compile without spills on sm_90 (Triton 3.6 and 3.9): in fp32
-    at most 64 rows, and where the band passes 64 input columns at most 8 rows per warp (64 rows on 4
-    warps sit at 254 registers there, and spilled 112 B with Triton 3.6 at 13 taps dilated 3)."""
-    if precision != "tf32x3":
+    """Weight-gradient band configs that compile within sm_90's registers and shared memory (Triton 3.6
+    and 3.9): in fp32 at most 64 rows (128 rows of a 128-column band take 240 KB of shared memory in
+    three pipeline stages, over the 227 KB limit), and with three-pass products, where the band passes
+    64 input columns, at most 8 rows per warp (64 rows on 4 warps sit at 254 registers there, and
+    spilled 112 B with Triton 3.6 at 13 taps dilated 3)."""
+    if precision not in FP32_PRECISIONS:
         return True
     rows = config.kwargs["BLOCK_H"]
     wide = _band_width(args["BLOCK_W"], args["SW"], args["KW"]) > 64
-    return rows <= 64 and (not wide or rows <= 8 * config.num_warps)
+    return rows <= 64 and (precision != "tf32x3" or not wide or rows <= 8 * config.num_warps)
 
 
 def _band_grad_weight_configs():
@@ -330,7 +338,7 @@ def _band_grad_weight_configs():
 
 
 @triton.autotune(configs=_band_grad_weight_configs(), do_bench=time_ms,
-                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "DH", "BLOCK_W"],
+                 key=["C_out", "H", "W", "Ho", "Wo", "KH", "KW", "SH", "SW", "DH", "BLOCK_W", "PRECISION"],
                  prune_configs_by={"early_config_prune": _band_prune(_grad_weight_band_fits, {"BLOCK_H": "Ho"})})
 @_band_columns
 @triton.jit(do_not_specialize=["N", "SLICES"])
@@ -409,6 +417,7 @@ class ChoiceKey(NamedTuple):
     rows_contiguous: bool     # False for channels_last (the band kernels read an NCHW copy)
     weight_shape: Tuple[int, ...]
     dtype: torch.dtype
+    precision: str            # the band kernels' tl.dot input_precision (see _dot_settings)
     stride: Tuple[int, ...]
     padding: Tuple[int, ...]
     dilation: Tuple[int, ...]
@@ -465,8 +474,8 @@ def _kernel_choice(role: str, x, weight, stride, padding, dilation, run) -> str:
         return KERNEL
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "direct"
-    key = ChoiceKey(role, tuple(x.shape[1:]), x.stride(3) == 1, tuple(weight.shape), x.dtype, tuple(stride),
-                    tuple(padding), tuple(dilation), x.device)
+    key = ChoiceKey(role, tuple(x.shape[1:]), x.stride(3) == 1, tuple(weight.shape), x.dtype,
+                    _dot_settings(x.dtype)[0], tuple(stride), tuple(padding), tuple(dilation), x.device)
     if key not in _KERNEL_CHOICE:
         times = {name: time_ms(lambda: run(name)) for name in ("direct", "band")}
         _KERNEL_CHOICE[key] = min(times, key=times.get)
@@ -490,11 +499,17 @@ def _launch_direct(x, w, bias, out, stride, padding, dilation) -> None:
 def _dot_settings(dtype: torch.dtype) -> Tuple[str, bool]:
     """(``input_precision``, whether to upcast to fp32) for the row-band kernels' ``tl.dot``.
 
-    fp32 runs as three TF32 products per step ("tf32x3"), about fp32's accuracy on the tensor
-    cores.  Triton 3.9's interpreter multiplies bf16 matrices wrongly (raw bits), so there bf16
-    tiles are upcast.
+    fp32 follows ``torch.get_float32_matmul_precision()``, as ``torch.matmul`` does (and with it
+    ``deform_conv2d``'s products): at "highest", PyTorch's default, three TF32 products per step
+    ("tf32x3"), about fp32's accuracy on the tensor cores; at "high" or "medium" one ("tf32": a
+    third of the tensor-core work, inputs rounded to 10-bit mantissas).  Triton 3.9's interpreter
+    multiplies bf16 matrices wrongly (raw bits), so there bf16 tiles are upcast; it runs every
+    product in fp32 ("ieee").
     """
-    precision = "tf32x3" if dtype == torch.float32 and not INTERPRETED else "ieee"
+    if dtype != torch.float32 or INTERPRETED:
+        precision = "ieee"
+    else:
+        precision = "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return precision, INTERPRETED and dtype == torch.bfloat16
 
 
