@@ -196,28 +196,17 @@ def bench_dwconv(bench: Bench) -> List[str]:
     ours_forward_ms: Dict[Tuple[str, str, int], float] = {}
     for dtype_name, dtype in DTYPES.items():
         for layout in layouts:
-            memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             for channels, size, large in stages:
                 for kernel in sorted({large, 7, 3}, reverse=True):
-                    x = randn(bench, batch, channels, size, size, dtype=dtype)
-                    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
-                    weight = randn(bench, channels, 1, kernel, kernel, dtype=dtype, scale=1.0 / kernel)
-                    pad = kernel // 2
                     case = f"{layout} {channels}@{size}x{size} k{kernel}"
-                    times = compare_passes(
-                        bench, case, dtype_name, lambda x, w: dwconv2d(x, w, padding=pad, impl=bench.ops_impl),
-                        lambda x, w: F.conv2d(x, w, None, 1, pad, 1, channels), (x, weight))
+                    times = compare_dwconv(bench, case, dtype_name, dtype, (batch, channels, size), kernel, layout)
                     lines += pass_rows(case, dtype_name, times)
                     if (channels, size) == stages[0][:2]:
                         ours_forward_ms[dtype_name, layout, kernel] = times["fwd"][0]
     with float32_matmul_precision("high"):   # fp32 with our products in one TF32 pass: the large kernels, NCHW
         for channels, size, large in stages:
-            x = randn(bench, batch, channels, size, size, dtype=torch.float32)
-            weight = randn(bench, channels, 1, large, large, dtype=torch.float32, scale=1.0 / large)
-            pad = large // 2
             case = f"nchw {channels}@{size}x{size} k{large}"
-            times = compare_passes(bench, case, "tf32", lambda x, w: dwconv2d(x, w, padding=pad, impl=bench.ops_impl),
-                                   lambda x, w: F.conv2d(x, w, None, 1, pad, 1, channels), (x, weight))
+            times = compare_dwconv(bench, case, "tf32", torch.float32, (batch, channels, size), large, "nchw")
             lines += pass_rows(case, "tf32", times)
     lines += ["", f"Ours, forward, large kernel / 3x3 on {stages[0][0]}@{stages[0][1]}x{stages[0][1]}:"]
     large = stages[0][2]
@@ -226,6 +215,20 @@ def bench_dwconv(bench: Bench) -> List[str]:
             ratio = ours_forward_ms[dtype_name, layout, large] / ours_forward_ms[dtype_name, layout, 3]
             lines.append(f"- {dtype_name} {layout}: {large}x{large} / 3x3 = {ratio:.2f}")
     return lines + kernel_choices()
+
+
+def compare_dwconv(bench: Bench, case: str, dtype_name: str, dtype: torch.dtype, sizes: Tuple[int, int, int],
+                   kernel: int, layout: str) -> Dict[str, Tuple[float, float]]:
+    """:func:`compare_passes` of ``dwconv2d`` and ``F.conv2d(groups=C)`` on random (batch, channels, size,
+    size) inputs in ``layout`` with a ``kernel`` x ``kernel`` filter and 'same' padding."""
+    batch, channels, size = sizes
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = randn(bench, batch, channels, size, size, dtype=dtype)
+    x = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+    weight = randn(bench, channels, 1, kernel, kernel, dtype=dtype, scale=1.0 / kernel)
+    pad = kernel // 2
+    return compare_passes(bench, case, dtype_name, lambda x, w: dwconv2d(x, w, padding=pad, impl=bench.ops_impl),
+                          lambda x, w: F.conv2d(x, w, None, 1, pad, 1, channels), (x, weight))
 
 
 @contextlib.contextmanager
