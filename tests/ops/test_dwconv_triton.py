@@ -314,6 +314,21 @@ def test_input_gradient_through_the_row_band_kernel(stride, dilation, multiplier
     assert grad_x.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("setting,tolerance", [("highest", 1e-4), ("high", 2e-2)])
+def test_row_band_kernels_at_each_float32_matmul_precision(setting, tolerance, triton_device, monkeypatch):
+    """fp32 through the band kernels in every pass at either setting: on a GPU "high" takes one TF32 pass
+    (10-bit mantissas), "highest" three (about fp32); the interpreter multiplies in fp32 at both."""
+    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
+    for direct in ("_launch_direct", "_launch_direct_grad_input", "_launch_direct_grad_weight"):
+        monkeypatch.setattr(dwconv_triton, direct, pytest.fail)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: setting)
+    out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 13, 17, (9, 9), (1, 1), "same", (1, 1), NCHW,
+                                                      torch.float32, triton_device)
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=tolerance * 10, rtol=tolerance)
+
+
 def test_phase_taps_match_a_loop_over_the_taps():
     """Input position phase + stride*a receives go[o] * w[k] exactly where o*stride + k*dilation - pad
     equals it."""
