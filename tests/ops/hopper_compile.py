@@ -139,10 +139,10 @@ MATMUL_PRECISIONS = {"tf32": "high"}
 
 
 @contextlib.contextmanager
-def matmul_precision(dtype_name: str):
-    """``torch.set_float32_matmul_precision`` for the dtype case ``dtype_name`` while in the block."""
+def float32_matmul_precision(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` while in the block (as in benchmarks/gpu.py)."""
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(MATMUL_PRECISIONS.get(dtype_name, "highest"))
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
@@ -157,7 +157,7 @@ def _dwconv_cases(dtypes, batch=2):
         def run():
             dwconv_triton.KERNEL = kernel
             try:
-                with matmul_precision(dtype_name):
+                with float32_matmul_precision(MATMUL_PRECISIONS.get(dtype_name, "highest")):
                     return launch(*args)
             finally:
                 dwconv_triton.KERNEL = "auto"
@@ -202,7 +202,7 @@ def _dcnv3_cases(dtypes, batch=2):
     from convzoo.ops.dcnv3.triton import dcnv3_backward_triton, dcnv3_forward_triton
 
     group = 4
-    for dtype_name in set(dtypes) - {"fp64"} - set(MATMUL_PRECISIONS):   # the Triton path has no fp64
+    for dtype_name in set(dtypes) - {"fp64"} - set(MATMUL_PRECISIONS):   # no fp64 path; no products to set
         for group_channels in (16, 32, 24):
             dtype = DTYPES[dtype_name]
             x = torch.zeros(batch, 14, 14, group * group_channels, dtype=dtype)
