@@ -4,7 +4,7 @@ Anything that can be re-parameterized has a ``reparameterize()`` method that tur
 its inference form in place; :func:`convzoo.reparameterize` walks a model and calls it.
 """
 from .common import DropPath, LayerNorm2d, SqueezeExcite, make_divisible, to_channels_first, to_channels_last
-from .reparam import ReparamLargeKernelConv, fuse_conv_bn, reparameterize
+from .reparam import ReparamLargeKernelConv, fuse_conv_bn, is_reparameterized, reparameterize
 from .deform_conv import DeformConv2d, ModulatedDeformConv2d
 from .dcnv3 import DCNv3
 from .roi_pool import DeformRoIPool, ModulatedDeformRoIPool, DeformPSRoIPool, DeformRoIPoolPack, DeformPSRoIPoolPack
@@ -19,6 +19,7 @@ __all__ = [
     "ReparamLargeKernelConv",
     "fuse_conv_bn",
     "reparameterize",
+    "is_reparameterized",
     "DeformConv2d",
     "ModulatedDeformConv2d",
     "DCNv3",
