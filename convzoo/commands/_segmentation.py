@@ -135,3 +135,107 @@ def print_summary(args, output: str, history, elapsed: float, data_info: dict) -
     print(f"  skipped files   {summary['skipped_train_images']} train, {summary['skipped_val_images']} val (unreadable)")
     print(f"  time            {_duration(elapsed)} this run")
     print(f"  written         {summary['model_file']}, {summary['checkpoint']}, {os.path.join(output, 'metrics.jsonl')}")
+
+
+# ------------------------------------------------------------------------------ convzoo eval
+
+def add_eval_arguments(parser) -> None:
+    group = parser.add_argument_group("segmentation (--task segmentation, or a segmentation training checkpoint)")
+    group.add_argument("--task", choices=("classification", "segmentation"), default=None,
+                       help="what the model does (default: the training checkpoint's task, else classification)")
+    group.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                       help="inference on the whole image or by sliding --crop-size windows (default: whole)")
+    group.add_argument("--crop-size", type=int, metavar="PX", help="--mode slide: window side (default: --image-size)")
+    group.add_argument("--stride", type=int, metavar="PX", help="--mode slide: window step (default: 2/3 of the window)")
+    group.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    group.add_argument("--reduce-zero-label", action="store_true", help="ADE20K's convention (see convzoo train)")
+
+
+def is_segmentation_eval(args, state) -> bool:
+    task = args.task or (state or {}).get("meta", {}).get("task") or (
+        "segmentation" if args.model.startswith(HEAD_PREFIXES) else "classification")
+    if task == "segmentation":
+        check_model(args.model)
+    return task == "segmentation"
+
+
+def _eval_dataset(args, state, num_classes: int):
+    from ..train.data import DataError
+    from ..train.segdata import BandsConfig, BandsDataset, segmentation_folder_splits
+
+    data = dict((state or {}).get("meta", {}).get("data", {}))
+    if args.data:
+        if not os.path.isdir(args.data):
+            raise UsageError(f"data folder not found: {args.data}")
+        size = args.image_size or data.get("eval_size") or 512
+        reduce = args.reduce_zero_label or bool(data.get("reduce_zero_label", False))
+        try:
+            return segmentation_folder_splits(args.data, size, num_classes, reduce, eval_size=size, splits=("val",))["val"]
+        except DataError as err:
+            raise UsageError(str(err)) from None
+    if data.get("kind") != "builtin-bands":
+        raise UsageError(f"{args.checkpoint} does not record a built-in band data set; pass --data DIR")
+    data.pop("kind")
+    try:
+        return BandsDataset("val", BandsConfig(**data))
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _class_names(dataset, num_classes: int):
+    names = getattr(dataset, "classes", None)
+    return list(names) if names and len(names) == num_classes else [str(k) for k in range(num_classes)]
+
+
+def run_eval(args, state, device, load_model) -> int:
+    """``convzoo eval`` of a segmentation model: mIoU, aAcc, mAcc and the per-class IoU table."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .. import reparameterize
+    from ..train.data import EpochSampler
+    from ..train.segdata import seg_collate
+    from ..train.segmentation import evaluate_segmentation
+
+    model, weights = load_model(args, None, state)
+    num_classes = model.num_classes
+    dataset = _eval_dataset(args, state, num_classes)
+    if dataset.num_classes != num_classes:
+        raise UsageError(f"the model has {num_classes} classes but the data has {dataset.num_classes}")
+    if args.mode == "slide" and not (args.crop_size or args.image_size):
+        raise UsageError("--mode slide needs --crop-size PX (or --image-size)")
+    if args.reparam:
+        reparameterize(model)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    batch = 1 if args.data else args.batch_size  # folder images differ in size
+    loader = DataLoader(dataset, batch_size=batch, sampler=EpochSampler(len(dataset), shuffle=False),
+                        num_workers=args.workers or 0, collate_fn=seg_collate, pin_memory=device.type == "cuda")
+    result = evaluate_segmentation(model, loader, device, num_classes, args.amp, args.channels_last, mode=args.mode,
+                                   crop_size=args.crop_size or args.image_size, stride=args.stride, flip=args.flip)
+    names = _class_names(dataset, num_classes)
+    report = {
+        "task": "segmentation", "model": args.model, "checkpoint": args.checkpoint, "weights": weights,
+        "reparameterized": bool(args.reparam), "mode": args.mode, "flip": bool(args.flip),
+        "miou": result.miou, "aacc": result.aacc, "macc": result.macc, "loss": result.loss,
+        "iou": dict(zip(names, result.iou)), "images": result.num_images, "skipped_images": result.skipped,
+        "seconds": result.seconds, "device": str(device),
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    form = "re-parameterized" if args.reparam else "as trained"
+    print(f"{args.model} ({form}, {weights} weights) on {result.num_images} images, {args.mode} inference"
+          + (" + flip" if args.flip else "") + (f" ({result.skipped} unreadable, skipped)" if result.skipped else ""))
+    print(f"  mIoU        {result.miou:.2f}%")
+    print(f"  aAcc        {result.aacc:.2f}%")
+    print(f"  mAcc        {result.macc:.2f}%")
+    print(f"  loss        {result.loss:.4f}")
+    print(f"  throughput  {result.images_per_second:.1f} img/s on {device}")
+    width = max(len("class"), *(len(n) for n in names))
+    print(f"\n  {'class':<{width}}  IoU (%)")
+    for name, iou in zip(names, result.iou):
+        print(f"  {name:<{width}}  {'n/a' if iou != iou else f'{iou:6.2f}'}")
+    if result.skipped:
+        print(f"warning: {result.skipped} unreadable images were skipped", file=sys.stderr)
+    return 0

@@ -90,8 +90,9 @@ def adaptive_avg_pool_matrix(size_in: int, size_out: int, device=None, dtype=Non
 
 
 def _adaptive_avg_pool(x: torch.Tensor, size: int) -> torch.Tensor:
-    ph = adaptive_avg_pool_matrix(x.shape[-2], size, x.device, x.dtype)
-    pw = adaptive_avg_pool_matrix(x.shape[-1], size, x.device, x.dtype)
+    # plain ints: an exported graph holds the matrices as constants of the traced input size
+    ph = adaptive_avg_pool_matrix(int(x.shape[-2]), size, x.device, x.dtype)
+    pw = adaptive_avg_pool_matrix(int(x.shape[-1]), size, x.device, x.dtype)
     return torch.matmul(torch.matmul(ph, x), pw.t())
 
 
