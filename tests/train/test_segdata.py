@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _seg_folders import make_ade, make_generic, write_pair
 from PIL import Image
 
 from convzoo.train.data import COLOURS, DataError
@@ -136,29 +137,6 @@ def test_bands_config_rejects_bad_values():
 
 # ---------------------------------------------------------------- mask folders
 
-def _write_pair(root, split_images, split_masks, stem, size=(20, 16), ids=(0, 1, 2), image_ext=".png"):
-    os.makedirs(os.path.join(root, split_images), exist_ok=True)
-    os.makedirs(os.path.join(root, split_masks), exist_ok=True)
-    rng = np.random.default_rng(len(stem))
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(root, split_images, stem + image_ext))
-    mask = np.array(ids, np.uint8)[rng.integers(len(ids), size=(size[1], size[0]))]
-    Image.fromarray(mask).save(os.path.join(root, split_masks, stem + ".png"))
-
-
-def make_generic(root, n=3, **kwargs):
-    for split in ("train", "val"):
-        for i in range(n):
-            _write_pair(root, f"images/{split}", f"masks/{split}", f"{split}{i}", **kwargs)
-    return str(root)
-
-
-def make_ade(root, n=2):
-    for split in ("training", "validation"):
-        for i in range(n):
-            _write_pair(root, f"images/{split}", f"annotations/{split}", f"ADE_{split}_{i}", ids=(0, 1, 2, 3), image_ext=".jpg")
-    return str(root)
-
-
 def test_generic_layout_pairs_by_stem_and_infers_the_classes(tmp_path):
     root = make_generic(tmp_path)
     splits = segmentation_folder_splits(root, 16)
@@ -229,7 +207,7 @@ def test_no_layout_names_both(tmp_path):
 
 def test_pairing_refuses_two_images_of_one_stem(tmp_path):
     root = make_generic(tmp_path)
-    _write_pair(root, "images/train", "masks/train", "train0", image_ext=".jpg")
+    write_pair(root, "images/train", "masks/train", "train0", image_ext=".jpg")
     with pytest.raises(DataError, match="same name stem"):
         pair_images_and_masks(os.path.join(root, "images/train"), os.path.join(root, "masks/train"))
 
