@@ -298,6 +298,42 @@ class ReparamLargeKernelConv(nn.Module):
         return s
 
 
+# UniRepLKNet's default branches per large kernel: (kernel sizes, dilations), each branch
+# spanning d * (k - 1) + 1 <= kernel_size pixels.
+DILATED_BRANCHES = {
+    17: ((5, 9, 3, 3, 3), (1, 2, 4, 5, 7)),
+    15: ((5, 7, 3, 3, 3), (1, 2, 3, 5, 7)),
+    13: ((5, 7, 3, 3, 3), (1, 2, 3, 4, 5)),
+    11: ((5, 5, 3, 3, 3), (1, 2, 3, 4, 5)),
+    9: ((5, 5, 3, 3), (1, 2, 3, 4)),
+    7: ((5, 3, 3), (1, 2, 3)),
+    5: ((3, 3), (1, 2)),
+}
+
+
+class DilatedReparamBlock(ReparamLargeKernelConv):
+    """UniRepLKNet's Dilated Reparam Block (Ding et al., CVPR 2024, https://arxiv.org/abs/2311.15599).
+
+    A depthwise ``kernel_size`` conv + BN with parallel dilated depthwise small convs + BN (the
+    branches of :data:`DILATED_BRANCHES`, e.g. k=13: kernels 5, 7, 3, 3, 3 with dilations
+    1, 2, 3, 4, 5), summed; a :class:`ReparamLargeKernelConv` whose ``reparameterize()``
+    scatters each dilated kernel into the large one. (N, C, H, W) -> (N, C, H, W), stride 1.
+    UniRepLKNet's ``lk_origin``/``origin_bn``/``dil_conv_k{k}_{d}``/``dil_bn_k{k}_{d}`` are
+    ``lkb_origin.conv``/``lkb_origin.bn``/``small_convs.i.conv``/``small_convs.i.bn`` here.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None):
+        if kernel_size not in DILATED_BRANCHES:
+            raise ValueError(
+                f"kernel_size must be one of {sorted(DILATED_BRANCHES)} (UniRepLKNet's dilated branch settings), got {kernel_size!r}"
+            )
+        kernels, dilations = DILATED_BRANCHES[kernel_size]
+        super().__init__(
+            channels, kernel_size, small_kernels=kernels, small_dilations=dilations, norm_layer=norm_layer,
+            device=device, dtype=dtype,
+        )
+
+
 def _is_reparameterizable(module: nn.Module) -> bool:
     return callable(getattr(module, "reparameterize", None))
 
