@@ -46,8 +46,11 @@ def human(value: float) -> str:
 
 
 def table_rows():
-    """One markdown row per registered model."""
+    """One markdown row per registered classifier (the segmentation models, ``upernet_*`` and
+    ``semfpn_*`` on every backbone, are left out)."""
     for name in convzoo.list_models():
+        if name.startswith(("upernet_", "semfpn_")):
+            continue
         resolution, paper_params, paper_macs = PAPER.get(name, (224, "", ""))
         with torch.device("meta"):
             model = convzoo.create_model(name)
