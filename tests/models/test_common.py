@@ -19,6 +19,7 @@ from convzoo.layers import is_reparameterized
 SMALL = {
     "replknet": dict(depths=(1, 1, 1, 1), channels=(16, 16, 24, 32)),
     "convnext": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32)),
+    "convnext_ladder": dict(depths=(1, 1, 1, 1), width=8),
     "unireplknet": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), kernel_sizes=((3,), (13,), (7,), (5,))),
 }
 MAX_PARAMS = 30_000_000
