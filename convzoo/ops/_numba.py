@@ -71,20 +71,27 @@ def kernels(module_name: str) -> Optional[ModuleType]:
     return importlib.import_module(module_name)
 
 
-def threads() -> int:
-    """The thread count the kernels run with: PyTorch's, within the size of Numba's pool."""
+# Multiply-adds worth a thread (~0.1 ms): smaller calls run on fewer threads, because a thread
+# that another process keeps off its core holds up the others at the end of every parallel loop.
+GRAIN = 1 << 18
+
+
+def threads(work: int = GRAIN * 1024) -> int:
+    """Threads for a call of ``work`` multiply-adds: PyTorch's count, within Numba's pool, one per :data:`GRAIN`."""
     numba = numba_module()
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, work // GRAIN))
 
 
-def launch(kernel: Callable, *args):
-    """Run a compiled ``kernel`` with :func:`threads` threads (Numba's count is per calling thread).
+def launch(kernel: Callable, *args, work: int):
+    """Run a compiled ``kernel`` of ``work`` multiply-adds with :func:`threads` threads.
+
+    Numba's thread count is per calling thread, so it is set before every launch.
 
     Numba's OpenMP threading layer shares PyTorch's OpenMP runtime, and starting it sets that
     runtime's thread count to Numba's pool size: PyTorch's count is put back afterwards.
     """
     torch_threads = torch.get_num_threads()
-    numba_module().set_num_threads(threads())
+    numba_module().set_num_threads(threads(work))
     try:
         return kernel(*args)
     finally:

@@ -20,8 +20,10 @@ def test_threads_follow_torch():
         for count in (1, 2):
             torch.set_num_threads(count)
             assert _numba.threads() == min(count, numba.config.NUMBA_NUM_THREADS)
-            x = torch.randn(1, 6, 6, 8)
-            ops.dcnv3(x, torch.randn(1, 6, 6, 36), torch.rand(1, 6, 6, 18), 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0)
+            assert _numba.threads(work=_numba.GRAIN - 1) == 1  # small calls take one thread
+            # 4 corners x 16 channels x 40*40*18 samples: more than two grains of work.
+            x = torch.randn(1, 40, 40, 32)
+            ops.dcnv3(x, torch.randn(1, 40, 40, 36), torch.rand(1, 40, 40, 18), 3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0)
             # The kernel ran with that count (set in the calling thread before each launch), and
             # starting Numba's OpenMP pool did not change PyTorch's.
             assert numba.get_num_threads() == _numba.threads()

@@ -210,13 +210,19 @@ def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo
     prep = _prepare(x, offset, mask, geometry)
     n, height_out, width_out = offset.shape[:3]
     out = torch.empty((n, height_out, width_out, x.shape[3]), dtype=prep.dtype)
-    launch(_forward, *prep.arrays, *prep.constants, as_array(out).reshape(prep.arrays[1].shape[:4] + (-1,)))
+    launch(_forward, *prep.arrays, *prep.constants, as_array(out).reshape(prep.arrays[1].shape[:4] + (-1,)),
+           work=_work(prep))
     return out.to(x.dtype)
 
 
-def _backward_copies(n: int, x_bytes: int) -> Tuple[bool, int]:
-    """``(by_batch, copies of grad_x)`` for the backward's ``grad_x`` ownership."""
-    workers = threads()
+def _work(prep: _Prepared) -> int:
+    """Multiply-adds of a forward: four corners per sample and channel."""
+    return 4 * prep.arrays[2].size * prep.arrays[0].shape[-1]
+
+
+def _backward_copies(n: int, x_bytes: int, work: int) -> Tuple[bool, int]:
+    """``(by_batch, copies of grad_x)`` for the backward's ``grad_x`` ownership with :func:`threads` threads."""
+    workers = threads(work)
     if n >= workers and (n % workers == 0 or n >= 4 * workers):
         return True, 1
     return False, max(1, min(workers, MAX_BACKWARD_COPY_BYTES // max(1, x_bytes)))
@@ -228,12 +234,13 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     prep = _prepare(x, offset, mask, geometry)
     x_array, offset_array, mask_array = prep.arrays
     grad = as_array(grad_out.to(prep.dtype).contiguous()).reshape(offset_array.shape[:4] + (-1,))
-    by_batch, copies = _backward_copies(x.shape[0], x_array.nbytes)
+    work = 2 * _work(prep)
+    by_batch, copies = _backward_copies(x.shape[0], x_array.nbytes, work)
     grad_x = torch.zeros((copies,) + tuple(x.shape), dtype=prep.dtype)
     grad_offset = torch.empty(offset.shape, dtype=prep.dtype)
     grad_mask = torch.empty(mask.shape, dtype=prep.dtype)
     launch(_backward, grad, *prep.arrays, *prep.constants, by_batch,
            as_array(grad_x).reshape((copies,) + x_array.shape), as_array(grad_offset).reshape(offset_array.shape),
-           as_array(grad_mask).reshape(mask_array.shape))
+           as_array(grad_mask).reshape(mask_array.shape), work=work)
     grad_x = grad_x[0] if copies == 1 else grad_x.sum(0)
     return grad_x.to(x.dtype), grad_offset.to(offset.dtype), grad_mask.to(mask.dtype)
