@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, use_triton
+from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, plain_cpu_inference, use_triton
 from .._numba import kernels
 from . import reference
 from .reference import Geometry
@@ -253,6 +253,9 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
         raise TypeError("impl='triton' supports x of dtype float16, bfloat16 or float32, got float64")
     # float64 (gradcheck) always takes the exact CPU/reference path.
     triton_path = x.dtype != torch.float64 and use_triton("dcnv3", impl, x, offset, mask)
+    if not triton_path and plain_cpu_inference(x, offset, mask):
+        # Eager CPU inference: the custom op's dispatch would cost as much as a small call's kernel.
+        return _run_forward(x, offset, mask, geometry, triton_path=False).to(out_dtype)
     return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *geometry, triton_path).to(out_dtype)
 
 

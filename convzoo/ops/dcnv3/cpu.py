@@ -19,6 +19,7 @@ kernels run in parallel over the ``N * H_out`` output rows:
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Tuple
 
 import numpy as np
@@ -184,25 +185,31 @@ class _Prepared(NamedTuple):
     constants: tuple  # grid_x, grid_y, base_x, base_y, scale, one
 
 
-def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> _Prepared:
+@functools.lru_cache(maxsize=256)
+def _constants(geometry: Geometry, height_out: int, width_out: int, dtype: torch.dtype) -> tuple:
+    """``(grid_x, grid_y, base_x, base_y, scale, one)`` for the kernels, in ``dtype``."""
     g = geometry
-    dtype = compute_dtype(x.dtype)
-    n, height, width, _ = x.shape
-    _, height_out, width_out, _ = offset.shape
     grid_x, grid_y = kernel_grid(g.kernel_h, g.kernel_w, g.dilation_h, g.dilation_w, g.remove_center, dtype=dtype)
-    points = grid_x.numel()
-    arrays = (as_array(x.to(dtype).contiguous()).reshape(n, height, width, g.group, g.group_channels),
-              as_array(offset.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points, 2),
-              as_array(mask.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points))
     half_h = (g.dilation_h * (g.kernel_h - 1)) // 2
     half_w = (g.dilation_w * (g.kernel_w - 1)) // 2
     # As reference.sampling_locations: window centres in the compute dtype.
     base_y = torch.arange(height_out, dtype=dtype) * g.stride_h + (half_h - g.pad_h)
     base_x = torch.arange(width_out, dtype=dtype) * g.stride_w + (half_w - g.pad_w)
-    scalar = arrays[0].dtype.type
-    constants = (as_array(grid_x), as_array(grid_y), as_array(base_x), as_array(base_y), scalar(g.offset_scale),
-                 scalar(1))
-    return _Prepared(dtype, arrays, constants)
+    scalar = as_array(grid_x).dtype.type
+    return (as_array(grid_x), as_array(grid_y), as_array(base_x), as_array(base_y), scalar(g.offset_scale),
+            scalar(1))
+
+
+def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> _Prepared:
+    g = geometry
+    dtype = compute_dtype(x.dtype)
+    n, height, width, _ = x.shape
+    _, height_out, width_out, _ = offset.shape
+    points = mask.shape[3] // g.group
+    arrays = (as_array(x.to(dtype).contiguous()).reshape(n, height, width, g.group, g.group_channels),
+              as_array(offset.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points, 2),
+              as_array(mask.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points))
+    return _Prepared(dtype, arrays, _constants(g, height_out, width_out, dtype))
 
 
 def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> torch.Tensor:
