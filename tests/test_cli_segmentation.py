@@ -146,3 +146,45 @@ def test_kill_mid_epoch_then_resume_equals_a_straight_run(tmp_path, capsys):
                            "--threads", "1"], capsys)
     assert code == 0, err
     assert f"{_metrics(killed)[-1]['val_miou']:.2f}%" in out  # the built-in set is rebuilt from the checkpoint
+
+
+def test_default_segmentation_run_is_the_demo_model_and_its_erf_is_drawn(tmp_path, capsys):
+    output = str(tmp_path / "demo")
+    tiny = BANDS[:-4] + ["--train-size", "16", "--val-size", "4", "--batch-size", "8"]
+    code, out, err = _run(["train", "--task", "segmentation", "--epochs", "1", "--threads", "1", "--output", output] + tiny,
+                          capsys)
+    assert code == 0, err
+    meta = _state(output)["meta"]
+    assert meta["model_name"] == "semfpn_replknet_tiny" and tuple(meta["model_args"]["kernel_sizes"]) == (31, 29, 27)
+    assert meta["data"]["kind"] == "builtin-bands" and meta["data"]["width"] == 32
+    figure = str(tmp_path / "erf.png")
+    code, out, err = _run(["erf", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "model.safetensors"),
+                           "--builtin", "bands", "--input-size", "16,32", "--num-images", "2", "--out", figure], capsys)
+    assert code == 0, err
+    assert Image.open(figure).size[0] > 0 and "| semfpn_replknet_tiny | 2 |" in out
+    assert _run(["erf", "--model", "semfpn_replknet_tiny", "--builtin", "bands", "--input-size", "8,32",
+                 "--out", figure], capsys)[0] == 2
+
+
+def test_two_process_gloo_run_validates_on_all_ranks(tmp_path, capsys):
+    """torchrun with 2 CPU processes: ranks stay in sync, and the validation mIoU (each rank
+    scores half the images, confusion matrices summed) equals a one-process evaluation."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    output = str(tmp_path / "ddp")
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    args = ["--epochs", "1", "--output", output] + MODEL + BANDS[:-2] + ["--batch-size", "4"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "convzoo", "train"] + args
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    record = _metrics(output)[-1]
+    assert record["ranks_in_sync"] and record["step"] == 32 // 8
+    code, out, err = _run(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
+                           "--json", str(tmp_path / "e.json"), "--threads", "1"], capsys)
+    assert code == 0, err
+    assert json.load(open(tmp_path / "e.json"))["miou"] == pytest.approx(record["val_miou"])

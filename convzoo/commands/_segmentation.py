@@ -15,6 +15,11 @@ from . import UsageError, parse_model_args
 
 DEFAULT_MODEL = "semfpn_replknet_tiny"
 DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 2048, "val_size": 256, "batch_size": 16}
+# The demo model, used when --model is left out: a narrow three-stage RepLKNet (kernels
+# 31-29-27 at strides 4-8-16, 0.87 M parameters with the head) and a light Semantic FPN head.
+# The 3x3 baseline adds --model-arg "kernel_sizes=(3,3,3)" --model-arg small_kernel=None.
+DEMO_MODEL_ARGS = {"kernel_sizes": (31, 29, 27), "depths": (1, 1, 2), "channels": (32, 64, 128),
+                   "head_channels": 32, "head_fpn_channels": 64}
 HEAD_PREFIXES = ("upernet_", "semfpn_")
 _SEG_ONLY = ("num_classes", "reduce_zero_label", "eval_size", "pretrained_backbone")
 

@@ -243,8 +243,9 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    demo = args.task == "segmentation" and args.model is None
     _fill_task_defaults(args)
-    model_args = parse_model_args(args.model_arg)
+    model_args = {**(_seg.DEMO_MODEL_ARGS if demo else {}), **parse_model_args(args.model_arg)}
     output = args.output or os.path.join("runs", args.model)
     datasets = _seg.build_datasets(args) if args.task == "segmentation" else build_datasets(args)
     resume_path = _resume_path(args, output)

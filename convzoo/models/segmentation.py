@@ -224,6 +224,11 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
         self.feature_info = backbone.feature_info
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) -> the decode head's fused map (N, C, H/s_0, W/s_0), the last
+        feature map before the classifier (what the ERF analysis differentiates)."""
+        return self.decode_head(self.backbone(x))
+
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
         features = self.backbone(x)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from ..layers.common import DropPath, GlobalResponseNorm, LayerNorm2d, SqueezeExcite
-from ..layers.reparam import DILATED_BRANCHES, DepthwiseConv2d, DilatedReparamBlock, fuse_conv_bn, reparameterize
+from ..layers.reparam import DILATED_BRANCHES, DepthwiseConv2d, DilatedReparamBlock, fuse_conv_bn, is_reparameterized, reparameterize
 from ._builder import build_model
 from ._registry import register_model
 from .convnext import ClassifierHead, _init_weights
@@ -294,7 +294,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     if not any(k.startswith("downsample_layers.") for k in state_dict):
         return state_dict
     deployed = any(k.endswith(".pwconv2.0.bias") for k in state_dict)
-    if deployed and not getattr(model, "is_reparameterized", False):
+    if deployed and not is_reparameterized(model):
         reparameterize(model)
     return {_official_key_to_native(k, model, deployed): v for k, v in state_dict.items()}
 

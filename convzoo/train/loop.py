@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .data import EpochSampler, MixConfig, collate, mix_batch, one_hot_smoothed
-from .distributed import DistInfo, all_reduce_sum, parameters_in_sync, wrap_model
+from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, parameters_in_sync, wrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -416,8 +416,10 @@ class Trainer:
         return evaluate(model, self.val_loader, self.device, self.config.amp, self.config.channels_last, self.info)
 
     def validate(self) -> Dict[str, EvalResult]:
+        broadcast_buffers(self.model, self.info)  # every rank scores its shard with rank 0's model
         results = {"model": self._evaluate(self.model)}
         if self.ema is not None:
+            broadcast_buffers(self.ema.module, self.info)
             results["ema"] = self._evaluate(self.ema.module)
         return results
 

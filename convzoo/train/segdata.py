@@ -32,13 +32,13 @@ IGNORE_INDEX = 255
 class BandsConfig:
     """Parameters of the built-in segmentation data set (see :class:`BandsDataset`)."""
 
-    height: int = 48
-    width: int = 96
+    height: int = 32
+    width: int = 256
     num_train: int = 2048
     num_val: int = 256
     num_colours: int = 3
     min_band: int = 8
-    max_band: int = 16
+    max_band: int = 12
     noise: float = 0.3
     amplitude: float = 2.0
     line_amplitude: float = 1.0

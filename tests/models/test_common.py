@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import convzoo
 from convzoo.models import _registry
+from convzoo.layers import is_reparameterized
 
 SMALL = {
     "replknet": dict(depths=(1, 1, 1, 1), channels=(16, 16, 24, 32)),
@@ -171,9 +172,51 @@ def test_reparameterize_keeps_eval_outputs(name):
         params_before = sum(p.numel() for p in model.parameters())
         convzoo.reparameterize(model)
         actual = model(x)
-    assert model.is_reparameterized and not model.training
+    assert is_reparameterized(model) and not model.training
     assert sum(p.numel() for p in model.parameters()) <= params_before
     assert_rel_close(actual, expected)
+
+
+def _inputs_of_reparameterizable_parts(model, x):
+    """{part: its input} for the first module of each class with ``reparameterize()`` in ``model``."""
+    parts, inputs, hooks = {}, {}, []
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "reparameterize", None)):
+            parts.setdefault(type(module), module)
+    for part in parts.values():
+        hooks.append(part.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0].detach().clone())))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("name", one_per_family())
+def test_reparameterize_each_part_alone_and_the_model_twice(name):
+    import copy
+
+    model = build(name)
+    randomize_norms(model)
+    model.eval()
+    x = image()
+    inputs = _inputs_of_reparameterizable_parts(model, x)  # none in SqueezeNet (no norms)
+    assert bool(inputs) == (family(name) != "squeezenet")
+    for part, part_input in inputs.items():
+        alone = copy.deepcopy(part).eval()
+        with torch.no_grad():
+            expected = alone(part_input)
+            assert convzoo.reparameterize(alone) is alone and is_reparameterized(alone), type(part).__name__
+            assert_rel_close(alone(part_input), expected)
+    with torch.no_grad():
+        expected = model(x)
+        convzoo.reparameterize(model)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        convzoo.reparameterize(model)
+        assert is_reparameterized(model)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert_rel_close(model(x), expected)
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -221,7 +264,7 @@ def test_save_and_load_model_round_trip(name, tmp_path):
     convzoo.reparameterize(model)
     convzoo.save_checkpoint(model, path)
     deployed = convzoo.models.load_model(path)
-    assert deployed.is_reparameterized
+    assert is_reparameterized(deployed)
     with torch.no_grad():
         torch.testing.assert_close(deployed.eval()(x), model(x))
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import convzoo
 from convzoo.analysis import count_flops, count_params
 from convzoo.layers import ReparamLargeKernelConv
+from convzoo.layers import is_reparameterized
 from convzoo.models.replknet import RepLKNetCfg, checkpoint_filter_fn, merge_large_kernels
 
 from _family_helpers import build_on_meta
@@ -189,7 +190,7 @@ def test_model_with_merged_large_kernels_saves_and_loads_back(tmp_path, how):
     path = tmp_path / "model.safetensors"
     convzoo.save_checkpoint(source, path)
     loaded = convzoo.models.load_model(path).eval()
-    assert not getattr(loaded, "is_reparameterized", False)
+    assert not is_reparameterized(loaded)
     assert all(m.is_reparameterized for m in loaded.modules() if isinstance(m, ReparamLargeKernelConv))
     assert "stages.0.blocks.0.pw1.bn.running_var" in loaded.state_dict()
     x = torch.randn(1, 3, 32, 32)

@@ -241,6 +241,6 @@ def test_official_deployed_layout_loads(tmp_path):
     path = tmp_path / "deployed.pth"
     torch.save(official, path)
     model = convzoo.create_model("unireplknet_a", pretrained=path, num_classes=10, **SMALL).eval()
-    assert model.is_reparameterized
+    assert convzoo.is_reparameterized(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
