@@ -6,8 +6,8 @@ MobileNet / SqueezeNet / ShuffleNet families, in plain PyTorch everywhere and Tr
 kernels on NVIDIA GPUs.
 """
 from . import ops, layers
-from .layers.reparam import reparameterize
+from .layers.reparam import is_reparameterized, reparameterize
 from .models import create_model, list_models, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["ops", "layers", "create_model", "list_models", "reparameterize", "load_checkpoint", "save_checkpoint"]
+__all__ = ["ops", "layers", "create_model", "list_models", "reparameterize", "is_reparameterized", "load_checkpoint", "save_checkpoint"]

@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .layers.reparam import reparameterize
+from .layers.reparam import is_reparameterized, reparameterize
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def resolve_exporter(exporter: str) -> str:
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """Re-parameterize ``model`` in place (unless already done), eval mode, reference operators."""
-    if not getattr(model, "is_reparameterized", False):
+    if not is_reparameterized(model):
         reparameterize(model)
     model.eval()
     switched = use_reference_ops(model)

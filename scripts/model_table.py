@@ -34,6 +34,16 @@ PAPER = {
     "squeezenet1_0": (224, "1.25M", "819M"),
     "squeezenet1_1": (224, "1.24M", "352M"),
     "shufflenetv2_x1_0": (224, "2.3M", "146M"),
+    # UniRepLKNet: its README (AILab-CVC/UniRepLKNet)
+    "unireplknet_a": (224, "4.4M", "0.6G"),
+    "unireplknet_f": (224, "6.2M", "0.9G"),
+    "unireplknet_p": (224, "10.7M", "1.6G"),
+    "unireplknet_n": (224, "18.3M", "2.8G"),
+    "unireplknet_t": (224, "31M", "4.9G"),
+    "unireplknet_s": (224, "56M", "9.1G"),
+    "unireplknet_b": (384, "98M", "47.2G"),
+    "unireplknet_l": (384, "218M", "105.4G"),
+    "unireplknet_xl": (384, "386M", "187G"),
 }
 
 
@@ -46,8 +56,11 @@ def human(value: float) -> str:
 
 
 def table_rows():
-    """One markdown row per registered model."""
+    """One markdown row per registered classifier (the segmentation models, ``upernet_*`` and
+    ``semfpn_*`` on every backbone, are left out)."""
     for name in convzoo.list_models():
+        if name.startswith(("upernet_", "semfpn_")):
+            continue
         resolution, paper_params, paper_macs = PAPER.get(name, (224, "", ""))
         with torch.device("meta"):
             model = convzoo.create_model(name)

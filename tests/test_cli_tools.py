@@ -23,6 +23,7 @@ from convzoo.export import export_onnx
 from convzoo.layers import DCNv3, ModulatedDeformConv2d
 from convzoo.layers.reparam import fuse_conv_bn
 from convzoo.models import _registry, build_model, register_model, save_checkpoint
+from convzoo.layers import is_reparameterized
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_reparam_writes_an_equivalent_inference_form(tiny_checkpoint, tmp_path, 
     assert "outputs match" in text and "parameters:" in text and "latency" in text
     training = convzoo.models.load_model(tiny_checkpoint).eval()
     deployed = convzoo.models.load_model(out).eval()
-    assert deployed.is_reparameterized
+    assert is_reparameterized(deployed)
     assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in training.parameters())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_reparam_from_a_pth_checkpoint_needs_the_model_name(tmp_path, capsys):
     assert cli(["reparam", pth, out, "--repeats", "0", "--input-size", "16"]) == 2
     assert "--model NAME" in capsys.readouterr().err
     assert cli(["reparam", pth, out, "--model", "test_tiny_k3", "--repeats", "0", "--input-size", "16"]) == 0
-    assert convzoo.models.load_model(out).is_reparameterized
+    assert is_reparameterized(convzoo.models.load_model(out))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -466,7 +467,7 @@ def test_python_m_convzoo_reparam_on_a_zoo_model(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "outputs match" in done.stdout
     deployed = convzoo.models.load_model(out)
-    assert deployed.is_reparameterized and deployed.num_classes == 3
+    assert is_reparameterized(deployed) and deployed.num_classes == 3
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), convzoo.reparameterize(model)(x), rtol=1e-4, atol=1e-5)

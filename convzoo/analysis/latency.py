@@ -253,9 +253,9 @@ def benchmark(
     if "train" in modes:
         results["train"] = measure_mode(model, x, "train", warmup, repeats)
     measured = model
-    if reparam and not getattr(model, "is_reparameterized", False):
-        from ..layers.reparam import reparameterize
+    from ..layers.reparam import is_reparameterized, reparameterize
 
+    if reparam and not is_reparameterized(model):
         measured = reparameterize(copy.deepcopy(model))
     if "inference" in modes:
         results["inference"] = measure_mode(measured, x, "inference", warmup, repeats)

@@ -60,6 +60,9 @@ def register(subparsers) -> None:
                         help="weights for the --model at the same position (repeat once per model, or leave out for random init)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size of official checkpoints (default 1000)")
     parser.add_argument("--data", metavar="DIR", help="folder of images (DIR/val/... or DIR/...); default: the built-in data set")
+    parser.add_argument("--builtin", choices=("relations", "bands"), default="relations",
+                        help="without --data: the built-in set whose images are used: the classification relation set "
+                             "or the segmentation band set (default: relations)")
     parser.add_argument("--num-images", type=positive_int, default=10, metavar="N", help="images to average over (default: 10)")
     parser.add_argument("--input-size", type=image_size, default=(224, 224), metavar="S|H,W", help="input resolution (default: 224)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per backward pass (default: 1)")
@@ -108,16 +111,23 @@ def folder_batches(files: List[str], size: Tuple[int, int], batch_size: int) -> 
         yield torch.stack(batch)
 
 
-def builtin_batches(size: Tuple[int, int], batch_size: int) -> Iterator[torch.Tensor]:
-    """Batches of the built-in data set's validation images at ``size`` (square, >= 24)."""
+def builtin_batches(size: Tuple[int, int], batch_size: int, kind: str = "relations") -> Iterator[torch.Tensor]:
+    """Batches of a built-in data set's validation images at ``size`` (H, W): the relation
+    set (square, >= 24) or the segmentation band set (``kind="bands"``)."""
     from ..train.data import RelationConfig, RelationDataset
+    from ..train.segdata import BandsConfig, BandsDataset
 
-    dataset = RelationDataset("val", RelationConfig(image_size=size[0]))
+    if kind == "bands":
+        dataset = BandsDataset("val", BandsConfig(height=size[0], width=size[1]))
+    else:
+        dataset = RelationDataset("val", RelationConfig(image_size=size[0]))
     for start in range(0, len(dataset), batch_size):
         yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
 def _check_arguments(args) -> None:
+    from ..train.segdata import BandsConfig
+
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got {args.out!r}")
     for path in [args.out] + ([args.json] if args.json else []):
@@ -130,13 +140,18 @@ def _check_arguments(args) -> None:
         raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.data is not None and not os.path.isdir(args.data):
         raise UsageError(f"data folder not found: {args.data}")
-    if args.data is None and (args.input_size[0] != args.input_size[1] or args.input_size[0] < 24):
+    if args.data is None and args.builtin == "bands":
+        try:
+            BandsConfig(height=args.input_size[0], width=args.input_size[1])
+        except ValueError as error:
+            raise UsageError(f"--builtin bands: {error} (--input-size H,W)") from None
+    elif args.data is None and (args.input_size[0] != args.input_size[1] or args.input_size[0] < 24):
         raise UsageError(f"the built-in data set needs a square --input-size >= 24, got {args.input_size}; or pass --data DIR")
 
 
 def _batches(args, files) -> Iterator[torch.Tensor]:
     if files is None:
-        return builtin_batches(args.input_size, args.batch_size)
+        return builtin_batches(args.input_size, args.batch_size, args.builtin)
     return folder_batches(files, args.input_size, args.batch_size)
 
 

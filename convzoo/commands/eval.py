@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import UsageError, build_model, parse_model_args
+from . import _segmentation as _seg
 
 _DESCRIPTION = """\
 Evaluate a model checkpoint: top-1 and top-5 accuracy, mean loss, images per second.
@@ -22,7 +23,10 @@ _EPILOG = """\
 examples:
   convzoo eval --model replknet_tiny --checkpoint runs/replknet_tiny/checkpoint.pt
   convzoo eval --model replknet_tiny --checkpoint runs/replknet_tiny/model.safetensors --reparam
-  convzoo eval --model convnext_tiny --checkpoint convnext_tiny_1k_224.pth --data ~/imagenet --image-size 224"""
+  convzoo eval --model convnext_tiny --checkpoint convnext_tiny_1k_224.pth --data ~/imagenet --image-size 224
+  convzoo eval --task segmentation --model semfpn_replknet_tiny --checkpoint runs/semfpn_replknet_tiny/checkpoint.pt
+  convzoo eval --task segmentation --model upernet_convnext_tiny --checkpoint model.safetensors --data ~/ADEChallengeData2016 \
+      --reduce-zero-label --image-size 512 --mode slide --crop-size 512 --flip"""
 
 
 def register(subparsers) -> None:
@@ -47,6 +51,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    _seg.add_eval_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -142,6 +147,8 @@ def run(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     state = _training_state(args.checkpoint)
+    if _seg.is_segmentation_eval(args, state):
+        return _seg.run_eval(args, state, device, _load_model)
     dataset = _dataset(args, state)
     model, weights = _load_model(args, getattr(dataset, "num_classes", None), state)
     num_classes = getattr(model, "num_classes", None)

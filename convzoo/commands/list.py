@@ -34,7 +34,12 @@ def _describe(name: str, input_size: int) -> dict:
     from .. import create_model
     from ..analysis import count_flops, count_params
 
+    from ..models._registry import get_entry_point
+
     row = {"name": name, "params": None, "macs": None}
+    paper = getattr(get_entry_point(name), "paper_figures", None)  # published figures, where a family records them
+    if paper:
+        row["paper"] = paper
     try:
         with torch.device("meta"):
             model = create_model(name)
@@ -78,8 +83,11 @@ def run(args) -> int:
         print(json.dumps({"input_size": args.input_size, "models": rows}, indent=2))
         return 0
     width = max(len("model"), *(len(name) for name in names))
-    print(f"{'model':<{width}}  {'params':>9}  {'MACs @' + str(args.input_size):>10}  {'FLOPs':>9}")
+    with_paper = any("paper" in row for row in rows)
+    paper_head = "  paper (GFLOPs as MACs, top-1)" if with_paper else ""
+    print(f"{'model':<{width}}  {'params':>9}  {'MACs @' + str(args.input_size):>10}  {'FLOPs':>9}{paper_head}")
     for row in rows:
         flops = None if row["macs"] is None else 2 * row["macs"]
-        print(f"{row['name']:<{width}}  {_human(row['params']):>9}  {_human(row['macs']):>10}  {_human(flops):>9}")
+        paper = f"  {row.get('paper', '')}" if with_paper else ""
+        print(f"{row['name']:<{width}}  {_human(row['params']):>9}  {_human(row['macs']):>10}  {_human(flops):>9}{paper}")
     return 0

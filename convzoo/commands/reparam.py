@@ -10,7 +10,7 @@ import torch
 
 from ..analysis.complexity import count_params
 from ..analysis.latency import measure_mode
-from ..layers.reparam import reparameterize
+from ..layers.reparam import is_reparameterized, reparameterize
 from ..models import save_checkpoint
 from . import UsageError
 from ._tools import image_size, is_convzoo_checkpoint, load_model_or_exit, model_name
@@ -71,7 +71,8 @@ def _relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
 def run(args) -> int:
     _check_paths(args)
     model = load_model_or_exit(args.model, args.input, args.num_classes).eval()
-    if getattr(model, "is_reparameterized", False):
+    mergeable = sum(callable(getattr(m, "reparameterize", None)) for m in model.modules())
+    if mergeable and is_reparameterized(model):
         raise UsageError(f"{args.input} is already in the inference form; nothing to do")
     name = model_name(model)
     generator = torch.Generator().manual_seed(args.seed)
@@ -79,7 +80,6 @@ def run(args) -> int:
     with torch.no_grad():
         before = model(x)
     params_before = count_params(model)
-    mergeable = sum(callable(getattr(m, "reparameterize", None)) for m in model.modules())
     training_form = copy.deepcopy(model) if args.repeats > 0 else None
     reparameterize(model)
     with torch.no_grad():

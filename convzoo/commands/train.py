@@ -9,6 +9,7 @@ import sys
 import time
 
 from . import UsageError, build_model, parse_model_args
+from . import _segmentation as _seg
 
 DEFAULT_MODEL = "replknet_tiny"
 
@@ -44,7 +45,10 @@ def register(subparsers) -> None:
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME", help=f"registered model name (default: {DEFAULT_MODEL}; see `convzoo list`)")
+    parser.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                        help="what to train (default: classification; segmentation: see the segmentation options)")
+    model.add_argument("--model", default=None, metavar="NAME",
+                       help=f"registered model name (default: {DEFAULT_MODEL}, segmentation: {_seg.DEFAULT_MODEL}; see `convzoo list`)")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of the model's config, VALUE a Python literal (repeatable)")
     model.add_argument("--pretrained", metavar="PATH", help="fine-tune from this checkpoint (official or convzoo); the head is re-initialised for the data's classes")
@@ -54,8 +58,10 @@ def register(subparsers) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="image folder with train/ and val/ (default: the built-in data set)")
     data.add_argument("--image-size", type=int, metavar="PX", help="training/eval resolution (default: 224 for --data, 32 for the built-in set)")
-    data.add_argument("--train-size", type=int, default=8192, metavar="N", help="built-in set: training images (default: 8192)")
-    data.add_argument("--val-size", type=int, default=2048, metavar="N", help="built-in set: validation images (default: 2048)")
+    data.add_argument("--train-size", type=int, default=None, metavar="N",
+                      help=f"built-in set: training images (default: 8192, segmentation: {_seg.DEFAULTS['train_size']})")
+    data.add_argument("--val-size", type=int, default=None, metavar="N",
+                      help=f"built-in set: validation images (default: 2048, segmentation: {_seg.DEFAULTS['val_size']})")
     data.add_argument("--data-seed", type=int, default=0, metavar="S", help="built-in set: seed of the images (default: 0)")
     data.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="built-in set: another option (num_shapes, num_colours, num_distractors, noise, "
@@ -67,7 +73,8 @@ def register(subparsers) -> None:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
-    optim.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per step per process (default: 64)")
+    optim.add_argument("--batch-size", type=int, default=None, metavar="N",
+                       help=f"images per step per process (default: 64, segmentation: {_seg.DEFAULTS['batch_size']})")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: 1e-3)")
     optim.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule (default: 1e-5)")
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms/biases (default: 0.05)")
@@ -87,7 +94,21 @@ def register(subparsers) -> None:
     runtime.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                      help="continue from OUTPUT/checkpoint.pt (or the given checkpoint)")
     runtime.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch")
+    _seg.add_arguments(parser)
     parser.set_defaults(func=run)
+
+
+_CLASSIFICATION_DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 8192, "val_size": 2048, "batch_size": 64}
+
+
+def _fill_task_defaults(args) -> None:
+    """The options left out get their task's default (see ``--help``)."""
+    if args.task != "segmentation":
+        _seg.reject_segmentation_options(args)
+    defaults = _seg.DEFAULTS if args.task == "segmentation" else _CLASSIFICATION_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # ------------------------------------------------------------------------------ data
@@ -190,6 +211,7 @@ def _train_config(args, info):
             accum_steps=args.accum_steps, clip_grad=args.clip_grad, ema_decay=args.model_ema,
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, amp=amp, channels_last=args.channels_last,
             sync_bn=args.sync_bn, workers=workers, seed=args.seed,
+            eval_batch_size=1 if args.task == "segmentation" and args.data else None,  # images of any size
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -221,9 +243,11 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_args = parse_model_args(args.model_arg)
+    demo = args.task == "segmentation" and args.model is None
+    _fill_task_defaults(args)
+    model_args = {**(_seg.DEMO_MODEL_ARGS if demo else {}), **parse_model_args(args.model_arg)}
     output = args.output or os.path.join("runs", args.model)
-    datasets = build_datasets(args)
+    datasets = _seg.build_datasets(args) if args.task == "segmentation" else build_datasets(args)
     resume_path = _resume_path(args, output)
     try:
         info = init_distributed(args.device)
@@ -249,17 +273,20 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
         raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
     config = _train_config(args, info)
     torch.manual_seed(args.seed)
+    segmentation = args.task == "segmentation"
+    extra = _seg.model_kwargs(args) if segmentation else {}
     model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                        drop_path_rate=args.drop_path, **model_args)
+                        drop_path_rate=args.drop_path, **extra, **model_args)
     if args.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise UsageError(f"{args.model} does not support --grad-checkpointing")
         model.set_grad_checkpointing(True)
     metadata = {"model_name": args.model, "model_args": {k: v for k, v in model_args.items()},
-                "num_classes": num_classes, "data": data_info}
+                "num_classes": num_classes, "data": data_info, "task": args.task}
     if info.is_main:
         os.makedirs(output, exist_ok=True)
-    trainer = Trainer(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
+    trainer_cls = _seg.trainer_class() if segmentation else Trainer
+    trainer = trainer_cls(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
     if resume_path is None and info.is_main:
         if os.path.exists(os.path.join(output, "checkpoint.pt")):
             _logger.warning("starting a new run in %s; its old checkpoint will be replaced "
@@ -267,6 +294,9 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
         _write_metrics_history(output, [])
     if resume_path is not None:
         state = load_training_checkpoint(resume_path)
+        if state["meta"].get("task", "classification") != args.task:
+            raise UsageError(f"{resume_path} is a {state['meta'].get('task', 'classification')} run; pass --task "
+                             f"{state['meta'].get('task', 'classification')}")
         if state["meta"].get("model_name") != args.model:
             raise UsageError(f"{resume_path} was trained with --model {state['meta'].get('model_name')}, not {args.model}")
         trainer.load_state_dict(state)
@@ -274,7 +304,7 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
             _write_metrics_history(output, trainer.history)
             _logger.info("resumed from %s after epoch %d", resume_path, trainer.epoch)
     if info.is_main:
-        data_name = args.data or "built-in relation data set"
+        data_name = args.data or ("built-in band data set" if segmentation else "built-in relation data set")
         _logger.info("training %s on %s: %d train / %d val images, %d classes, %d process(es) on %s, output %s",
                      args.model, data_name, len(train_set), len(val_set), num_classes, info.world_size,
                      info.device, output)
@@ -283,7 +313,7 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
 
     def on_epoch(record):
         if info.is_main:
-            _logger.info("%s", _epoch_line(record))
+            _logger.info("%s", _seg.epoch_line(record) if segmentation else _epoch_line(record))
             tensorboard(record)
 
     start = time.perf_counter()
@@ -291,7 +321,10 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
     elapsed = time.perf_counter() - start
     if info.is_main:
         save_checkpoint(trainer.final_model(), os.path.join(output, "model.safetensors"))
-        _print_summary(args, output, history, elapsed, trainer)
+        if segmentation:
+            _seg.print_summary(args, output, history, elapsed, data_info)
+        else:
+            _print_summary(args, output, history, elapsed, trainer)
     barrier(info)  # no rank tears the process group down while rank 0 still writes the model
     return 0
 

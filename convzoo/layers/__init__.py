@@ -3,22 +3,31 @@
 Anything that can be re-parameterized has a ``reparameterize()`` method that turns it into
 its inference form in place; :func:`convzoo.reparameterize` walks a model and calls it.
 """
-from .common import DropPath, LayerNorm2d, SqueezeExcite, make_divisible, to_channels_first, to_channels_last
-from .reparam import ReparamLargeKernelConv, fuse_conv_bn, reparameterize
+from .activations import HardSigmoid, HardSwish, LUTSigmoid, LUTSiLU, ShiftLeakyReLU
+from .common import DropPath, GlobalResponseNorm, LayerNorm2d, SqueezeExcite, make_divisible, to_channels_first, to_channels_last
+from .reparam import DilatedReparamBlock, ReparamLargeKernelConv, fuse_conv_bn, is_reparameterized, reparameterize
 from .deform_conv import DeformConv2d, ModulatedDeformConv2d
 from .dcnv3 import DCNv3
 from .roi_pool import DeformRoIPool, ModulatedDeformRoIPool, DeformPSRoIPool, DeformRoIPoolPack, DeformPSRoIPoolPack
 
 __all__ = [
+    "HardSigmoid",
+    "HardSwish",
+    "LUTSigmoid",
+    "LUTSiLU",
+    "ShiftLeakyReLU",
     "DropPath",
+    "GlobalResponseNorm",
     "LayerNorm2d",
     "SqueezeExcite",
     "make_divisible",
     "to_channels_first",
     "to_channels_last",
     "ReparamLargeKernelConv",
+    "DilatedReparamBlock",
     "fuse_conv_bn",
     "reparameterize",
+    "is_reparameterized",
     "DeformConv2d",
     "ModulatedDeformConv2d",
     "DCNv3",

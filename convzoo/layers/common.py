@@ -88,3 +88,23 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
         return x * self.gate(scale)
+
+
+class GlobalResponseNorm(nn.Module):
+    """Global response normalisation (ConvNeXt V2, https://arxiv.org/abs/2301.00808) on (N, H, W, C).
+
+    ``x * (1 + gamma * n) + beta`` with ``n = ||x||_2 over (H, W)`` divided by its mean over the
+    channels (+1e-6); ``gamma`` and ``beta`` are (1, 1, 1, C) and start at zero (the identity).
+    ``beta`` may be ``None`` (UniRepLKNet folds it into the next linear layer when deploying).
+    """
+
+    def __init__(self, dim: int, bias: bool = True):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        out = (self.gamma * nx + 1) * x
+        return out if self.beta is None else out + self.beta

@@ -7,7 +7,9 @@
 - :class:`ReparamLargeKernelConv`: RepLKNet's depthwise large kernel with parallel small
   (optionally dilated) kernels, each followed by BatchNorm; ``reparameterize()`` merges them all
   into one depthwise conv with bias.
-- :func:`fuse_conv_bn` and :func:`reparameterize`, which walks a model.
+- :func:`fuse_conv_bn`; :func:`reparameterize`, which walks a model, and
+  :func:`is_reparameterized`, which reads a module's form from its structure (the form is never
+  stored as a separate flag, so it cannot disagree with the weights).
 """
 from __future__ import annotations
 
@@ -245,6 +247,7 @@ class ReparamLargeKernelConv(nn.Module):
 
     @property
     def is_reparameterized(self) -> bool:
+        """Whether the branches are merged into ``lkb_reparam`` (read-only: ``reparameterize()`` merges)."""
         return self.lkb_reparam is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,19 +298,76 @@ class ReparamLargeKernelConv(nn.Module):
         return s
 
 
+# UniRepLKNet's default branches per large kernel: (kernel sizes, dilations), each branch
+# spanning d * (k - 1) + 1 <= kernel_size pixels.
+DILATED_BRANCHES = {
+    17: ((5, 9, 3, 3, 3), (1, 2, 4, 5, 7)),
+    15: ((5, 7, 3, 3, 3), (1, 2, 3, 5, 7)),
+    13: ((5, 7, 3, 3, 3), (1, 2, 3, 4, 5)),
+    11: ((5, 5, 3, 3, 3), (1, 2, 3, 4, 5)),
+    9: ((5, 5, 3, 3), (1, 2, 3, 4)),
+    7: ((5, 3, 3), (1, 2, 3)),
+    5: ((3, 3), (1, 2)),
+}
+
+
+class DilatedReparamBlock(ReparamLargeKernelConv):
+    """UniRepLKNet's Dilated Reparam Block (Ding et al., CVPR 2024, https://arxiv.org/abs/2311.15599).
+
+    A depthwise ``kernel_size`` conv + BN with parallel dilated depthwise small convs + BN (the
+    branches of :data:`DILATED_BRANCHES`, e.g. k=13: kernels 5, 7, 3, 3, 3 with dilations
+    1, 2, 3, 4, 5), summed; a :class:`ReparamLargeKernelConv` whose ``reparameterize()``
+    scatters each dilated kernel into the large one. (N, C, H, W) -> (N, C, H, W), stride 1.
+    UniRepLKNet's ``lk_origin``/``origin_bn``/``dil_conv_k{k}_{d}``/``dil_bn_k{k}_{d}`` are
+    ``lkb_origin.conv``/``lkb_origin.bn``/``small_convs.i.conv``/``small_convs.i.bn`` here.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None):
+        if kernel_size not in DILATED_BRANCHES:
+            raise ValueError(
+                f"kernel_size must be one of {sorted(DILATED_BRANCHES)} (UniRepLKNet's dilated branch settings), got {kernel_size!r}"
+            )
+        kernels, dilations = DILATED_BRANCHES[kernel_size]
+        super().__init__(
+            channels, kernel_size, small_kernels=kernels, small_dilations=dilations, norm_layer=norm_layer,
+            device=device, dtype=dtype,
+        )
+
+
+def _is_reparameterizable(module: nn.Module) -> bool:
+    return callable(getattr(module, "reparameterize", None))
+
+
+def _part_is_merged(part: nn.Module) -> bool:
+    """The form of one re-parameterizable part: its own ``is_reparameterized`` property when its
+    class declares one (a structure the rule below cannot see, such as a folded layer scale),
+    else whether no BatchNorm is left in it (every fold in convzoo replaces the norm)."""
+    declared = getattr(type(part), "is_reparameterized", None)
+    if isinstance(declared, property):
+        return bool(part.is_reparameterized)
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in part.modules())
+
+
+def is_reparameterized(module: nn.Module) -> bool:
+    """Whether ``module`` is in its inference form: every part of it that has a
+    ``reparameterize()`` method is merged. A module without such a part is trivially in it."""
+    return all(_part_is_merged(m) for m in module.modules() if _is_reparameterizable(m))
+
+
 def reparameterize(model: nn.Module) -> nn.Module:
     """Turn ``model`` into its inference form in place, put it in eval mode and return it.
 
     Walks the modules top-down and calls ``reparameterize()`` on each one that has it; the
-    descendants of a module that did so are left to it (it may replace them).
+    descendants of a module that did so are left to it (it may replace them). Calling it again,
+    or on a single layer, is allowed and changes nothing more; :func:`is_reparameterized` then
+    holds.
     """
     model.eval()
     handled = []
     for name, module in list(model.named_modules()):
         if "" in handled or any(name == h or name.startswith(h + ".") for h in handled):
             continue
-        if callable(getattr(module, "reparameterize", None)):
+        if _is_reparameterizable(module):
             module.reparameterize()
             handled.append(name)
-    model.is_reparameterized = True
     return model.eval()

@@ -33,3 +33,8 @@ __all__ = [
     "save_checkpoint",
     "FeatureExtractor",
 ]
+
+# Segmentation heads on every backbone registered above (after all families are imported).
+from .segmentation import register_segmentation_models as _register_segmentation_models  # noqa: E402
+
+_register_segmentation_models()

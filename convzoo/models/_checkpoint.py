@@ -162,14 +162,17 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "ch
 
 
 def _reparameterized_modules(model: nn.Module) -> List[str]:
-    """Names of the outermost submodules already in their merged form (``is_reparameterized``)
-    in a model that, as a whole, is not: RepLKNet's large kernels after ``merge_large_kernels``
-    or after loading a ``structural_reparam`` checkpoint."""
-    if getattr(model, "is_reparameterized", False):
+    """Names of the outermost re-parameterizable submodules already in their merged form in a
+    model that, as a whole, is not: RepLKNet's large kernels after ``merge_large_kernels`` or
+    after loading a ``structural_reparam`` checkpoint."""
+    from ..layers.reparam import is_reparameterized
+
+    if is_reparameterized(model):
         return []
     names: List[str] = []
     for name, module in model.named_modules():
-        if name and getattr(module, "is_reparameterized", False) and not _under(name, names):
+        if (name and callable(getattr(module, "reparameterize", None)) and not _under(name, names)
+                and is_reparameterized(module)):
             names.append(name)
     return names
 
@@ -178,16 +181,10 @@ def _redo_reparameterization(model: nn.Module, meta: Mapping[str, str]) -> None:
     """Put ``model`` into the form recorded in a convzoo file's metadata, so that its keys fit."""
     from ..layers.reparam import reparameterize
 
-    if meta.get("reparameterized") == "true" and not getattr(model, "is_reparameterized", False):
+    if meta.get("reparameterized") == "true":
         reparameterize(model)
     for name in json.loads(meta.get("reparameterized_modules") or "[]"):
-        module = model.get_submodule(name)
-        if getattr(module, "is_reparameterized", False):
-            continue
-        if callable(getattr(module, "reparameterize", None)):
-            module.reparameterize()
-        else:
-            reparameterize(module)
+        reparameterize(model.get_submodule(name))
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn: Optional[FilterFn] = None) -> nn.Module:
@@ -217,6 +214,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """
     from safetensors.torch import save_file
 
+    from ..layers.reparam import is_reparameterized
+
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_checkpoint writes .safetensors files, got {path!r}")
@@ -227,7 +226,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         "num_classes": str(getattr(inner, "num_classes", "")),
         "in_chans": str(getattr(inner, "in_chans", "")),
         "config": json.dumps(_config_dict(inner)),
-        "reparameterized": "true" if getattr(inner, "is_reparameterized", False) else "false",
+        "reparameterized": "true" if is_reparameterized(inner) else "false",
         "reparameterized_modules": json.dumps(_reparameterized_modules(inner)),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}

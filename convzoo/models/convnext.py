@@ -72,6 +72,11 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value > 0 else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    @property
+    def is_reparameterized(self) -> bool:
+        """Whether the layer scale is folded (or absent)."""
+        return self.gamma is None
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold the layer scale ``gamma`` into ``mlp.fc2`` (exact), in place."""

@@ -103,6 +103,19 @@ def parameters_in_sync(model: nn.Module, info: DistInfo) -> bool:
     return bool(differs.item() == 0.0)
 
 
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each training forward only, so after the last step
+    each rank holds the statistics of its own last batch; validation and the checkpoint use
+    rank 0's on every rank after this.
+    """
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = False) -> nn.Module:
     """``DistributedDataParallel(model)`` when running distributed (with SyncBatchNorm if asked)."""
     if not info.enabled:

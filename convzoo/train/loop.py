@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .data import EpochSampler, MixConfig, collate, mix_batch, one_hot_smoothed
-from .distributed import DistInfo, all_reduce_sum, parameters_in_sync, wrap_model
+from .distributed import DistInfo, all_reduce_sum, broadcast_buffers, parameters_in_sync, wrap_model
 
 _logger = logging.getLogger(__name__)
 
@@ -140,6 +140,10 @@ class EvalResult:
     def images_per_second(self) -> float:
         return self.num_images / self.seconds if self.seconds > 0 else 0.0
 
+    def metrics(self) -> Dict[str, float]:
+        """The scalars a metrics.jsonl record holds (each prefixed with ``val_`` / ``ema_val_``)."""
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss}
+
 
 @dataclasses.dataclass
 class StepProgress:
@@ -215,9 +219,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
     )
 
 
-def make_loader(dataset: Dataset, batch_size: int, sampler: EpochSampler, workers: int, device: torch.device, drop_last: bool) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, sampler: EpochSampler, workers: int, device: torch.device, drop_last: bool,
+                collate_fn: Callable = collate) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
     )
 
@@ -235,7 +240,13 @@ class Trainer:
         output_dir: where the checkpoint, the metrics JSONL and the final weights go (rank 0).
         metadata: what a checkpoint must carry besides the state to rebuild the run
             (model name and options, data description), stored under ``"meta"``.
+
+    Subclasses for other tasks (:class:`convzoo.train.segmentation.SegmentationTrainer`)
+    override ``collate_fn``, ``best_metric``, :meth:`_lr_at`, :meth:`_forward_loss` and :meth:`_evaluate`.
     """
+
+    collate_fn = staticmethod(collate)
+    best_metric = "val_top1"
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, num_classes: int, config: TrainConfig,
                  info: DistInfo = DistInfo(), output_dir: Optional[str] = None, metadata: Optional[dict] = None):
@@ -256,9 +267,10 @@ class Trainer:
         self.train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, rank=info.rank,
                                           world_size=info.world_size, drop_last=True)
         self.val_sampler = EpochSampler(len(val_set), config.seed, shuffle=False, rank=info.rank, world_size=info.world_size)
-        self.train_loader = make_loader(train_set, config.batch_size, self.train_sampler, config.workers, self.device, drop_last=True)
+        self.train_loader = make_loader(train_set, config.batch_size, self.train_sampler, config.workers, self.device,
+                                        drop_last=True, collate_fn=self.collate_fn)
         self.val_loader = make_loader(val_set, config.eval_batch_size or config.batch_size, self.val_sampler,
-                                      config.workers, self.device, drop_last=False)
+                                      config.workers, self.device, drop_last=False, collate_fn=self.collate_fn)
         self.steps_per_epoch = len(self.train_loader) // config.accum_steps
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -325,8 +337,11 @@ class Trainer:
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
+    def _lr_at(self, step: int) -> float:
+        return cosine_lr(step, self.total_steps, self.warmup_steps, self.config.lr, self.config.min_lr)
+
     def _set_lr(self) -> float:
-        lr = cosine_lr(self.step, self.total_steps, self.warmup_steps, self.config.lr, self.config.min_lr)
+        lr = self._lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -342,12 +357,23 @@ class Trainer:
             self.ema.update(self.model)
         self.step += 1
 
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, micro: int):
+        """(loss, number right, number counted) of one micro-batch (label smoothing, mixing)."""
+        cfg = self.config
+        targets = one_hot_smoothed(labels, self.num_classes, cfg.label_smoothing)
+        mix_rng = np.random.default_rng([cfg.seed, epoch, micro, self.info.rank])
+        images, targets = mix_batch(images, targets, self.mix, mix_rng)
+        with autocast_context(self.device, cfg.amp):
+            logits = self.ddp_model(images)
+        loss = self._loss(logits, targets)
+        return loss, float((logits.argmax(dim=1) == labels).sum()), float(labels.shape[0])
+
     def train_one_epoch(self, epoch: int, on_step: Optional[Callable[[StepProgress], None]] = None) -> dict:
         """One pass over the training data; returns the epoch's mean loss, accuracy and speed."""
         cfg = self.config
         self._seed_epoch(epoch)
         self.ddp_model.train()
-        loss_sum = correct = seen = 0.0
+        loss_sum = correct = counted = seen = 0.0
         start = time.perf_counter()
         micro_steps = self.steps_per_epoch * cfg.accum_steps
         lr = self._set_lr()
@@ -358,18 +384,14 @@ class Trainer:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            targets = one_hot_smoothed(labels, self.num_classes, cfg.label_smoothing)
-            mix_rng = np.random.default_rng([cfg.seed, epoch, micro, self.info.rank])
-            images, targets = mix_batch(images, targets, self.mix, mix_rng)
             last_micro = (micro + 1) % cfg.accum_steps == 0
             sync = contextlib.nullcontext() if (last_micro or not self.info.enabled) else self.ddp_model.no_sync()
             with sync:
-                with autocast_context(self.device, cfg.amp):
-                    logits = self.ddp_model(images)
-                loss = self._loss(logits, targets)
+                loss, right, count = self._forward_loss(images, labels, epoch, micro)
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             loss_sum += loss.item() * labels.shape[0]
-            correct += (logits.argmax(dim=1) == labels).sum().item()
+            correct += right
+            counted += count
             seen += labels.shape[0]
             if last_micro:
                 lr = self._set_lr()
@@ -379,21 +401,26 @@ class Trainer:
                     done = (micro + 1) // cfg.accum_steps
                     on_step(StepProgress(
                         epoch=epoch, epochs=cfg.epochs, step=done, steps=self.steps_per_epoch,
-                        loss=loss_sum / seen, accuracy=100.0 * correct / seen,
+                        loss=loss_sum / seen, accuracy=100.0 * correct / max(counted, 1.0),
                         images_per_second=seen * self.info.world_size / elapsed, lr=lr,
                         eta_seconds=elapsed / done * (self.steps_per_epoch - done),
                     ))
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"the training loss became {loss_sum} in epoch {epoch + 1}; lower --lr")
         seconds = time.perf_counter() - start
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.info)
-        return {"train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+        loss_sum, correct, counted, seen = all_reduce_sum([loss_sum, correct, counted, seen], self.info)
+        return {"train_loss": loss_sum / seen, "train_acc": 100.0 * correct / max(counted, 1.0),
                 "train_images_per_second": seen / seconds, "lr": lr, "train_seconds": seconds}
 
+    def _evaluate(self, model: nn.Module) -> EvalResult:
+        return evaluate(model, self.val_loader, self.device, self.config.amp, self.config.channels_last, self.info)
+
     def validate(self) -> Dict[str, EvalResult]:
-        results = {"model": evaluate(self.model, self.val_loader, self.device, self.config.amp, self.config.channels_last, self.info)}
+        broadcast_buffers(self.model, self.info)  # every rank scores its shard with rank 0's model
+        results = {"model": self._evaluate(self.model)}
         if self.ema is not None:
-            results["ema"] = evaluate(self.ema.module, self.val_loader, self.device, self.config.amp, self.config.channels_last, self.info)
+            broadcast_buffers(self.ema.module, self.info)
+            results["ema"] = self._evaluate(self.ema.module)
         return results
 
     def fit(self, on_step: Optional[Callable[[StepProgress], None]] = None,
@@ -407,7 +434,7 @@ class Trainer:
             record["step"] = self.step
             for name, result in self.validate().items():
                 prefix = "val" if name == "model" else "ema_val"
-                record.update({f"{prefix}_top1": result.top1, f"{prefix}_top5": result.top5, f"{prefix}_loss": result.loss})
+                record.update({f"{prefix}_{key}": value for key, value in result.metrics().items()})
                 record["val_skipped"] = result.skipped
             record["train_skipped_total"] = int(all_reduce_sum([len(self.skipped_paths)], self.info)[0])
             if self.info.enabled:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import convzoo
 from convzoo.layers import ReparamLargeKernelConv, fuse_conv_bn, reparameterize
 from convzoo.layers.reparam import ConvNormAct, DepthwiseConv2d, conv_norm_act
+from convzoo.layers import is_reparameterized
 
 
 def randomize_bn(module: nn.Module) -> None:
@@ -263,7 +264,7 @@ def test_reparameterize_walks_a_model():
     expected = model.eval()(x)
     model.train()
     out = convzoo.reparameterize(model)
-    assert out is model and not model.training and model.is_reparameterized
+    assert out is model and not model.training and is_reparameterized(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert model[1][0].lkb_reparam is not None
     assert_rel_close(model(x), expected)
@@ -285,3 +286,39 @@ def test_reparameterize_leaves_children_of_a_handled_module():
     reparameterize(model)
     assert calls == ["outer"]
     assert isinstance(model[0].inner.bn, nn.BatchNorm2d)
+
+
+def test_reparameterize_a_single_layer_and_twice():
+    """The walker on the layer itself (it declares ``is_reparameterized`` read-only)."""
+    layer = ReparamLargeKernelConv(8, 7, (3,))
+    randomize_bn(layer)
+    layer.eval()
+    x = torch.randn(2, 8, 9, 9)
+    expected = layer(x)
+    assert not is_reparameterized(layer) and not layer.is_reparameterized
+    assert convzoo.reparameterize(layer) is layer
+    assert is_reparameterized(layer) and layer.is_reparameterized
+    merged = layer.lkb_reparam
+    convzoo.reparameterize(layer)
+    assert layer.lkb_reparam is merged
+    assert_rel_close(layer(x), expected)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: conv_norm_act(4, 6, 3, act=True), id="conv_norm_act"),
+        pytest.param(lambda: conv_norm_act(6, 6, 5, groups=6), id="depthwise_conv_norm"),
+        pytest.param(lambda: ReparamLargeKernelConv(6, 9, small_kernels=(5, 3), small_dilations=(1, 2)), id="large_kernel"),
+    ],
+)
+def test_reparameterize_every_layer_on_its_own(make):
+    layer = make()
+    randomize_bn(layer)
+    layer.eval()
+    x = torch.randn(2, 6 if isinstance(layer, ReparamLargeKernelConv) or layer.conv.in_channels == 6 else 4, 11, 10)
+    expected = layer(x)
+    convzoo.reparameterize(layer)
+    assert is_reparameterized(layer)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in layer.modules())
+    assert_rel_close(layer(x), expected)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import convzoo
 from convzoo.models import _registry, build_model, load_model, save_checkpoint
 from convzoo.models._checkpoint import load_checkpoint, read_state_dict
+from convzoo.layers import is_reparameterized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,4 +219,4 @@ def test_reparameterize_walks_children_and_marks_model():
     net = nn.Sequential(Branchy("a"), nn.Sequential(Branchy("b")))
     net.train()
     assert convzoo.reparameterize(net) is net
-    assert calls == ["a", "b"] and not net.training and net.is_reparameterized
+    assert calls == ["a", "b"] and not net.training and is_reparameterized(net)

@@ -1,4 +1,5 @@
-"""Checks every registered model must pass, parametrised over ``convzoo.list_models()``.
+"""Checks every registered classifier must pass, parametrised over ``convzoo.list_models()``
+less the segmentation models (``upernet_*``, ``semfpn_*``: tests/models/test_segmentation.py).
 
 Families listed in ``SMALL`` run with reduced depths/widths (their variant-specific options,
 such as kernel sizes, are kept); other families run every variant whose parameter count is at
@@ -13,14 +14,20 @@ import torch.nn as nn
 
 import convzoo
 from convzoo.models import _registry
+from convzoo.layers import is_reparameterized
 
 SMALL = {
     "replknet": dict(depths=(1, 1, 1, 1), channels=(16, 16, 24, 32)),
     "convnext": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32)),
+    "convnext_ladder": dict(depths=(1, 1, 1, 1), width=8),
+    "unireplknet": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), kernel_sizes=((3,), (13,), (7,), (5,))),
 }
 MAX_PARAMS = 30_000_000
 IMAGE = 64
 NUM_CLASSES = 7
+
+
+CLASSIFIERS = [n for n in convzoo.list_models() if not n.startswith(("upernet_", "semfpn_"))]
 
 
 def family(name):
@@ -36,7 +43,7 @@ def meta_param_count(name):
 def runnable_models():
     """(name, overrides) of the models cheap enough for a real forward/backward on CPU."""
     picked, smallest = [], {}
-    for name in convzoo.list_models():
+    for name in CLASSIFIERS:
         fam = family(name)
         if fam in SMALL:
             picked.append(name)
@@ -96,7 +103,7 @@ def image(batch=2):
 # ----------------------------------------------------------------------------- every model, on meta
 
 
-@pytest.mark.parametrize("name", convzoo.list_models())
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_builds_on_meta_with_the_contract(name):
     with torch.device("meta"):
         model = convzoo.create_model(name)
@@ -113,7 +120,7 @@ def test_builds_on_meta_with_the_contract(name):
         assert callable(getattr(model, method))
 
 
-@pytest.mark.parametrize("name", convzoo.list_models())
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_unknown_name_lists_close_names(name):
     with pytest.raises(ValueError, match=f"unknown model '{name}x'; did you mean .*{name}"):
         convzoo.create_model(name + "x")
@@ -165,9 +172,51 @@ def test_reparameterize_keeps_eval_outputs(name):
         params_before = sum(p.numel() for p in model.parameters())
         convzoo.reparameterize(model)
         actual = model(x)
-    assert model.is_reparameterized and not model.training
+    assert is_reparameterized(model) and not model.training
     assert sum(p.numel() for p in model.parameters()) <= params_before
     assert_rel_close(actual, expected)
+
+
+def _inputs_of_reparameterizable_parts(model, x):
+    """{part: its input} for the first module of each class with ``reparameterize()`` in ``model``."""
+    parts, inputs, hooks = {}, {}, []
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "reparameterize", None)):
+            parts.setdefault(type(module), module)
+    for part in parts.values():
+        hooks.append(part.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0].detach().clone())))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("name", one_per_family())
+def test_reparameterize_each_part_alone_and_the_model_twice(name):
+    import copy
+
+    model = build(name)
+    randomize_norms(model)
+    model.eval()
+    x = image()
+    inputs = _inputs_of_reparameterizable_parts(model, x)  # none in SqueezeNet (no norms)
+    assert bool(inputs) == (family(name) != "squeezenet")
+    for part, part_input in inputs.items():
+        alone = copy.deepcopy(part).eval()
+        with torch.no_grad():
+            expected = alone(part_input)
+            assert convzoo.reparameterize(alone) is alone and is_reparameterized(alone), type(part).__name__
+            assert_rel_close(alone(part_input), expected)
+    with torch.no_grad():
+        expected = model(x)
+        convzoo.reparameterize(model)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        convzoo.reparameterize(model)
+        assert is_reparameterized(model)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert_rel_close(model(x), expected)
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -215,7 +264,7 @@ def test_save_and_load_model_round_trip(name, tmp_path):
     convzoo.reparameterize(model)
     convzoo.save_checkpoint(model, path)
     deployed = convzoo.models.load_model(path)
-    assert deployed.is_reparameterized
+    assert is_reparameterized(deployed)
     with torch.no_grad():
         torch.testing.assert_close(deployed.eval()(x), model(x))
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import convzoo
 from convzoo.analysis import count_flops, count_params
 from convzoo.layers import ReparamLargeKernelConv
+from convzoo.layers import is_reparameterized
 from convzoo.models.replknet import RepLKNetCfg, checkpoint_filter_fn, merge_large_kernels
 
 from _family_helpers import build_on_meta
@@ -189,7 +190,7 @@ def test_model_with_merged_large_kernels_saves_and_loads_back(tmp_path, how):
     path = tmp_path / "model.safetensors"
     convzoo.save_checkpoint(source, path)
     loaded = convzoo.models.load_model(path).eval()
-    assert not getattr(loaded, "is_reparameterized", False)
+    assert not is_reparameterized(loaded)
     assert all(m.is_reparameterized for m in loaded.modules() if isinstance(m, ReparamLargeKernelConv))
     assert "stages.0.blocks.0.pw1.bn.running_var" in loaded.state_dict()
     x = torch.randn(1, 3, 32, 32)
@@ -301,3 +302,38 @@ def test_norm_intermediate_features_only_normalises_the_dense_outputs():
         normed, raw = model.forward_intermediates(x, (1,)), plain.forward_intermediates(x, (1,))
         torch.testing.assert_close(normed[0], model.stages[1].norm(raw[0]))
     assert "stages.3.norm.running_var" in model.state_dict()
+
+
+# ----------------------------------------------------------------------------- the paper's Table 5
+
+# RepLKNet paper, Table 5 (kernel sizes per stage on the 31B macro architecture, deployed form, 224):
+# params (M) and FLOPs (G) of the two end rows; the paper's text gives the same ratio (+10.4% params,
+# +18.6% FLOPs from 3-3-3-3 to 31-29-27-13). The middle rows' figures could not be found with the
+# search tools; they are held by the per-stage difference formula below.
+TABLE5_PAPER = {(3, 3, 3, 3): (71.8, 12.9), (31, 29, 27, 13): (79.3, 15.3)}
+TABLE5_ROWS = [(3, 3, 3, 3), (7, 7, 7, 7), (13, 13, 13, 13), (25, 25, 25, 13), (31, 29, 27, 13)]
+
+
+def deployed_31b(kernel_sizes):
+    model = build_on_meta("replknet_31b", kernel_sizes=kernel_sizes, small_kernel=5 if min(kernel_sizes) >= 5 else None)
+    return convzoo.reparameterize(model)
+
+
+def test_table5_end_rows_match_the_paper_within_rounding():
+    for kernel_sizes, (params_m, gmacs) in TABLE5_PAPER.items():
+        model = deployed_31b(kernel_sizes)
+        assert abs(count_params(model) / 1e6 - params_m) < 0.15, kernel_sizes
+        assert abs(count_flops(model).macs / 1e9 - gmacs) < 0.06, kernel_sizes
+
+
+def test_table5_rows_differ_by_the_depthwise_kernels_only():
+    """Against 3-3-3-3, each row adds depth_i * C_i * (k_i^2 - 9) weights and, at 224, that many
+    MACs per output pixel of stage i (56 / 2^i squared)."""
+    depths, channels = (2, 2, 18, 2), (128, 256, 512, 1024)
+    base = deployed_31b((3, 3, 3, 3))
+    base_params, base_macs = count_params(base), count_flops(base).macs
+    for kernel_sizes in TABLE5_ROWS[1:]:
+        model = deployed_31b(kernel_sizes)
+        extra = [d * c * (k * k - 9) for d, c, k in zip(depths, channels, kernel_sizes)]
+        assert count_params(model) - base_params == sum(extra), kernel_sizes
+        assert count_flops(model).macs - base_macs == sum(e * (56 >> i) ** 2 for i, e in enumerate(extra)), kernel_sizes

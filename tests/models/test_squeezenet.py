@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import convzoo
+from convzoo.layers import is_reparameterized
 from _family_helpers import (
     assert_checkpoint_round_trip, assert_key_shapes, build_on_meta, count_macs, load_saved, num_params,
 )
@@ -120,4 +121,4 @@ def test_reparameterize_has_nothing_to_fold():
     before, params = model(x), num_params(model)
     convzoo.reparameterize(model)
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
-    assert num_params(model) == params and model.is_reparameterized
+    assert num_params(model) == params and is_reparameterized(model)
