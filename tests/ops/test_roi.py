@@ -571,3 +571,24 @@ def test_gather_engines_match_reference(engine, monkeypatch):
         torch.testing.assert_close(a, b)
         for u, v in zip(ga, gb):
             torch.testing.assert_close(u, v)
+
+
+def test_ps_roi_pool_runs_the_numba_kernels(monkeypatch):
+    """On CPU tensors ps_roi_pool and its backward run the Numba kernels, never the summed-area table."""
+    from convzoo.ops import _numba
+    from convzoo.ops.roi import cpu, reference
+
+    assert _numba.kernels(cpu.__name__) is cpu
+    x = torch.randn(2, 12, 7, 9, dtype=DT, requires_grad=True)
+    rois = make_rois(5, 2, 7, 9, 0.5)
+    want = ops.ps_roi_pool(x, rois, (2, 3), 0.5, impl="reference")
+    want_grad, = torch.autograd.grad(want.sum(), x)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(reference, "ps_roi_pool", fail)
+    monkeypatch.setattr(reference, "ps_roi_pool_backward", fail)
+    got = ops.ps_roi_pool(x, rois, (2, 3), 0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)

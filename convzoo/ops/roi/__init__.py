@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_impl, check_same, check_tensor, pair
+from .._numba import kernels
 from . import reference
 
 __all__ = ["roi_align", "deform_roi_pool", "modulated_deform_roi_pool", "ps_roi_pool", "deform_ps_roi_pool"]
@@ -287,8 +288,16 @@ _deform_roi_pool_op.register_autograd(
 # --------------------------------------------------------------------------------------
 # convzoo::ps_roi_pool
 # --------------------------------------------------------------------------------------
+def _cpu_kernels(tensor: Tensor):
+    """The Numba ps_roi_pool kernels for CPU tensors; None on other devices or without Numba."""
+    return kernels(__name__ + ".cpu") if tensor.device.type == "cpu" else None
+
+
 @torch.library.custom_op("convzoo::ps_roi_pool", mutates_args=())
 def _ps_roi_pool_op(input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float) -> Tensor:
+    cpu = _cpu_kernels(input)
+    if cpu is not None:
+        return cpu.ps_roi_pool(input, rois, (pooled_h, pooled_w), spatial_scale)
     with torch.no_grad():
         return reference.ps_roi_pool(input, rois, (pooled_h, pooled_w), spatial_scale)
 
@@ -304,6 +313,9 @@ def _ps_roi_pool_backward_op(
     spatial_scale: float,
 ) -> Tensor:
     shape = torch.Size((batch, channels, height, width))
+    cpu = _cpu_kernels(grad)
+    if cpu is not None:
+        return cpu.ps_roi_pool_backward(grad, rois, shape, (pooled_h, pooled_w), spatial_scale)
     return reference.ps_roi_pool_backward(grad, rois, shape, (pooled_h, pooled_w), spatial_scale)
 
 
