@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..layers.common import DropPath, LayerNorm2d
 from ._builder import build_model
-from ._convbn import linear_drop_path_rates, outputs_of_stages, run_blocks
+from ._convbn import linear_drop_path_rates, run_blocks, stage_outputs
 from ._registry import register_model
 
 __all__ = ["LadderCfg", "ConvNeXtLadder", "STEPS", "ladder_configs"]
@@ -220,7 +220,7 @@ class ConvNeXtLadder(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """The (N, C_i, H/4/2^i, W/4/2^i) outputs of the stages in ``indices``, in that order."""
-        outs = outputs_of_stages(self._stage_blocks(), self.stem(x), indices, self.grad_checkpointing)
+        outs = stage_outputs(self._stage_blocks(), self.stem(x), indices, self.grad_checkpointing)
         order = sorted({i % len(self.stages) for i in indices})
         return [outs[order.index(i % len(self.stages))] for i in indices]
 
