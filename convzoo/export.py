@@ -14,6 +14,7 @@ exporter when onnxscript is installed and the TorchScript one otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import io
@@ -85,6 +86,25 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return model
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops the dynamo exporter's "torchvision is not installed. Skipping torchvision::..." records:
+    they concern torchvision's own ops, which a convzoo graph does not hold."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _quiet_registration():
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _NoTorchvisionNotice()
+    registration.addFilter(notice)
+    try:
+        yield
+    finally:
+        registration.removeFilter(notice)
+
+
 def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
     names = dict(input_names=["input"], output_names=["output"])
     if exporter == "torchscript":
@@ -98,7 +118,7 @@ def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
         return
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     log = io.StringIO()
-    with redirect_stdout(log):  # the dynamo exporter reports its progress on stdout
+    with redirect_stdout(log), _quiet_registration():  # the dynamo exporter reports its progress on stdout
         torch.onnx.export(model, (x,), path, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                           external_data=False, verbose=False, **names)
     _logger.debug("dynamo exporter: %s", log.getvalue())

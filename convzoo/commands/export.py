@@ -9,7 +9,9 @@ import os
 
 from ..export import DEFAULT_OPSET, EXPORTERS, export_onnx
 from . import UsageError
-from ._tools import add_model_arguments, image_size, load_model_or_exit, model_name, positive_int
+from ._tools import (
+    add_model_arguments, check_input_size, check_output_file, image_size, load_model_or_exit, model_name, positive_int,
+)
 
 _EPILOG = f"""\
 The model is re-parameterized and put in eval mode, and its convzoo operators run their
@@ -55,6 +57,8 @@ def _check_arguments(args) -> None:
     folder = os.path.dirname(os.path.abspath(args.onnx))
     if not os.path.isdir(folder):
         raise UsageError(f"the folder of --onnx does not exist: {folder}")
+    if args.json:
+        check_output_file(args.json, "--json")
     if args.opset < 16:
         raise UsageError(f"--opset {args.opset} is too old: the deformable operators need GridSample (opset >= 16)")
     if args.exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
@@ -67,6 +71,7 @@ def _check_arguments(args) -> None:
 def run(args) -> int:
     _check_arguments(args)
     model = load_model_or_exit(args.model, args.checkpoint, args.num_classes)
+    check_input_size(model, args.input_size)
     name = model_name(model)
     result = export_onnx(
         model, args.onnx, input_size=args.input_size, batch_size=args.batch_size, opset=args.opset,

@@ -39,6 +39,7 @@ class RepLKNetCfg:
     dw_ratio: float = 1.0
     ffn_ratio: float = 4.0
     norm_intermediate_features: bool = False  # a BN on each stage's output for dense heads (XL downstream)
+    lk_shortcut: bool = True  # the RepLK blocks' identity shortcut (False: guideline 2's ablation)
 
     def __post_init__(self):
         n = len(self.depths)
@@ -59,10 +60,13 @@ class RepLKNetCfg:
 
 
 class RepLKBlock(nn.Module):
-    """x + drop_path(pw2(relu(large_kernel(pw1(prelkb_bn(x)))))) on (N, C, H, W)."""
+    """x + drop_path(pw2(relu(large_kernel(pw1(prelkb_bn(x)))))) on (N, C, H, W); without
+    ``shortcut``, the branch alone (the paper's guideline-2 ablation)."""
 
-    def __init__(self, channels: int, dw_channels: int, kernel_size: int, small_kernel: Optional[int], drop_path: float):
+    def __init__(self, channels: int, dw_channels: int, kernel_size: int, small_kernel: Optional[int], drop_path: float,
+                 shortcut: bool = True):
         super().__init__()
+        self.shortcut = shortcut
         self.pw1 = conv_norm_act(channels, dw_channels, 1, act=True)
         self.pw2 = conv_norm_act(dw_channels, channels, 1)
         small = () if small_kernel is None else (small_kernel,)
@@ -73,7 +77,7 @@ class RepLKBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
-        return x + self.drop_path(out)
+        return x + self.drop_path(out) if self.shortcut else out
 
 
 class ConvFFN(nn.Module):
@@ -100,11 +104,12 @@ class RepLKNetStage(nn.Module):
     """
 
     def __init__(self, channels: int, depth: int, kernel_size: int, small_kernel: Optional[int],
-                 drop_paths: Sequence[float], dw_ratio: float, ffn_ratio: float, norm_intermediate: bool = False):
+                 drop_paths: Sequence[float], dw_ratio: float, ffn_ratio: float, norm_intermediate: bool = False,
+                 lk_shortcut: bool = True):
         super().__init__()
         blocks = []
         for i in range(depth):
-            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), kernel_size, small_kernel, drop_paths[i]))
+            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), kernel_size, small_kernel, drop_paths[i], lk_shortcut))
             blocks.append(ConvFFN(channels, int(channels * ffn_ratio), drop_paths[i]))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.BatchNorm2d(channels) if norm_intermediate else nn.Identity()
@@ -141,7 +146,7 @@ class RepLKNet(nn.Module):
         for i, depth in enumerate(cfg.depths):
             self.stages.append(RepLKNetStage(
                 cfg.channels[i], depth, cfg.kernel_sizes[i], cfg.small_kernel,
-                rates[start:start + depth], cfg.dw_ratio, cfg.ffn_ratio, cfg.norm_intermediate_features,
+                rates[start:start + depth], cfg.dw_ratio, cfg.ffn_ratio, cfg.norm_intermediate_features, cfg.lk_shortcut,
             ))
             start += depth
             self.feature_info.append(dict(num_chs=cfg.channels[i], reduction=4 * 2 ** i, module=f"stages.{i}"))

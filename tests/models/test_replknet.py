@@ -337,3 +337,17 @@ def test_table5_rows_differ_by_the_depthwise_kernels_only():
         extra = [d * c * (k * k - 9) for d, c, k in zip(depths, channels, kernel_sizes)]
         assert count_params(model) - base_params == sum(extra), kernel_sizes
         assert count_flops(model).macs - base_macs == sum(e * (56 >> i) ** 2 for i, e in enumerate(extra)), kernel_sizes
+
+
+def test_lk_shortcut_off_drops_only_the_replk_blocks_identity():
+    torch.manual_seed(0)
+    with_sc = convzoo.create_model("replknet_tiny", num_classes=3).eval()
+    without = convzoo.create_model("replknet_tiny", num_classes=3, lk_shortcut=False).eval()
+    without.load_state_dict(with_sc.state_dict())
+    block, plain = without.stages[0].blocks[0], with_sc.stages[0].blocks[0]
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), plain(x) - x)
+        ffn_x = torch.randn(1, 32, 8, 8)
+        torch.testing.assert_close(without.stages[0].blocks[1](ffn_x), with_sc.stages[0].blocks[1](ffn_x))
+    assert count_params(without) == count_params(with_sc)
