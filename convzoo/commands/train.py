@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 
-from . import UsageError, build_model, parse_model_args
+from . import UsageError, create_model_or_exit, parse_model_args
 from ._tools import positive_int
 from . import _segmentation as _seg
 
@@ -285,7 +285,7 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
     torch.manual_seed(args.seed)
     segmentation = args.task == "segmentation"
     extra = _seg.model_kwargs(args) if segmentation else {}
-    model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+    model = create_model_or_exit(args.model, pretrained=args.pretrained, num_classes=num_classes,
                         drop_path_rate=args.drop_path, **extra, **model_args)
     if args.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..layers import DropPath, ModulatedDeformConv2d
 from ._builder import build_model
-from ._convbn import fold_bn_into_conv, linear_drop_path_rates, outputs_of_stages, run_blocks
+from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs
 from ._registry import register_model
 
 _logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class ResNet(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """The outputs of the stages in ``indices`` (N, C_i, H/stride_i, W/stride_i), in stage order."""
-        return outputs_of_stages(self.stages, self._stem(x), indices, self.grad_checkpointing)
+        return stage_outputs(self.stages, self._stem(x), indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -253,18 +253,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNet) -> 
     return state_dict
 
 
-def _create_resnet(variant: str, cfg: ResNetCfg, pretrained=None, **kwargs) -> ResNet:
+def _create_resnet(cfg: ResNetCfg, pretrained=None, **kwargs) -> ResNet:
     return build_model(ResNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def resnet50(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 (torchvision layout): 25.6M parameters, 4.1G MACs at 224x224."""
-    return _create_resnet("resnet50", ResNetCfg(layers=(3, 4, 6, 3)), pretrained, **kwargs)
+    return _create_resnet(ResNetCfg(layers=(3, 4, 6, 3)), pretrained, **kwargs)
 
 
 @register_model
 def resnet50_dcnv2(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 with modulated deformable 3x3 convs in every bottleneck of conv3-conv5."""
     cfg = ResNetCfg(layers=(3, 4, 6, 3), dcn_stages=(False, True, True, True))
-    return _create_resnet("resnet50_dcnv2", cfg, pretrained, **kwargs)
+    return _create_resnet(cfg, pretrained, **kwargs)
