@@ -37,3 +37,22 @@ def _cuda_event_times_ms(run: Callable[[], object], repeats: int) -> List[float]
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def busy_core():
+    """Start one other process that keeps a core busy (a spinning loop); returns it (``.terminate()`` it)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def peak_gflops(threads: int, size: int = 1024, repeats: int = 5) -> float:
+    """The machine's measured float32 limit: GFLOP/s of a ``size``-cube matmul on ``threads`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    try:
+        return 2 * size**3 / median_ms(lambda: a @ b, repeats, warmup=2) / 1e6
+    finally:
+        torch.set_num_threads(previous)

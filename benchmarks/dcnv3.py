@@ -5,13 +5,18 @@ the input, build normalised sampling grids, one ``F.grid_sample`` over ``N * gro
 multiply by the mask, sum over the points), with its two bugs fixed (H padded by pad_h, W by
 pad_w; stride honoured) so that it computes exactly what ``convzoo.ops.dcnv3`` computes.
 
-Usage: python benchmarks/dcnv3.py [--repeats 7] [--threads 2] [--case 8,28,4,16,3,1 --rounds 2]
-Prints a markdown table: median milliseconds of forward and forward+backward, ours vs baseline.
+Usage: python benchmarks/dcnv3.py [--repeats 7] [--threads 2] [--case 8,28,4,16,3,1 --rounds 2] [--busy]
+Prints the first call's time (Numba compiling the kernels, or loading them from its disk cache),
+then a markdown table: median milliseconds of forward and forward+backward, ours vs baseline, and
+the fraction of the machine's float32 limit ours reaches (InternImage's count of 5 multiply-adds
+per point and channel, forward; 3x that for forward+backward, over a float32 matmul's GFLOP/s).
+``--busy`` keeps one core busy with another process meanwhile.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from convzoo.ops import dcnv3
 from convzoo.ops.dcnv3.reference import kernel_grid
 
-from _timing import median_ms
+from _timing import busy_core, median_ms, peak_gflops
 
 
 def dcnv3_grid_sample(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
@@ -88,8 +93,9 @@ def bench_case(n, size, group, group_channels, kernel, stride, repeats):
             t_ours.append(median_ms(wrap(ours), 1, warmup=1))
             t_base.append(median_ms(wrap(baseline), 1, warmup=1))
         ours_ms, base_ms = statistics.median(t_ours), statistics.median(t_base)
+        flops = 2 * 5 * n * height_out * height_out * points * group * group_channels * (1 if mode == "fwd" else 3)
         rows.append((f"N={n} {size}x{size} g={group} gc={group_channels} {kernel}x{kernel} s={stride}", mode,
-                     ours_ms, base_ms))
+                     ours_ms, base_ms, flops / ours_ms / 1e6))
     return rows
 
 
@@ -99,19 +105,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--case", help="one case N,H,group,group_channels,kernel,stride (default: all four)")
     parser.add_argument("--rounds", type=int, default=1, help="run the cases this many times")
+    parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases = [(8, 28, 4, 16, 3, 1), (8, 56, 4, 16, 3, 1), (8, 28, 8, 16, 3, 2), (8, 14, 16, 16, 3, 1)]
+    start = time.perf_counter()
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    dcnv3(x, torch.zeros(1, 4, 4, 36), torch.rand(1, 4, 4, 18), 3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0).sum().backward()
+    print(f"first call (fwd+bwd, float32; Numba compile or disk-cache load): {time.perf_counter() - start:.2f} s")
+    # N=8 28x28 g4 gc16 (the issue's case), then InternImage-T's stages at batch 1 and 8.
+    stages = [(56, 4), (28, 8), (14, 16), (7, 32)]
+    cases = [(8, 28, 4, 16, 3, 1)] + [(n, size, group, 16, 3, 1) for n in (1, 8) for size, group in stages]
     if args.case:
         cases = [tuple(int(v) for v in args.case.split(","))]
     cases = cases * args.rounds
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} (ms)\n")
-    print("| shape | pass | convzoo | grid_sample | speed-up |")
-    print("|---|---|---:|---:|---:|")
-    for case in cases:
-        for shape, mode, ours_ms, base_ms in bench_case(*case, repeats=args.repeats):
-            print(f"| {shape} | {mode} | {ours_ms:.2f} | {base_ms:.2f} | {base_ms / ours_ms:.2f}x |")
+    peak = peak_gflops(args.threads)
+    busy = busy_core() if args.busy else None
+    try:
+        print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} (ms); float32 matmul "
+              f"peak {peak:.0f} GFLOP/s; {'one other process keeps a core busy' if busy else 'quiet'}\n")
+        print("| shape | pass | convzoo | grid_sample | speed-up | GFLOP/s | of peak |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for case in cases:
+            for shape, mode, ours_ms, base_ms, gflops in bench_case(*case, repeats=args.repeats):
+                print(f"| {shape} | {mode} | {ours_ms:.2f} | {base_ms:.2f} | {base_ms / ours_ms:.2f}x | "
+                      f"{gflops:.1f} | {gflops / peak:.0%} |")
+    finally:
+        if busy is not None:
+            busy.terminate()
 
 
 if __name__ == "__main__":

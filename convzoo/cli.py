@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import traceback
@@ -78,6 +79,15 @@ def _logging_to_stderr(verbosity: int):
         root.level, root.propagate, command_logger.level = saved
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout (captured in tests)
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``convzoo`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -97,6 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"convzoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`convzoo list | head`): not an error
+        _silence_stdout()
+        return EXIT_OK
     except Exception as err:  # noqa: BLE001 - the CLI turns any failure into a message + exit code
         if args.verbose >= 2:
             traceback.print_exc(file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -289,6 +290,21 @@ def test_export_deformable_layers_with_the_default_exporter(tmp_path):
     assert model.dcn.impl == "reference" and model.dcnv3.impl == "reference"
     assert result.max_rel_error <= 1e-4
     assert result.output_shape == (2, 4) and result.input_shape == (2, 3, 10, 12)
+    assert result.dynamic_batch and result.checked_shape == (3, 3, 10, 12)  # a dynamic batch by default
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_export_deformable_layers_with_dynamic_sizes(exporter, tmp_path):
+    import onnxruntime as ort
+
+    model = DeformableNet()
+    path = str(tmp_path / "net.onnx")
+    result = export_onnx(model, path, input_size=(10, 12), exporter=exporter, dynamic_size=True)
+    assert result.dynamic_size and result.checked_shape == (3, 3, 26, 28) and result.max_rel_error <= 1e-4
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 17, 9)  # another batch, another size, odd sides
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_export_refuses_bad_arguments(tmp_path):
@@ -436,10 +452,10 @@ def test_bench_compare_table_and_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "test_tiny_k3", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--model", "test_tiny_k3", "--device", "tpu"],
-     "no CUDA GPU" if not torch.cuda.is_available() else "unknown device"),
-    (["--model", "test_tiny_k3", "--compare", "tst_tiny_k9"], "did you mean"),
-    (["--model", "test_tiny_k3", "--json", "no/such/dir/b.json"], "folder of --json does not exist"),
+    pytest.param(["--model", "test_tiny_k3", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--model", "test_tiny_k3", "--device", "tpu"],
+                 "no CUDA GPU" if not torch.cuda.is_available() else "unknown device", id="device"),
+    pytest.param(["--model", "test_tiny_k3", "--compare", "tst_tiny_k9"], "did you mean", id="unknown-compare"),
+    pytest.param(["--model", "test_tiny_k3", "--json", "no/such/dir/b.json"], "dir does not exist; create it first", id="json-folder"),
 ])
 def test_bench_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -471,3 +487,132 @@ def test_python_m_convzoo_reparam_on_a_zoo_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), convzoo.reparameterize(model)(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- what a new user ran into
+
+# tiny built-in data for the training runs below
+BUILTIN_DATA = ["--image-size", "24", "--train-size", "64", "--val-size", "32", "--batch-size", "16", "--threads", "1"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _unreadable(tmp_path, suffix):
+    path = tmp_path / f"notes{suffix}"
+    path.write_text("these are my notes, not weights\n")
+    return str(path)
+
+
+def _commands_given(checkpoint, tmp_path):
+    image = str(tmp_path / "cat.png")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(image)
+    out = str(tmp_path / "out")
+    return {
+        "eval": ["eval", "--model", "replknet_tiny", "--checkpoint", checkpoint],
+        "export": ["export", "--model", "replknet_tiny", "--checkpoint", checkpoint, "--onnx", out + ".onnx"],
+        "bench": ["bench", "--model", "replknet_tiny", "--checkpoint", checkpoint],
+        "erf": ["erf", "--model", "replknet_tiny", "--checkpoint", checkpoint, "--out", out + ".png"],
+        "offsets": ["offsets", "--model", "resnet50_dcnv2", "--checkpoint", checkpoint, "--image", image, "--out", out + ".png"],
+        "reparam": ["reparam", checkpoint, out + ".safetensors", "--model", "replknet_tiny"],
+        "train --pretrained": ["train", "--pretrained", checkpoint, "--output", out],
+        "train --resume": ["train", "--resume", checkpoint, "--output", out],
+    }
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("command", ["eval", "export", "bench", "erf", "offsets", "reparam", "train --pretrained", "train --resume"])
+def test_a_text_file_given_as_checkpoint_is_named_with_the_reason(command, suffix, tmp_path, capsys):
+    checkpoint = _unreadable(tmp_path, suffix)
+    code, _, err = _run(_commands_given(checkpoint, tmp_path)[command], capsys)
+    assert code == 2, err
+    assert f"{checkpoint} is not a readable checkpoint" in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_create_model_names_an_unreadable_checkpoint(suffix, tmp_path):
+    checkpoint = _unreadable(tmp_path, suffix)
+    with pytest.raises(ValueError, match=f"{re.escape(checkpoint)} is not a readable checkpoint: it cannot be read as"):
+        convzoo.create_model("replknet_tiny", pretrained=checkpoint)
+
+
+def test_pretrained_true_explains_that_weights_come_from_a_local_file():
+    with pytest.raises(TypeError, match=r"path of a local checkpoint file .* got True; for example create_model\("):
+        convzoo.create_model("replknet_tiny", pretrained=True)
+
+
+def test_a_checkpoint_of_another_model_gives_a_short_summary_of_the_keys(tmp_path, capsys):
+    path = str(tmp_path / "resnet.safetensors")
+    state = convzoo.create_model("resnet50").state_dict()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    code, _, err = _run(["train", "--pretrained", path, "--output", str(tmp_path / "run")] + BUILTIN_DATA, capsys)
+    assert code == 2
+    assert "missing keys (" in err and "unexpected keys (" in err and "more)" in err
+    assert len(err) < 2000, len(err)
+
+
+def test_reparam_of_a_training_checkpoint_keeps_its_classes(tmp_path, capsys):
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", "replknet_tiny", "--output", output, "--epochs", "1",
+                         "--model-arg", "kernel_sizes=(3,3,3,3)", "--model-arg", "small_kernel=None"] + BUILTIN_DATA, capsys)
+    assert code == 0, err
+    out = str(tmp_path / "deployed.safetensors")
+    code, stdout, err = _run(["reparam", os.path.join(output, "checkpoint.pt"), out, "--model", "replknet_tiny",
+                              "--input-size", "32", "--repeats", "3"], capsys)
+    assert code == 0, err
+    deployed = convzoo.models.load_model(out)
+    assert deployed.num_classes == 2 and deployed.cfg.kernel_sizes == (3, 3, 3, 3)
+    assert "classifier re-initialised" not in err
+    assert "medians of 3 interleaved runs" in stdout
+
+
+def test_latency_comparison_says_when_the_machine_is_too_noisy():
+    from convzoo.analysis.latency import Comparison, compare_inference
+
+    assert Comparison(latency_ms=(10.0, 5.0), spread_ms=(1.0, 1.0), repeats=5).decided
+    assert not Comparison(latency_ms=(10.0, 9.0), spread_ms=(3.0, 0.5), repeats=5).decided
+    slow = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(6)])
+    result = compare_inference(slow, nn.Identity(), torch.randn(1, 8, 32, 32), repeats=3)
+    assert result.repeats == 3 and result.latency_ms[0] > 0 and result.latency_ms[1] >= 0
+
+
+@pytest.mark.parametrize("command", ["bench", "export", "reparam", "erf"])
+def test_an_input_too_small_for_the_model_is_refused_before_any_work(command, tmp_path, capsys):
+    model = convzoo.create_model("squeezenet1_1", num_classes=3)
+    checkpoint = str(tmp_path / "squeezenet.safetensors")
+    save_checkpoint(model, checkpoint)
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
+    out = str(tmp_path / "out")
+    argv = {
+        "bench": ["bench", "--checkpoint", checkpoint],
+        "export": ["export", "--checkpoint", checkpoint, "--onnx", out + ".onnx"],
+        "reparam": ["reparam", checkpoint, out + ".safetensors"],
+        "erf": ["erf", "--model", "squeezenet1_1", "--checkpoint", checkpoint, "--out", out + ".png", "--data", str(tmp_path)],
+    }[command]
+    if command == "bench":
+        argv += ["--model", "squeezenet1_1"]
+    code, _, err = _run(argv + ["--input-size", "8"], capsys)
+    assert code == 2 and "squeezenet1_1 cannot take a 8x8 input (--input-size)" in err, err
+    assert not any(name.startswith("out") for name in os.listdir(tmp_path))
+
+
+def test_bench_reports_its_progress(capsys):
+    code, out, err = _run(["bench", "--model", "squeezenet1_1", "--input-size", "32", "--mode", "inference",
+                           "--warmup", "0", "--repeats", "1"], capsys)
+    assert code == 0, err
+    assert "measuring squeezenet1_1 (1/1): inference, 0 warm-up + 1 timed runs of batch 1 at 32x32" in err
+    assert "squeezenet1_1 done in" in err
+
+
+def test_erf_panels_of_one_model_name_get_distinct_titles():
+    from convzoo.commands.erf import panel_names
+
+    assert panel_names(["a", "b"], [None, None]) == ["a", "b"]
+    assert panel_names(["a", "a", "b"], ["x/one.pt", None, "y.pt"]) == ["a (one.pt)", "a (random init)", "b"]
+    assert panel_names(["a", "a"], ["x/w.pt", "y/w.pt"]) == ["a (w.pt) #1", "a (w.pt) #2"]

@@ -1,4 +1,5 @@
 """End-to-end tests of `convzoo train`, `convzoo eval`, `convzoo list` and the CLI itself."""
+import argparse
 import importlib.util
 import io
 import json
@@ -82,8 +83,18 @@ def test_help_of_every_command(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
     code, out, _ = _run(argv, capsys)
     assert code == 0
-    assert out.startswith("usage: convzoo")
-    assert len(out.splitlines()) > 5
+    assert out.startswith("usage: convzoo" + ("" if command is None else f" {command}"))
+    parser = build_parser()
+    if command is not None:
+        subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = subparsers.choices[command]
+    for action in parser._actions:  # every option is explained, with its help text
+        if action.help == argparse.SUPPRESS:  # kept for old scripts, not shown
+            continue
+        for option in action.option_strings:
+            assert option in out, option
+        if action.help and action.option_strings:
+            assert action.help.split()[0] in out, action.help
 
 
 def test_no_command_and_bad_option_are_usage_errors(capsys):
@@ -191,11 +202,11 @@ def test_train_and_eval_on_an_image_folder_with_broken_files(tiny, tmp_path, cap
     summary = json.load(open(os.path.join(output, "summary.json")))
     assert summary["skipped_train_images"] == 1 and summary["skipped_val_images"] == 1
     assert "skipped images  1 train, 1 val" in out
-    assert _metrics(output)[-1]["val_top1"] >= 0
     code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
                            "--data", data, "--image-size", "16", "--workers", "0"], capsys)
     assert code == 0, err
     assert "on 12 images (1 unreadable, skipped)" in out
+    assert _top1(out) == round(_metrics(output)[-1]["val_top1"], 2)  # the same weights, images and transform
 
 
 def test_empty_class_folder_stops_before_training(tiny, tmp_path, capsys):
@@ -266,6 +277,7 @@ def _assert_same_run(first, second):
     assert _without_timings(_metrics(first)) == _without_timings(_metrics(second))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path, capsys):
     args = ["--model", TINY, "--epochs", "3", "--lr", "3e-3", "--model-ema", "0.9", "--image-size", "24",
             "--train-size", "128", "--val-size", "32", "--batch-size", "32", "--threads", "1"]
@@ -308,6 +320,7 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_single_process_training(tiny, tmp_path, capsys):
     common = ["--model", TINY, "--model-arg", "norm=group", "--epochs", "2", "--image-size", "24",
               "--train-size", "64", "--val-size", "30", "--threads", "1", "--lr", "3e-3"]
@@ -428,3 +441,98 @@ def test_failures_exit_1_and_show_a_traceback_on_request(tiny, tmp_path, capsys,
     assert code == 1 and "failed: RuntimeError: disk on fire (run with -vv for the traceback)" in err
     code, _, err = _run(["-vv"] + argv, capsys)
     assert code == 1 and "Traceback (most recent call last)" in err
+
+
+# ---------------------------------------------------------------- what a new user ran into
+
+def _top1(out):
+    return float(next(line for line in out.splitlines() if "top-1" in line).split()[-1].rstrip("%"))
+
+
+def test_eval_uses_the_training_resolution_classes_and_data_stored_in_the_checkpoint(tiny, tmp_path, capsys):
+    data = _image_folder(str(tmp_path / "data"))
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "1",
+                         "--batch-size", "4", "--workers", "0", "--output", output], capsys)
+    assert code == 0, err
+    results = {}
+    for name in ("checkpoint.pt", "model.safetensors"):
+        code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, name), "--data", data,
+                               "--workers", "0"], capsys)
+        assert code == 0, err
+        assert "resolution  16x16 (stored in the checkpoint)" in out
+        results[name] = _top1(out)
+    assert results["checkpoint.pt"] == results["model.safetensors"] == round(_metrics(output)[-1]["val_top1"], 2)
+    code, out, _ = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
+                         "--data", data, "--workers", "0", "--image-size", "20"], capsys)
+    assert code == 0 and "resolution  20x20 (--image-size)" in out
+    # without --data, the file says where it was trained; a folder of other classes is refused
+    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors")], capsys)
+    assert code == 2 and "was trained on an image folder" in err and "pass --data" in err
+    other = _image_folder(str(tmp_path / "other"), classes=("cats", "dogs", "mice"))
+    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+                         "--data", other, "--workers", "0"], capsys)
+    assert code == 2 and "cats, dogs, mice" in err and "ants, bees, wasps" in err
+
+
+def test_a_training_set_smaller_than_a_batch_lowers_the_batch_size_with_a_notice(tiny, tmp_path, capsys):
+    data = _image_folder(str(tmp_path / "data"), per_class=3)  # 9 training images, default batch 64
+    output = str(tmp_path / "run")
+    code, _, err = _run(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "1",
+                         "--workers", "0", "--output", output], capsys)
+    assert code == 0, err
+    assert "9 images, fewer than one step of --batch-size 64: using --batch-size 9" in err
+    assert _state(output)["step"] == 1
+
+
+def test_a_new_run_interrupted_at_once_keeps_the_old_run_and_a_failed_run_leaves_no_folder(tiny, tmp_path, capsys, monkeypatch):
+    from convzoo.train import loop
+
+    output = str(tmp_path / "run")
+    assert _run(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)[0] == 0
+    before = {name: open(os.path.join(output, name), "rb").read() for name in ("metrics.jsonl", "summary.json")}
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "fit", interrupted)
+    code, _, err = _run(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)
+    assert code == 130
+    assert {name: open(os.path.join(output, name), "rb").read() for name in before} == before
+    fresh = str(tmp_path / "fresh")
+    assert _run(["train", "--model", tiny, "--output", fresh, "--epochs", "1"] + BUILTIN, capsys)[0] == 130
+    assert not os.path.exists(fresh)
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(["train", "--image-size", "-5"], "expected a positive integer, got -5", id="train-image-size"),
+    pytest.param(["train", "--batch-size", "0"], "expected a positive integer, got 0", id="train-batch-size"),
+    pytest.param(["eval", "--model", "x", "--checkpoint", "x", "--image-size", "0"], "expected a positive integer", id="eval-image-size"),
+    pytest.param(["list", "--input-size", "0"], "expected a positive integer, got 0", id="list-input-size"),
+])
+def test_sizes_are_checked_before_any_work(argv, message, tmp_path, capsys):
+    code, out, err = _run(argv + (["--output", str(tmp_path / "run")] if argv[0] == "train" else []), capsys)
+    assert code == 2 and message in err and out == ""
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_eval_json_into_a_missing_folder_fails_before_evaluating(tiny, tmp_path, capsys, monkeypatch):
+    from convzoo.commands import eval as eval_command
+
+    output = str(tmp_path / "run")
+    assert _run(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)[0] == 0
+    monkeypatch.setattr(eval_command, "_dataset", lambda *a: pytest.fail("evaluation started"))
+    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+                         "--json", str(tmp_path / "nodir" / "x.json")], capsys)
+    assert code == 2 and "nodir" in err and "does not exist" in err
+
+
+def test_list_names_only_into_a_closed_pipe_exits_quietly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    process = subprocess.Popen([sys.executable, "-m", "convzoo", "list", "--names-only"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the command writes (as `| head` can be)
+    err = process.stderr.read()
+    process.wait(timeout=120)
+    assert process.returncode == 0, err.decode()
+    assert b"BrokenPipeError" not in err and b"Traceback" not in err

@@ -208,6 +208,47 @@ def measure_mode(
     )
 
 
+@dataclasses.dataclass
+class Comparison:
+    """Two models timed in turn on the same input (median ms, and the middle half of each's times)."""
+
+    latency_ms: Tuple[float, float]
+    spread_ms: Tuple[float, float]  # interquartile range of each model's times
+    repeats: int
+
+    @property
+    def decided(self) -> bool:
+        """Whether the difference of the medians exceeds the spread of both: else the machine's noise
+        is as large as the difference, and the comparison tells nothing."""
+        return abs(self.latency_ms[0] - self.latency_ms[1]) > max(self.spread_ms)
+
+
+def compare_inference(first: nn.Module, second: nn.Module, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Comparison:
+    """Time ``first`` and ``second`` (eval, no grad) on ``x`` interleaved, one call each in turn,
+    so that a change of the machine's load hits both alike; medians and spreads of each."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    steps = [_make_step(first, x, "inference"), _make_step(second, x, "inference")]
+    times: Tuple[List[float], List[float]] = ([], [])
+    for i in range(warmup + repeats):
+        for step, out in zip(steps, times):
+            measured = time_step(step, x.device, 0, 1)
+            if i >= warmup:
+                out.extend(measured)
+
+    def spread(values: List[float]) -> float:
+        if len(values) < 4:
+            return max(values) - min(values)
+        quartiles = statistics.quantiles(values, n=4)
+        return quartiles[2] - quartiles[0]
+
+    return Comparison(
+        latency_ms=(statistics.median(times[0]), statistics.median(times[1])),
+        spread_ms=(spread(times[0]), spread(times[1])),
+        repeats=repeats,
+    )
+
+
 def count_forward_flops(model: nn.Module, x: torch.Tensor) -> Optional[int]:
     """Forward FLOPs (2 * MACs) per image of ``model`` at ``x``'s shape, None when not countable."""
     try:

@@ -16,8 +16,9 @@ layout first with :func:`convzoo.ops.dcnv3_offsets_to_torchvision`, which is exa
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -139,42 +140,55 @@ class _DeformableOpRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def capture_sampling(model: nn.Module, x: torch.Tensor) -> Dict[str, SamplingMap]:
-    """Run ``model`` on ``x`` (eval, no grad) and return the sampling map of every deformable op
-    call, keyed by the calling module's name (``name#2``, ... when a module calls more than once)."""
-    module_stack: List[str] = []
+@contextlib.contextmanager
+def module_stack(model: nn.Module) -> Iterator[List[str]]:
+    """While active, the yielded list holds the names of the modules of ``model`` whose forward
+    is running, innermost last (forward pre-hooks and hooks on every module)."""
+    stack: List[str] = []
 
     def enter(name: str):
         def hook(module, inputs) -> None:
-            module_stack.append(name)
+            stack.append(name)
         return hook
 
     def leave(module, inputs, output) -> None:
-        module_stack.pop()
+        stack.pop()
 
     handles = []
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
-    recorder = _DeformableOpRecorder(module_stack)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad(), recorder:
-            model(x)
+        yield stack
     finally:
         for handle in handles:
             handle.remove()
+
+
+def unique_key(layer: str, taken) -> str:
+    """``layer``, or ``layer#2``, ``layer#3``, ... when a module called the op more than once."""
+    key, count = layer, 1
+    while key in taken:
+        count += 1
+        key = f"{layer}#{count}"
+    return key
+
+
+def capture_sampling(model: nn.Module, x: torch.Tensor) -> Dict[str, SamplingMap]:
+    """Run ``model`` on ``x`` (eval, no grad) and return the sampling map of every deformable op
+    call, keyed by the calling module's name (``name#2``, ... when a module calls more than once)."""
+    was_training = model.training
+    try:
+        model.eval()
+        with module_stack(model) as stack, torch.no_grad(), _DeformableOpRecorder(stack) as recorder:
+            model(x)
+    finally:
         model.train(was_training)
     maps: Dict[str, SamplingMap] = {}
     for layer, op, args in recorder.calls:
         convert = _sampling_from_deform_conv2d if op == "deform_conv2d" else _sampling_from_dcnv3
         sampling = convert(layer, {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in args.items()})
-        key, count = layer, 1
-        while key in maps:
-            count += 1
-            key = f"{layer}#{count}"
-        maps[key] = sampling
+        maps[unique_key(layer, maps)] = sampling
     return maps
 
 

@@ -140,3 +140,49 @@ def _point_colours(count: int) -> List[Tuple[int, int, int]]:
     base = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
             (240, 50, 230), (210, 245, 60)]
     return [base[i % len(base)] for i in range(count)]
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[Sequence[float]], title: str, unit: str,
+              bar_width: int = 90, height: int = 260, padding: int = 16) -> Image.Image:
+    """Vertical bars of the mean of each ``values[i]`` (one list of runs per label), every run
+    drawn as a dot on its bar, the mean written above; the axis starts at 0."""
+    if not labels or len(labels) != len(values) or any(len(v) == 0 for v in values):
+        raise ValueError("bar_chart needs one non-empty list of values per label")
+    title_font, text_font = font(15), font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(probe, "Ag", text_font)[1] + 4
+    label_lines = [_wrap(label, text_font, bar_width + padding - 4, probe) for label in labels]
+    label_h = max(len(lines) for lines in label_lines) * line_h
+    top_h = _text_size(probe, title, title_font)[1] + line_h + 2 * padding
+    width = max(len(labels) * (bar_width + padding) + 3 * padding, _text_size(probe, title, title_font)[0] + 2 * padding)
+    figure = Image.new("RGB", (width, top_h + height + label_h + 2 * padding), BACKGROUND)
+    draw = ImageDraw.Draw(figure)
+    draw.text((padding, padding), title, fill=TEXT, font=title_font)
+    peak = max(max(v) for v in values) or 1.0
+    base = top_h + height
+    draw.line([(padding, base), (width - padding, base)], fill=TEXT, width=1)
+    colours = _point_colours(len(labels))
+    for k, (label, runs, colour) in enumerate(zip(labels, values, colours)):
+        left = 2 * padding + k * (bar_width + padding)
+        mean = sum(runs) / len(runs)
+        bar_top = base - round(height * mean / peak)
+        draw.rectangle([left, bar_top, left + bar_width, base], fill=colour)
+        for run in runs:
+            y = base - height * run / peak
+            draw.ellipse([left + bar_width / 2 - 3, y - 3, left + bar_width / 2 + 3, y + 3], fill=(0, 0, 0))
+        text = f"{mean:.1f}{unit}"
+        draw.text((left + (bar_width - _text_size(draw, text, text_font)[0]) // 2, bar_top - line_h), text, fill=TEXT, font=text_font)
+        for i, line in enumerate(label_lines[k]):
+            draw.text((left, base + padding // 2 + i * line_h), line, fill=TEXT, font=text_font)
+    return figure
+
+
+def _wrap(text: str, text_font, width: int, draw: ImageDraw.ImageDraw) -> List[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (a long word stays whole)."""
+    lines: List[str] = []
+    for word in text.split():
+        if lines and _text_size(draw, lines[-1] + " " + word, text_font)[0] <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]

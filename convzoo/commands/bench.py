@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 import json
-import os
+import logging
+import textwrap
+import time
 from typing import List
 
 import torch
@@ -12,8 +13,11 @@ import torch
 from ..analysis.latency import MODES, BenchResult, benchmark
 from . import UsageError
 from ._tools import (
-    add_device_argument, add_model_arguments, image_size, load_model_or_exit, positive_int, resolve_device,
+    add_device_argument, add_model_arguments, check_input_size, check_output_file, image_size, load_model_or_exit,
+    positive_int, resolve_device,
 )
+
+_logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -104,19 +108,26 @@ def run(args) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu" and args.mode != "inference":
         raise UsageError(f"training in {args.dtype} on CPU is not supported by all kernels; add --mode inference or use --dtype float32")
-    if args.json and os.path.dirname(os.path.abspath(args.json)) and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise UsageError(f"the folder of --json does not exist: {os.path.dirname(os.path.abspath(args.json))}")
+    if args.json:
+        check_output_file(args.json, "--json")
     names = [args.model] + ([args.compare] if args.compare else [])
     checkpoints = [args.checkpoint, None]
     models = [load_model_or_exit(n, c, args.num_classes) for n, c in zip(names, checkpoints)]
+    for model in models:
+        check_input_size(model, args.input_size)
     modes = MODES if args.mode == "both" else (args.mode,)
     results = []
-    for name, model in zip(names, models):
+    for index, (name, model) in enumerate(zip(names, models), 1):
+        start = time.perf_counter()
+        _logger.info("measuring %s (%d/%d): %s, %d warm-up + %d timed runs of batch %d at %dx%d on %s ...",
+                     name, index, len(models), " and ".join(modes), args.warmup, args.repeats, args.batch_size,
+                     args.input_size[0], args.input_size[1], device)
         results.append(benchmark(
             model, input_size=args.input_size, batch_size=args.batch_size, modes=modes, reparam=args.reparam,
             warmup=args.warmup, repeats=args.repeats, device=device, dtype=dtype,
             channels_last=args.channels_last, name=name,
         ))
+        _logger.info("  %s done in %.1f s", name, time.perf_counter() - start)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

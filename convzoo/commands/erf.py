@@ -6,7 +6,7 @@ import textwrap
 import json
 import logging
 import os
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch
 from ..analysis.erf import THRESHOLDS, ERFResult, effective_receptive_field, recalibrate_batchnorm
 from ..analysis.plotting import heatmap_image, panels_figure
 from . import UsageError
-from ._tools import check_model_names, image_size, load_model_or_exit, positive_int, resolve_device
+from ._tools import check_input_size, check_model_names, image_size, load_model_or_exit, positive_int, resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def register(subparsers) -> None:
                         help="registered model name; repeat to compare several models in one figure")
     parser.add_argument("--checkpoint", action="append", metavar="PATH",
                         help="weights for the --model at the same position (repeat once per model, or leave out for random init)")
+    parser.add_argument("--label", action="append", metavar="TEXT",
+                        help="title of the panel of the --model at the same position (default: the model name)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size of official checkpoints (default 1000)")
     parser.add_argument("--data", metavar="DIR", help="folder of images (DIR/val/... or DIR/...); default: the built-in data set")
     parser.add_argument("--builtin", choices=("relations", "bands"), default="relations",
@@ -136,6 +138,8 @@ def _check_arguments(args) -> None:
             raise UsageError(f"the output folder does not exist: {folder}")
     if args.checkpoint and len(args.checkpoint) != len(args.model):
         raise UsageError(f"give one --checkpoint per --model ({len(args.model)} models, {len(args.checkpoint)} checkpoints), or none")
+    if args.label and len(args.label) != len(args.model):
+        raise UsageError(f"give one --label per --model ({len(args.model)} models, {len(args.label)} labels), or none")
     if args.recalibrate_bn is not None and args.recalibrate_bn < 0:
         raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.data is not None and not os.path.isdir(args.data):
@@ -163,6 +167,17 @@ def _caption(result: ERFResult) -> List[str]:
     return lines
 
 
+def panel_names(names: List[str], checkpoints: List[Optional[str]]) -> List[str]:
+    """One distinct title per model: a name given twice is told apart by its checkpoint's file
+    name ("random init" without one), then by its position."""
+    titles = []
+    for name, checkpoint in zip(names, checkpoints):
+        if names.count(name) > 1:
+            name = f"{name} ({os.path.basename(checkpoint) if checkpoint else 'random init'})"
+        titles.append(name)
+    return [f"{t} #{i + 1}" if titles.count(t) > 1 else t for i, t in enumerate(titles)]
+
+
 def run(args) -> int:
     _check_arguments(args)
     check_model_names(args.model)
@@ -174,13 +189,16 @@ def run(args) -> int:
     device = resolve_device(args.device)
     checkpoints = args.checkpoint or [None] * len(args.model)
     models = [load_model_or_exit(n, c, args.num_classes) for n, c in zip(args.model, checkpoints)]
+    for model in models:
+        check_input_size(model, args.input_size)
     results = []
-    for name, checkpoint, model in zip(args.model, checkpoints, models):
+    titles = args.label or panel_names(args.model, checkpoints)
+    for name, title, checkpoint, model in zip(args.model, titles, checkpoints, models):
         calibration = args.recalibrate_bn if args.recalibrate_bn is not None else (8 if checkpoint is None else 0)
         if calibration > 0 and recalibrate_batchnorm(model, _batches(args, files), calibration, device=device):
             print(f"{name}: BatchNorm statistics re-estimated on {calibration} images (--recalibrate-bn)")
         try:
-            results.append(effective_receptive_field(model, _batches(args, files), args.num_images, name=name, device=device))
+            results.append(effective_receptive_field(model, _batches(args, files), args.num_images, name=title, device=device))
         except ValueError as error:
             raise UsageError(f"{name}: {error}") from None
     panels = [(heatmap_image(r.scores(), args.panel_size), r.model, _caption(r)) for r in results]

@@ -6,8 +6,9 @@ import json
 import os
 import sys
 
-from . import UsageError, build_model, parse_model_args
+from . import UsageError, create_model_or_exit, parse_model_args
 from . import _segmentation as _seg
+from ._tools import check_output_file, positive_int
 
 _DESCRIPTION = """\
 Evaluate a model checkpoint: top-1 and top-5 accuracy, mean loss, images per second.
@@ -39,8 +40,10 @@ def register(subparsers) -> None:
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the model's config (as in training), VALUE a Python literal")
     parser.add_argument("--data", metavar="DIR", help="image folder with val/<class>/<images> (default: the built-in data set)")
-    parser.add_argument("--image-size", type=int, metavar="PX", help="resolution (default: the training run's, else 224 / 32 built-in)")
-    parser.add_argument("--crop-pct", type=float, default=0.875, help="image folders: centre crop fraction (default: 0.875)")
+    parser.add_argument("--image-size", type=positive_int, metavar="PX",
+                        help="resolution (default: the one stored in the checkpoint, else 224)")
+    parser.add_argument("--crop-pct", type=float, default=None,
+                        help="image folders: centre crop fraction (default: the checkpoint's, else 0.875)")
     parser.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                         help="training checkpoints: which weights (auto: EMA when present)")
     parser.add_argument("--reparam", action="store_true", help="evaluate the re-parameterized (deployed) model")
@@ -79,7 +82,7 @@ def _load_model(args, num_classes_from_data, state):
         if meta.get("model_name") != args.model:
             raise UsageError(f"{args.checkpoint} holds a {meta.get('model_name')} model, not {args.model}")
         model_args = {**meta.get("model_args", {}), **model_args}
-        model = build_model(args.model, num_classes=int(meta["num_classes"]), **model_args)
+        model = create_model_or_exit(args.model, num_classes=int(meta["num_classes"]), **model_args)
         use_ema = args.weights == "ema" or (args.weights == "auto" and state.get("model_ema") is not None)
         if use_ema and state.get("model_ema") is None:
             raise UsageError(f"{args.checkpoint} has no EMA weights (trained without --model-ema)")
@@ -98,12 +101,38 @@ def _load_model(args, num_classes_from_data, state):
     elif num_classes_from_data is not None:
         kwargs["num_classes"] = num_classes_from_data
     torch.manual_seed(0)
-    return build_model(args.model, pretrained=args.checkpoint, **kwargs), "file"
+    return create_model_or_exit(args.model, pretrained=args.checkpoint, **kwargs), "file"
 
 
-def _dataset(args, state):
+def _input_cfg(args, state) -> dict:
+    """The input configuration the checkpoint was trained with (``pretrained_cfg``: resolution,
+    normalisation, class names, data set), ``{}`` when the file does not store one."""
+    from ..models._checkpoint import read_metadata, stored_pretrained_cfg
+
+    if state is not None:
+        cfg = dict(state["meta"].get("pretrained_cfg") or {})
+        cfg.setdefault("dataset", state["meta"].get("data", {}))
+        return cfg
+    try:
+        return stored_pretrained_cfg(read_metadata(args.checkpoint))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _resolution(args, cfg) -> tuple:
+    """(image size, where it came from)."""
+    if args.image_size:
+        return args.image_size, "--image-size"
+    if cfg.get("input_size"):
+        return int(cfg["input_size"][-1]), "stored in the checkpoint"
+    return None, "default"
+
+
+def _dataset(args, cfg):
+    from ..models._builder import IMAGENET_MEAN, IMAGENET_STD
     from ..train.data import DataError, ImageFolder, RelationConfig, RelationDataset, eval_transform, find_classes
 
+    size, _ = _resolution(args, cfg)
     if args.data:
         val_dir = os.path.join(args.data, "val")
         if not os.path.isdir(args.data):
@@ -113,20 +142,32 @@ def _dataset(args, state):
         try:
             train_dir = os.path.join(args.data, "train")
             classes = find_classes(train_dir) if os.path.isdir(train_dir) else find_classes(val_dir)
-            transform = eval_transform(args.image_size or 224, args.crop_pct)
+            trained = cfg.get("label_names")
+            if trained and list(trained) != classes:
+                raise UsageError(
+                    f"{args.data} has the classes {', '.join(classes)}, but {args.checkpoint} was trained on "
+                    f"{', '.join(trained)}; evaluate it on a folder with the same classes"
+                )
+            crop_pct = args.crop_pct if args.crop_pct is not None else cfg.get("crop_pct", 0.875)
+            transform = eval_transform(size or 224, crop_pct, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
             return ImageFolder(val_dir, transform, {c: i for i, c in enumerate(classes)}, skip_policy="drop")
         except DataError as err:
             raise UsageError(str(err)) from None
-    data = dict((state or {}).get("meta", {}).get("data", {}))
+    data = dict(cfg.get("dataset") or {})
     if data and data.get("kind") != "builtin-relations":
         raise UsageError(f"{args.checkpoint} was trained on an image folder ({data.get('root')}); pass --data")
     data.pop("kind", None)
-    if args.image_size:
-        data["image_size"] = args.image_size
+    if size:
+        data["image_size"] = size
     try:
         return RelationDataset("val", RelationConfig(**data))
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
+
+
+def _image_size_of(dataset) -> int:
+    config = getattr(dataset, "config", None)  # the built-in set; an image folder's first step crops
+    return int(config.image_size) if config is not None else int(dataset.transform.transforms[0].size)
 
 
 def run(args) -> int:
@@ -142,6 +183,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if not os.path.isfile(args.checkpoint):
         raise UsageError(f"checkpoint file not found: {args.checkpoint}")
+    if args.json:
+        check_output_file(args.json, "--json")
     try:
         device = pick_device(args.device)
     except ValueError as err:
@@ -149,7 +192,8 @@ def run(args) -> int:
     state = _training_state(args.checkpoint)
     if _seg.is_segmentation_eval(args, state):
         return _seg.run_eval(args, state, device, _load_model)
-    dataset = _dataset(args, state)
+    cfg = _input_cfg(args, state)
+    dataset = _dataset(args, cfg)
     model, weights = _load_model(args, getattr(dataset, "num_classes", None), state)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != dataset.num_classes:
@@ -168,7 +212,7 @@ def run(args) -> int:
         "top1": result.top1, "top5": result.top5, "loss": result.loss, "images": result.num_images,
         "skipped_images": result.skipped, "seconds": result.seconds, "images_per_second": result.images_per_second,
         "parameters": sum(p.numel() for p in model.parameters()), "parameters_before_reparam": params_before,
-        "device": str(device),
+        "device": str(device), "image_size": _image_size_of(dataset),
     }
     if args.json:
         with open(args.json, "w") as handle:
@@ -176,6 +220,8 @@ def run(args) -> int:
     form = "re-parameterized" if args.reparam else "as trained"
     print(f"{args.model} ({form}, {weights} weights) on {report['images']} images"
           + (f" ({report['skipped_images']} unreadable, skipped)" if report["skipped_images"] else ""))
+    size_source = _resolution(args, cfg)[1]
+    print(f"  resolution  {report['image_size']}x{report['image_size']} ({size_source})")
     print(f"  top-1       {result.top1:.2f}%")
     print(f"  top-5       {result.top5:.2f}%")
     print(f"  loss        {result.loss:.4f}")

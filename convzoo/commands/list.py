@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import logging
+import sys
+
+from ._tools import positive_int
 
 _logger = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
         epilog="examples:\n  convzoo list\n  convzoo list 'replknet*' --input-size 384\n  convzoo list --names-only",
     )
     parser.add_argument("pattern", nargs="?", metavar="PATTERN", help="shell-style filter on the names, e.g. 'convnext*'")
-    parser.add_argument("--input-size", type=int, default=224, metavar="PX", help="image side for the FLOP count (default: 224)")
+    parser.add_argument("--input-size", type=positive_int, default=224, metavar="PX", help="image side for the FLOP count (default: 224)")
     parser.add_argument("--names-only", action="store_true", help="print only the names (no model is built)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)

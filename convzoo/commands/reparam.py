@@ -9,11 +9,11 @@ import os
 import torch
 
 from ..analysis.complexity import count_params
-from ..analysis.latency import measure_mode
+from ..analysis.latency import compare_inference
 from ..layers.reparam import is_reparameterized, reparameterize
 from ..models import save_checkpoint
 from . import UsageError
-from ._tools import image_size, is_convzoo_checkpoint, load_model_or_exit, model_name
+from ._tools import check_input_size, image_size, is_convzoo_checkpoint, load_model_or_exit, model_name
 
 _EPILOG = """\
 IN is a convzoo .safetensors checkpoint (it names its model), or an official .pth checkpoint
@@ -71,6 +71,7 @@ def _relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
 def run(args) -> int:
     _check_paths(args)
     model = load_model_or_exit(args.model, args.input, args.num_classes).eval()
+    check_input_size(model, args.input_size)
     mergeable = sum(callable(getattr(m, "reparameterize", None)) for m in model.modules())
     if mergeable and is_reparameterized(model):
         raise UsageError(f"{args.input} is already in the inference form; nothing to do")
@@ -98,9 +99,13 @@ def run(args) -> int:
     print(f"  parameters: {params_before:,} -> {params_after:,} "
           f"({100 * (params_before - params_after) / max(params_before, 1):.1f}% fewer)")
     if training_form is not None:
-        one = x[:1]
-        slow = measure_mode(training_form, one, "inference", warmup=1, repeats=args.repeats).latency_ms
-        fast = measure_mode(model, one, "inference", warmup=1, repeats=args.repeats).latency_ms
-        print(f"  latency (batch 1, {args.input_size[0]}x{args.input_size[1]}, CPU, median of {args.repeats}): "
-              f"{slow:.2f} ms -> {fast:.2f} ms ({100 * (slow - fast) / slow:.1f}% less)")
+        timing = compare_inference(training_form, model, x[:1], repeats=args.repeats)
+        slow, fast = timing.latency_ms
+        where = f"batch 1, {args.input_size[0]}x{args.input_size[1]}, CPU, medians of {args.repeats} interleaved runs"
+        if timing.decided:
+            change = f"{100 * (slow - fast) / slow:.1f}% less" if fast <= slow else f"{100 * (fast - slow) / slow:.1f}% more"
+            print(f"  latency ({where}): {slow:.2f} ms -> {fast:.2f} ms ({change})")
+        else:
+            print(f"  latency ({where}): {slow:.2f} ms -> {fast:.2f} ms; the machine is too noisy to tell "
+                  f"(the times of each form spread over {max(timing.spread_ms):.2f} ms; try more --repeats)")
     return 0

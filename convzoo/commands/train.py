@@ -5,10 +5,12 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
-from . import UsageError, build_model, parse_model_args
+from . import UsageError, create_model_or_exit, parse_model_args
+from ._tools import positive_int
 from . import _segmentation as _seg
 
 DEFAULT_MODEL = "replknet_tiny"
@@ -16,13 +18,20 @@ DEFAULT_MODEL = "replknet_tiny"
 _logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
-Train an image classifier.
+Train an image classifier (default) or, with --task segmentation, a segmentation model.
 
 With --data DIR, DIR must hold train/<class>/<images> and val/<class>/<images>
 (JPEG, PNG or WebP). Without --data, the built-in data set is used: generated on the fly
 (no files, no downloads). Its 2 classes tell whether two marks at opposite sides of a
 noisy image sit at the same height (--data-arg relation=colour|shape|shape+colour asks
 about other relations), so only a model that relates far-apart image parts can learn it.
+
+--task segmentation trains a segmentation model (upernet_<backbone>, semfpn_<backbone>) on
+a mask folder (ADE20K's images/{training,validation} + annotations/..., or images/{train,val}
++ masks/{train,val} paired by file stem; every file is checked before training), or without
+--data on the built-in band set: thin lines cut each 32x256 noisy image into bands, and a
+band's pixels take the colour of the one marker in the band, usually far away. AdamW with
+warm-up and a poly schedule, cross-entropy with ignore index 255, validation by mIoU.
 
 Each epoch appends its metrics to OUTPUT/metrics.jsonl and writes OUTPUT/checkpoint.pt
 atomically; --resume continues a run from it with exactly the same result as an
@@ -36,7 +45,11 @@ examples:
   convzoo train --model convnext_tiny --data ~/imagenet --image-size 224 --epochs 100 \\
       --batch-size 128 --lr 4e-3 --drop-path 0.1 --model-ema 0.9999 --mixup 0.8 --cutmix 1.0
   convzoo train --model convnext_tiny --pretrained convnext_tiny_1k_224.pth --data ./flowers
-  torchrun --nproc_per_node 4 -m convzoo train --model resnet50 --data ~/imagenet --sync-bn"""
+  torchrun --nproc_per_node 4 -m convzoo train --model resnet50 --data ~/imagenet --sync-bn
+  convzoo train --task segmentation                # the demo: 3-stage RepLKNet 31-29-27 + Semantic FPN, band set
+  convzoo train --task segmentation --model-arg "kernel_sizes=(3,3,3)" --model-arg small_kernel=None   # 3x3 baseline
+  convzoo train --task segmentation --model upernet_convnext_tiny --pretrained-backbone convnext_tiny_1k_224.pth \
+      --data ~/ADEChallengeData2016 --reduce-zero-label --num-classes 150 --image-size 512 --lr 1e-4 --epochs 80"""
 
 
 def register(subparsers) -> None:
@@ -57,7 +70,7 @@ def register(subparsers) -> None:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="image folder with train/ and val/ (default: the built-in data set)")
-    data.add_argument("--image-size", type=int, metavar="PX", help="training/eval resolution (default: 224 for --data, 32 for the built-in set)")
+    data.add_argument("--image-size", type=positive_int, metavar="PX", help="training/eval resolution (default: 224 for --data, 32 for the built-in set)")
     data.add_argument("--train-size", type=int, default=None, metavar="N",
                       help=f"built-in set: training images (default: 8192, segmentation: {_seg.DEFAULTS['train_size']})")
     data.add_argument("--val-size", type=int, default=None, metavar="N",
@@ -72,8 +85,8 @@ def register(subparsers) -> None:
     data.add_argument("--workers", type=int, default=None, metavar="N", help="data loader processes (default: 0 for the built-in set, 4 for --data)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=10, help="epochs (default: 10)")
-    optim.add_argument("--batch-size", type=int, default=None, metavar="N",
+    optim.add_argument("--epochs", type=positive_int, default=None, help=f"epochs (default: 10, segmentation: {_seg.DEFAULTS['epochs']})")
+    optim.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                        help=f"images per step per process (default: 64, segmentation: {_seg.DEFAULTS['batch_size']})")
     optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: 1e-3)")
     optim.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule (default: 1e-5)")
@@ -98,7 +111,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-_CLASSIFICATION_DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 8192, "val_size": 2048, "batch_size": 64}
+_CLASSIFICATION_DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 8192, "val_size": 2048, "batch_size": 64, "epochs": 10}
 
 
 def _fill_task_defaults(args) -> None:
@@ -264,36 +277,81 @@ def run(args) -> int:
 def _train(args, info, model_args, output, datasets, resume_path) -> int:
     import torch
 
-    from .. import save_checkpoint
-    from ..train.distributed import barrier
-    from ..train.loop import Trainer, load_training_checkpoint
-
     train_set, val_set, num_classes, data_info = datasets
     if args.sync_bn and info.enabled and info.device.type == "cpu":
         raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
+    _fit_batch_size(args, len(train_set), info)
     config = _train_config(args, info)
     torch.manual_seed(args.seed)
     segmentation = args.task == "segmentation"
     extra = _seg.model_kwargs(args) if segmentation else {}
-    model = build_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+    model = create_model_or_exit(args.model, pretrained=args.pretrained, num_classes=num_classes,
                         drop_path_rate=args.drop_path, **extra, **model_args)
     if args.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise UsageError(f"{args.model} does not support --grad-checkpointing")
         model.set_grad_checkpointing(True)
+    if not segmentation:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}),
+                                **_trained_input_cfg(args, data_info, getattr(model, "in_chans", 3))}
     metadata = {"model_name": args.model, "model_args": {k: v for k, v in model_args.items()},
-                "num_classes": num_classes, "data": data_info, "task": args.task}
+                "num_classes": num_classes, "data": data_info, "task": args.task,
+                "pretrained_cfg": getattr(model, "pretrained_cfg", {})}
+    created = info.is_main and not os.path.isdir(output)
+    try:
+        return _run_training(args, info, model, config, output, datasets, resume_path, metadata)
+    except BaseException:
+        # a run that stops before its first checkpoint leaves no folder behind
+        if created and not os.path.exists(os.path.join(output, "checkpoint.pt")):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _trained_input_cfg(args, data_info, in_chans: int) -> dict:
+    """What evaluation must reproduce: the training resolution, normalisation and classes."""
+    if data_info.get("kind") == "image-folder":
+        size = args.image_size or 224
+        return dict(input_size=(in_chans, size, size), label_names=list(data_info["classes"]), dataset=data_info)
+    size = args.image_size or 32
+    return dict(input_size=(in_chans, size, size), mean=(0.0,) * in_chans, std=(1.0,) * in_chans, dataset=data_info)
+
+
+def _fit_batch_size(args, num_images: int, info) -> None:
+    """Lower ``--batch-size`` (with a notice) when the training set holds less than one step."""
+    per_process = num_images // info.world_size
+    if args.batch_size * args.accum_steps <= per_process:
+        return
+    lowered = per_process // args.accum_steps
+    if lowered < 1:
+        raise UsageError(f"the training set has {num_images} images, fewer than one per process and "
+                         f"accumulation step ({info.world_size} x {args.accum_steps}); add images")
+    if info.is_main:
+        _logger.warning("the training set has %d images, fewer than one step of --batch-size %d: using "
+                        "--batch-size %d", num_images, args.batch_size, lowered)
+    args.batch_size = lowered
+
+
+def _run_training(args, info, model, config, output, datasets, resume_path, metadata) -> int:
+    from .. import save_checkpoint
+    from ..train.distributed import barrier
+    from ..train.loop import Trainer, load_training_checkpoint
+
+    train_set, val_set, num_classes, data_info = datasets
+    segmentation = args.task == "segmentation"
     if info.is_main:
         os.makedirs(output, exist_ok=True)
     trainer_cls = _seg.trainer_class() if segmentation else Trainer
     trainer = trainer_cls(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
-    if resume_path is None and info.is_main:
-        if os.path.exists(os.path.join(output, "checkpoint.pt")):
-            _logger.warning("starting a new run in %s; its old checkpoint will be replaced "
-                            "(use --resume to continue it instead)", output)
-        _write_metrics_history(output, [])
+    stale = []
+    if resume_path is None and info.is_main and os.path.exists(os.path.join(output, "checkpoint.pt")):
+        _logger.warning("starting a new run in %s; its old files will be replaced at the end of the first "
+                        "epoch (use --resume to continue it instead)", output)
+        stale = [os.path.join(output, name) for name in ("summary.json", "model.safetensors")]
     if resume_path is not None:
-        state = load_training_checkpoint(resume_path)
+        try:
+            state = load_training_checkpoint(resume_path)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         if state["meta"].get("task", "classification") != args.task:
             raise UsageError(f"{resume_path} is a {state['meta'].get('task', 'classification')} run; pass --task "
                              f"{state['meta'].get('task', 'classification')}")
@@ -312,6 +370,10 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
     tensorboard = TensorBoardLogger(os.path.join(output, "tensorboard")) if info.is_main else None
 
     def on_epoch(record):
+        for path in stale:  # the old run's results, now that this run has its first checkpoint
+            if os.path.exists(path):
+                os.remove(path)
+        stale.clear()
         if info.is_main:
             _logger.info("%s", _seg.epoch_line(record) if segmentation else _epoch_line(record))
             tensorboard(record)

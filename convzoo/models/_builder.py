@@ -10,14 +10,33 @@ constructed as ``cls(cfg, num_classes=..., in_chans=..., drop_path_rate=...)`` a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
-from typing import Optional, Sequence, Type
+from typing import Callable, Optional, Sequence, Type
 
 import torch.nn as nn
 
 from ._checkpoint import FilterFn, load_checkpoint
 from ._features import FeatureExtractor
 from ._registry import get_entry_point
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_pretrained_cfg(in_chans: int = 3, size: int = 224) -> dict:
+    """timm's per-model input configuration: what the weights expect at evaluation time."""
+    return dict(input_size=(in_chans, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
+                interpolation="bicubic")
+
+
+def _check_pretrained_path(pretrained) -> None:
+    if pretrained is None or isinstance(pretrained, (str, os.PathLike)):
+        return
+    raise TypeError(
+        f"pretrained takes the path of a local checkpoint file (convzoo never downloads weights), got "
+        f"{pretrained!r}; for example create_model('convnext_tiny', pretrained='convnext_tiny_1k_224.pth')"
+    )
 
 
 def build_model(
@@ -31,9 +50,17 @@ def build_model(
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3),
     grad_checkpointing: bool = False,
+    pretrained_cfg: Optional[dict] = None,
+    norm_layer: Optional[Callable[[int], nn.Module]] = None,
     **overrides,
 ) -> nn.Module:
-    """Build ``model_cls`` from ``cfg`` (a dataclass) with ``overrides`` applied to its fields."""
+    """Build ``model_cls`` from ``cfg`` (a dataclass) with ``overrides`` applied to its fields.
+
+    ``model.pretrained_cfg`` is :func:`default_pretrained_cfg` updated with ``pretrained_cfg``
+    (``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``; a trained model adds
+    ``label_names`` and ``dataset``); ``convzoo eval`` evaluates with it.
+    """
+    _check_pretrained_path(pretrained)
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -47,11 +74,15 @@ def build_model(
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
     cfg = dataclasses.replace(cfg, **overrides)
-    model = model_cls(cfg, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate)
+    layers = {} if norm_layer is None else {"norm_layer": norm_layer}  # e.g. nn.SyncBatchNorm, where a family takes it
+    if layers and "norm_layer" not in inspect.signature(model_cls).parameters:
+        raise TypeError(f"{model_cls.__name__} takes no norm_layer")
+    model = model_cls(cfg, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **layers)
     model.cfg = cfg
     model.num_classes = num_classes
     model.in_chans = in_chans
     model.checkpoint_filter_fn = filter_fn
+    model.pretrained_cfg = {**default_pretrained_cfg(in_chans), **(pretrained_cfg or {})}
     if pretrained is not None:
         load_checkpoint(model, pretrained, filter_fn)
     if grad_checkpointing:
@@ -68,9 +99,11 @@ def create_model(name: str, pretrained: Optional[str | os.PathLike] = None, **kw
         name: a name from :func:`convzoo.list_models`.
         pretrained: a local checkpoint: the family's official layout or convzoo's safetensors.
         **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``features_only``,
-            ``out_indices``, ``grad_checkpointing`` and any field of the family's config.
+            ``out_indices``, ``grad_checkpointing``, ``pretrained_cfg`` and any field of the
+            family's config.
     """
     entry = get_entry_point(name)
+    _check_pretrained_path(pretrained)
     model = entry(pretrained=pretrained, **kwargs)
     target = model.model if isinstance(model, FeatureExtractor) else model
     target.model_name = name

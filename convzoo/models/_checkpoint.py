@@ -5,7 +5,10 @@ Official checkpoints come as ``.pth`` files (a bare state dict, or one wrapped i
 also accepts the ``argparse.Namespace`` of training arguments that official training scripts
 store next to the weights (``{'model': ..., 'optimizer': ..., 'epoch': ..., 'args': ...}``).
 Each family passes a ``checkpoint_filter_fn(state_dict, model) -> state_dict`` that maps the
-official key layout onto ours and returns early when the keys are already native.
+official key layout onto ours and returns early when the keys are already native; it never
+changes the model. A model whose official files may hold merged (re-parameterized) modules
+names them with ``model.checkpoint_form(state_dict) -> [module names]``, and the loader merges
+those before reading the file.
 
 convzoo's own format is a ``.safetensors`` file whose metadata holds the model name and its
 config as JSON, so :func:`load_model` can rebuild the model from the file alone. The metadata
@@ -62,17 +65,33 @@ def _allow_safe_globals():
         yield
 
 
+def _unreadable(path: str, err: Exception) -> ValueError:
+    kind = "a safetensors file" if path.endswith(".safetensors") else "a PyTorch checkpoint (torch.save)"
+    reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return ValueError(f"{path} is not a readable checkpoint: it cannot be read as {kind} ({reason})")
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read a state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file on disk."""
+    """Read a state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file on disk.
+
+    A file that cannot be read as either (a text file, a truncated download) is a ``ValueError``
+    naming the file and the reason.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors' own error type; the file is the problem
+            raise _unreadable(path, err) from None
     with _allow_safe_globals():
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a foreign file
+            raise _unreadable(path, err) from None
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -86,14 +105,18 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def read_metadata(path: str | os.PathLike) -> Dict[str, str]:
-    """The string metadata of a ``.safetensors`` file (empty for other files)."""
+    """The string metadata of a ``.safetensors`` file (empty for other files); a ``ValueError``
+    when the file is not a readable safetensors file."""
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         return {}
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type; the file is the problem
+        raise _unreadable(path, err) from None
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple:
@@ -105,6 +128,13 @@ def _classifier_prefixes(model: nn.Module) -> tuple:
 
 def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _first(keys: List[str], sep: str, count: int = 5) -> str:
+    """``": a, b, c, ... (N more)"``: the first ``count`` of ``keys``, so a wrong file gives a short message."""
+    shown = sep.join(keys[:count])
+    more = f"{sep}... ({len(keys) - count} more)" if len(keys) > count else ""
+    return f": {shown}{more}"
 
 
 def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "checkpoint") -> None:
@@ -142,12 +172,15 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, source: str = "ch
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+            parts.append(f"missing keys ({len(missing)}){_first(missing, ', ')}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}){_first(unexpected, ', ')}")
         if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts))
+            parts.append(f"shape mismatches ({len(mismatched)}){_first(mismatched, '; ')}")
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__} ({len(own)} keys): " + " | ".join(parts)
+            + " (is it a checkpoint of this model, with the same options?)"
+        )
     model.load_state_dict(state, strict=False)
     if dropped_head:
         _logger.warning(
@@ -188,14 +221,21 @@ def _redo_reparameterization(model: nn.Module, meta: Mapping[str, str]) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``).
+    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``,
+    by default the model's own ``checkpoint_filter_fn``); a ``features_only`` model loads into
+    the classifier it wraps.
 
     For a convzoo file, ``model`` is first put into the (partly) re-parameterized form the
     file was saved in.
     """
+    model = model.model if hasattr(model, "out_indices") and isinstance(getattr(model, "model", None), nn.Module) else model
+    if filter_fn is None:
+        filter_fn = getattr(model, "checkpoint_filter_fn", None)
     state = read_state_dict(path)
     meta = read_metadata(path)
     _redo_reparameterization(model, meta)
+    if meta.get("format") != "convzoo" and callable(getattr(model, "checkpoint_form", None)):
+        _redo_reparameterization(model, {"reparameterized_modules": json.dumps(model.checkpoint_form(state))})
     if filter_fn is not None and meta.get("format") != "convzoo":
         state = filter_fn(state, model)
     load_state_dict_strict(model, state, source=os.fspath(path))
@@ -228,11 +268,18 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         "config": json.dumps(_config_dict(inner)),
         "reparameterized": "true" if is_reparameterized(inner) else "false",
         "reparameterized_modules": json.dumps(_reparameterized_modules(inner)),
+        "pretrained_cfg": json.dumps(getattr(inner, "pretrained_cfg", {})),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in inner.state_dict().items()}
     tmp = path + ".tmp"
     save_file(state, tmp, metadata=meta)
     os.replace(tmp, path)
+
+
+def stored_pretrained_cfg(meta: Mapping[str, str]) -> dict:
+    """The ``pretrained_cfg`` in a convzoo file's metadata (``{}`` for files written before it was stored)."""
+    cfg = json.loads(meta.get("pretrained_cfg") or "{}")
+    return {k: tuple(v) if isinstance(v, list) and k != "label_names" else v for k, v in cfg.items()}
 
 
 def load_model(path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -248,5 +295,7 @@ def load_model(path: str | os.PathLike, **kwargs) -> nn.Module:
         args["num_classes"] = int(meta["num_classes"])
     if meta.get("in_chans", "").isdigit():
         args["in_chans"] = int(meta["in_chans"])
+    if meta.get("pretrained_cfg"):
+        args["pretrained_cfg"] = stored_pretrained_cfg(meta)
     args.update(kwargs)
     return create_model(meta["model_name"], pretrained=path, **args)

@@ -18,14 +18,14 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from ..layers.common import DropPath, LayerNorm2d
 from ..layers.reparam import DepthwiseConv2d
 from ._builder import build_model
+from ._convbn import linear_drop_path_rates, run_blocks
 from ._registry import register_model
 
-__all__ = ["ConvNeXt", "ConvNeXtCfg", "checkpoint_filter_fn"]
+__all__ = ["ConvNeXt", "ConvNeXtCfg", "StagedClassifier", "Stage", "ClassifierHead", "checkpoint_filter_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,35 +94,37 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
-class ConvNeXtStage(nn.Module):
-    """Optional downsampling (LayerNorm2d + 2x2 stride-2 conv) then ``depth`` blocks."""
+class Stage(nn.Module):
+    """``downsample`` (a module, or ``nn.Identity``) then ``blocks``, with optional gradient
+    checkpointing of each block; shared by the ConvNeXt-style families."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_paths: Sequence[float], cfg: ConvNeXtCfg):
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
         super().__init__()
-        if downsample:
-            self.downsample = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
-        else:
-            self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[
-            ConvNeXtBlock(dim, cfg.kernel_size, cfg.mlp_ratio, cfg.ls_init_value, drop_paths[j]) for j in range(depth)
-        ])
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
+
+
+class ConvNeXtStage(Stage):
+    """Optional downsampling (LayerNorm2d + 2x2 stride-2 conv) then ``depth`` blocks."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_paths: Sequence[float], cfg: ConvNeXtCfg):
+        down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2)) if downsample else nn.Identity()
+        super().__init__(down, [
+            ConvNeXtBlock(dim, cfg.kernel_size, cfg.mlp_ratio, cfg.ls_init_value, drop_paths[j]) for j in range(depth)
+        ])
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool -> LayerNorm -> Linear: (N, C, H, W) -> (N, num_classes)."""
+    """Global average pool -> LayerNorm (``nn.Identity`` without ``norm``) -> Linear:
+    (N, C, H, W) -> (N, num_classes)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, norm: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -130,30 +132,22 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class ConvNeXt(nn.Module):
-    """ConvNeXt classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32."""
+class StagedClassifier(nn.Module):
+    """What the ConvNeXt-style classifiers share: ``stem``, ``stages`` (:class:`Stage`), a
+    :class:`ClassifierHead` ``head`` and ``num_features``; the stem's input is made channels-last."""
 
     classifier_name = "head.fc"
 
-    def __init__(self, cfg: ConvNeXtCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=1e-6))
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        self.feature_info = []
-        start = 0
-        for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
-            in_dim = cfg.dims[max(i - 1, 0)]
-            self.stages.append(ConvNeXtStage(in_dim, dim, depth, i > 0, rates[start:start + depth], cfg))
-            start += depth
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.num_features = cfg.dims[-1]
-        self.head = ClassifierHead(self.num_features, num_classes)
+    def _init_head_and_weights(self, num_features: int, num_classes: int, head_init_scale: float = 1.0) -> None:
+        """The head on ``num_features`` channels, truncated-normal init of every conv and linear,
+        the classifier scaled by ``head_init_scale`` (the official ConvNeXt init)."""
+        self.num_features = num_features
+        self.head = ClassifierHead(num_features, num_classes)
         self.apply(_init_weights)
         if isinstance(self.head.fc, nn.Linear):
             with torch.no_grad():
-                self.head.fc.weight.mul_(cfg.head_init_scale)
-                self.head.fc.bias.mul_(cfg.head_init_scale)
+                self.head.fc.weight.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
@@ -162,7 +156,7 @@ class ConvNeXt(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         if num_classes > 0:
-            fc = nn.Linear(self.num_features, num_classes, device=self.head.norm.weight.device)
+            fc = nn.Linear(self.num_features, num_classes, device=self.stem[0].weight.device)
             _init_weights(fc)
             self.head.fc = fc
         else:
@@ -195,6 +189,24 @@ class ConvNeXt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class ConvNeXt(StagedClassifier):
+    """ConvNeXt classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32."""
+
+    def __init__(self, cfg: ConvNeXtCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=1e-6))
+        rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        start = 0
+        for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+            in_dim = cfg.dims[max(i - 1, 0)]
+            self.stages.append(ConvNeXtStage(in_dim, dim, depth, i > 0, rates[start:start + depth], cfg))
+            start += depth
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -234,35 +246,35 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     return {_official_key_to_native(k): v for k, v in state_dict.items()}
 
 
-def _create_convnext(variant: str, cfg: ConvNeXtCfg, pretrained=None, **kwargs) -> ConvNeXt:
+def _create_convnext(cfg: ConvNeXtCfg, pretrained=None, **kwargs) -> ConvNeXt:
     return build_model(ConvNeXt, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def convnext_tiny(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-T: 28.6M params, 4.5G MACs at 224."""
-    return _create_convnext("convnext_tiny", ConvNeXtCfg(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_small(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-S: 50M params, 8.7G MACs at 224."""
-    return _create_convnext("convnext_small", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_base(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-B: 89M params, 15.4G MACs at 224."""
-    return _create_convnext("convnext_base", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_large(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-L: 198M params, 34.4G MACs at 224."""
-    return _create_convnext("convnext_large", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_xlarge(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-XL: 350M params, 60.9G MACs at 224."""
-    return _create_convnext("convnext_xlarge", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)), pretrained, **kwargs)

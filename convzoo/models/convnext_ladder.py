@@ -24,14 +24,15 @@ itself (76.1 -> 78.8 %) is a training recipe, not an architecture: see docs/pape
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..layers.common import DropPath, LayerNorm2d
 from ._builder import build_model
-from ._convbn import linear_drop_path_rates, outputs_of_stages, run_blocks
+from ._convbn import fold_bn_into_conv, linear_drop_path_rates
+from .convnext import ClassifierHead, Stage, StagedClassifier
 from ._registry import register_model
 
 __all__ = ["LadderCfg", "ConvNeXtLadder", "STEPS", "ladder_configs"]
@@ -109,12 +110,22 @@ def _act(cfg: LadderCfg) -> nn.Module:
     return nn.ReLU() if cfg.act == "relu" else nn.GELU()
 
 
+class ConvUnit(nn.Sequential):
+    """conv [+ norm] [+ act], keyed ``0``, ``1``, ``2``; ``reparameterize()`` folds a BatchNorm
+    into the conv (a LayerNorm cannot be folded and stays)."""
+
+    def reparameterize(self) -> None:
+        if len(self) > 1 and isinstance(self[1], nn.BatchNorm2d):
+            fold_bn_into_conv(self, "0", "1")
+
+
 def _unit(cfg: LadderCfg, c_in: int, c_out: int, k: int, stride: int, groups: int, norm: bool, act: bool,
-          padding: Optional[int] = None) -> nn.Sequential:
+          padding: Optional[int] = None) -> ConvUnit:
     """conv [+ norm] [+ act]; the conv has a bias unless a BatchNorm follows it; padding k // 2 by default."""
-    conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2 if padding is None else padding, groups=groups, bias=not (norm and cfg.norm == "bn"))
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2 if padding is None else padding, groups=groups,
+                     bias=not (norm and cfg.norm == "bn"))
     layers = [conv] + ([_norm(cfg, c_out)] if norm else []) + ([_act(cfg)] if act else [])
-    return nn.Sequential(*layers)
+    return ConvUnit(*layers)
 
 
 class LadderBlock(nn.Module):
@@ -154,23 +165,8 @@ class LadderBlock(nn.Module):
         return self.act_out(self.shortcut(x) + self.drop_path(y))
 
 
-class LadderHead(nn.Module):
-    """Global average pool [-> LayerNorm] -> Linear: (N, C, H, W) -> (N, num_classes)."""
-
-    def __init__(self, dim: int, num_classes: int, norm: bool):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.fc(x)
-
-
-class ConvNeXtLadder(nn.Module):
+class ConvNeXtLadder(StagedClassifier):
     """One step of the ladder as a classifier: (N, in_chans, H, W) -> (N, num_classes); strides 4-32."""
-
-    classifier_name = "head.fc"
 
     def __init__(self, cfg: LadderCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
@@ -181,60 +177,27 @@ class ConvNeXtLadder(nn.Module):
         elif cfg.stem == "patchify":
             self.stem = _unit(cfg, in_chans, stem_out, 4, 4, 1, norm=True, act=True, padding=0)
         else:
-            self.stem = nn.Sequential(*_unit(cfg, in_chans, stem_out, 7, 2, 1, norm=True, act=True),
-                                      nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = _unit(cfg, in_chans, stem_out, 7, 2, 1, norm=True, act=True)
+            self.stem.append(nn.MaxPool2d(3, stride=2, padding=1))
         rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.stages = nn.ModuleList()
         self.feature_info = []
         c_in, start = stem_out, 0
         for i, (depth, dim) in enumerate(zip(cfg.depths, dims)):
-            stage = nn.Module()
+            down = nn.Identity()
             if cfg.separate_downsample and i > 0:
-                stage.downsample = nn.Sequential(_norm(cfg, c_in), nn.Conv2d(c_in, dim, 2, stride=2))
+                down = nn.Sequential(_norm(cfg, c_in), nn.Conv2d(c_in, dim, 2, stride=2))
                 c_in = dim
-            else:
-                stage.downsample = nn.Identity()
             blocks = []
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0 and not cfg.separate_downsample) else 1
                 blocks.append(LadderBlock(cfg, c_in if j == 0 else dim, dim, stride, rates[start + j]))
-            stage.blocks = nn.Sequential(*blocks)
-            self.stages.append(stage)
+            self.stages.append(Stage(down, blocks))
             c_in, start = dim, start + depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.num_features = dims[-1]
-        self.head = LadderHead(self.num_features, num_classes, norm=cfg.separate_downsample)
-        self.grad_checkpointing = False
+        self.head = ClassifierHead(self.num_features, num_classes, norm=cfg.separate_downsample)
         self.apply(_init_weights)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        device = self.stem[0].weight.device
-        self.head.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
-    def _stage_blocks(self) -> List[List[nn.Module]]:
-        return [[stage.downsample, *stage.blocks] for stage in self.stages]
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
-        """The (N, C_i, H/4/2^i, W/4/2^i) outputs of the stages in ``indices``, in that order."""
-        outs = outputs_of_stages(self._stage_blocks(), self.stem(x), indices, self.grad_checkpointing)
-        order = sorted({i % len(self.stages) for i in indices})
-        return [outs[order.index(i % len(self.stages))] for i in indices]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for blocks in self._stage_blocks():
-            x = run_blocks(blocks, x, self.grad_checkpointing)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(module: nn.Module) -> None:

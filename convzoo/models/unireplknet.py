@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from ..layers.common import DropPath, GlobalResponseNorm, LayerNorm2d, SqueezeExcite
 from ..layers.reparam import DILATED_BRANCHES, DepthwiseConv2d, DilatedReparamBlock, fuse_conv_bn, is_reparameterized, reparameterize
 from ._builder import build_model
 from ._registry import register_model
-from .convnext import ClassifierHead, _init_weights
+from .convnext import Stage, StagedClassifier
 
 __all__ = ["UniRepLKNet", "UniRepLKNetCfg", "UniRepLKNetBlock", "checkpoint_filter_fn", "default_kernel_sizes"]
 
@@ -149,34 +148,8 @@ class UniRepLKNetBlock(nn.Module):
         self.ffn_norm = nn.Identity()
 
 
-class UniRepLKNetStage(nn.Module):
-    """Optional downsampling (3x3 stride-2 conv + LayerNorm2d) then the blocks."""
-
-    def __init__(self, in_dim: int, dim: int, kernel_sizes: Sequence[int], downsample: bool,
-                 drop_paths: Sequence[float], cfg: UniRepLKNetCfg):
-        super().__init__()
-        if downsample:
-            self.downsample = nn.Sequential(nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), LayerNorm2d(dim, eps=1e-6))
-        else:
-            self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[
-            UniRepLKNetBlock(dim, k, cfg.ffn_ratio, cfg.ls_init_value, drop_paths[j]) for j, k in enumerate(kernel_sizes)
-        ])
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
-
-
-class UniRepLKNet(nn.Module):
+class UniRepLKNet(StagedClassifier):
     """UniRepLKNet classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32."""
-
-    classifier_name = "head.fc"
 
     def __init__(self, cfg: UniRepLKNetCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
@@ -191,52 +164,12 @@ class UniRepLKNet(nn.Module):
         start = 0
         for i, (sizes, dim) in enumerate(zip(cfg.block_kernel_sizes(), cfg.dims)):
             in_dim = cfg.dims[max(i - 1, 0)]
-            self.stages.append(UniRepLKNetStage(in_dim, dim, sizes, i > 0, rates[start:start + len(sizes)], cfg))
+            down = nn.Sequential(nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), LayerNorm2d(dim, eps=1e-6)) if i else nn.Identity()
+            self.stages.append(Stage(down, [UniRepLKNetBlock(dim, k, cfg.ffn_ratio, cfg.ls_init_value, rates[start + j])
+                                            for j, k in enumerate(sizes)]))
             start += len(sizes)
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.num_features = cfg.dims[-1]
-        self.head = ClassifierHead(self.num_features, num_classes)
-        self.apply(_init_weights)
-        if isinstance(self.head.fc, nn.Linear):
-            with torch.no_grad():
-                self.head.fc.weight.mul_(cfg.head_init_scale)
-                self.head.fc.bias.mul_(cfg.head_init_scale)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        if num_classes > 0:
-            fc = nn.Linear(self.num_features, num_classes, device=self.head.norm.weight.device)
-            _init_weights(fc)
-            self.head.fc = fc
-        else:
-            self.head.fc = nn.Identity()
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
-        """The (N, dims[i], H/4/2^i, W/4/2^i) outputs of the stages in ``indices``, in that order."""
-        wanted = sorted({i % len(self.stages) for i in indices})
-        outs = {}
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages[: wanted[-1] + 1]):
-            x = stage(x)
-            outs[i] = x
-        return [outs[i % len(self.stages)] for i in indices]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_chans, H, W) -> (N, dims[-1], H/32, W/32)."""
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
 
 
 _BLOCK_RENAMES = (

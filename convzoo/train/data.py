@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..models._builder import IMAGENET_MEAN, IMAGENET_STD  # re-exported: the normalisation of image folders
+
 _logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -366,9 +366,9 @@ def train_transform(image_size: int, scale=(0.08, 1.0), hflip: float = 0.5, rand
     return Compose(steps)
 
 
-def eval_transform(image_size: int, crop_pct: float = 0.875) -> Compose:
-    """The evaluation pipeline: resize, centre crop, normalisation."""
-    return Compose([ResizeCenterCrop(image_size, crop_pct), ToNormalizedTensor()])
+def eval_transform(image_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Compose:
+    """The evaluation pipeline: resize, centre crop, normalisation with ``mean``/``std``."""
+    return Compose([ResizeCenterCrop(image_size, crop_pct), ToNormalizedTensor(mean, std)])
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,7 +179,11 @@ def atomic_torch_save(obj, path: str) -> None:
 
 def load_training_checkpoint(path: str) -> dict:
     """Read a checkpoint written by :class:`Trainer` (tensors and plain Python values only)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling fails in many ways on a foreign file
+        raise ValueError(f"{path} is not a readable checkpoint: it cannot be read as a PyTorch checkpoint "
+                         f"(torch.save) ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != "convzoo-train":
         raise ValueError(f"{path} is not a convzoo training checkpoint")
     return state
@@ -442,16 +446,20 @@ class Trainer:
             self.epoch += 1
             self.history.append(record)
             self.save_checkpoint()
-            self._append_metrics(record)
+            self._write_metrics()
             if on_epoch is not None:
                 on_epoch(record)
         return self.history
 
-    def _append_metrics(self, record: dict) -> None:
+    def _write_metrics(self) -> None:
+        """Rewrite metrics.jsonl from the history, atomically: a new run's first epoch replaces an
+        old run's file, and an interruption never leaves a torn or empty one."""
         if not (self.info.is_main and self.output_dir):
             return
-        with open(os.path.join(self.output_dir, METRICS_NAME), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        path = os.path.join(self.output_dir, METRICS_NAME)
+        with open(path + ".tmp", "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in self.history)
+        os.replace(path + ".tmp", path)
 
     def final_model(self) -> nn.Module:
         """The weights to deploy: the EMA when it is on, the trained model otherwise."""

@@ -70,3 +70,10 @@ def assert_checkpoint_round_trip(tmp_path, name: str) -> None:
     model = load_saved(tmp_path, name, reference).eval()
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x))
+
+
+def layer_norm_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the channels of (N, C, H, W), written out as the official ConvNeXt-style code does."""
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).pow(2).mean(1, keepdim=True)
+    return weight[:, None, None] * (x - mean) / torch.sqrt(var + eps) + bias[:, None, None]

@@ -10,7 +10,7 @@ import convzoo
 from convzoo.analysis import count_flops, count_params
 from convzoo.models.convnext import checkpoint_filter_fn
 
-from _family_helpers import build_on_meta
+from _family_helpers import build_on_meta, layer_norm_channels_first
 
 SMALL = dict(depths=(1, 2, 1, 1), dims=(8, 16, 16, 24))
 
@@ -41,12 +41,6 @@ def to_official(state):
         key = re.sub(r"^head\.fc\.", "head.", key)
         out[key] = value
     return out
-
-
-def layer_norm_channels_first(x, w, b):
-    mean = x.mean(1, keepdim=True)
-    var = (x - mean).pow(2).mean(1, keepdim=True)
-    return w[:, None, None] * (x - mean) / torch.sqrt(var + 1e-6) + b[:, None, None]
 
 
 def official_forward(sd, x, depths):

@@ -11,7 +11,7 @@ from convzoo.analysis import count_flops, count_params
 from convzoo.layers import DilatedReparamBlock
 from convzoo.models.unireplknet import default_kernel_sizes
 
-from _family_helpers import build_on_meta, randomize_batchnorms
+from _family_helpers import build_on_meta, layer_norm_channels_first, randomize_batchnorms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,12 +164,6 @@ def to_official(state, model):
     return out
 
 
-def ln_cf(x, w, b):
-    u = x.mean(1, keepdim=True)
-    s = (x - u).pow(2).mean(1, keepdim=True)
-    return w[:, None, None] * (x - u) / torch.sqrt(s + 1e-6) + b[:, None, None]
-
-
 def bn(x, sd, p):
     return F.batch_norm(x, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], eps=1e-5)
 
@@ -178,14 +172,14 @@ def official_forward(sd, x, kernel_sizes):
     """The official training-form forward in eval mode, from its state dict, with F ops (NCHW)."""
     p = "downsample_layers.0."
     x = F.conv2d(x, sd[p + "0.weight"], sd[p + "0.bias"], stride=2, padding=1)
-    x = F.gelu(ln_cf(x, sd[p + "1.weight"], sd[p + "1.bias"]))
+    x = F.gelu(layer_norm_channels_first(x, sd[p + "1.weight"], sd[p + "1.bias"]))
     x = F.conv2d(x, sd[p + "3.weight"], sd[p + "3.bias"], stride=2, padding=1)
-    x = ln_cf(x, sd[p + "4.weight"], sd[p + "4.bias"])
+    x = layer_norm_channels_first(x, sd[p + "4.weight"], sd[p + "4.bias"])
     for i, sizes in enumerate(kernel_sizes):
         if i:
             p = f"downsample_layers.{i}."
             x = F.conv2d(x, sd[p + "0.weight"], sd[p + "0.bias"], stride=2, padding=1)
-            x = ln_cf(x, sd[p + "1.weight"], sd[p + "1.bias"])
+            x = layer_norm_channels_first(x, sd[p + "1.weight"], sd[p + "1.bias"])
         for j, k in enumerate(sizes):
             b = f"stages.{i}.{j}."
             c = x.shape[1]

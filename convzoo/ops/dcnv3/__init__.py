@@ -36,35 +36,17 @@ exactly where torchvision samples for a depthwise all-ones weight with ``offset_
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
-from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, use_triton
-from . import cpu, reference
+from .._checks import (autocast_to_widest, check_bool, check_float, check_impl, check_int, check_same, check_tensor,
+                       plain_cpu_inference, use_triton)
+from .._numba import kernels
+from . import reference
+from .reference import Geometry
 
 __all__ = ["dcnv3", "dcnv3_offsets_to_torchvision", "torchvision_offsets_to_dcnv3"]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_scale(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"offset_scale must be a finite float, got {value!r}")
-    return float(value)
 
 
 def _num_points(kernel_h: int, kernel_w: int, remove_center: bool) -> int:
@@ -78,20 +60,23 @@ def _num_points(kernel_h: int, kernel_w: int, remove_center: bool) -> int:
 # torch.library registration: one node for torch.compile / torch.export.
 
 
-def _run_forward(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                 group, group_channels, offset_scale, remove_center, triton_path):
-    args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-            offset_scale, remove_center)
+def _cpu_kernels(x: torch.Tensor):
+    """The Numba kernel module for CPU tensors, None on other devices or without Numba."""
+    return kernels(__name__ + ".cpu") if x.device.type == "cpu" else None
+
+
+def _run_forward(x, offset, mask, geometry: Geometry, triton_path: bool) -> torch.Tensor:
     if x.shape[0] == 0 or offset.numel() == 0:
-        return x.new_zeros((x.shape[0], offset.shape[1], offset.shape[2], group * group_channels))
+        return x.new_zeros((x.shape[0], offset.shape[1], offset.shape[2], geometry.group * geometry.group_channels))
     if triton_path:
         from .triton import dcnv3_forward_triton
 
-        return dcnv3_forward_triton(x, offset, mask, *args)
-    if cpu.worth_it(x, mask):
-        return cpu.dcnv3_forward(x, offset, mask, *args)
+        return dcnv3_forward_triton(x, offset, mask, *geometry)
+    cpu = _cpu_kernels(x)
+    if cpu is not None:
+        return cpu.dcnv3_forward(x, offset, mask, geometry)
     with torch.no_grad():
-        return reference.dcnv3_forward(x, offset, mask, *args)
+        return reference.dcnv3_forward(x, offset, mask, *geometry)
 
 
 @torch.library.custom_op("convzoo::dcnv3", mutates_args=())
@@ -99,8 +84,9 @@ def _dcnv3_op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_
               stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
               group: int, group_channels: int, offset_scale: float, remove_center: bool,
               triton_path: bool) -> torch.Tensor:
-    return _run_forward(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                        dilation_w, group, group_channels, offset_scale, remove_center, triton_path)
+    geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                        group_channels, offset_scale, remove_center)
+    return _run_forward(x, offset, mask, geometry, triton_path)
 
 
 @_dcnv3_op.register_fake
@@ -114,18 +100,19 @@ def _dcnv3_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Te
                        kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                        dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
                        remove_center: bool, triton_path: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-            offset_scale, remove_center)
+    geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                        group_channels, offset_scale, remove_center)
     if x.shape[0] == 0 or offset.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(offset), torch.zeros_like(mask)
     if triton_path:
         from .triton import dcnv3_backward_triton
 
-        return dcnv3_backward_triton(grad_out, x, offset, mask, *args)
-    if cpu.worth_it(x, mask):
-        return cpu.dcnv3_backward(grad_out, x, offset, mask, *args)
+        return dcnv3_backward_triton(grad_out, x, offset, mask, *geometry)
+    cpu = _cpu_kernels(x)
+    if cpu is not None:
+        return cpu.dcnv3_backward(grad_out, x, offset, mask, geometry)
     with torch.no_grad():
-        return reference.dcnv3_backward(grad_out, x, offset, mask, *args)
+        return reference.dcnv3_backward(grad_out, x, offset, mask, *geometry)
 
 
 @_dcnv3_backward_op.register_fake
@@ -152,11 +139,11 @@ def _register_flop_formula() -> None:
     from torch.utils.flop_counter import register_flop_formula
 
     @register_flop_formula(torch.ops.convzoo.dcnv3)
-    def _dcnv3_flops(x_shape, offset_shape, mask_shape, *args, out_shape=None, **kwargs) -> int:
+    def _dcnv3_flops(x_shape, offset_shape, mask_shape, *params, out_shape=None, **kwargs) -> int:
         """2 * MACs, with InternImage's count of 5 MACs (4 bilinear + 1 mask) per point and channel."""
         n, height_out, width_out, points_times_group = mask_shape
         channels = x_shape[3]
-        group = args[8]
+        group = Geometry(*params[:len(Geometry._fields)]).group
         return 2 * 5 * n * height_out * width_out * (points_times_group // group) * channels
 
 
@@ -169,7 +156,7 @@ _register_flop_formula()
 
 def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
           stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-          group: int, group_channels: int, offset_scale: float, remove_center: bool = False,
+          group: int, group_channels: int, offset_scale: float, remove_center: bool = False, *,
           impl: str = "auto") -> torch.Tensor:
     """DCNv3 core (InternImage): grouped deformable bilinear sampling weighted by a per-point mask.
 
@@ -207,18 +194,18 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     x, offset, mask = autocast_to_widest(x, offset, mask)
     check_same("offset", offset, "x", x)
     check_same("mask", mask, "x", x)
-    kernel_h = _check_int("kernel_h", kernel_h, 1)
-    kernel_w = _check_int("kernel_w", kernel_w, 1)
-    stride_h = _check_int("stride_h", stride_h, 1)
-    stride_w = _check_int("stride_w", stride_w, 1)
-    pad_h = _check_int("pad_h", pad_h, 0)
-    pad_w = _check_int("pad_w", pad_w, 0)
-    dilation_h = _check_int("dilation_h", dilation_h, 1)
-    dilation_w = _check_int("dilation_w", dilation_w, 1)
-    group = _check_int("group", group, 1)
-    group_channels = _check_int("group_channels", group_channels, 1)
-    offset_scale = _check_scale(offset_scale)
-    remove_center = _check_bool("remove_center", remove_center)
+    kernel_h = check_int("kernel_h", kernel_h, 1)
+    kernel_w = check_int("kernel_w", kernel_w, 1)
+    stride_h = check_int("stride_h", stride_h, 1)
+    stride_w = check_int("stride_w", stride_w, 1)
+    pad_h = check_int("pad_h", pad_h, 0)
+    pad_w = check_int("pad_w", pad_w, 0)
+    dilation_h = check_int("dilation_h", dilation_h, 1)
+    dilation_w = check_int("dilation_w", dilation_w, 1)
+    group = check_int("group", group, 1)
+    group_channels = check_int("group_channels", group_channels, 1)
+    offset_scale = check_float("offset_scale", offset_scale)
+    remove_center = check_bool("remove_center", remove_center)
     points = _num_points(kernel_h, kernel_w, remove_center)
 
     n, height, width, channels = x.shape
@@ -238,15 +225,18 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     if tuple(mask.shape) != expected_mask:
         raise ValueError(f"mask must have shape {expected_mask} (N, H_out, W_out, group * P), got {tuple(mask.shape)}")
 
-    args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-            offset_scale, remove_center)
+    geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                        group_channels, offset_scale, remove_center)
     if impl == "reference":
-        return reference.dcnv3_forward(x, offset, mask, *args).to(out_dtype)
+        return reference.dcnv3_forward(x, offset, mask, *geometry).to(out_dtype)
     if impl == "triton" and x.dtype == torch.float64:
         raise TypeError("impl='triton' supports x of dtype float16, bfloat16 or float32, got float64")
     # float64 (gradcheck) always takes the exact CPU/reference path.
     triton_path = x.dtype != torch.float64 and use_triton("dcnv3", impl, x, offset, mask)
-    return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *args, triton_path).to(out_dtype)
+    if not triton_path and plain_cpu_inference(x, offset, mask):
+        # Eager CPU inference: the custom op's dispatch would cost as much as a small call's kernel.
+        return _run_forward(x, offset, mask, geometry, triton_path=False).to(out_dtype)
+    return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *geometry, triton_path).to(out_dtype)
 
 
 def _tv_shift(kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, offset_scale: float,
@@ -268,15 +258,15 @@ def _tv_positions(kernel_h: int, kernel_w: int, remove_center: bool, device) -> 
 
 
 def _check_converter_args(kernel_h, kernel_w, group, dilation_h, dilation_w, offset_scale, remove_center):
-    _check_int("kernel_h", kernel_h, 1)
-    _check_int("kernel_w", kernel_w, 1)
-    _check_int("group", group, 1)
-    _check_int("dilation_h", dilation_h, 1)
-    _check_int("dilation_w", dilation_w, 1)
-    scale = _check_scale(offset_scale)
+    check_int("kernel_h", kernel_h, 1)
+    check_int("kernel_w", kernel_w, 1)
+    check_int("group", group, 1)
+    check_int("dilation_h", dilation_h, 1)
+    check_int("dilation_w", dilation_w, 1)
+    scale = check_float("offset_scale", offset_scale)
     if scale == 0:
         raise ValueError("offset_scale must be non-zero, got 0.0")
-    remove_center = _check_bool("remove_center", remove_center)
+    remove_center = check_bool("remove_center", remove_center)
     return _num_points(kernel_h, kernel_w, remove_center), scale, remove_center
 
 

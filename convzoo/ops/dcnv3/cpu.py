@@ -1,137 +1,253 @@
-"""Fast DCNv3 kernels for the CPU, built on sparse-times-dense matrix products.
+"""DCNv3 CPU kernels compiled by Numba: forward and backward, float32 and float64.
 
-Bilinear sampling is a sparse matrix (:mod:`convzoo.ops._bilinear_sparse`): every (batch,
-output pixel, group) "bag" reads 4 corners of each of its P points. With the input zero-padded
-by one pixel (so that every sampled corner has a valid row and out-of-image corners read zero),
-the rows of ``x`` viewed as ``(N*(H+2)*(W+2)*group, group_channels)`` are the dense operand, and
+Imported through :func:`convzoo.ops._numba.kernels` only (this module needs Numba). The
+definition is that of :mod:`convzoo.ops.dcnv3`; ``reference.py`` is the oracle these kernels
+are tested against.
 
-* forward: ``out = A @ rows`` with ``A`` (bags x rows) holding ``mask * bilinear weight``;
-* grad x: ``A^T @ grad_out``;
-* grad offset and grad mask: the dot product of each corner's row with the bag's ``grad_out``
-  (one sampled dense-dense product), combined with the bilinear weights and their derivatives
-  (the CUDA kernel's formulas).
+Every array handed to the kernels is a contiguous view of the operator's own layouts:
+``x`` ``(N, H, W, G, C)``, ``offset`` ``(N, H_out, W_out, G, P, 2)`` holding ``(x, y)`` pairs,
+``mask`` ``(N, H_out, W_out, G, P)``, ``out``/``grad_out`` ``(N, H_out, W_out, G, C)``. The
+kernels run in parallel over the ``N * H_out`` output rows:
 
-The definition is that of :mod:`convzoo.ops.dcnv3`; the reference in ``reference.py`` is the
-oracle these are tested against.
+* forward: each output row is written by one thread, one pass over the channels per sample
+  (the four corners at once; a corner outside the input has weight zero);
+* backward: ``grad_offset`` and ``grad_mask`` belong to the sample's output row, so each is
+  written by one thread. ``grad_x`` is a scatter: a thread owns whole batch elements when there
+  are enough of them (it writes ``grad_x`` directly), otherwise a contiguous block of output rows
+  with its own zeroed copy of ``grad_x``, and the copies are summed afterwards. No two threads
+  ever add into the same memory.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Tuple
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sample, sampling_matrix
 from .._checks import compute_dtype
-from .reference import sampling_locations
+from .._numba import as_array, launch, require_numba, threads
+from .reference import Geometry, kernel_grid
+
+numba = require_numba()
+
+# A thread that owns a block of output rows in the backward accumulates grad_x into its own copy;
+# the copies together stay below this many bytes (fewer copies, so fewer threads, beyond it).
+MAX_BACKWARD_COPY_BYTES = 1 << 28
 
 
-# Below this many samples (N * H_out * W_out * group * P) the dense gather of reference.py is
-# faster: creating sparse matrices and starting MKL's threads costs more than the work.
-MIN_SAMPLES = 2**15
+@numba.njit(inline="always")
+def _corners(loc_x, loc_y, height, width, one):
+    """Bilinear cell of a sample read by the CUDA kernel (``-1 < loc < size``).
 
-
-def worth_it(x: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Whether these kernels should run for ``x``/``mask`` (CPU tensors, large enough)."""
-    return x.device.type == "cpu" and mask.numel() >= MIN_SAMPLES
-
-
-class _Samples(NamedTuple):
-    """Per sample ``s = (((n * H_out + ho) * W_out + wo) * group + g) * P + p``, each ``(S,)``.
-
-    ``top_left`` is the row of the padded input holding corner (y0, x0); corner k of the sample
-    is row ``top_left + shifts[k]`` for corners (y0x0, y0x1, y1x0, y1x1). Skipped samples (the
-    CUDA kernel's ``-1 < loc < size`` test fails, NaN/inf included) have ``valid == 0`` and
-    location 0.
+    Returns the top-left pixel ``(iy, ix)``, the fractional parts ``(fx, fy)`` and the validity
+    (1 or 0, the dtype of ``one``) of corners (y0x0, y0x1, y1x0, y1x1).
     """
-
-    top_left: torch.Tensor
-    shifts: Tuple[int, int, int, int]
-    frac_x: torch.Tensor
-    frac_y: torch.Tensor
-    valid: torch.Tensor
-
-
-def _samples(offset: torch.Tensor, height: int, width: int, params: tuple, int_dtype: torch.dtype) -> _Samples:
-    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group = params[:9]
-    scale, remove_center = params[10], params[11]
-    n = offset.shape[0]
-    loc_x, loc_y = sampling_locations(offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                      dilation_h, dilation_w, group, scale, remove_center)
-    inside = (loc_x > -1) & (loc_y > -1) & (loc_x < width) & (loc_y < height)
-    loc_x = torch.where(inside, loc_x, 0.0)
-    loc_y = torch.where(inside, loc_y, 0.0)
-    x0 = loc_x.floor()
-    y0 = loc_y.floor()
-    padded_w = width + 2
-    batch = torch.arange(n, device=offset.device, dtype=int_dtype).view(n, 1, 1, 1, 1) * (height + 2)
-    groups = torch.arange(group, device=offset.device, dtype=int_dtype).view(1, 1, 1, group, 1)
-    top_left = ((batch + y0.to(int_dtype) + 1) * padded_w + x0.to(int_dtype) + 1) * group + groups
-    shifts = (0, group, padded_w * group, (padded_w + 1) * group)
-    return _Samples(top_left.reshape(-1), shifts, (loc_x - x0).reshape(-1), (loc_y - y0).reshape(-1),
-                    inside.reshape(-1).to(offset.dtype))
+    y0 = np.floor(loc_y)  # math.floor would give an int64 and turn float32 arithmetic into float64
+    x0 = np.floor(loc_x)
+    iy = int(y0)
+    ix = int(x0)
+    fy = loc_y - y0
+    fx = loc_x - x0
+    zero = one - one
+    top = iy >= 0
+    bottom = iy + 1 < height
+    left = ix >= 0
+    right = ix + 1 < width
+    v00 = one if top and left else zero
+    v01 = one if top and right else zero
+    v10 = one if bottom and left else zero
+    v11 = one if bottom and right else zero
+    return iy, ix, fx, fy, v00, v01, v10, v11
 
 
-def _corner_weights(frac_x: torch.Tensor, frac_y: torch.Tensor, scale: torch.Tensor):
-    """``scale`` times the bilinear weights of corners (y0x0, y0x1, y1x0, y1x1)."""
-    scale_y1 = scale * frac_y
-    scale_y0 = scale - scale_y1
-    w01 = scale_y0 * frac_x
-    w11 = scale_y1 * frac_x
-    return scale_y0 - w01, w01, scale_y1 - w11, w11
+@numba.njit(inline="always")
+def _clamp(index, size):
+    return min(max(index, 0), size - 1)
 
 
-def _padded_rows(x: torch.Tensor, group_channels: int) -> torch.Tensor:
-    """(N, H, W, group*C) -> rows (N*(H+2)*(W+2)*group, C) of the input padded by one zero pixel."""
-    return F.pad(x, (0, 0, 1, 1, 1, 1)).reshape(-1, group_channels)
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, out):
+    """``out`` ``(N, H_out, W_out, G, C)`` of the samples (shapes in the module docstring)."""
+    n, height, width, group, channels = x.shape
+    height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
+    for row in numba.prange(n * height_out):
+        b = row // height_out
+        ho = row - b * height_out
+        for wo in range(width_out):
+            for g in range(group):
+                acc = out[b, ho, wo, g]
+                acc[:] = 0
+                for p in range(points):
+                    loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
+                    loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
+                    if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
+                        continue
+                    iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
+                    m = mask[b, ho, wo, g, p]
+                    my1 = m * fy
+                    my0 = m - my1
+                    w00 = (my0 - my0 * fx) * v00
+                    w01 = my0 * fx * v01
+                    w10 = (my1 - my1 * fx) * v10
+                    w11 = my1 * fx * v11
+                    y0, y1 = _clamp(iy, height), _clamp(iy + 1, height)
+                    x0, x1 = _clamp(ix, width), _clamp(ix + 1, width)
+                    a00, a01, a10, a11 = x[b, y0, x0, g], x[b, y0, x1, g], x[b, y1, x0, g], x[b, y1, x1, g]
+                    for c in range(channels):
+                        acc[c] += w00 * a00[c] + w01 * a01[c] + w10 * a10[c] + w11 * a11[c]
 
 
-def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, params: tuple):
-    """Compute dtype, padded rows ``(num_rows, C)``, samples, masked weights and ``(bags, P)``."""
-    group_channels = params[9]
+@numba.njit(cache=True, nogil=True)
+def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
+                   grad_x, grad_offset, grad_mask):
+    """Backward of output rows ``first_row <= row < last_row`` (of ``N * H_out``), adding into ``grad_x``."""
+    n, height, width, group, channels = x.shape
+    height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
+    for row in range(first_row, last_row):
+        b = row // height_out
+        ho = row - b * height_out
+        for wo in range(width_out):
+            for g in range(group):
+                go = grad_out[b, ho, wo, g]
+                for p in range(points):
+                    loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
+                    loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
+                    grad_offset[b, ho, wo, g, p, 0] = 0
+                    grad_offset[b, ho, wo, g, p, 1] = 0
+                    grad_mask[b, ho, wo, g, p] = 0
+                    if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
+                        continue
+                    iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
+                    m = mask[b, ho, wo, g, p]
+                    gy = one - fy
+                    gx = one - fx
+                    w00 = gy * gx * v00
+                    w01 = gy * fx * v01
+                    w10 = fy * gx * v10
+                    w11 = fy * fx * v11
+                    mw00, mw01, mw10, mw11 = m * w00, m * w01, m * w10, m * w11
+                    y0, y1 = _clamp(iy, height), _clamp(iy + 1, height)
+                    x0, x1 = _clamp(ix, width), _clamp(ix + 1, width)
+                    a00, a01, a10, a11 = x[b, y0, x0, g], x[b, y0, x1, g], x[b, y1, x0, g], x[b, y1, x1, g]
+                    g00, g01 = grad_x[b, y0, x0, g], grad_x[b, y0, x1, g]
+                    g10, g11 = grad_x[b, y1, x0, g], grad_x[b, y1, x1, g]
+                    d00 = one - one
+                    d01 = d00
+                    d10 = d00
+                    d11 = d00
+                    for c in range(channels):
+                        d00 += a00[c] * go[c]
+                        d01 += a01[c] * go[c]
+                        d10 += a10[c] * go[c]
+                        d11 += a11[c] * go[c]
+                    for c in range(channels):
+                        g00[c] += mw00 * go[c]
+                        g01[c] += mw01 * go[c]
+                        g10[c] += mw10 * go[c]
+                        g11[c] += mw11 * go[c]
+                    d00 *= v00
+                    d01 *= v01
+                    d10 *= v10
+                    d11 *= v11
+                    grad_mask[b, ho, wo, g, p] = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
+                    ms = m * scale
+                    grad_offset[b, ho, wo, g, p, 0] = (gy * (d01 - d00) + fy * (d11 - d10)) * ms
+                    grad_offset[b, ho, wo, g, p, 1] = (gx * (d10 - d00) + fx * (d11 - d01)) * ms
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _backward(grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, by_batch,
+              grad_x_copies, grad_offset, grad_mask):
+    """Backward; ``grad_x_copies`` ``(copies, N, H, W, G, C)``, zeroed.
+
+    ``by_batch``: task ``t`` owns batch element ``t`` and writes copy 0 (the only one); otherwise
+    task ``t`` owns a block of output rows and writes copy ``t``.
+    """
+    n, height_out = x.shape[0], offset.shape[1]
+    rows = n * height_out
+    tasks = n if by_batch else grad_x_copies.shape[0]
+    for parallel_task in numba.prange(tasks):
+        task = np.int64(parallel_task)  # prange's index may be unsigned: keep the arithmetic in int64
+        if by_batch:
+            first, last, copy = task * height_out, (task + 1) * height_out, 0
+        else:
+            first, last, copy = task * rows // tasks, (task + 1) * rows // tasks, task
+        _backward_rows(first, last, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
+                       grad_x_copies[copy], grad_offset, grad_mask)
+
+
+class _Prepared(NamedTuple):
+    """The kernels' inputs: arrays in the shapes of the module docstring, then the constants."""
+
+    dtype: torch.dtype
+    arrays: tuple  # x, offset, mask (NumPy views of contiguous tensors in the compute dtype)
+    constants: tuple  # grid_x, grid_y, base_x, base_y, scale, one
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(geometry: Geometry, height_out: int, width_out: int, dtype: torch.dtype) -> tuple:
+    """``(grid_x, grid_y, base_x, base_y, scale, one)`` for the kernels, in ``dtype``."""
+    g = geometry
+    grid_x, grid_y = kernel_grid(g.kernel_h, g.kernel_w, g.dilation_h, g.dilation_w, g.remove_center, dtype=dtype)
+    half_h = (g.dilation_h * (g.kernel_h - 1)) // 2
+    half_w = (g.dilation_w * (g.kernel_w - 1)) // 2
+    # As reference.sampling_locations: window centres in the compute dtype.
+    base_y = torch.arange(height_out, dtype=dtype) * g.stride_h + (half_h - g.pad_h)
+    base_x = torch.arange(width_out, dtype=dtype) * g.stride_w + (half_w - g.pad_w)
+    scalar = as_array(grid_x).dtype.type
+    return (as_array(grid_x), as_array(grid_y), as_array(base_x), as_array(base_y), scalar(g.offset_scale),
+            scalar(1))
+
+
+def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> _Prepared:
+    g = geometry
     dtype = compute_dtype(x.dtype)
-    n, height, width, channels = x.shape
-    rows = _padded_rows(x.to(dtype), group_channels)
-    num_samples = mask.numel()
-    bags = n * offset.shape[1] * offset.shape[2] * channels // group_channels
-    points = num_samples // bags
-    samples = _samples(offset.to(dtype), height, width, params, index_dtype(rows.shape[0] + 4 * points,
-                                                                            4 * num_samples + 1))
-    masked = mask.to(dtype).reshape(-1) * samples.valid
-    return dtype, rows, samples, masked, (bags, points)
+    n, height, width, _ = x.shape
+    _, height_out, width_out, _ = offset.shape
+    points = mask.shape[3] // g.group
+    arrays = (as_array(x.to(dtype).contiguous()).reshape(n, height, width, g.group, g.group_channels),
+              as_array(offset.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points, 2),
+              as_array(mask.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points))
+    return _Prepared(dtype, arrays, _constants(g, height_out, width_out, dtype))
 
 
-def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *params) -> torch.Tensor:
-    """Forward (no autograd): ``(N, H, W, G*C)`` -> ``(N, H_out, W_out, G*C)``; params as :func:`dcnv3`."""
-    _, rows, samples, masked, bag_shape = _prepare(x, offset, mask, params)
-    weights = _corner_weights(samples.frac_x, samples.frac_y, masked)
-    out = sample(sampling_matrix(samples.top_left.view(bag_shape), samples.shifts, weights, rows.shape[0]), rows)
-    return out.reshape(x.shape[0], offset.shape[1], offset.shape[2], x.shape[3]).to(x.dtype)
+def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Forward (no autograd): ``(N, H, W, G*C)`` -> ``(N, H_out, W_out, G*C)`` in x's dtype."""
+    prep = _prepare(x, offset, mask, geometry)
+    n, height_out, width_out = offset.shape[:3]
+    out = torch.empty((n, height_out, width_out, x.shape[3]), dtype=prep.dtype)
+    launch(_forward, *prep.arrays, *prep.constants, as_array(out).reshape(prep.arrays[1].shape[:4] + (-1,)),
+           work=_work(prep))
+    return out.to(x.dtype)
+
+
+def _work(prep: _Prepared) -> int:
+    """Multiply-adds of a forward: four corners per sample and channel."""
+    return 4 * prep.arrays[2].size * prep.arrays[0].shape[-1]
+
+
+def _backward_copies(n: int, x_bytes: int, work: int) -> Tuple[bool, int]:
+    """``(by_batch, copies of grad_x)`` for the backward's ``grad_x`` ownership with :func:`threads` threads."""
+    workers = threads(work)
+    if n >= workers and (n % workers == 0 or n >= 4 * workers):
+        return True, 1
+    return False, max(1, min(workers, MAX_BACKWARD_COPY_BYTES // max(1, x_bytes)))
 
 
 def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
-                   *params) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(grad_x, grad_offset, grad_mask)``; params as :func:`dcnv3`."""
-    offset_scale = params[10]
-    dtype, rows, samples, masked, bag_shape = _prepare(x, offset, mask, params)
-    n, height, width, channels = x.shape
-    grad_bags = grad_out.to(dtype).reshape(bag_shape[0], -1)
-    top_left = samples.top_left.view(bag_shape)
-    weights = _corner_weights(samples.frac_x, samples.frac_y, masked)
-
-    grad_rows = torch.zeros_like(rows)
-    add_transposed_product(grad_rows, top_left, samples.shifts, weights, grad_bags)
-    grad_x = grad_rows.reshape(n, height + 2, width + 2, channels)[:, 1:-1, 1:-1].to(x.dtype).contiguous()
-
-    # <corner value, grad_out> per sample and corner.
-    matrix = sampling_matrix(top_left, samples.shifts, weights, rows.shape[0])
-    d00, d01, d10, d11 = corner_dots(matrix, grad_bags, rows).unbind(1)
-    fx, fy = samples.frac_x.view(bag_shape), samples.frac_y.view(bag_shape)
-    row_y0 = d00 + fx * (d01 - d00)
-    row_y1 = d10 + fx * (d11 - d10)
-    grad_mask = (row_y0 + fy * (row_y1 - row_y0)) * samples.valid.view(bag_shape)
-    scale = (masked * offset_scale).view(bag_shape)
-    grad_loc = torch.empty(bag_shape + (2,), dtype=dtype, device=x.device)
-    grad_loc[..., 0] = (d01 - d00 + fy * (d11 - d10 - d01 + d00)) * scale
-    grad_loc[..., 1] = (row_y1 - row_y0) * scale
-    return grad_x, grad_loc.reshape(offset.shape).to(offset.dtype), grad_mask.reshape(mask.shape).to(mask.dtype)
+                   geometry: Geometry) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(grad_x, grad_offset, grad_mask)``, each in the dtype of its input."""
+    prep = _prepare(x, offset, mask, geometry)
+    x_array, offset_array, mask_array = prep.arrays
+    grad = as_array(grad_out.to(prep.dtype).contiguous()).reshape(offset_array.shape[:4] + (-1,))
+    work = 2 * _work(prep)
+    by_batch, copies = _backward_copies(x.shape[0], x_array.nbytes, work)
+    grad_x = torch.zeros((copies,) + tuple(x.shape), dtype=prep.dtype)
+    grad_offset = torch.empty(offset.shape, dtype=prep.dtype)
+    grad_mask = torch.empty(mask.shape, dtype=prep.dtype)
+    launch(_backward, grad, *prep.arrays, *prep.constants, by_batch,
+           as_array(grad_x).reshape((copies,) + x_array.shape), as_array(grad_offset).reshape(offset_array.shape),
+           as_array(grad_mask).reshape(mask_array.shape), work=work)
+    grad_x = grad_x[0] if copies == 1 else grad_x.sum(0)
+    return grad_x.to(x.dtype), grad_offset.to(offset.dtype), grad_mask.to(mask.dtype)

@@ -20,6 +20,23 @@ import torch
 from .._checks import compute_dtype
 
 
+class Geometry(NamedTuple):
+    """DCNv3 window geometry: the public function's arguments of the same names, in their order."""
+
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dilation_h: int
+    dilation_w: int
+    group: int
+    group_channels: int
+    offset_scale: float
+    remove_center: bool
+
+
 def output_size(height: int, width: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
                 pad_h: int, pad_w: int, dilation_h: int, dilation_w: int) -> Tuple[int, int]:
     """``(H_out, W_out)`` of DCNv3 (the usual convolution formula, as in InternImage's CUDA code)."""

@@ -17,8 +17,8 @@ Two implementations share the sampling maths:
 * :func:`deform_conv2d_reference` -- differentiable by autograd, no chunking: the test oracle and
   the ``impl="reference"`` path (traceable by ``torch.jit.trace`` / ``torch.onnx``).
 * :func:`deform_conv2d_forward` / :func:`deform_conv2d_backward` -- the CPU kernels behind the
-  custom op: the same sampling as a sparse matrix product (:mod:`convzoo.ops._bilinear_sparse`)
-  processed in chunks of output positions (bounded memory), with a hand-written backward that
+  custom op: the same sampling by the Numba gather of :mod:`convzoo.ops._bilinear_rows` (im2col
+  and col2im), the products in PyTorch's GEMM, processed in chunks of output positions (bounded memory), with a hand-written backward that
   recomputes the columns chunk by chunk instead of keeping them alive.
 
 Both read from a zero-padded NHWC copy of the input: coordinates are clamped to
@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._bilinear_sparse import add_transposed_product, corner_dots, index_dtype, sample, sampling_matrix
+from .. import _bilinear_rows
 from .._checks import compute_dtype
 
 # Border of zeros around the input: coordinates are clamped to [-PAD_BEFORE, size + PAD_BEFORE - 1],
@@ -261,8 +261,8 @@ def deform_conv2d_reference(
 class _Prepared:
     """Inputs converted to the compute dtype and laid out for the chunked kernels.
 
-    Bilinear sampling is a sparse matrix product (:mod:`convzoo.ops._bilinear_sparse`), one
-    sample per matrix row. The column-gradient buffer is allocated once and reused by every chunk
+    Bilinear sampling is a gather of four weighted rows per sample (:mod:`convzoo.ops._bilinear_rows`),
+    one sample per (position, tap, offset group). The column-gradient buffer is allocated once and reused by every chunk
     (fresh allocations of tens of MiB per chunk cost more in page faults than the work).
     """
 
@@ -278,7 +278,6 @@ class _Prepared:
         self.modulation = None if mask is None else mask_by_position(mask.to(self.dtype), self.kernel_size, self.groups)
         self.weights = weight_matrix(weight.to(self.dtype), g["weight_groups"])
         self.steps = corner_steps(g)
-        self.index_dtype = index_dtype(self.rows.shape[0], 4 * self.positions * self.kernel_size * self.groups + 1)
         columns_per_position = self.kernel_size * g["in_channels"]
         self.chunk = max(1, min(self.positions, chunk_elements // max(1, columns_per_position)))
         self.buffers = {}
@@ -299,21 +298,20 @@ class _Prepared:
         positions = torch.arange(start, stop, device=self.rows.device)
         top_left, frac_y, frac_x = sampling_points(positions, self.offsets[start:stop], self.geometry)
         modulation = None if self.modulation is None else self.modulation[start:stop]
-        return top_left.reshape(-1, 1).to(self.index_dtype), frac_y.reshape(-1, 1), frac_x.reshape(-1, 1), modulation
+        return top_left.reshape(-1), frac_y.reshape(-1), frac_x.reshape(-1), modulation
 
     def sampling(self, start: int, stop: int):
-        """The sampling matrix of positions [start, stop) (``S = (stop - start) * K * G`` rows of
-        :mod:`convzoo.ops._bilinear_sparse`) with the parts it is made of:
-        ``(matrix, top_left, frac_y, frac_x, modulation, corner weights, modulated corner weights)``."""
+        """The ``S = (stop - start) * K * G`` samples of positions [start, stop), each ``(S,)``:
+        ``(top_left, frac_y, frac_x, modulation, corner weights, modulated corner weights)``."""
         top_left, frac_y, frac_x, modulation = self.points(start, stop)
         weights = corner_weights(frac_y, frac_x)
-        modulated = weights if modulation is None else tuple(w * modulation.reshape(-1, 1) for w in weights)
-        matrix = sampling_matrix(top_left, self.steps, modulated, self.rows.shape[0])
-        return matrix, top_left, frac_y, frac_x, modulation, weights, modulated
+        modulated = weights if modulation is None else tuple(w * modulation.reshape(-1) for w in weights)
+        return top_left, frac_y, frac_x, modulation, weights, modulated
 
     def columns(self, start: int, stop: int) -> torch.Tensor:
         """Modulated columns of positions [start, stop) as (S, Cg), S = (stop - start) * K * G."""
-        return sample(self.sampling(start, stop)[0], self.rows)
+        top_left, *_, modulated = self.sampling(start, stop)
+        return _bilinear_rows.sample(self.rows, top_left, self.steps, modulated)
 
     def weight_gradient_and_columns_gradient(self, columns, grad_chunk, grad_weights) -> torch.Tensor:
         """Add columns^T @ grad to ``grad_weights``; return grad @ weight^T as (S, Cg).
@@ -387,10 +385,10 @@ def deform_conv2d_backward(
 
     The columns are recomputed chunk by chunk from the four neighbours' rows ``v_c``. With ``G``
     the columns' gradient, ``m`` the mask and ``t_c = <G, v_c>`` (dot products over the channels
-    of a group, one sampled dense-dense product), the mask gradient is ``sum_c w_c t_c`` and the
+    of a group), the mask gradient is ``sum_c w_c t_c`` and the
     coordinate gradients are ``m * sum_c (dw_c/dy) t_c`` and ``m * sum_c (dw_c/dx) t_c``; they
     vanish wherever every neighbour reads zero, which covers clamped and non-finite points. The
-    input gradient is the scatter-add of ``m * w_c * G`` (the transposed sampling matrix).
+    input gradient is the scatter-add of ``m * w_c * G`` (race-free: see :mod:`convzoo.ops._bilinear_rows`).
 
     Returns:
         ``(grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)``.
@@ -407,22 +405,26 @@ def deform_conv2d_backward(
     # (P, O) upstream gradient, position-major like the forward's output.
     grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"]).contiguous()
     grad_bias = grad_positions.sum(0)
+    samples_per_position = kernel_size * groups
     for start, stop in prep.chunks():
-        matrix, top_left, frac_y, frac_x, modulation, weights, modulated = prep.sampling(start, stop)
-        columns = sample(matrix, prep.rows)
+        top_left, frac_y, frac_x, modulation, weights, modulated = prep.sampling(start, stop)
+        columns = _bilinear_rows.sample(prep.rows, top_left, prep.steps, modulated)
         grad_columns = prep.weight_gradient_and_columns_gradient(columns, grad_positions[start:stop], grad_weights)
-        tl_dot, tr_dot, bl_dot, br_dot = corner_dots(matrix, grad_columns, prep.rows).unbind(1)
+        # A batch element's samples read its own padded image's rows only.
+        dots = _bilinear_rows.backward(prep.rows, top_left, prep.steps, modulated, grad_columns, grad_rows,
+                                       segment=g["out_h"] * g["out_w"] * samples_per_position,
+                                       segment_rows=g["padded_h"] * g["padded_w"] * groups,
+                                       first_sample=start * samples_per_position)
+        tl_dot, tr_dot, bl_dot, br_dot = dots.unbind(1)
         point_range = slice(start * kernel_size * groups, stop * kernel_size * groups)
         along_y = (1 - frac_x) * (bl_dot - tl_dot) + frac_x * (br_dot - tr_dot)
         along_x = (1 - frac_y) * (tr_dot - tl_dot) + frac_y * (br_dot - bl_dot)
         if modulation is not None:
-            dots = (tl_dot, tr_dot, bl_dot, br_dot)
-            grad_modulation[point_range] = sum(w * dot for w, dot in zip(weights, dots)).view(-1)
-            along_y = along_y * modulation.reshape(-1, 1)
-            along_x = along_x * modulation.reshape(-1, 1)
-        grad_offsets[point_range, 0] = along_y.view(-1)
-        grad_offsets[point_range, 1] = along_x.view(-1)
-        add_transposed_product(grad_rows, top_left, prep.steps, modulated, grad_columns)
+            grad_modulation[point_range] = sum(w * dot for w, dot in zip(weights, dots.unbind(1)))
+            along_y = along_y * modulation.reshape(-1)
+            along_x = along_x * modulation.reshape(-1)
+        grad_offsets[point_range, 0] = along_y
+        grad_offsets[point_range, 1] = along_x
     grad_offsets = grad_offsets.view(prep.positions, kernel_size, groups, 2)
     if grad_modulation is not None:
         grad_modulation = grad_modulation.view(prep.positions, kernel_size, groups)
