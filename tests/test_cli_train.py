@@ -1,4 +1,5 @@
 """End-to-end tests of `convzoo train`, `convzoo eval`, `convzoo list` and the CLI itself."""
+import argparse
 import importlib.util
 import io
 import json
@@ -88,9 +89,11 @@ def test_help_of_every_command(command, capsys):
         subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
         parser = subparsers.choices[command]
     for action in parser._actions:  # every option is explained, with its help text
+        if action.help == argparse.SUPPRESS:  # kept for old scripts, not shown
+            continue
         for option in action.option_strings:
             assert option in out, option
-        if action.help and action.option_strings and action.help != "==SUPPRESS==":
+        if action.help and action.option_strings:
             assert action.help.split()[0] in out, action.help
 
 

@@ -44,12 +44,20 @@ class ResNetCfg:
         dcn_stages: per layer, whether its 3x3 convs are modulated deformable convs (DCNv2).
         deform_groups: offset groups of those deformable convs.
         zero_init_residual: start every residual branch at zero (its last BatchNorm's weight 0).
+        output_stride: 32, 16 or 8: the stride of the last stage; below 32 the last stage (and,
+            for 8, the one before) keeps the resolution with dilated 3x3 convs instead of
+            striding (torchvision's ``replace_stride_with_dilation``), for dense prediction.
     """
 
     layers: Tuple[int, ...] = (3, 4, 6, 3)
     dcn_stages: Tuple[bool, ...] = (False, False, False, False)
     deform_groups: int = 1
     zero_init_residual: bool = False
+    output_stride: int = 32
+
+    def __post_init__(self):
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
 
 
 @torch.no_grad()
@@ -92,6 +100,7 @@ class Bottleneck(nn.Module):
         dcn: bool = False,
         deform_groups: int = 1,
         drop_path: float = 0.0,
+        dilation: int = 1,
     ):
         super().__init__()
         width = planes
@@ -101,10 +110,10 @@ class Bottleneck(nn.Module):
         self.deformable = dcn
         if dcn:
             self.conv2 = ModulatedDeformConv2d(
-                width, width, 3, stride=stride, padding=1, deform_groups=deform_groups, bias=False
+                width, width, 3, stride=stride, padding=dilation, dilation=dilation, deform_groups=deform_groups, bias=False
             )
         else:
-            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
@@ -153,29 +162,35 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         drop_rates = linear_drop_path_rates(drop_path_rate, sum(cfg.layers))
-        inplanes = 64
+        inplanes, reduction, dilation = 64, 4, 1
         self.feature_info = []
         for i, (depth, dcn) in enumerate(zip(cfg.layers, cfg.dcn_stages)):
             planes = 64 * 2**i
             stride = 1 if i == 0 else 2
+            previous_dilation = dilation
+            if reduction * stride > cfg.output_stride:  # keep the resolution, dilate instead
+                dilation, stride = dilation * stride, 1
+            reduction *= stride
             rates = drop_rates[sum(cfg.layers[:i]):sum(cfg.layers[:i + 1])]
-            layer = self._make_layer(inplanes, planes, depth, stride, dcn, cfg.deform_groups, rates)
+            layer = self._make_layer(inplanes, planes, depth, stride, dcn, cfg.deform_groups, rates,
+                                     (previous_dilation, dilation))
             setattr(self, f"layer{i + 1}", layer)
             inplanes = planes * Bottleneck.expansion
-            self.feature_info.append(dict(num_chs=inplanes, reduction=4 * 2**i, module=f"layer{i + 1}"))
+            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f"layer{i + 1}"))
         self.num_features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(cfg.zero_init_residual)
 
     @staticmethod
-    def _make_layer(inplanes, planes, depth, stride, dcn, deform_groups, drop_rates) -> nn.Sequential:
+    def _make_layer(inplanes, planes, depth, stride, dcn, deform_groups, drop_rates, dilations=(1, 1)) -> nn.Sequential:
+        """``depth`` bottlenecks; the first has ``dilations[0]`` (the previous stage's), the rest ``dilations[1]``."""
         out_chs = planes * Bottleneck.expansion
         downsample = None
         if stride != 1 or inplanes != out_chs:
             downsample = nn.Sequential(nn.Conv2d(inplanes, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
-        blocks = [Bottleneck(inplanes, planes, stride, downsample, dcn, deform_groups, drop_rates[0])]
-        blocks += [Bottleneck(out_chs, planes, 1, None, dcn, deform_groups, rate) for rate in drop_rates[1:]]
+        blocks = [Bottleneck(inplanes, planes, stride, downsample, dcn, deform_groups, drop_rates[0], dilations[0])]
+        blocks += [Bottleneck(out_chs, planes, 1, None, dcn, deform_groups, rate, dilations[1]) for rate in drop_rates[1:]]
         return nn.Sequential(*blocks)
 
     @torch.no_grad()

@@ -7,6 +7,8 @@ it got and what it expects.
 from __future__ import annotations
 
 import functools
+import math
+import os
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
@@ -55,6 +57,29 @@ def pair(name: str, value: IntPair, minimum: int = 0) -> Tuple[int, int]:
     return out
 
 
+def check_int(name: str, value, minimum: Optional[int] = None) -> int:
+    """Check that ``value`` is an int (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """Check that ``value`` is a bool (or the int 0 or 1)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_float(name: str, value) -> float:
+    """Check that ``value`` is a finite real number (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
+
+
 def check_impl(impl: str) -> str:
     """Check the ``impl`` argument every operator takes."""
     if impl not in IMPLS:
@@ -85,7 +110,8 @@ def _warn_no_triton(op_name: str) -> None:
 def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
     """Decide whether ``op_name`` runs its Triton kernel.
 
-    ``impl="triton"`` forces it (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+    ``impl="triton"`` forces it (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; other
+    CPU tensors get a ValueError);
     ``impl="auto"`` takes it for CUDA tensors when Triton is importable and warns once
     otherwise; ``impl="reference"`` never does.
     """
@@ -95,6 +121,11 @@ def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
     if impl == "triton":
         if not triton_importable():
             raise RuntimeError(f"convzoo.ops.{op_name}: impl='triton' needs the triton package")
+        on_cpu = [t for t in tensors if t is not None and t.device.type == "cpu"]
+        if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"convzoo.ops.{op_name}: impl='triton' needs CUDA tensors, got tensors on the cpu; "
+                             "use impl='auto' (the CPU kernels) or move the tensors to a GPU "
+                             "(CPU tensors run Triton only under its interpreter, TRITON_INTERPRET=1)")
         return True
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if not on_cuda:
