@@ -45,6 +45,7 @@ class ExportResult:
     input_shape: Tuple[int, ...]
     output_shape: Tuple[int, ...]
     dynamic_batch: bool
+    dynamic_size: bool
     onnx_ops: Tuple[str, ...]  # the distinct ONNX operator types in the graph, sorted
     max_abs_error: Optional[float] = None  # None when not checked
     max_rel_error: Optional[float] = None  # max |ort - torch| / max |torch|
@@ -105,10 +106,11 @@ def _quiet_registration():
         registration.removeFilter(notice)
 
 
-def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
+def _export(model, x, path, exporter, opset, dynamic_batch, dynamic_size) -> None:
     names = dict(input_names=["input"], output_names=["output"])
     if exporter == "torchscript":
-        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        dims = {**({0: "batch"} if dynamic_batch else {}), **({2: "height", 3: "width"} if dynamic_size else {})}
+        axes = {"input": dims, "output": {0: "batch"} if dynamic_batch else {}} if dims else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding")
@@ -116,7 +118,9 @@ def _export(model, x, path, exporter, opset, dynamic_batch) -> None:
             torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, dynamic_axes=axes,
                               do_constant_folding=True, **names)
         return
-    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    dims = {**({0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}),
+            **({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC} if dynamic_size else {})}
+    shapes = (dims,) if dims else None
     log = io.StringIO()
     with redirect_stdout(log), _quiet_registration():  # the dynamo exporter reports its progress on stdout
         torch.onnx.export(model, (x,), path, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
@@ -136,12 +140,13 @@ def onnx_op_types(path: str) -> Tuple[str, ...]:
     return tuple(sorted(ops))
 
 
-def _has_dynamic_batch(path: str) -> bool:
+def _dynamic_dims(path: str) -> Tuple[int, ...]:
+    """The dimensions of the graph's input that the file leaves free."""
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
-    first = proto.graph.input[0].type.tensor_type.shape.dim[0]
-    return first.HasField("dim_param") or not first.HasField("dim_value")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return tuple(i for i, d in enumerate(dims) if d.HasField("dim_param") or not d.HasField("dim_value"))
 
 
 def check_onnx(model: nn.Module, path: str, x: torch.Tensor) -> Tuple[float, float]:
@@ -169,16 +174,22 @@ def export_onnx(
     batch_size: int = 1,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     check: bool = True,
     seed: int = 0,
+    dynamic_size: bool = False,
 ) -> ExportResult:
     """Export the deployed form of ``model`` to the ONNX file ``path``.
 
     ``model`` is re-parameterized and switched to the reference operators in place. The graph
-    takes ``input`` of shape (batch_size, in_chans, H, W) (batch dynamic with ``dynamic_batch``)
-    and returns ``output``. With ``check`` the file is run by onnxruntime on another random
-    input (batch 2 when the batch is dynamic) and the errors against PyTorch are reported.
+    takes ``input`` of shape (batch, in_chans, H, W) and returns ``output``. The batch is free
+    unless ``dynamic_batch=False`` (then ``batch_size``); H and W are ``input_size`` unless
+    ``dynamic_size``, which leaves them free where the model's graph allows it: convolutional
+    models, the deformable ones included (their sampling is written for any size), take any
+    size at least as large as their smallest input; a model whose code fixes a size (a pooling
+    to a constant grid) fails the export with a message. With ``check`` the file is run by
+    onnxruntime on another random input (one more image; 16 more pixels per side with
+    ``dynamic_size``) and the errors against PyTorch are reported.
     """
     path = os.fspath(path)
     exporter = resolve_exporter(exporter)
@@ -196,18 +207,22 @@ def export_onnx(
     x = torch.randn(shape, generator=generator, dtype=dtype)
     with torch.no_grad():
         output = model(x)
-        _export(model, x, path, exporter, opset, dynamic_batch)
-    if dynamic_batch and not _has_dynamic_batch(path):
-        raise RuntimeError(
-            f"the {exporter} exporter fixed the batch size of {path} (the model's code specialises on it); "
-            "export without dynamic_batch or try the other exporter"
-        )
+        _export(model, x, path, exporter, opset, dynamic_batch, dynamic_size)
+    free = _dynamic_dims(path)
+    for wanted, dims, what, option in ((dynamic_batch, (0,), "batch size", "dynamic_batch=False"),
+                                       (dynamic_size, (2, 3), "input size", "no dynamic_size")):
+        if wanted and not set(dims) <= set(free):
+            raise RuntimeError(
+                f"the {exporter} exporter fixed the {what} of {path} (the model's code specialises on it); "
+                f"export with {option} or try the other exporter"
+            )
     result = ExportResult(
         path=path, exporter=exporter, opset=opset, input_shape=tuple(shape), output_shape=tuple(output.shape),
-        dynamic_batch=dynamic_batch, onnx_ops=onnx_op_types(path),
+        dynamic_batch=dynamic_batch, dynamic_size=dynamic_size, onnx_ops=onnx_op_types(path),
     )
     if check:
-        check_shape = (traced_batch + 1,) + shape[1:] if dynamic_batch else shape
+        check_shape = ((traced_batch + 1,) if dynamic_batch else shape[:1]) + shape[1:2] + (
+            tuple(s + 16 for s in shape[2:]) if dynamic_size else shape[2:])
         x_check = torch.randn(check_shape, generator=generator, dtype=dtype)
         result.max_abs_error, result.max_rel_error = check_onnx(model, path, x_check)
         result.checked_shape = tuple(check_shape)

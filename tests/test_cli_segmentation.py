@@ -159,9 +159,10 @@ def test_default_segmentation_run_is_the_demo_model_and_its_erf_is_drawn(tmp_pat
     assert meta["data"]["kind"] == "builtin-bands" and meta["data"]["width"] == 32
     figure = str(tmp_path / "erf.png")
     code, out, err = _run(["erf", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "model.safetensors"),
-                           "--builtin", "bands", "--input-size", "16,32", "--num-images", "2", "--out", figure], capsys)
+                           "--builtin", "bands", "--input-size", "16,32", "--num-images", "2", "--out", figure,
+                           "--label", "demo (31-29-27)"], capsys)
     assert code == 0, err
-    assert Image.open(figure).size[0] > 0 and "| semfpn_replknet_tiny | 2 |" in out
+    assert Image.open(figure).size[0] > 0 and "| demo (31-29-27) | 2 |" in out
     assert _run(["erf", "--model", "semfpn_replknet_tiny", "--builtin", "bands", "--input-size", "8,32",
                  "--out", figure], capsys)[0] == 2
 

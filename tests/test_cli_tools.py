@@ -290,6 +290,21 @@ def test_export_deformable_layers_with_the_default_exporter(tmp_path):
     assert model.dcn.impl == "reference" and model.dcnv3.impl == "reference"
     assert result.max_rel_error <= 1e-4
     assert result.output_shape == (2, 4) and result.input_shape == (2, 3, 10, 12)
+    assert result.dynamic_batch and result.checked_shape == (3, 3, 10, 12)  # a dynamic batch by default
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_export_deformable_layers_with_dynamic_sizes(exporter, tmp_path):
+    import onnxruntime as ort
+
+    model = DeformableNet()
+    path = str(tmp_path / "net.onnx")
+    result = export_onnx(model, path, input_size=(10, 12), exporter=exporter, dynamic_size=True)
+    assert result.dynamic_size and result.checked_shape == (3, 3, 26, 28) and result.max_rel_error <= 1e-4
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 17, 9)  # another batch, another size, odd sides
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_export_refuses_bad_arguments(tmp_path):

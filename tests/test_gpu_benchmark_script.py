@@ -1,3 +1,4 @@
+import pytest
 """benchmarks/gpu.py runs end to end (on the CPU at toy sizes: the script, not the figures) and
 refuses a CUDA run without a GPU, so a lent GPU's minutes are not spent finding a broken script."""
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
+@pytest.mark.slow
 def test_every_kernel_section_writes_its_table(tmp_path):
     output = tmp_path / "gpu.md"
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "0",

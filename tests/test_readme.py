@@ -2,6 +2,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -12,6 +14,7 @@ def _load_table_script():
     return module
 
 
+@pytest.mark.slow
 def test_readme_model_table_matches_the_registry():
     readme = (ROOT / "README.md").read_text()
     start = readme.index("<!-- model-table:start -->") + len("<!-- model-table:start -->")

@@ -42,7 +42,7 @@ def check_model_name(name: str) -> None:
         raise UsageError(str(err)) from None
 
 
-def build_model(name: str, pretrained=None, **kwargs):
+def create_model_or_exit(name: str, pretrained=None, **kwargs):
     """``convzoo.create_model`` with the user's mistakes turned into :class:`UsageError`."""
     import os
 

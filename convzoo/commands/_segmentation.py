@@ -14,7 +14,7 @@ import sys
 from . import UsageError, parse_model_args
 
 DEFAULT_MODEL = "semfpn_replknet_tiny"
-DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 2048, "val_size": 256, "batch_size": 16}
+DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 2048, "val_size": 256, "batch_size": 16, "epochs": 5}
 # The demo model, used when --model is left out: a narrow three-stage RepLKNet (kernels
 # 31-29-27 at strides 4-8-16, 0.87 M parameters with the head) and a light Semantic FPN head.
 # The 3x3 baseline adds --model-arg "kernel_sizes=(3,3,3)" --model-arg small_kernel=None.

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..models import load_model
 from ..models._checkpoint import read_metadata
-from . import UsageError, build_model, check_model_name
+from . import UsageError, check_model_name, create_model_or_exit
 
 
 def image_size(text: str) -> Tuple[int, int]:
@@ -129,7 +129,7 @@ def load_model_or_exit(name: Optional[str], checkpoint: Optional[str], num_class
                     kwargs["num_classes"] = found
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        return build_model(name, pretrained=checkpoint, **kwargs)
+        return create_model_or_exit(name, pretrained=checkpoint, **kwargs)
     except UsageError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as error:

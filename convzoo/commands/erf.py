@@ -58,6 +58,8 @@ def register(subparsers) -> None:
                         help="registered model name; repeat to compare several models in one figure")
     parser.add_argument("--checkpoint", action="append", metavar="PATH",
                         help="weights for the --model at the same position (repeat once per model, or leave out for random init)")
+    parser.add_argument("--label", action="append", metavar="TEXT",
+                        help="title of the panel of the --model at the same position (default: the model name)")
     parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="classifier size of official checkpoints (default 1000)")
     parser.add_argument("--data", metavar="DIR", help="folder of images (DIR/val/... or DIR/...); default: the built-in data set")
     parser.add_argument("--builtin", choices=("relations", "bands"), default="relations",
@@ -136,6 +138,8 @@ def _check_arguments(args) -> None:
             raise UsageError(f"the output folder does not exist: {folder}")
     if args.checkpoint and len(args.checkpoint) != len(args.model):
         raise UsageError(f"give one --checkpoint per --model ({len(args.model)} models, {len(args.checkpoint)} checkpoints), or none")
+    if args.label and len(args.label) != len(args.model):
+        raise UsageError(f"give one --label per --model ({len(args.model)} models, {len(args.label)} labels), or none")
     if args.recalibrate_bn is not None and args.recalibrate_bn < 0:
         raise UsageError(f"--recalibrate-bn must be >= 0, got {args.recalibrate_bn}")
     if args.data is not None and not os.path.isdir(args.data):
@@ -188,7 +192,8 @@ def run(args) -> int:
     for model in models:
         check_input_size(model, args.input_size)
     results = []
-    for name, title, checkpoint, model in zip(args.model, panel_names(args.model, checkpoints), checkpoints, models):
+    titles = args.label or panel_names(args.model, checkpoints)
+    for name, title, checkpoint, model in zip(args.model, titles, checkpoints, models):
         calibration = args.recalibrate_bn if args.recalibrate_bn is not None else (8 if checkpoint is None else 0)
         if calibration > 0 and recalibrate_batchnorm(model, _batches(args, files), calibration, device=device):
             print(f"{name}: BatchNorm statistics re-estimated on {calibration} images (--recalibrate-bn)")

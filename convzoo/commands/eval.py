@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from . import UsageError, build_model, parse_model_args
+from . import UsageError, create_model_or_exit, parse_model_args
 from . import _segmentation as _seg
 from ._tools import check_output_file, positive_int
 
@@ -82,7 +82,7 @@ def _load_model(args, num_classes_from_data, state):
         if meta.get("model_name") != args.model:
             raise UsageError(f"{args.checkpoint} holds a {meta.get('model_name')} model, not {args.model}")
         model_args = {**meta.get("model_args", {}), **model_args}
-        model = build_model(args.model, num_classes=int(meta["num_classes"]), **model_args)
+        model = create_model_or_exit(args.model, num_classes=int(meta["num_classes"]), **model_args)
         use_ema = args.weights == "ema" or (args.weights == "auto" and state.get("model_ema") is not None)
         if use_ema and state.get("model_ema") is None:
             raise UsageError(f"{args.checkpoint} has no EMA weights (trained without --model-ema)")
@@ -101,7 +101,7 @@ def _load_model(args, num_classes_from_data, state):
     elif num_classes_from_data is not None:
         kwargs["num_classes"] = num_classes_from_data
     torch.manual_seed(0)
-    return build_model(args.model, pretrained=args.checkpoint, **kwargs), "file"
+    return create_model_or_exit(args.model, pretrained=args.checkpoint, **kwargs), "file"
 
 
 def _input_cfg(args, state) -> dict:

@@ -26,7 +26,7 @@ installed. Default opset: {DEFAULT_OPSET}.
 
 examples:
   convzoo export --model resnet50_dcnv2 --checkpoint r50dcn.safetensors --onnx r50dcn.onnx
-  convzoo export --model internimage_t --onnx internimage_t.onnx --input-size 224 --dynamic-batch"""
+  convzoo export --model internimage_t --onnx internimage_t.onnx --input-size 224 --dynamic-size"""
 
 
 def register(subparsers) -> None:
@@ -42,7 +42,12 @@ def register(subparsers) -> None:
     parser.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
     parser.add_argument("--input-size", type=image_size, default=(224, 224), metavar="S|H,W", help="input resolution of the graph (default: 224)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="batch size of the traced input (default: 1)")
-    parser.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    parser.add_argument("--static-batch", action="store_true",
+                        help="fix the batch to --batch-size (default: the batch is dynamic)")
+    parser.add_argument("--dynamic-batch", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="leave H and W free too (convolutional and deformable models: any size at least the "
+                             "model's smallest; the check runs 16 pixels larger)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset (default: {DEFAULT_OPSET}; GridSample needs >= 16)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="which PyTorch ONNX exporter (default: auto)")
     parser.add_argument("--tolerance", type=float, default=1e-4, metavar="TOL", help="largest accepted relative error of onnxruntime vs PyTorch (default: 1e-4)")
@@ -75,10 +80,12 @@ def run(args) -> int:
     name = model_name(model)
     result = export_onnx(
         model, args.onnx, input_size=args.input_size, batch_size=args.batch_size, opset=args.opset,
-        exporter=args.exporter, dynamic_batch=args.dynamic_batch, check=not args.no_check,
+        exporter=args.exporter, dynamic_batch=not args.static_batch, dynamic_size=args.dynamic_size,
+        check=not args.no_check,
     )
     print(f"{name}: wrote {result.path} ({os.path.getsize(result.path) / 2**20:.1f} MiB, {result.exporter} exporter, opset {result.opset})")
-    print(f"  input {result.input_shape}{' (dynamic batch)' if result.dynamic_batch else ''} -> output {result.output_shape}")
+    free = [what for what, on in (("batch", result.dynamic_batch), ("height and width", result.dynamic_size)) if on]
+    print(f"  input {result.input_shape}{' (dynamic ' + ', '.join(free) + ')' if free else ''} -> output {result.output_shape}")
     print(f"  ONNX operators: {', '.join(result.onnx_ops)}")
     if args.json:
         with open(args.json, "w") as f:

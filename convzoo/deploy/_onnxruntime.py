@@ -18,6 +18,10 @@ _logger = logging.getLogger(__name__)
 
 SUFFIX = ".onnx"
 PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+# 7-bit weights where the CPU lacks VNNI (AVX2 only): onnxruntime's u8s8 kernels there can
+# saturate 16-bit intermediate sums (onnxruntime's quantization guide); measured on a trained
+# MobileNetV2 on such a CPU: output SQNR 4.5 dB -> 7.1 dB.
+REDUCE_RANGE = torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
 def export_fp32(model: nn.Module, path: str, input_size: Sequence[int]) -> None:
@@ -74,7 +78,7 @@ def quantize(fp32_path: str, out_path: str, batches: Iterator[torch.Tensor], kee
     _logger.info("onnxruntime: %d node(s) kept float", len(excluded))
     quantize_static(
         shaped, out_path, _Reader("input", batches), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded, reduce_range=REDUCE_RANGE,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )

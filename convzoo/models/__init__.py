@@ -7,16 +7,9 @@ import importlib
 import pkgutil
 
 from ._builder import build_model, create_model
-from ._checkpoint import load_checkpoint as _load_checkpoint_file
-from ._checkpoint import load_model, save_checkpoint
+from ._checkpoint import load_checkpoint, load_model, save_checkpoint
 from ._features import FeatureExtractor
 from ._registry import list_models, register_model
-
-
-def load_checkpoint(model, path):
-    """Load ``path`` (official layout of ``model``'s family, or convzoo's) into ``model``."""
-    inner = model.model if isinstance(model, FeatureExtractor) else model
-    return _load_checkpoint_file(inner, path, getattr(inner, "checkpoint_filter_fn", None))
 
 
 for _info in pkgutil.iter_modules(__path__):

@@ -10,8 +10,9 @@ constructed as ``cls(cfg, num_classes=..., in_chans=..., drop_path_rate=...)`` a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
-from typing import Optional, Sequence, Type
+from typing import Callable, Optional, Sequence, Type
 
 import torch.nn as nn
 
@@ -50,6 +51,7 @@ def build_model(
     out_indices: Sequence[int] = (0, 1, 2, 3),
     grad_checkpointing: bool = False,
     pretrained_cfg: Optional[dict] = None,
+    norm_layer: Optional[Callable[[int], nn.Module]] = None,
     **overrides,
 ) -> nn.Module:
     """Build ``model_cls`` from ``cfg`` (a dataclass) with ``overrides`` applied to its fields.
@@ -72,7 +74,10 @@ def build_model(
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
     cfg = dataclasses.replace(cfg, **overrides)
-    model = model_cls(cfg, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate)
+    layers = {} if norm_layer is None else {"norm_layer": norm_layer}  # e.g. nn.SyncBatchNorm, where a family takes it
+    if layers and "norm_layer" not in inspect.signature(model_cls).parameters:
+        raise TypeError(f"{model_cls.__name__} takes no norm_layer")
+    model = model_cls(cfg, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **layers)
     model.cfg = cfg
     model.num_classes = num_classes
     model.in_chans = in_chans

@@ -5,7 +5,10 @@ Official checkpoints come as ``.pth`` files (a bare state dict, or one wrapped i
 also accepts the ``argparse.Namespace`` of training arguments that official training scripts
 store next to the weights (``{'model': ..., 'optimizer': ..., 'epoch': ..., 'args': ...}``).
 Each family passes a ``checkpoint_filter_fn(state_dict, model) -> state_dict`` that maps the
-official key layout onto ours and returns early when the keys are already native.
+official key layout onto ours and returns early when the keys are already native; it never
+changes the model. A model whose official files may hold merged (re-parameterized) modules
+names them with ``model.checkpoint_form(state_dict) -> [module names]``, and the loader merges
+those before reading the file.
 
 convzoo's own format is a ``.safetensors`` file whose metadata holds the model name and its
 config as JSON, so :func:`load_model` can rebuild the model from the file alone. The metadata
@@ -218,14 +221,21 @@ def _redo_reparameterization(model: nn.Module, meta: Mapping[str, str]) -> None:
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, filter_fn: Optional[FilterFn] = None) -> nn.Module:
-    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``).
+    """Load the checkpoint at ``path`` into ``model`` (official layouts through ``filter_fn``,
+    by default the model's own ``checkpoint_filter_fn``); a ``features_only`` model loads into
+    the classifier it wraps.
 
     For a convzoo file, ``model`` is first put into the (partly) re-parameterized form the
     file was saved in.
     """
+    model = model.model if hasattr(model, "out_indices") and isinstance(getattr(model, "model", None), nn.Module) else model
+    if filter_fn is None:
+        filter_fn = getattr(model, "checkpoint_filter_fn", None)
     state = read_state_dict(path)
     meta = read_metadata(path)
     _redo_reparameterization(model, meta)
+    if meta.get("format") != "convzoo" and callable(getattr(model, "checkpoint_form", None)):
+        _redo_reparameterization(model, {"reparameterized_modules": json.dumps(model.checkpoint_form(state))})
     if filter_fn is not None and meta.get("format") != "convzoo":
         state = filter_fn(state, model)
     load_state_dict_strict(model, state, source=os.fspath(path))

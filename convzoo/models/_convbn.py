@@ -1,6 +1,7 @@
-"""Helpers shared by the BatchNorm families (ResNet, MobileNet, ShuffleNet): the
-torchvision-style conv-norm-activation sequence, BatchNorm folding for ``reparameterize()``
-and running a sequence of blocks with optional gradient checkpointing."""
+"""Machinery the model families share: the torchvision-style conv-norm-activation sequence,
+BatchNorm folding for ``reparameterize()``, running blocks with optional gradient checkpointing
+(:func:`run_blocks`, the one place it is written), the outputs of chosen stages
+(:func:`stage_outputs`) and the stochastic-depth rates (:func:`linear_drop_path_rates`)."""
 from __future__ import annotations
 
 from typing import Callable, Iterable, List, Optional, Sequence, Type
@@ -22,9 +23,11 @@ def fold_bn_into_conv(parent: nn.Module, conv_name: str, bn_name: str) -> None:
     setattr(parent, bn_name, nn.Identity())
 
 
-class ConvNormAct(nn.Sequential):
+class Conv2dNormActivation(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> activation, keyed ``0``, ``1``, ``2`` like
-    torchvision's ``Conv2dNormActivation``; padding ``(kernel_size - 1) // 2 * dilation``.
+    torchvision's ``Conv2dNormActivation`` (whose checkpoints load); padding
+    ``(kernel_size - 1) // 2 * dilation``. RepLKNet's layout (``conv``/``bn``/``nonlinear``) is
+    :class:`convzoo.layers.reparam.ConvNormAct`.
 
     ``act_layer=None`` leaves the activation out (a linear projection).
     Input (N, in_chs, H, W) -> output (N, out_chs, H / stride, W / stride).
@@ -78,35 +81,21 @@ def linear_drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float
     return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
 
 
+def stages_of(blocks: nn.Sequential, stage_ends: Sequence[int]) -> List[nn.Sequential]:
+    """``blocks`` cut into stages: stage ``i`` ends with ``blocks[stage_ends[i]]`` (the first starts at 0)."""
+    starts = [0] + [end + 1 for end in stage_ends[:-1]]
+    return [blocks[start:end + 1] for start, end in zip(starts, stage_ends)]
+
+
 def stage_outputs(
-    blocks: nn.Sequential,
-    x: torch.Tensor,
-    stage_ends: Sequence[int],
-    indices: Sequence[int],
-    grad_checkpointing: bool = False,
-) -> List[torch.Tensor]:
-    """Run ``blocks`` and return, in stage order, the outputs of the stages in ``indices``;
-    stage ``i`` ends with ``blocks[stage_ends[i]]``. Blocks after the last wanted stage are not run."""
-    num_stages = len(stage_ends)
-    wanted = sorted({i % num_stages for i in indices})
-    outs, start = [], 0
-    for i, end in enumerate(stage_ends[: wanted[-1] + 1]):
-        x = run_blocks(blocks[start:end + 1], x, grad_checkpointing)
-        start = end + 1
-        if i in wanted:
-            outs.append(x)
-    return outs
-
-
-def outputs_of_stages(
     stages: Sequence[Iterable[nn.Module]],
     x: torch.Tensor,
     indices: Sequence[int],
     grad_checkpointing: bool = False,
 ) -> List[torch.Tensor]:
-    """Run ``stages`` (each an iterable of blocks) in turn and return, in stage order, the outputs
-    of the stages in ``indices`` (negative ones count from the end). Stages after the last wanted
-    one are not run."""
+    """Run ``stages`` (each an iterable of blocks; :func:`stages_of` cuts a flat sequence) in
+    turn and return, in stage order, the outputs of the stages in ``indices`` (negative ones
+    count from the end). Stages after the last wanted one are not run."""
     wanted = {i % len(stages) for i in indices}
     outs = []
     for i, stage in enumerate(stages[: max(wanted) + 1]):

@@ -18,11 +18,11 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from ..layers.common import DropPath, LayerNorm2d
 from ..layers.reparam import DepthwiseConv2d
 from ._builder import build_model
+from ._convbn import linear_drop_path_rates, run_blocks
 from ._registry import register_model
 
 __all__ = ["ConvNeXt", "ConvNeXtCfg", "StagedClassifier", "Stage", "ClassifierHead", "checkpoint_filter_fn"]
@@ -105,12 +105,7 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
 class ConvNeXtStage(Stage):
@@ -202,7 +197,7 @@ class ConvNeXt(StagedClassifier):
     def __init__(self, cfg: ConvNeXtCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=1e-6))
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()
+        rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.stages = nn.ModuleList()
         self.feature_info = []
         start = 0
@@ -251,35 +246,35 @@ def checkpoint_filter_fn(state_dict, model: nn.Module):
     return {_official_key_to_native(k): v for k, v in state_dict.items()}
 
 
-def _create_convnext(variant: str, cfg: ConvNeXtCfg, pretrained=None, **kwargs) -> ConvNeXt:
+def _create_convnext(cfg: ConvNeXtCfg, pretrained=None, **kwargs) -> ConvNeXt:
     return build_model(ConvNeXt, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def convnext_tiny(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-T: 28.6M params, 4.5G MACs at 224."""
-    return _create_convnext("convnext_tiny", ConvNeXtCfg(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_small(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-S: 50M params, 8.7G MACs at 224."""
-    return _create_convnext("convnext_small", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_base(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-B: 89M params, 15.4G MACs at 224."""
-    return _create_convnext("convnext_base", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_large(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-L: 198M params, 34.4G MACs at 224."""
-    return _create_convnext("convnext_large", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)), pretrained, **kwargs)
 
 
 @register_model
 def convnext_xlarge(pretrained=None, **kwargs) -> ConvNeXt:
     """ConvNeXt-XL: 350M params, 60.9G MACs at 224."""
-    return _create_convnext("convnext_xlarge", ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)), pretrained, **kwargs)
+    return _create_convnext(ConvNeXtCfg(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)), pretrained, **kwargs)

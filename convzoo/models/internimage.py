@@ -31,11 +31,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import DCNv3, DropPath, to_channels_first, to_channels_last
 from ._builder import build_model
-from ._convbn import fold_bn_into_conv, linear_drop_path_rates
+from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks
 from ._registry import register_model
 
 __all__ = ["InternImage", "InternImageCfg", "InternImageLayer", "checkpoint_filter_fn"]
@@ -182,10 +181,7 @@ class InternImageBlock(nn.Module):
         self.downsample = DownsampleLayer(channels) if downsample else None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
-        x = self.norm(x)
+        x = self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 

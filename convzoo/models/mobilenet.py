@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 from ..layers import DropPath, SqueezeExcite, make_divisible
 from ._builder import build_model
-from ._convbn import ConvNormAct, fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs
+from ._convbn import (
+    Conv2dNormActivation, fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs, stages_of,
+)
 from ._registry import register_model
 
 __all__ = [
@@ -144,7 +146,7 @@ class MobileNetV1(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
         x = self.act1(self.bn1(self.conv_stem(x)))
-        return stage_outputs(self.blocks, x, (1, 2, 3, 4), indices, self.grad_checkpointing)
+        return stage_outputs(stages_of(self.blocks, (1, 2, 3, 4)), x, indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -209,9 +211,9 @@ class InvertedResidualV2(nn.Module):
         self.use_res_connect = stride == 1 and in_chs == out_chs
         layers: List[nn.Module] = []
         if expand_ratio != 1:
-            layers.append(ConvNormAct(in_chs, hidden, 1, act_layer=nn.ReLU6))
+            layers.append(Conv2dNormActivation(in_chs, hidden, 1, act_layer=nn.ReLU6))
         layers += [
-            ConvNormAct(hidden, hidden, 3, stride, groups=hidden, act_layer=nn.ReLU6),
+            Conv2dNormActivation(hidden, hidden, 3, stride, groups=hidden, act_layer=nn.ReLU6),
             nn.Conv2d(hidden, out_chs, 1, bias=False),
             nn.BatchNorm2d(out_chs),
         ]
@@ -245,14 +247,14 @@ class MobileNetV2(nn.Module):
         self.grad_checkpointing = False
         in_chs = make_divisible(32 * cfg.width_mult, cfg.round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, cfg.width_mult), cfg.round_nearest)
-        features: List[nn.Module] = [ConvNormAct(in_chans, in_chs, 3, 2, act_layer=nn.ReLU6)]
+        features: List[nn.Module] = [Conv2dNormActivation(in_chans, in_chs, 3, 2, act_layer=nn.ReLU6)]
         rates = iter(linear_drop_path_rates(drop_path_rate, sum(n for _, _, n, _ in _V2_SETTING)))
         for t, c, n, s in _V2_SETTING:
             out_chs = make_divisible(c * cfg.width_mult, cfg.round_nearest)
             for i in range(n):
                 features.append(InvertedResidualV2(in_chs, out_chs, s if i == 0 else 1, t, next(rates)))
                 in_chs = out_chs
-        features.append(ConvNormAct(in_chs, self.num_features, 1, act_layer=nn.ReLU6))
+        features.append(Conv2dNormActivation(in_chs, self.num_features, 1, act_layer=nn.ReLU6))
         self.features = nn.Sequential(*features)
         self.stage_ends = (3, 6, 13, 18)
         self.feature_info = [
@@ -278,7 +280,7 @@ class MobileNetV2(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
-        return stage_outputs(self.features, x, self.stage_ends, indices, self.grad_checkpointing)
+        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -367,11 +369,11 @@ class InvertedResidualV3(nn.Module):
         self.use_res_connect = stride == 1 and in_chs == out_chs
         layers: List[nn.Module] = []
         if exp_chs != in_chs:
-            layers.append(ConvNormAct(in_chs, exp_chs, 1, act_layer=act_layer, norm_layer=norm_layer))
-        layers.append(ConvNormAct(exp_chs, exp_chs, kernel_size, stride, groups=exp_chs, act_layer=act_layer, norm_layer=norm_layer))
+            layers.append(Conv2dNormActivation(in_chs, exp_chs, 1, act_layer=act_layer, norm_layer=norm_layer))
+        layers.append(Conv2dNormActivation(exp_chs, exp_chs, kernel_size, stride, groups=exp_chs, act_layer=act_layer, norm_layer=norm_layer))
         if use_se:
             layers.append(SqueezeExcite(exp_chs, make_divisible(exp_chs // 4, 8), nn.ReLU, F.hardsigmoid))
-        layers.append(ConvNormAct(exp_chs, out_chs, 1, act_layer=None, norm_layer=norm_layer))
+        layers.append(Conv2dNormActivation(exp_chs, out_chs, 1, act_layer=None, norm_layer=norm_layer))
         self.block = nn.Sequential(*layers)
         self.out_channels = out_chs
         self.drop_path = DropPath(drop_path) if drop_path > 0 and self.use_res_connect else nn.Identity()
@@ -407,13 +409,13 @@ class MobileNetV3(nn.Module):
             return make_divisible(chs * cfg.width_mult, 8)
 
         in_chs = width(16)
-        features: List[nn.Module] = [ConvNormAct(in_chans, in_chs, 3, 2, act_layer=nn.Hardswish, norm_layer=norm_layer)]
+        features: List[nn.Module] = [Conv2dNormActivation(in_chans, in_chs, 3, 2, act_layer=nn.Hardswish, norm_layer=norm_layer)]
         rates = linear_drop_path_rates(drop_path_rate, len(blocks))
         for (k, exp, out, se, act, stride), rate in zip(blocks, rates):
             features.append(InvertedResidualV3(in_chs, k, width(exp), width(out), se, _V3_ACTS[act], stride, norm_layer, rate))
             in_chs = width(out)
         last_conv_chs = 6 * in_chs
-        features.append(ConvNormAct(in_chs, last_conv_chs, 1, act_layer=nn.Hardswish, norm_layer=norm_layer))
+        features.append(Conv2dNormActivation(in_chs, last_conv_chs, 1, act_layer=nn.Hardswish, norm_layer=norm_layer))
         self.features = nn.Sequential(*features)
         self.feature_info = [
             dict(num_chs=self.features[end].out_channels, reduction=4 * 2**i, module=f"features.{end}")
@@ -443,7 +445,7 @@ class MobileNetV3(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
-        return stage_outputs(self.features, x, self.stage_ends, indices, self.grad_checkpointing)
+        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from ..layers.common import DropPath
 from ..layers.reparam import ReparamLargeKernelConv, conv_norm_act
 from ._builder import build_model
+from ._convbn import linear_drop_path_rates, run_blocks
 from ._registry import register_model
 
 __all__ = ["RepLKNet", "RepLKNetCfg", "checkpoint_filter_fn"]
@@ -59,20 +59,23 @@ class RepLKNetCfg:
             raise ValueError(f"depths and channels must be positive, got {self.depths}, {self.channels}")
 
 
+NormLayer = Callable[[int], nn.Module]
+
+
 class RepLKBlock(nn.Module):
     """x + drop_path(pw2(relu(large_kernel(pw1(prelkb_bn(x)))))) on (N, C, H, W); without
     ``shortcut``, the branch alone (the paper's guideline-2 ablation)."""
 
     def __init__(self, channels: int, dw_channels: int, kernel_size: int, small_kernel: Optional[int], drop_path: float,
-                 shortcut: bool = True):
+                 shortcut: bool = True, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
         self.shortcut = shortcut
-        self.pw1 = conv_norm_act(channels, dw_channels, 1, act=True)
-        self.pw2 = conv_norm_act(dw_channels, channels, 1)
+        self.pw1 = conv_norm_act(channels, dw_channels, 1, act=True, norm_layer=norm_layer)
+        self.pw2 = conv_norm_act(dw_channels, channels, 1, norm_layer=norm_layer)
         small = () if small_kernel is None else (small_kernel,)
-        self.large_kernel = ReparamLargeKernelConv(dw_channels, kernel_size, small_kernels=small)
+        self.large_kernel = ReparamLargeKernelConv(dw_channels, kernel_size, small_kernels=small, norm_layer=norm_layer)
         self.lk_nonlinear = nn.ReLU()
-        self.prelkb_bn = nn.BatchNorm2d(channels)
+        self.prelkb_bn = norm_layer(channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,11 +86,11 @@ class RepLKBlock(nn.Module):
 class ConvFFN(nn.Module):
     """x + drop_path(pw2(gelu(pw1(preffn_bn(x))))) on (N, C, H, W)."""
 
-    def __init__(self, channels: int, hidden_channels: int, drop_path: float):
+    def __init__(self, channels: int, hidden_channels: int, drop_path: float, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
-        self.preffn_bn = nn.BatchNorm2d(channels)
-        self.pw1 = conv_norm_act(channels, hidden_channels, 1)
-        self.pw2 = conv_norm_act(hidden_channels, channels, 1)
+        self.preffn_bn = norm_layer(channels)
+        self.pw1 = conv_norm_act(channels, hidden_channels, 1, norm_layer=norm_layer)
+        self.pw2 = conv_norm_act(hidden_channels, channels, 1, norm_layer=norm_layer)
         self.nonlinear = nn.GELU()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -105,40 +108,41 @@ class RepLKNetStage(nn.Module):
 
     def __init__(self, channels: int, depth: int, kernel_size: int, small_kernel: Optional[int],
                  drop_paths: Sequence[float], dw_ratio: float, ffn_ratio: float, norm_intermediate: bool = False,
-                 lk_shortcut: bool = True):
+                 lk_shortcut: bool = True, norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
         blocks = []
         for i in range(depth):
-            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), kernel_size, small_kernel, drop_paths[i], lk_shortcut))
-            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), drop_paths[i]))
+            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), kernel_size, small_kernel, drop_paths[i], lk_shortcut,
+                                     norm_layer))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), drop_paths[i], norm_layer))
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.BatchNorm2d(channels) if norm_intermediate else nn.Identity()
+        self.norm = norm_layer(channels) if norm_intermediate else nn.Identity()
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
 class RepLKNet(nn.Module):
-    """RepLKNet classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32."""
+    """RepLKNet classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32.
+
+    ``norm_layer`` builds every norm (default ``nn.BatchNorm2d``; ``nn.SyncBatchNorm`` for
+    multi-GPU training, where RepLKNet-pytorch flips a global switch)."""
 
     classifier_name = "head"
 
-    def __init__(self, cfg: RepLKNetCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
+    def __init__(self, cfg: RepLKNetCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                 norm_layer: NormLayer = nn.BatchNorm2d):
         super().__init__()
         width = cfg.channels[0]
+        norm = dict(norm_layer=norm_layer)
         self.stem = nn.ModuleList([
-            conv_norm_act(in_chans, width, 3, stride=2, act=True),
-            conv_norm_act(width, width, 3, groups=width, act=True),
-            conv_norm_act(width, width, 1, act=True),
-            conv_norm_act(width, width, 3, stride=2, groups=width, act=True),
+            conv_norm_act(in_chans, width, 3, stride=2, act=True, **norm),
+            conv_norm_act(width, width, 3, groups=width, act=True, **norm),
+            conv_norm_act(width, width, 1, act=True, **norm),
+            conv_norm_act(width, width, 3, stride=2, groups=width, act=True, **norm),
         ])
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()
+        rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.stages = nn.ModuleList()
         self.transitions = nn.ModuleList()
         self.feature_info = []
@@ -147,20 +151,28 @@ class RepLKNet(nn.Module):
             self.stages.append(RepLKNetStage(
                 cfg.channels[i], depth, cfg.kernel_sizes[i], cfg.small_kernel,
                 rates[start:start + depth], cfg.dw_ratio, cfg.ffn_ratio, cfg.norm_intermediate_features, cfg.lk_shortcut,
+                norm_layer,
             ))
             start += depth
             self.feature_info.append(dict(num_chs=cfg.channels[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
             if i < len(cfg.depths) - 1:
                 c_out = cfg.channels[i + 1]
                 self.transitions.append(nn.Sequential(
-                    conv_norm_act(cfg.channels[i], c_out, 1, act=True),
-                    conv_norm_act(c_out, c_out, 3, stride=2, groups=c_out, act=True),
+                    conv_norm_act(cfg.channels[i], c_out, 1, act=True, **norm),
+                    conv_norm_act(c_out, c_out, 3, stride=2, groups=c_out, act=True, **norm),
                 ))
         self.num_features = cfg.channels[-1]
-        self.norm = nn.BatchNorm2d(self.num_features)
+        self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
+
+    def checkpoint_form(self, state_dict) -> List[str]:
+        """The large kernels stored merged in ``state_dict`` (official files saved after
+        ``structural_reparam()`` hold ``large_kernel.lkb_reparam`` keys): the loader merges
+        these modules before it reads the file."""
+        return [name for name, module in self.named_modules() if isinstance(module, ReparamLargeKernelConv)
+                and not module.is_reparameterized and f"{name}.lkb_reparam.weight" in state_dict]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -175,12 +187,7 @@ class RepLKNet(nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the fast layout of dwconv2d's CPU path and of oneDNN's 1x1 convs.
         x = self.stem[0](x.contiguous(memory_format=torch.channels_last))
-        for layer in self.stem[1:]:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        return x
+        return run_blocks(self.stem[1:], x, self.grad_checkpointing)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """The (N, C_i, H/4/2^i, W/4/2^i) outputs of the stages in ``indices`` (after each stage's
@@ -220,20 +227,16 @@ def merge_large_kernels(model: nn.Module) -> None:
 
 
 def checkpoint_filter_fn(state_dict, model: nn.Module):
-    """Map a RepLKNet-pytorch state dict onto ``model``; native state dicts are returned as they are.
-
-    Official files saved after ``structural_reparam()`` hold ``large_kernel.lkb_reparam`` keys:
-    the large kernels of ``model`` are then merged first (in place) so that the file fits.
+    """Map a RepLKNet-pytorch state dict onto ``model``; native state dicts are returned as they
+    are. ``model`` is not changed (see :meth:`RepLKNet.checkpoint_form` for merged files).
     (Files without BatchNorm's ``num_batches_tracked`` counters are handled by the strict loader.)
     """
-    if any(".lkb_reparam." in k for k in state_dict):
-        merge_large_kernels(model)
     if not any(".small_conv." in k for k in state_dict):
         return state_dict
     return {re.sub(r"\.small_conv\.", ".small_convs.0.", k): v for k, v in state_dict.items()}
 
 
-def _create_replknet(variant: str, cfg: RepLKNetCfg, pretrained=None, **kwargs) -> RepLKNet:
+def _create_replknet(cfg: RepLKNetCfg, pretrained=None, **kwargs) -> RepLKNet:
     return build_model(RepLKNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
@@ -241,25 +244,25 @@ def _create_replknet(variant: str, cfg: RepLKNetCfg, pretrained=None, **kwargs) 
 def replknet_tiny(pretrained=None, **kwargs) -> RepLKNet:
     """A narrow RepLKNet (kernels 13-13-7-5, small kernel 3) for small images and quick runs."""
     cfg = RepLKNetCfg(kernel_sizes=(13, 13, 7, 5), depths=(1, 1, 2, 1), channels=(32, 64, 128, 256), small_kernel=3)
-    return _create_replknet("replknet_tiny", cfg, pretrained, **kwargs)
+    return _create_replknet(cfg, pretrained, **kwargs)
 
 
 @register_model
 def replknet_31b(pretrained=None, **kwargs) -> RepLKNet:
     """RepLKNet-31B: 79M params, 15.3G MACs at 224."""
     cfg = RepLKNetCfg(channels=(128, 256, 512, 1024))
-    return _create_replknet("replknet_31b", cfg, pretrained, **kwargs)
+    return _create_replknet(cfg, pretrained, **kwargs)
 
 
 @register_model
 def replknet_31l(pretrained=None, **kwargs) -> RepLKNet:
     """RepLKNet-31L: 172M params, 96.0G MACs at 384."""
     cfg = RepLKNetCfg(channels=(192, 384, 768, 1536))
-    return _create_replknet("replknet_31l", cfg, pretrained, **kwargs)
+    return _create_replknet(cfg, pretrained, **kwargs)
 
 
 @register_model
 def replknet_xl(pretrained=None, **kwargs) -> RepLKNet:
     """RepLKNet-XL: 335M params, 128.7G MACs at 320 (kernels 27-27-27-13, dw_ratio 1.5, no small kernel)."""
     cfg = RepLKNetCfg(kernel_sizes=(27, 27, 27, 13), channels=(256, 512, 1024, 2048), small_kernel=None, dw_ratio=1.5)
-    return _create_replknet("replknet_xl", cfg, pretrained, **kwargs)
+    return _create_replknet(cfg, pretrained, **kwargs)

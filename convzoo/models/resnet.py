@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..layers import DropPath, ModulatedDeformConv2d
 from ._builder import build_model
-from ._convbn import fold_bn_into_conv, linear_drop_path_rates, outputs_of_stages, run_blocks
+from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs
 from ._registry import register_model
 
 _logger = logging.getLogger(__name__)
@@ -44,12 +44,20 @@ class ResNetCfg:
         dcn_stages: per layer, whether its 3x3 convs are modulated deformable convs (DCNv2).
         deform_groups: offset groups of those deformable convs.
         zero_init_residual: start every residual branch at zero (its last BatchNorm's weight 0).
+        output_stride: 32, 16 or 8: the stride of the last stage; below 32 the last stage (and,
+            for 8, the one before) keeps the resolution with dilated 3x3 convs instead of
+            striding (torchvision's ``replace_stride_with_dilation``), for dense prediction.
     """
 
     layers: Tuple[int, ...] = (3, 4, 6, 3)
     dcn_stages: Tuple[bool, ...] = (False, False, False, False)
     deform_groups: int = 1
     zero_init_residual: bool = False
+    output_stride: int = 32
+
+    def __post_init__(self):
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
 
 
 @torch.no_grad()
@@ -92,6 +100,7 @@ class Bottleneck(nn.Module):
         dcn: bool = False,
         deform_groups: int = 1,
         drop_path: float = 0.0,
+        dilation: int = 1,
     ):
         super().__init__()
         width = planes
@@ -101,10 +110,10 @@ class Bottleneck(nn.Module):
         self.deformable = dcn
         if dcn:
             self.conv2 = ModulatedDeformConv2d(
-                width, width, 3, stride=stride, padding=1, deform_groups=deform_groups, bias=False
+                width, width, 3, stride=stride, padding=dilation, dilation=dilation, deform_groups=deform_groups, bias=False
             )
         else:
-            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
@@ -153,29 +162,35 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         drop_rates = linear_drop_path_rates(drop_path_rate, sum(cfg.layers))
-        inplanes = 64
+        inplanes, reduction, dilation = 64, 4, 1
         self.feature_info = []
         for i, (depth, dcn) in enumerate(zip(cfg.layers, cfg.dcn_stages)):
             planes = 64 * 2**i
             stride = 1 if i == 0 else 2
+            previous_dilation = dilation
+            if reduction * stride > cfg.output_stride:  # keep the resolution, dilate instead
+                dilation, stride = dilation * stride, 1
+            reduction *= stride
             rates = drop_rates[sum(cfg.layers[:i]):sum(cfg.layers[:i + 1])]
-            layer = self._make_layer(inplanes, planes, depth, stride, dcn, cfg.deform_groups, rates)
+            layer = self._make_layer(inplanes, planes, depth, stride, dcn, cfg.deform_groups, rates,
+                                     (previous_dilation, dilation))
             setattr(self, f"layer{i + 1}", layer)
             inplanes = planes * Bottleneck.expansion
-            self.feature_info.append(dict(num_chs=inplanes, reduction=4 * 2**i, module=f"layer{i + 1}"))
+            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f"layer{i + 1}"))
         self.num_features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(cfg.zero_init_residual)
 
     @staticmethod
-    def _make_layer(inplanes, planes, depth, stride, dcn, deform_groups, drop_rates) -> nn.Sequential:
+    def _make_layer(inplanes, planes, depth, stride, dcn, deform_groups, drop_rates, dilations=(1, 1)) -> nn.Sequential:
+        """``depth`` bottlenecks; the first has ``dilations[0]`` (the previous stage's), the rest ``dilations[1]``."""
         out_chs = planes * Bottleneck.expansion
         downsample = None
         if stride != 1 or inplanes != out_chs:
             downsample = nn.Sequential(nn.Conv2d(inplanes, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
-        blocks = [Bottleneck(inplanes, planes, stride, downsample, dcn, deform_groups, drop_rates[0])]
-        blocks += [Bottleneck(out_chs, planes, 1, None, dcn, deform_groups, rate) for rate in drop_rates[1:]]
+        blocks = [Bottleneck(inplanes, planes, stride, downsample, dcn, deform_groups, drop_rates[0], dilations[0])]
+        blocks += [Bottleneck(out_chs, planes, 1, None, dcn, deform_groups, rate, dilations[1]) for rate in drop_rates[1:]]
         return nn.Sequential(*blocks)
 
     @torch.no_grad()
@@ -218,7 +233,7 @@ class ResNet(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """The outputs of the stages in ``indices`` (N, C_i, H/stride_i, W/stride_i), in stage order."""
-        return outputs_of_stages(self.stages, self._stem(x), indices, self.grad_checkpointing)
+        return stage_outputs(self.stages, self._stem(x), indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -253,18 +268,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNet) -> 
     return state_dict
 
 
-def _create_resnet(variant: str, cfg: ResNetCfg, pretrained=None, **kwargs) -> ResNet:
+def _create_resnet(cfg: ResNetCfg, pretrained=None, **kwargs) -> ResNet:
     return build_model(ResNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def resnet50(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 (torchvision layout): 25.6M parameters, 4.1G MACs at 224x224."""
-    return _create_resnet("resnet50", ResNetCfg(layers=(3, 4, 6, 3)), pretrained, **kwargs)
+    return _create_resnet(ResNetCfg(layers=(3, 4, 6, 3)), pretrained, **kwargs)
 
 
 @register_model
 def resnet50_dcnv2(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 with modulated deformable 3x3 convs in every bottleneck of conv3-conv5."""
     cfg = ResNetCfg(layers=(3, 4, 6, 3), dcn_stages=(False, True, True, True))
-    return _create_resnet("resnet50_dcnv2", cfg, pretrained, **kwargs)
+    return _create_resnet(cfg, pretrained, **kwargs)

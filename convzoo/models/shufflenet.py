@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._builder import build_model
-from ._convbn import ConvNormAct, fold_bn_into_conv, outputs_of_stages, run_blocks
+from ._convbn import Conv2dNormActivation, fold_bn_into_conv, run_blocks, stage_outputs
 from ._registry import register_model
 
 __all__ = ["ShuffleNetV2", "ShuffleNetV2Cfg", "InvertedResidual", "channel_shuffle", "checkpoint_filter_fn"]
@@ -107,14 +107,14 @@ class ShuffleNetV2(nn.Module):
             raise ValueError(f"ShuffleNetV2 has no residual branches for drop_path_rate={drop_path_rate}; use 0")
         self.grad_checkpointing = False
         chs = cfg.stages_out_channels
-        self.conv1 = ConvNormAct(in_chans, chs[0], 3, 2)
+        self.conv1 = Conv2dNormActivation(in_chans, chs[0], 3, 2)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_chs = chs[0]
         for name, repeats, out_chs in zip(("stage2", "stage3", "stage4"), cfg.stages_repeats, chs[1:4]):
             units = [InvertedResidual(in_chs, out_chs, 2)] + [InvertedResidual(out_chs, out_chs, 1) for _ in range(repeats - 1)]
             setattr(self, name, nn.Sequential(*units))
             in_chs = out_chs
-        self.conv5 = ConvNormAct(in_chs, chs[4], 1)
+        self.conv5 = Conv2dNormActivation(in_chs, chs[4], 1)
         self.num_features = chs[4]
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
@@ -142,7 +142,7 @@ class ShuffleNetV2(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
-        return outputs_of_stages(self._stages(), x, indices, self.grad_checkpointing)
+        return stage_outputs(self._stages(), x, indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes

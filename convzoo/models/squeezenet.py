@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._builder import build_model
-from ._convbn import run_blocks, stage_outputs
+from ._convbn import run_blocks, stage_outputs, stages_of
 from ._registry import register_model
 
 __all__ = ["SqueezeNet", "SqueezeNetCfg", "Fire", "checkpoint_filter_fn"]
@@ -144,7 +144,7 @@ class SqueezeNet(nn.Module):
 
     def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
         """Stage outputs (N, C_i, ~H/stride_i, ~W/stride_i) for stage ``indices``, in stage order."""
-        return stage_outputs(self.features, x, self.stage_ends, indices, self.grad_checkpointing)
+        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes

@@ -1,4 +1,4 @@
-"""Bilinear sampling of a table of rows: the CPU kernels of ``deform_conv2d``.
+"""Bilinear sampling of a table of rows: the CPU engine of ``deform_conv2d`` and the RoI operators.
 
 The operator reads, for every sample ``s``, the four corners of a bilinear cell in a table of
 ``rows`` (the zero-padded input laid out as ``(num_rows, channels)``): corner ``k`` is row
@@ -13,6 +13,10 @@ or, without Numba, in plain PyTorch gathers:
   (a segment's samples read rows of its own ``segment_rows`` only, e.g. one batch element), so
   that no two threads add into the same row; with fewer segments than threads, each thread
   adds into its own zeroed copy of the rows the samples can reach, summed afterwards.
+
+The RoI operators read ``E`` entries (4 corners x samples) per output bin at arbitrary rows:
+:func:`gather_sum` (one loop per output bin) and :func:`scatter_add` (each thread adds into its
+own copy of the table, or the only one with one thread).
 """
 from __future__ import annotations
 
@@ -98,3 +102,38 @@ def backward(rows: torch.Tensor, top_left: torch.Tensor, steps: Sequence[int], w
            as_array(dots), as_array(copies), first * segment_rows, as_array(bounds), True, work=work)
     grad_rows[first * segment_rows: last * segment_rows] += copies.sum(0)
     return dots
+
+
+def gather_sum(rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_e values[r, e] * rows[columns[r, e]]``: ``(R, channels)``.
+
+    Args:
+        rows: ``(num_rows, channels)`` table.
+        columns: ``(R, E)`` row indices (int64).
+        values: ``(R, E)`` weights.
+    """
+    numba_kernels = kernels(_KERNELS) if rows.device.type == "cpu" else None
+    if numba_kernels is None:
+        gathered = rows.index_select(0, columns.reshape(-1)).view(columns.shape[0], columns.shape[1], -1)
+        return torch.bmm(values.to(rows.dtype).unsqueeze(1), gathered).squeeze(1)
+    rows = rows.contiguous()
+    out = rows.new_empty((columns.shape[0], rows.shape[1]))
+    launch(numba_kernels.gather_sum, as_array(rows), as_array(columns.to(torch.int64).contiguous()),
+           as_array(values.to(rows.dtype).contiguous()), as_array(out), work=values.numel() * rows.shape[1])
+    return out
+
+
+def scatter_add(grad_rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> None:
+    """``grad_rows[columns[r, e]] += values[r, e] * grad[r]`` in place (the transpose of :func:`gather_sum`)."""
+    numba_kernels = kernels(_KERNELS) if grad_rows.device.type == "cpu" else None
+    if numba_kernels is None:
+        spread = values.to(grad.dtype).unsqueeze(-1) * grad.unsqueeze(1)
+        grad_rows.index_add_(0, columns.reshape(-1), spread.reshape(-1, grad.shape[1]))
+        return
+    work = values.numel() * grad.shape[1]
+    workers = threads(work)
+    copies = grad_rows.unsqueeze(0) if workers == 1 else grad_rows.new_zeros((workers,) + tuple(grad_rows.shape))
+    launch(numba_kernels.scatter_add, as_array(copies), as_array(columns.to(torch.int64).contiguous()),
+           as_array(values.to(grad.dtype).contiguous()), as_array(grad.contiguous()), work=work)
+    if workers > 1:
+        grad_rows += copies.sum(0)

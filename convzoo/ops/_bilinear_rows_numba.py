@@ -1,6 +1,6 @@
 """Numba kernels of :mod:`convzoo.ops._bilinear_rows` (imported through ``_numba.kernels`` only).
 
-Shapes: ``rows`` ``(R, C)``, ``top_left`` ``(S,)``, ``steps`` ``(4,)``, ``weights`` ``(4, S)``,
+Shapes: ``rows`` ``(R, C)``, ``columns``/``values`` ``(B, E)`` (gather_sum, scatter_add), ``top_left`` ``(S,)``, ``steps`` ``(4,)``, ``weights`` ``(4, S)``,
 ``grad``/``out`` ``(S, C)``, ``dots`` ``(S, 4)``, ``copies`` ``(T, R', C)``.
 """
 from __future__ import annotations
@@ -64,3 +64,35 @@ def backward(rows, top_left, steps, weights, grad, dots, copies, row_base, bound
             dots[s, 1] = d1
             dots[s, 2] = d2
             dots[s, 3] = d3
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def gather_sum(rows, columns, values, out):
+    """``out[r] = sum_e values[r, e] * rows[columns[r, e]]``, one task per output row."""
+    channels = rows.shape[1]
+    for r in numba.prange(columns.shape[0]):
+        o = out[r]
+        o[:] = 0
+        for e in range(columns.shape[1]):
+            w = values[r, e]
+            a = rows[columns[r, e]]
+            for c in range(channels):
+                o[c] += w * a[c]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def scatter_add(copies, columns, values, grad):
+    """``copies[t][columns[r, e]] += values[r, e] * grad[r]``; task ``t`` owns a block of ``r`` and copy ``t``."""
+    tasks = copies.shape[0]
+    count = columns.shape[0]
+    channels = grad.shape[1]
+    for parallel_task in numba.prange(tasks):
+        task = np.int64(parallel_task)
+        target = copies[task]
+        for r in range(task * count // tasks, (task + 1) * count // tasks):
+            go = grad[r]
+            for e in range(columns.shape[1]):
+                w = values[r, e]
+                g = target[columns[r, e]]
+                for c in range(channels):
+                    g[c] += w * go[c]

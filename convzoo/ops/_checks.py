@@ -7,6 +7,7 @@ it got and what it expects.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
@@ -53,6 +54,29 @@ def pair(name: str, value: IntPair, minimum: int = 0) -> Tuple[int, int]:
     if min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return out
+
+
+def check_int(name: str, value, minimum: Optional[int] = None) -> int:
+    """Check that ``value`` is an int (not a bool), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """Check that ``value`` is a bool (or the int 0 or 1)."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_float(name: str, value) -> float:
+    """Check that ``value`` is a finite real number (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
 
 
 def check_impl(impl: str) -> str:

@@ -166,14 +166,17 @@ def test_non_finite_gradients_are_skipped():
     torch.testing.assert_close(result.contribution, contribution_map(model, good)[0])
 
 
-def test_erf_errors():
-    model = ConvNet(3)
-    with pytest.raises(ValueError, match="num_images must be >= 1"):
-        effective_receptive_field(model, [torch.randn(1, 3, 8, 8)], num_images=0)
-    with pytest.raises(ValueError, match="no image gave a finite gradient"):
-        effective_receptive_field(model, [], num_images=2)
-    with pytest.raises(ValueError, match="all images must have one size"):
-        effective_receptive_field(model, [torch.randn(1, 3, 8, 8), torch.randn(1, 3, 9, 9)], num_images=2)
+@pytest.mark.parametrize("batches, num_images, message", [
+    pytest.param([torch.randn(1, 3, 8, 8)], 0, "num_images must be >= 1", id="no-images-asked"),
+    pytest.param([], 2, "no image gave a finite gradient", id="no-batches"),
+    pytest.param([torch.randn(1, 3, 8, 8), torch.randn(1, 3, 9, 9)], 2, "all images must have one size", id="two-sizes"),
+])
+def test_erf_errors(batches, num_images, message):
+    with pytest.raises(ValueError, match=message):
+        effective_receptive_field(ConvNet(3), batches, num_images=num_images)
+
+
+def test_last_feature_map_needs_a_feature_map():
     flat = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())
     with pytest.raises(ValueError, match=r"needs an \(N, C, h, w\) feature map from Sequential, got \(1, 72\)"):
         last_feature_map(flat, torch.randn(1, 3, 8, 8))

@@ -201,7 +201,6 @@ def test_reparameterize_each_part_alone_and_the_model_twice(name):
     model.eval()
     x = image()
     inputs = _inputs_of_reparameterizable_parts(model, x)  # none in SqueezeNet (no norms)
-    assert bool(inputs) == (family(name) != "squeezenet")
     for part, part_input in inputs.items():
         alone = copy.deepcopy(part).eval()
         with torch.no_grad():

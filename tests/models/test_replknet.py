@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import convzoo
@@ -351,3 +352,25 @@ def test_lk_shortcut_off_drops_only_the_replk_blocks_identity():
         ffn_x = torch.randn(1, 32, 8, 8)
         torch.testing.assert_close(without.stages[0].blocks[1](ffn_x), with_sc.stages[0].blocks[1](ffn_x))
     assert count_params(without) == count_params(with_sc)
+
+
+def test_norm_layer_builds_every_norm():
+    class CountingNorm(nn.BatchNorm2d):
+        pass
+
+    model = convzoo.create_model("replknet_tiny", num_classes=3, norm_layer=CountingNorm)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, CountingNorm) for m in norms)
+    with pytest.raises(TypeError, match="ResNet takes no norm_layer"):
+        convzoo.create_model("resnet50", norm_layer=CountingNorm)
+
+
+def test_loading_a_structural_reparam_file_merges_only_what_the_file_holds_and_the_filter_changes_nothing():
+    source = convzoo.create_model("replknet_tiny", num_classes=3)
+    merge_large_kernels(source)
+    state = source.state_dict()
+    model = convzoo.create_model("replknet_tiny", num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert checkpoint_filter_fn(dict(state), model).keys() == state.keys()
+    assert model.state_dict().keys() == before.keys()  # the filter left the model as it was
+    assert len(model.checkpoint_form(state)) == sum(isinstance(m, ReparamLargeKernelConv) for m in model.modules())

@@ -158,3 +158,23 @@ def test_reparameterize_folds_every_batchnorm(name):
                 nn.init.normal_(m.conv_offset.weight, std=0.01)
     assert_reparameterize_exact(model, torch.randn(2, 3, 40, 40))
     assert model.layer1[0].conv1.bias is not None
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_dcnv2"])
+def test_output_stride_dilates_the_last_stages_with_the_same_weights(name):
+    base = convzoo.create_model(name, features_only=True, **SHALLOW).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = base(x)
+    for output_stride, reductions in ((16, [4, 8, 16, 16]), (8, [4, 8, 8, 8])):
+        model = convzoo.create_model(name, features_only=True, output_stride=output_stride, **SHALLOW).eval()
+        model.load_state_dict(base.state_dict())  # the same parameters: only strides and dilations change
+        assert model.reductions() == reductions
+        with torch.no_grad():
+            feats = model(x)
+        assert [f.shape[-1] for f in feats] == [64 // r for r in reductions]
+        kept = 3 if output_stride == 16 else 2  # the stages before the first dilated one are unchanged
+        for got, want in zip(feats[:kept], expected[:kept]):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32, got 12"):
+        convzoo.create_model(name, output_stride=12)

@@ -1,8 +1,10 @@
+import math
 import warnings
 
 import pytest
 import torch
 
+from convzoo import ops
 from convzoo.ops import _checks
 
 
@@ -77,3 +79,24 @@ def test_autocast_helpers_accept_meta_tensors():
     meta = torch.empty(2, device="meta")
     assert _checks.autocast_to_lower(meta, None) == (meta, None)
     assert _checks.autocast_to_widest(meta) == (meta,)
+
+
+def test_same_mistake_same_error_in_every_family():
+    """A bool where an int is expected, and a non-finite float, get the same error everywhere."""
+    x = torch.randn(1, 5, 5, 4)
+    dcnv3_args = [x, torch.zeros(1, 5, 5, 36), torch.rand(1, 5, 5, 18), 3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0]
+    features, rois = torch.randn(1, 4, 8, 8), torch.tensor([[0.0, 0, 0, 4, 4]])
+    bad_int = [lambda: ops.dcnv3(*dcnv3_args[:3], True, *dcnv3_args[4:]),
+               lambda: ops.roi_align(features, rois, 2, 1.0, sampling_ratio=True)]
+    for call in bad_int:
+        with pytest.raises(TypeError, match="must be an int, got True"):
+            call()
+    bad_float = [lambda: ops.dcnv3(*dcnv3_args[:-1], math.nan),
+                 lambda: ops.deform_roi_pool(features, rois, None, 2, 1.0, 0, math.inf)]
+    for call in bad_float:
+        with pytest.raises(TypeError, match="must be a finite float"):
+            call()
+    for call in (lambda: ops.dcnv3(*dcnv3_args, False, "auto"), lambda: ops.dwconv2d(features, torch.randn(4, 1, 3, 3),
+                                                                                   None, 1, 1, 1, "auto")):
+        with pytest.raises(TypeError):  # impl is keyword-only in every family
+            call()

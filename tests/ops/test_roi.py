@@ -545,11 +545,15 @@ def test_errors_name_the_argument():
         ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2, sample_per_part=0, no_trans=True)
 
 
-def test_sparse_kernels_match_reference(monkeypatch):
-    """Large problems take the sparse-product kernels; force them on small ones."""
-    from convzoo.ops.roi import reference
+@pytest.mark.parametrize("engine", ["numba", "pytorch-without-numba"])
+def test_gather_engines_match_reference(engine, monkeypatch):
+    """The custom ops' bilinear engine (Numba, every thread even on small inputs; or its PyTorch
+    fallback) against the autograd reference, gradients included."""
+    from convzoo.ops import _bilinear_rows, _numba
 
-    monkeypatch.setattr(reference, "SPARSE_MIN_WORK", 0)
+    monkeypatch.setattr(_numba, "GRAIN", 1)
+    if engine != "numba":
+        monkeypatch.setattr(_bilinear_rows, "kernels", lambda name: None)
     x = torch.randn(2, 8, 7, 9, dtype=DT, requires_grad=True)
     rois = make_rois(6, 2, 7, 9, 0.5)
     offset = (torch.randn(6, 2, 2, 2, dtype=DT) * 2).requires_grad_()
@@ -567,3 +571,24 @@ def test_sparse_kernels_match_reference(monkeypatch):
         torch.testing.assert_close(a, b)
         for u, v in zip(ga, gb):
             torch.testing.assert_close(u, v)
+
+
+def test_ps_roi_pool_runs_the_numba_kernels(monkeypatch):
+    """On CPU tensors ps_roi_pool and its backward run the Numba kernels, never the summed-area table."""
+    from convzoo.ops import _numba
+    from convzoo.ops.roi import cpu, reference
+
+    assert _numba.kernels(cpu.__name__) is cpu
+    x = torch.randn(2, 12, 7, 9, dtype=DT, requires_grad=True)
+    rois = make_rois(5, 2, 7, 9, 0.5)
+    want = ops.ps_roi_pool(x, rois, (2, 3), 0.5, impl="reference")
+    want_grad, = torch.autograd.grad(want.sum(), x)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(reference, "ps_roi_pool", fail)
+    monkeypatch.setattr(reference, "ps_roi_pool_backward", fail)
+    got = ops.ps_roi_pool(x, rois, (2, 3), 0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)

@@ -97,15 +97,16 @@ def test_relation_class_means_carry_no_label_information(relation):
     assert spread < 0.01 * config.amplitude
 
 
-def test_relation_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="image_size"):
-        RelationConfig(image_size=8)
-    with pytest.raises(ValueError, match="num_shapes"):
-        RelationConfig(num_shapes=9)
-    with pytest.raises(ValueError, match="relation must be one of height, colour, shape, shape\\+colour"):
-        RelationConfig(relation="size")
-    with pytest.raises(ValueError, match="split"):
-        RelationDataset("test")
+@pytest.mark.parametrize("make, message", [
+    pytest.param(lambda: RelationConfig(image_size=8), "image_size", id="image-size"),
+    pytest.param(lambda: RelationConfig(num_shapes=9), "num_shapes", id="num-shapes"),
+    pytest.param(lambda: RelationConfig(relation="size"), "relation must be one of height, colour, shape, shape\\+colour",
+                 id="relation"),
+    pytest.param(lambda: RelationDataset("test"), "split", id="split"),
+])
+def test_relation_config_rejects_bad_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 # ---------------------------------------------------------------- transforms

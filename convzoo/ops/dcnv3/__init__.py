@@ -36,37 +36,17 @@ exactly where torchvision samples for a depthwise all-ones weight with ``offset_
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
-from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, plain_cpu_inference, use_triton
+from .._checks import (autocast_to_widest, check_bool, check_float, check_impl, check_int, check_same, check_tensor,
+                       plain_cpu_inference, use_triton)
 from .._numba import kernels
 from . import reference
 from .reference import Geometry
 
 __all__ = ["dcnv3", "dcnv3_offsets_to_torchvision", "torchvision_offsets_to_dcnv3"]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_scale(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"offset_scale must be a finite float, got {value!r}")
-    return float(value)
 
 
 def _num_points(kernel_h: int, kernel_w: int, remove_center: bool) -> int:
@@ -176,7 +156,7 @@ _register_flop_formula()
 
 def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
           stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-          group: int, group_channels: int, offset_scale: float, remove_center: bool = False,
+          group: int, group_channels: int, offset_scale: float, remove_center: bool = False, *,
           impl: str = "auto") -> torch.Tensor:
     """DCNv3 core (InternImage): grouped deformable bilinear sampling weighted by a per-point mask.
 
@@ -214,18 +194,18 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     x, offset, mask = autocast_to_widest(x, offset, mask)
     check_same("offset", offset, "x", x)
     check_same("mask", mask, "x", x)
-    kernel_h = _check_int("kernel_h", kernel_h, 1)
-    kernel_w = _check_int("kernel_w", kernel_w, 1)
-    stride_h = _check_int("stride_h", stride_h, 1)
-    stride_w = _check_int("stride_w", stride_w, 1)
-    pad_h = _check_int("pad_h", pad_h, 0)
-    pad_w = _check_int("pad_w", pad_w, 0)
-    dilation_h = _check_int("dilation_h", dilation_h, 1)
-    dilation_w = _check_int("dilation_w", dilation_w, 1)
-    group = _check_int("group", group, 1)
-    group_channels = _check_int("group_channels", group_channels, 1)
-    offset_scale = _check_scale(offset_scale)
-    remove_center = _check_bool("remove_center", remove_center)
+    kernel_h = check_int("kernel_h", kernel_h, 1)
+    kernel_w = check_int("kernel_w", kernel_w, 1)
+    stride_h = check_int("stride_h", stride_h, 1)
+    stride_w = check_int("stride_w", stride_w, 1)
+    pad_h = check_int("pad_h", pad_h, 0)
+    pad_w = check_int("pad_w", pad_w, 0)
+    dilation_h = check_int("dilation_h", dilation_h, 1)
+    dilation_w = check_int("dilation_w", dilation_w, 1)
+    group = check_int("group", group, 1)
+    group_channels = check_int("group_channels", group_channels, 1)
+    offset_scale = check_float("offset_scale", offset_scale)
+    remove_center = check_bool("remove_center", remove_center)
     points = _num_points(kernel_h, kernel_w, remove_center)
 
     n, height, width, channels = x.shape
@@ -278,15 +258,15 @@ def _tv_positions(kernel_h: int, kernel_w: int, remove_center: bool, device) -> 
 
 
 def _check_converter_args(kernel_h, kernel_w, group, dilation_h, dilation_w, offset_scale, remove_center):
-    _check_int("kernel_h", kernel_h, 1)
-    _check_int("kernel_w", kernel_w, 1)
-    _check_int("group", group, 1)
-    _check_int("dilation_h", dilation_h, 1)
-    _check_int("dilation_w", dilation_w, 1)
-    scale = _check_scale(offset_scale)
+    check_int("kernel_h", kernel_h, 1)
+    check_int("kernel_w", kernel_w, 1)
+    check_int("group", group, 1)
+    check_int("dilation_h", dilation_h, 1)
+    check_int("dilation_w", dilation_w, 1)
+    scale = check_float("offset_scale", offset_scale)
     if scale == 0:
         raise ValueError("offset_scale must be non-zero, got 0.0")
-    remove_center = _check_bool("remove_center", remove_center)
+    remove_center = check_bool("remove_center", remove_center)
     return _num_points(kernel_h, kernel_w, remove_center), scale, remove_center
 
 

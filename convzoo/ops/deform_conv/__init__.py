@@ -216,6 +216,7 @@ def deform_conv2d(
     padding=0,
     dilation=1,
     mask: Optional[torch.Tensor] = None,
+    *,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Deformable convolution v1 (Dai et al., 2017) and, with ``mask``, v2 (Zhu et al., 2019).

@@ -28,7 +28,7 @@ PaddingArg = Union[int, Tuple[int, int], Sequence[int], str]
 
 
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
-             padding: PaddingArg = 0, dilation=1, impl: str = "auto") -> torch.Tensor:
+             padding: PaddingArg = 0, dilation=1, *, impl: str = "auto") -> torch.Tensor:
     """Depthwise 2-D convolution: every output channel sees one input channel.
 
     Equal to ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``, on CPU much faster

@@ -23,7 +23,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_impl, check_same, check_tensor, pair
+from .._checks import check_float, check_impl, check_int, check_same, check_tensor, pair
+from .._numba import kernels
 from . import reference
 
 __all__ = ["roi_align", "deform_roi_pool", "modulated_deform_roi_pool", "ps_roi_pool", "deform_ps_roi_pool"]
@@ -91,20 +92,6 @@ def _check_scale(spatial_scale) -> float:
     if not math.isfinite(spatial_scale) or spatial_scale <= 0:
         raise ValueError(f"spatial_scale must be a finite number > 0, got {spatial_scale!r}")
     return float(spatial_scale)
-
-
-def _check_int(name: str, value, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite float, got {value!r}")
-    return float(value)
 
 
 def _check_bin_tensor(name: str, value: Tensor, input: Tensor, shape: Tuple[int, ...], layout: str) -> Tensor:
@@ -287,8 +274,16 @@ _deform_roi_pool_op.register_autograd(
 # --------------------------------------------------------------------------------------
 # convzoo::ps_roi_pool
 # --------------------------------------------------------------------------------------
+def _cpu_kernels(tensor: Tensor):
+    """The Numba ps_roi_pool kernels for CPU tensors; None on other devices or without Numba."""
+    return kernels(__name__ + ".cpu") if tensor.device.type == "cpu" else None
+
+
 @torch.library.custom_op("convzoo::ps_roi_pool", mutates_args=())
 def _ps_roi_pool_op(input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float) -> Tensor:
+    cpu = _cpu_kernels(input)
+    if cpu is not None:
+        return cpu.ps_roi_pool(input, rois, (pooled_h, pooled_w), spatial_scale)
     with torch.no_grad():
         return reference.ps_roi_pool(input, rois, (pooled_h, pooled_w), spatial_scale)
 
@@ -304,6 +299,9 @@ def _ps_roi_pool_backward_op(
     spatial_scale: float,
 ) -> Tensor:
     shape = torch.Size((batch, channels, height, width))
+    cpu = _cpu_kernels(grad)
+    if cpu is not None:
+        return cpu.ps_roi_pool_backward(grad, rois, shape, (pooled_h, pooled_w), spatial_scale)
     return reference.ps_roi_pool_backward(grad, rois, shape, (pooled_h, pooled_w), spatial_scale)
 
 
@@ -484,7 +482,7 @@ def roi_align(
     rois = _boxes_to_rois("boxes", boxes, input)
     pooled = pair("output_size", output_size, minimum=1)
     spatial_scale = _check_scale(spatial_scale)
-    sampling_ratio = _check_int("sampling_ratio", sampling_ratio)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool, got {aligned!r}")
     if impl == "reference":
@@ -532,8 +530,8 @@ def deform_roi_pool(
     if offset is not None:
         _check_bin_tensor("offset", offset, input, (rois.shape[0], 2) + pooled, "K, 2, ph, pw")
     spatial_scale = _check_scale(spatial_scale)
-    sampling_ratio = _check_int("sampling_ratio", sampling_ratio)
-    gamma = _check_float("gamma", gamma)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+    gamma = check_float("gamma", gamma)
     if impl == "reference":
         return reference.deform_roi_pool(input, rois, offset, pooled, spatial_scale, sampling_ratio, gamma)
     return _deform_roi_pool_op(input, rois, offset, pooled[0], pooled[1], spatial_scale, sampling_ratio, gamma)
@@ -667,12 +665,12 @@ def deform_ps_roi_pool(
     _check_roi_impl(impl, "deform_ps_roi_pool")
     _check_input(input)
     rois_t = _boxes_to_rois("rois", rois, input)
-    output_dim = _check_int("output_dim", output_dim, minimum=1)
-    group_size = _check_int("group_size", group_size, minimum=1)
-    pooled_size = _check_int("pooled_size", pooled_size, minimum=1)
-    part_size = pooled_size if part_size is None else _check_int("part_size", part_size, minimum=1)
-    sample_per_part = _check_int("sample_per_part", sample_per_part, minimum=1)
-    trans_std = _check_float("trans_std", trans_std)
+    output_dim = check_int("output_dim", output_dim, minimum=1)
+    group_size = check_int("group_size", group_size, minimum=1)
+    pooled_size = check_int("pooled_size", pooled_size, minimum=1)
+    part_size = pooled_size if part_size is None else check_int("part_size", part_size, minimum=1)
+    sample_per_part = check_int("sample_per_part", sample_per_part, minimum=1)
+    trans_std = check_float("trans_std", trans_std)
     spatial_scale = _check_scale(spatial_scale)
     if not isinstance(no_trans, bool):
         raise TypeError(f"no_trans must be a bool, got {no_trans!r}")

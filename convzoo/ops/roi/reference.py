@@ -12,21 +12,22 @@ is written in two steps:
 
 :func:`bilinear_pool` is differentiable by autograd (``impl="reference"``). The custom ops
 in ``__init__.py`` use :func:`bilinear_pool_fast` and :func:`bilinear_pool_backward`: the
-same sum as one sparse (bins x feature pixels) matrix with four entries per sample times
-the feature rows, its transpose for the input gradient, and ``<grad, d value / d point>``
-per bin for the point gradients (all samples of a bin move together), which the caller chains to the offsets analytically
-(small problems take plain gathers instead: a sparse product costs ~25 ms to set up).
+same sum as one gather of the 4 * S weighted feature rows of each output bin (Numba, one loop
+per bin: :mod:`convzoo.ops._bilinear_rows`), its transpose (a race-free scatter-add) for the
+input gradient, and ``<grad, d value / d point>`` per bin for the point gradients (all samples
+of a bin move together), which the caller chains to the offsets analytically.
 ``ps_roi_pool`` sums integer bins through a summed-area table.
 
 Coordinates live in the feature map's pixel-index frame (pixel ``i`` has centre ``i``).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .. import _bilinear_rows
 
 __all__ = [
     "round_half_away",
@@ -160,14 +161,8 @@ def bilinear_pool(
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
 
 
-# The custom op's kernels: the same sum written as a sparse (RoI bins x feature pixels)
-# matrix with four entries per sample, multiplied with the feature rows in one go.
-def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: Tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
+# The custom op's kernels: the same sum as a gather of 4 * S weighted feature rows per output
+# bin (:mod:`convzoo.ops._bilinear_rows`, in Numba: one loop per output bin).
 def _sample_entries(
     batch_index: Tensor, bin_group: Tensor, groups: int, height: int, width: int,
     y: Tensor, x: Tensor, weight: Tensor,
@@ -182,34 +177,24 @@ def _sample_entries(
     return columns, torch.stack(weights, dim=-1), weight.reshape(-1, samples), frac
 
 
-# Below this many multiply-adds the gathers win: a sparse product costs ~25 ms to set up.
-SPARSE_MIN_WORK = 1 << 22
-
-
-def _row_major(count: int, per_row: int, device) -> Tensor:
-    return torch.arange(0, count * per_row + 1, per_row, device=device)
-
-
 def bilinear_pool_fast(
     input: Tensor, batch_index: Tensor, bin_group: Tensor, groups: int, y: Tensor, x: Tensor, weight: Tensor
 ) -> Tensor:
-    """:func:`bilinear_pool` as one sparse-dense matrix product (no autograd)."""
+    """:func:`bilinear_pool` as one gather of weighted feature rows per output bin (no autograd)."""
     k, coord_sets, bins, samples = y.shape
     n, channels, height, width = input.shape
     rows = _feature_rows(input, coord_sets, groups)
     per_group = rows.shape[1]
     out_rows = k * coord_sets * bins
-    if out_rows * samples * 4 * per_group < SPARSE_MIN_WORK:
-        return bilinear_pool(input, batch_index, bin_group, groups, y, x, weight)
-    if rows.shape[0] == 0:
+    if rows.shape[0] == 0 or samples == 0:
         out = rows.new_zeros(out_rows, per_group)
     else:
         columns, corner_w, sample_w, _ = _sample_entries(
             batch_index, bin_group, groups, height, width, y, x, weight
         )
-        values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
-        matrix = _csr(_row_major(out_rows, samples * 4, y.device), columns.reshape(-1), values, (out_rows, rows.shape[0]))
-        out = matrix @ rows
+        entries = (out_rows, 4 * samples)
+        values = (corner_w * sample_w.unsqueeze(-1)).reshape(entries)
+        out = _bilinear_rows.gather_sum(rows, columns.reshape(entries), values)
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
 
 
@@ -228,7 +213,7 @@ def bilinear_pool_backward(
     """Gradients of :func:`bilinear_pool` with respect to ``input``, ``y`` and ``x``.
 
     ``grad_out`` is (K, Q*Cq, P). Returns ``(grad_input, grad_y, grad_x)`` (``None`` where not
-    asked for). The input gradient is the transposed sparse matrix times ``grad_out``. The
+    asked for). The input gradient is the transposed gather (a scatter-add) of ``grad_out``. The
     point gradients are summed over the samples of each bin, (K, Q, P) -- every caller
     moves all samples of a bin together -- as ``<grad_out, sum_samples d(bilinear)/dy>``.
     They follow the clamp: zero for a coordinate outside the map and for non-finite points.
@@ -247,21 +232,11 @@ def bilinear_pool_backward(
     columns, corner_w, sample_w, (ly, lx, hy, hx) = _sample_entries(
         batch_index, bin_group, groups, height, width, y, x, weight
     )
-    sparse = out_rows * samples * 4 * per_group >= SPARSE_MIN_WORK
-    if need_input_grad and not sparse:
-        values = (corner_w * sample_w.unsqueeze(-1)).unsqueeze(-1)  # (R, S, 4, 1)
-        spread = (values * g_rows.view(out_rows, 1, 1, per_group)).reshape(-1, per_group)
-        grad_rows = torch.zeros_like(rows).index_add_(0, columns.reshape(-1), spread)
+    if need_input_grad:
+        values = (corner_w * sample_w.unsqueeze(-1)).reshape(out_rows, -1)
+        grad_rows = torch.zeros_like(rows)
+        _bilinear_rows.scatter_add(grad_rows, columns.reshape(out_rows, -1), values, g_rows)
         grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups)
-    elif need_input_grad:
-        flat_columns = columns.reshape(-1)
-        order = torch.argsort(flat_columns)
-        crow = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=y.device)
-        crow[1:] = torch.bincount(flat_columns, minlength=rows.shape[0]).cumsum(0)
-        source_row = torch.arange(out_rows, device=y.device).repeat_interleave(samples * 4)
-        values = (corner_w * sample_w.unsqueeze(-1)).reshape(-1)
-        transposed = _csr(crow, source_row[order], values[order], (rows.shape[0], out_rows))
-        grad_input = _rows_to_input(transposed @ g_rows, input.shape, coord_sets, groups)
     if need_point_grad:
         finite = torch.isfinite(y) & torch.isfinite(x)
         y_raw = torch.where(finite, y, -1.0).reshape(out_rows, samples)
@@ -272,32 +247,14 @@ def bilinear_pool_backward(
         # d(weights)/dy and d(weights)/dx of the four corners (low-low, low-high, high-low, high-high)
         d_dy = torch.stack([-hx, -lx, hx, lx], dim=-1) * w_y
         d_dx = torch.stack([-hy, hy, -ly, ly], dim=-1) * w_x
-        bin_slopes = _bin_slopes_sparse if sparse else _bin_slopes_gather
-        slopes = bin_slopes(rows, columns, torch.stack([d_dy, d_dx]))  # (2, R, Cq)
+        # sum over a bin's samples and corners of slope * feature: (2, R, Cq)
+        flat_columns = columns.reshape(1, out_rows, -1).expand(2, -1, -1).reshape(2 * out_rows, -1)
+        slopes = torch.stack([d_dy, d_dx]).reshape(2 * out_rows, -1)
+        slopes = _bilinear_rows.gather_sum(rows, flat_columns, slopes).view(2, out_rows, -1)
         point = (slopes * g_rows).sum(-1)  # (2, R)
         grad_y = point[0].reshape(k, coord_sets, bins)
         grad_x = point[1].reshape(k, coord_sets, bins)
     return grad_input, grad_y, grad_x
-
-
-def _bin_slopes_gather(rows: Tensor, columns: Tensor, slopes: Tensor) -> Tensor:
-    """``sum_{sample, corner} slope * feature`` per bin by gathering the neighbours.
-
-    ``columns`` (R, S, 4), ``slopes`` (2, R, S, 4) -> (2, R, Cq)."""
-    out_rows, samples, _ = columns.shape
-    neighbours = rows[columns.reshape(-1)].view(out_rows, samples * 4, -1)
-    per_bin = slopes.reshape(2, out_rows, samples * 4).permute(1, 0, 2)  # (R, 2, S*4)
-    return torch.bmm(per_bin, neighbours).permute(1, 0, 2)
-
-
-def _bin_slopes_sparse(rows: Tensor, columns: Tensor, slopes: Tensor) -> Tensor:
-    """Same as :func:`_bin_slopes_gather` as one sparse product: (2, R, Cq)."""
-    out_rows, samples, _ = columns.shape
-    count = 2 * out_rows
-    cols = columns.reshape(1, out_rows, samples * 4).expand(2, -1, -1)
-    matrix = _csr(_row_major(count, samples * 4, rows.device), cols.reshape(-1), slopes.reshape(-1),
-                  (count, rows.shape[0]))
-    return (matrix @ rows).view(2, out_rows, -1)
 
 
 # --------------------------------------------------------------------------------------
