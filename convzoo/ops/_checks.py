@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from typing import Optional, Sequence, Tuple, Union
 
@@ -109,7 +110,8 @@ def _warn_no_triton(op_name: str) -> None:
 def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
     """Decide whether ``op_name`` runs its Triton kernel.
 
-    ``impl="triton"`` forces it (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+    ``impl="triton"`` forces it (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; other
+    CPU tensors get a ValueError);
     ``impl="auto"`` takes it for CUDA tensors when Triton is importable and warns once
     otherwise; ``impl="reference"`` never does.
     """
@@ -119,6 +121,11 @@ def use_triton(op_name: str, impl: str, *tensors: torch.Tensor) -> bool:
     if impl == "triton":
         if not triton_importable():
             raise RuntimeError(f"convzoo.ops.{op_name}: impl='triton' needs the triton package")
+        on_cpu = [t for t in tensors if t is not None and t.device.type == "cpu"]
+        if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"convzoo.ops.{op_name}: impl='triton' needs CUDA tensors, got tensors on the cpu; "
+                             "use impl='auto' (the CPU kernels) or move the tensors to a GPU "
+                             "(CPU tensors run Triton only under its interpreter, TRITON_INTERPRET=1)")
         return True
     on_cuda = any(t is not None and t.is_cuda for t in tensors)
     if not on_cuda:

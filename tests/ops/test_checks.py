@@ -100,3 +100,12 @@ def test_same_mistake_same_error_in_every_family():
                                                                                    None, 1, 1, 1, "auto")):
         with pytest.raises(TypeError):  # impl is keyword-only in every family
             call()
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors, got tensors on the cpu"):
+        ops.dwconv2d(x, torch.randn(4, 1, 3, 3), padding=1, impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        _checks.use_triton("dcnv3", "triton", x)
