@@ -101,7 +101,7 @@ def test_no_command_and_bad_option_are_usage_errors(capsys):
     code, _, err = _run([], capsys)
     assert code == 2 and "usage: convzoo" in err
     code, _, err = _run(["train", "--epochs", "many"], capsys)
-    assert code == 2 and "invalid int value" in err
+    assert code == 2 and "--epochs: expected a positive integer, got 'many'" in err
 
 
 def test_python_dash_m_entry_point():
