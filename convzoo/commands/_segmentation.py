@@ -110,36 +110,11 @@ def epoch_line(record: dict) -> str:
 
 
 def print_summary(args, output: str, history, elapsed: float, data_info: dict) -> None:
-    from ..train.loop import best_epoch
-    from .train import _duration
+    from .train import SummaryMetrics, write_summary
 
-    final = history[-1] if history else {}
-    key = "ema_val_miou" if "ema_val_miou" in final else "val_miou"
-    best = best_epoch(history, key)
-    summary = {
-        "task": "segmentation",
-        "model": args.model,
-        "epochs": len(history),
-        "final_val_miou": final.get(key),
-        "final_val_aacc": final.get(key.replace("miou", "aacc")),
-        "best_val_miou": best[key] if best else None,
-        "best_epoch": best["epoch"] if best else None,
-        "weights": "ema" if key.startswith("ema") else "model",
-        "skipped_train_images": final.get("train_skipped_total", 0) + data_info.get("unreadable_train", 0),
-        "skipped_val_images": final.get("val_skipped", 0) + data_info.get("unreadable_val", 0),
-        "seconds_this_run": round(elapsed, 1),
-        "checkpoint": os.path.join(output, "checkpoint.pt"),
-        "model_file": os.path.join(output, "model.safetensors"),
-    }
-    with open(os.path.join(output, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-    print("\nsummary", file=sys.stdout)
-    print(f"  model           {args.model} ({summary['weights']} weights)")
-    print(f"  val mIoU / aAcc {summary['final_val_miou']:.2f}% / {summary['final_val_aacc']:.2f}% after {summary['epochs']} epochs"
-          f" (best mIoU {summary['best_val_miou']:.2f}% at epoch {summary['best_epoch']})")
-    print(f"  skipped files   {summary['skipped_train_images']} train, {summary['skipped_val_images']} val (unreadable)")
-    print(f"  time            {_duration(elapsed)} this run")
-    print(f"  written         {summary['model_file']}, {summary['checkpoint']}, {os.path.join(output, 'metrics.jsonl')}")
+    metrics = SummaryMetrics("miou", "aacc", "val mIoU / aAcc", "best mIoU", "skipped files")
+    unreadable = (data_info.get("unreadable_train", 0), data_info.get("unreadable_val", 0))
+    write_summary(args, output, history, elapsed, metrics, task_fields={"task": "segmentation"}, unreadable=unreadable)
 
 
 # ------------------------------------------------------------------------------ convzoo eval

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple, Optional, Tuple
 
 from . import UsageError, create_model_or_exit, parse_model_args
 from ._tools import positive_int
@@ -386,27 +387,49 @@ def _run_training(args, info, model, config, output, datasets, resume_path, meta
         if segmentation:
             _seg.print_summary(args, output, history, elapsed, data_info)
         else:
-            _print_summary(args, output, history, elapsed, trainer)
+            write_summary(args, output, history, elapsed)
     barrier(info)  # no rank tears the process group down while rank 0 still writes the model
     return 0
 
 
-def _print_summary(args, output, history, elapsed, trainer) -> None:
+class SummaryMetrics(NamedTuple):
+    """What a task's training summary reports: validation metrics ``val_<main>`` and
+    ``val_<second>`` (e.g. "top1", "top5") and the labels of its printed lines."""
+
+    main: str
+    second: str
+    label: str
+    best_label: str
+    skipped_label: str
+
+
+CLASSIFICATION_SUMMARY = SummaryMetrics("top1", "top5", "val top-1/top-5", "best", "skipped images")
+
+
+def write_summary(args, output: str, history, elapsed: float, metrics: SummaryMetrics = CLASSIFICATION_SUMMARY,
+                  *, task_fields: Optional[dict] = None, unreadable: Tuple[int, int] = (0, 0)) -> None:
+    """Writes ``output/summary.json`` from the run's epoch records and prints it as a table.
+
+    ``unreadable`` (train, val) adds files the data readers skipped before training to the
+    counts the epochs recorded; ``task_fields`` go into the JSON first.
+    """
     from ..train.loop import best_epoch
 
+    main, second = metrics.main, metrics.second
     final = history[-1] if history else {}
-    key = "ema_val_top1" if "ema_val_top1" in final else "val_top1"
+    key = f"ema_val_{main}" if f"ema_val_{main}" in final else f"val_{main}"
     best = best_epoch(history, key)
     summary = {
+        **(task_fields or {}),
         "model": args.model,
         "epochs": len(history),
-        "final_val_top1": final.get(key),
-        "final_val_top5": final.get(key.replace("top1", "top5")),
-        "best_val_top1": best[key] if best else None,
+        f"final_val_{main}": final.get(key),
+        f"final_val_{second}": final.get(key.replace(main, second)),
+        f"best_val_{main}": best[key] if best else None,
         "best_epoch": best["epoch"] if best else None,
         "weights": "ema" if key.startswith("ema") else "model",
-        "skipped_train_images": final.get("train_skipped_total", 0),
-        "skipped_val_images": final.get("val_skipped", 0),
+        "skipped_train_images": final.get("train_skipped_total", 0) + unreadable[0],
+        "skipped_val_images": final.get("val_skipped", 0) + unreadable[1],
         "seconds_this_run": round(elapsed, 1),
         "checkpoint": os.path.join(output, "checkpoint.pt"),
         "model_file": os.path.join(output, "model.safetensors"),
@@ -415,8 +438,9 @@ def _print_summary(args, output, history, elapsed, trainer) -> None:
         json.dump(summary, handle, indent=2)
     print("\nsummary", file=sys.stdout)
     print(f"  model           {args.model} ({summary['weights']} weights)")
-    print(f"  val top-1/top-5 {summary['final_val_top1']:.2f}% / {summary['final_val_top5']:.2f}% after {summary['epochs']} epochs"
-          f" (best {summary['best_val_top1']:.2f}% at epoch {summary['best_epoch']})")
-    print(f"  skipped images  {summary['skipped_train_images']} train, {summary['skipped_val_images']} val (unreadable)")
+    print(f"  {metrics.label:<15} {summary[f'final_val_{main}']:.2f}% / {summary[f'final_val_{second}']:.2f}%"
+          f" after {summary['epochs']} epochs"
+          f" ({metrics.best_label} {summary[f'best_val_{main}']:.2f}% at epoch {summary['best_epoch']})")
+    print(f"  {metrics.skipped_label:<15} {summary['skipped_train_images']} train, {summary['skipped_val_images']} val (unreadable)")
     print(f"  time            {_duration(elapsed)} this run")
     print(f"  written         {summary['model_file']}, {summary['checkpoint']}, {os.path.join(output, 'metrics.jsonl')}")

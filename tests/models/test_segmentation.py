@@ -124,7 +124,6 @@ def test_adaptive_pool_matrix_matches_pytorch(size_in, size_out):
 
 
 def test_onnx_export_runs_in_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime")
     from convzoo.export import export_onnx
 
     model = _model("upernet", "replknet_tiny")
