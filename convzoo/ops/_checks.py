@@ -80,6 +80,21 @@ def check_float(name: str, value) -> float:
     return float(value)
 
 
+def script_unsupported(operator):
+    """Mark a public operator as not compilable by ``torch.jit.script``, with a clear error.
+
+    TorchScript cannot compile the operators' Python argument checks, and PyTorch keeps it in
+    maintenance mode: ``torch.compile`` and ``torch.export`` are the supported graph paths (the
+    operators are custom ops, one node each). ``torch.jit.script`` of the operator, or of a module
+    that calls it, raises ``RuntimeError`` saying so instead of failing inside our checks.
+    """
+    name = f"convzoo.ops.{operator.__name__}"
+    setattr(operator, "__script_unsupported", (
+        f"{name} does not support torch.jit.script. Use torch.compile or torch.export (the operator is a "
+        f"custom op, one graph node), or torch.jit.trace / torch.onnx.export with impl='reference'."))
+    return operator
+
+
 def check_impl(impl: str) -> str:
     """Check the ``impl`` argument every operator takes."""
     if impl not in IMPLS:

@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import (autocast_to_widest, check_bool, check_float, check_impl, check_int, check_same, check_tensor,
-                       plain_cpu_eager, plain_cpu_inference, use_triton)
+                       plain_cpu_eager, plain_cpu_inference, script_unsupported, use_triton)
 from .._numba import kernels
 from . import reference
 from .reference import Geometry
@@ -172,6 +172,7 @@ class _EagerCPU(torch.autograd.Function):
 # Public functions.
 
 
+@script_unsupported
 def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
           stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
           group: int, group_channels: int, offset_scale: float, remove_center: bool = False, *,
