@@ -473,7 +473,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 else t.contiguous()
 
 
-def check_kernel(kernel: str) -> str:
+def check_kernel_name(kernel: str) -> str:
     """Check the launchers' ``kernel`` argument (one of :data:`KERNELS`)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -483,7 +483,7 @@ def check_kernel(kernel: str) -> str:
 def _kernel_choice(role: str, x, weight, stride, padding, dilation, run, kernel: str) -> str:
     """"direct" or "band" for ``role`` on input ``x`` given the caller's ``kernel`` (see :data:`KERNELS`);
     ``run(name)`` launches one."""
-    check_kernel(kernel)
+    check_kernel_name(kernel)
     if not _band_applies(x):
         return "direct"
     if kernel != "auto":
