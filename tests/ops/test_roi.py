@@ -518,7 +518,7 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="sampling_ratio must be an int"):
         ops.roi_align(x, rois, 2, sampling_ratio=2.0)
     with pytest.raises(TypeError, match="aligned must be a bool"):
-        ops.roi_align(x, rois, 2, aligned=1)
+        ops.roi_align(x, rois, 2, aligned="yes")
     with pytest.raises(ValueError, match="impl='triton' is not available"):
         ops.roi_align(x, rois, 2, impl="triton")
     with pytest.raises(ValueError, match="impl must be one of"):
