@@ -154,6 +154,30 @@ def _align_out_shape(input: Tensor, rois: Tensor, geometry: AlignGeometry) -> Tu
     return rois.shape[0], input.shape[1] // per_bin, geometry.pooled_h, geometry.pooled_w
 
 
+def _align_backward_pytorch(grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
+                            geometry: AlignGeometry, need_input_grad: bool, need_offset_grad: bool):
+    """Without Numba (or off the CPU): the reference's samples and :func:`reference.bilinear_pool_backward`;
+    every sample of a bin moves with the bin's corner, by ``gamma * roi size * offset``."""
+    work = _upcast(input)
+    work_offset = _upcast(offset)
+    work_rois = rois.to(work.dtype)
+    height, width = input.shape[-2:]
+    batch_index, y, x, weight = reference.align_samples(work_rois, height, width, geometry, work_offset)
+    bin_group, groups = reference.align_bin_groups(geometry, input.device)
+    k, bins = rois.shape[0], geometry.pooled_h * geometry.pooled_w
+    grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
+        _upcast(grad).reshape(k, -1, bins), work, batch_index, bin_group, groups, y, x, weight,
+        need_input_grad, need_offset_grad)
+    grad_offset = None
+    if need_offset_grad:
+        bins_of = reference.align_bins(work_rois, geometry, work_offset)
+        grad_offset = torch.stack(
+            [grad_x.reshape(k, geometry.pooled_h, geometry.pooled_w) * (geometry.gamma * bins_of.roi_w).view(-1, 1, 1),
+             grad_y.reshape(k, geometry.pooled_h, geometry.pooled_w) * (geometry.gamma * bins_of.roi_h).view(-1, 1, 1)],
+            dim=1).to(offset.dtype)
+    return (grad_input.to(input.dtype) if need_input_grad else None), grad_offset
+
+
 @torch.library.custom_op("convzoo::align_pool_backward", mutates_args=())
 def _align_backward_op(
     grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor], pooled_h: int, pooled_w: int,
@@ -169,14 +193,8 @@ def _align_backward_op(
         grad_input, grad_offset = cpu.align_backward(grad, input, rois, offset, geometry, need_input_grad,
                                                      need_offset_grad)
     else:
-        with torch.enable_grad():
-            work = _upcast(input).detach().requires_grad_(need_input_grad)
-            work_offset = None if offset is None else _upcast(offset).detach().requires_grad_(need_offset_grad)
-            out = reference.align_pool(work, rois, geometry, work_offset)
-            leaves = [t for t, need in ((work, need_input_grad), (work_offset, need_offset_grad)) if need]
-            grads = list(torch.autograd.grad(out, leaves, _upcast(grad), allow_unused=True))
-        grad_input = grads.pop(0).to(input.dtype) if need_input_grad else None
-        grad_offset = grads.pop(0).to(offset.dtype) if need_offset_grad else None
+        grad_input, grad_offset = _align_backward_pytorch(grad, input, rois, offset, geometry, need_input_grad,
+                                                          need_offset_grad)
     grad_input = None if grad_input is None else grad_input.contiguous()
     return _no_grad(need_input_grad, input, grad_input), _no_grad(need_offset_grad, input, grad_offset)
 

@@ -33,17 +33,18 @@ numba = require_numba()
 # Bilinear pools
 # --------------------------------------------------------------------------------------
 @numba.njit(cache=True, nogil=True)
-def _axis_weights(origin, bin_size, grid, size, weight, slope):
-    """Add one bin's samples along one axis into ``weight`` (and ``slope``), both (size,) zeroed.
+def _axis_weights(origin, bin_size, grid, size, weight, slope, touched, index, weight_out, slope_out):
+    """One bin's samples along one axis, as the rows they touch: returns their count ``n``.
 
     Sample ``t < grid`` sits at ``origin + (t + 0.5) * bin_size / grid``; outside ``[-1, size]``
     it reads nothing; inside it is clamped to ``[0, size - 1]`` and split between its two
-    neighbouring rows (torchvision's ``bilinear_interpolate``). ``slope`` gets the derivative of
-    ``weight`` with respect to ``origin``. Returns the touched rows ``[first, end)``.
+    neighbouring rows (torchvision's ``bilinear_interpolate``). Writes the touched rows to
+    ``index[:n]`` (ascending), their summed weights to ``weight_out[:n]`` and the derivatives
+    of those with respect to ``origin`` to ``slope_out[:n]``. ``weight``, ``slope`` (float, size)
+    and ``touched`` (bool, size) are zeroed scratch, left zeroed.
     """
-    first, end = size, 0
     if grid <= 0.0:
-        return first, end
+        return 0
     step = bin_size / grid
     repeats = 1.0
     if step == 0.0:  # every sample on the corner: one point, counted grid times
@@ -52,9 +53,10 @@ def _axis_weights(origin, bin_size, grid, size, weight, slope):
         a = (-1.0 - origin) / step - 0.5
         b = (size - origin) / step - 0.5
         if not (math.isfinite(a) and math.isfinite(b)):
-            return first, end
+            return 0
         lo = max(math.floor(min(a, b)) - 1.0, 0.0)
         hi = min(math.ceil(max(a, b)) + 1.0, grid - 1.0)
+    first, end = size, 0
     t = lo
     while t <= hi:
         y = origin + (t + 0.5) * bin_size / grid
@@ -76,12 +78,24 @@ def _axis_weights(origin, bin_size, grid, size, weight, slope):
         frac = y - low
         weight[low] += repeats * (1.0 - frac)
         weight[high] += repeats * frac
+        touched[low] = True
+        touched[high] = True
         if moving:
             slope[low] -= repeats
             slope[high] += repeats
         first = min(first, low)
         end = max(end, high + 1)
-    return first, end
+    n = 0
+    for r in range(first, end):
+        if touched[r]:
+            index[n] = r
+            weight_out[n] = weight[r]
+            slope_out[n] = slope[r]
+            n += 1
+            weight[r] = 0.0
+            slope[r] = 0.0
+            touched[r] = False
+    return n
 
 
 @numba.njit(cache=True, nogil=True)
@@ -92,15 +106,23 @@ def _input_channel(c, i, j, pooled_h, pooled_w, position_sensitive):
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin_sum(plane, wy, y0, y1, wx, x0, x1):
-    """``wy[y0:y1]^T plane[y0:y1, x0:x1] wx[x0:x1]`` in float64."""
+def _bin_sum(plane, rows, wy, ny, cols, wx, nx):
+    """``sum_a sum_b wy[a] * wx[b] * plane[rows[a], cols[b]]`` in float64."""
     total = 0.0
-    for r in range(y0, y1):
+    for a in range(ny):
         row = 0.0
-        for q in range(x0, x1):
-            row += wx[q] * plane[r, q]
-        total += wy[r] * row
+        for b in range(nx):
+            row += wx[b] * plane[rows[a], cols[b]]
+        total += wy[a] * row
     return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _scratch(size):
+    """Per-task scratch of one axis for :func:`_axis_weights` (dense weight, slope, touched; compact
+    index, weight, slope)."""
+    return (np.zeros(size), np.zeros(size), np.zeros(size, dtype=np.bool_), np.zeros(size, dtype=np.int64),
+            np.zeros(size), np.zeros(size))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -115,21 +137,17 @@ def _align_forward(input, batch_index, origin_h, origin_w, bin_h, bin_w, grid_h,
         c0 = (task // rois) * chunk
         c1 = min(channels_out, c0 + chunk)
         k = task - (task // rois) * rois
-        wy = np.zeros(height)
-        wx = np.zeros(width)
-        sy = np.zeros(height)
-        sx = np.zeros(width)
+        dy, sy, ty, rows, wy, gy = _scratch(height)
+        dx, sx, tx, cols, wx, gx = _scratch(width)
         count = max(grid_h[k] * grid_w[k], 1.0)
         image = input[batch_index[k]]
         for i in range(pooled_h):
             for j in range(pooled_w):
-                y0, y1 = _axis_weights(origin_h[k, i, j], bin_h[k], grid_h[k], height, wy, sy)
-                x0, x1 = _axis_weights(origin_w[k, i, j], bin_w[k], grid_w[k], width, wx, sx)
+                ny = _axis_weights(origin_h[k, i, j], bin_h[k], grid_h[k], height, dy, sy, ty, rows, wy, gy)
+                nx = _axis_weights(origin_w[k, i, j], bin_w[k], grid_w[k], width, dx, sx, tx, cols, wx, gx)
                 for c in range(c0, c1):
                     plane = image[_input_channel(c, i, j, pooled_h, pooled_w, position_sensitive)]
-                    out[k, c, i, j] = _bin_sum(plane, wy, y0, y1, wx, x0, x1) / count
-                wy[y0:y1] = 0.0
-                wx[x0:x1] = 0.0
+                    out[k, c, i, j] = _bin_sum(plane, rows, wy, ny, cols, wx, nx) / count
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -147,10 +165,8 @@ def _align_backward_input(grad, batch_index, origin_h, origin_w, bin_h, bin_w, g
         task = np.int64(parallel_task)
         c0 = task * chunk
         c1 = min(channels, c0 + chunk)
-        wy = np.zeros(height)
-        wx = np.zeros(width)
-        sy = np.zeros(height)
-        sx = np.zeros(width)
+        dy, sy, ty, rows, wy, gy = _scratch(height)
+        dx, sx, tx, cols, wx, gx = _scratch(width)
         for k in range(rois):
             count = max(grid_h[k] * grid_w[k], 1.0)
             image = grad_input[batch_index[k]]
@@ -165,17 +181,16 @@ def _align_backward_input(grad, batch_index, origin_h, origin_w, bin_h, bin_w, g
                         first, last = c0, c1
                     if last <= first:
                         continue
-                    y0, y1 = _axis_weights(origin_h[k, i, j], bin_h[k], grid_h[k], height, wy, sy)
-                    x0, x1 = _axis_weights(origin_w[k, i, j], bin_w[k], grid_w[k], width, wx, sx)
+                    ny = _axis_weights(origin_h[k, i, j], bin_h[k], grid_h[k], height, dy, sy, ty, rows, wy, gy)
+                    nx = _axis_weights(origin_w[k, i, j], bin_w[k], grid_w[k], width, dx, sx, tx, cols, wx, gx)
                     for c in range(first, last):
                         plane = image[_input_channel(c, i, j, pooled_h, pooled_w, position_sensitive)]
                         share = grad[k, c, i, j] / count
-                        for r in range(y0, y1):
-                            row_share = share * wy[r]
-                            for q in range(x0, x1):
-                                plane[r, q] += row_share * wx[q]
-                    wy[y0:y1] = 0.0
-                    wx[x0:x1] = 0.0
+                        for a in range(ny):
+                            row_share = share * wy[a]
+                            r = rows[a]
+                            for b in range(nx):
+                                plane[r, cols[b]] += row_share * wx[b]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -185,29 +200,23 @@ def _align_backward_origin(grad, input, batch_index, origin_h, origin_w, bin_h, 
     rois, channels_out, pooled_h, pooled_w = grad.shape
     height, width = input.shape[2], input.shape[3]
     for k in numba.prange(rois):
-        wy = np.zeros(height)
-        wx = np.zeros(width)
-        sy = np.zeros(height)
-        sx = np.zeros(width)
+        dy, sy, ty, rows, wy, gy = _scratch(height)
+        dx, sx, tx, cols, wx, gx = _scratch(width)
         count = max(grid_h[k] * grid_w[k], 1.0)
         image = input[batch_index[k]]
         for i in range(pooled_h):
             for j in range(pooled_w):
-                y0, y1 = _axis_weights(origin_h[k, i, j], bin_h[k], grid_h[k], height, wy, sy)
-                x0, x1 = _axis_weights(origin_w[k, i, j], bin_w[k], grid_w[k], width, wx, sx)
+                ny = _axis_weights(origin_h[k, i, j], bin_h[k], grid_h[k], height, dy, sy, ty, rows, wy, gy)
+                nx = _axis_weights(origin_w[k, i, j], bin_w[k], grid_w[k], width, dx, sx, tx, cols, wx, gx)
                 along_h = 0.0
                 along_w = 0.0
                 for c in range(channels_out):
                     plane = image[_input_channel(c, i, j, pooled_h, pooled_w, position_sensitive)]
                     g = grad[k, c, i, j]
-                    along_h += g * _bin_sum(plane, sy, y0, y1, wx, x0, x1)
-                    along_w += g * _bin_sum(plane, wy, y0, y1, sx, x0, x1)
+                    along_h += g * _bin_sum(plane, rows, gy, ny, cols, wx, nx)
+                    along_w += g * _bin_sum(plane, rows, wy, ny, cols, gx, nx)
                 grad_origin_h[k, i, j] = along_h / count
                 grad_origin_w[k, i, j] = along_w / count
-                wy[y0:y1] = 0.0
-                wx[x0:x1] = 0.0
-                sy[y0:y1] = 0.0
-                sx[x0:x1] = 0.0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
