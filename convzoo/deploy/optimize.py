@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from ..layers.reparam import reparameterize
+from ..layers.reparam import is_reparameterized, reparameterize
 
 __all__ = ["InferenceModel", "optimize_for_inference", "MEMORY_FORMATS"]
 
@@ -230,7 +230,9 @@ def optimize_for_inference(
         expected = model(example_input)
     if not all(torch.isfinite(t).all() for t in _outputs(expected)):
         raise ValueError("the eager model's output on example_input is not finite; pass a typical input")
-    module = reparameterize(model if inplace else copy.deepcopy(model))
+    module = model if inplace else copy.deepcopy(model)
+    if not is_reparameterized(module):
+        reparameterize(module)
     if memory_format == "auto":
         memory_format = choose_memory_format(module, example_input)
     module.to(memory_format=MEMORY_FORMATS[memory_format])
