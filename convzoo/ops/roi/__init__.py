@@ -168,7 +168,7 @@ def _align_backward_rows(grad: Tensor, input: Tensor, rois: Tensor, offset: Opti
     bin_group, groups = reference.align_bin_groups(geometry, input.device)
     k, bins = rois.shape[0], geometry.pooled_h * geometry.pooled_w
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(k, -1, bins), work, batch_index, bin_group, groups, y, x, weight,
+        _upcast(grad).reshape(k, grad.shape[1], bins), work, batch_index, bin_group, groups, y, x, weight,
         need_input_grad, need_offset_grad)
     grad_offset = None
     if need_offset_grad:
