@@ -8,8 +8,13 @@ traces are left alone.
 """
 import pytest
 import torch
+import torch.utils._device
 
 _EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
+# PyTorch keeps the factory functions a ``with torch.device(...)`` block redirects in a set made once,
+# by identity, on first use: make it now, with the real torch.empty, so that a first use inside a
+# test here cannot keep the NaN-filling one in it for the rest of the session.
+torch.utils._device._device_constructors()
 
 
 def _nan_filled(tensor: torch.Tensor) -> torch.Tensor:
