@@ -4,15 +4,13 @@
 :func:`convzoo.ops.roi.reference.ps_roi_pool_bins` / ``roi_pool_bins``. Tasks own input
 channels (every RoI's bins reading that channel), so the backwards add without races, and a
 task's feature plane stays in cache across the RoIs. (The bilinear RoI operators run on the
-row-gather engine of :mod:`convzoo.ops._bilinear_rows`; their input gradient scatters through
-:func:`scatter_rows`, whose threads own columns of the table.)
+row-gather engine of :mod:`convzoo.ops._bilinear_rows`.)
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .._numba import as_array, launch, require_numba, threads
+from .._numba import as_array, launch, require_numba
 from .reference import PoolGeometry, ps_roi_pool_bins, roi_pool_bins
 
 numba = require_numba()
@@ -71,100 +69,42 @@ def _ps_backward(grad, batch_index, h0, h1, w0, w1, grad_input):
                     plane[y, x] += share
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _window_max(plane, y0, y1, x0, x1, floor, width):
-    """torchvision's running maximum of ``plane[y0:y1, x0:x1]`` from ``floor`` (strictly greater
-    values win, so NaN never does) and where it first occurs (``y*W + x``, or -1)."""
-    best = floor
-    for y in range(y0, y1):
-        for x in range(x0, x1):
-            value = plane[y, x]
-            best = value if value > best else best  # a select, no branch to mispredict
-    if not best > floor:
-        return best, -1
-    for y in range(y0, y1):
-        for x in range(x0, x1):
-            if plane[y, x] == best:
-                return best, y * width + x
-    return best, -1
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _max_forward(input, batch_index, h0, h1, w0, w1, floor, chunk, out, argmax):
-    """torchvision's roi_pool of ``input`` (N, C, H, W) into ``out``/``argmax`` (K, C, ph, pw).
-
-    Tasks own chunks of channels (planes that stay in cache across the RoIs) and write each
-    RoI's block of the chunk contiguously.
-    """
+def _max_forward(input, batch_index, h0, h1, w0, w1, floor, out, argmax):
+    """torchvision's roi_pool: per bin the first value above ``floor`` that beats all before it
+    (row-major); ``argmax`` ``y*W + x`` or -1. Tasks own channels."""
     rois, channels, pooled_h, pooled_w = out.shape
     width = input.shape[3]
-    for parallel_task in numba.prange((channels + chunk - 1) // chunk):
-        c0 = np.int64(parallel_task) * chunk
-        c1 = min(channels, c0 + chunk)
+    for c in numba.prange(channels):
         for k in range(rois):
-            for c in range(c0, c1):
-                plane = input[batch_index[k], c]
-                for i in range(pooled_h):
-                    for j in range(pooled_w):
-                        y0, y1, x0, x1 = h0[k, i], h1[k, i], w0[k, j], w1[k, j]
-                        if y1 <= y0 or x1 <= x0:
-                            out[k, c, i, j] = 0
-                            argmax[k, c, i, j] = -1
-                        else:
-                            best, where = _window_max(plane, y0, y1, x0, x1, floor, width)
-                            out[k, c, i, j] = best
-                            argmax[k, c, i, j] = where
+            plane = input[batch_index[k], c]
+            for i in range(pooled_h):
+                for j in range(pooled_w):
+                    y0, y1, x0, x1 = h0[k, i], h1[k, i], w0[k, j], w1[k, j]
+                    best = floor if (y1 > y0 and x1 > x0) else 0.0
+                    where = -1
+                    for y in range(y0, y1):
+                        for x in range(x0, x1):
+                            if plane[y, x] > best:
+                                best = plane[y, x]
+                                where = y * width + x
+                    out[k, c, i, j] = best
+                    argmax[k, c, i, j] = where
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _max_backward(grad, batch_index, argmax, chunk, grad_input):
-    """Add ``grad`` (K, C, ph, pw) at ``argmax`` into ``grad_input`` (N, C, H, W), zeroed; tasks own
-    chunks of channels and read each RoI's block of the chunk contiguously."""
+def _max_backward(grad, batch_index, argmax, grad_input):
+    """Add ``grad`` (K, C, ph, pw) at ``argmax`` into ``grad_input`` (N, C, H, W), zeroed; tasks own channels."""
     rois, channels, pooled_h, pooled_w = grad.shape
     width = grad_input.shape[3]
-    for parallel_task in numba.prange((channels + chunk - 1) // chunk):
-        c0 = np.int64(parallel_task) * chunk
-        c1 = min(channels, c0 + chunk)
+    for c in numba.prange(channels):
         for k in range(rois):
-            for c in range(c0, c1):
-                plane = grad_input[batch_index[k], c]
-                for i in range(pooled_h):
-                    for j in range(pooled_w):
-                        where = argmax[k, c, i, j]
-                        if where >= 0:
-                            plane[where // width, where - (where // width) * width] += grad[k, c, i, j]
-
-
-def _channel_chunk(channels: int) -> int:
-    """Channels per task: about four tasks per thread, 16 channels at most."""
-    return max(1, min(16, channels // (4 * threads())))
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _scatter_rows(grad_rows, columns, values, grad, chunk):
-    """``grad_rows[columns[r, e], c] += values[r, e] * grad[r, c]``; tasks own chunks of columns ``c``."""
-    rows, entries = columns.shape
-    width = grad.shape[1]
-    for parallel_task in numba.prange((width + chunk - 1) // chunk):
-        c0 = np.int64(parallel_task) * chunk
-        c1 = min(width, c0 + chunk)
-        for r in range(rows):
-            for e in range(entries):
-                value = values[r, e]
-                if value != 0:
-                    target = columns[r, e]
-                    for c in range(c0, c1):
-                        grad_rows[target, c] += value * grad[r, c]
-
-
-def scatter_rows(grad_rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> None:
-    """The input gradient's scatter of the bilinear RoI poolings (see :func:`_scatter_rows`), in place
-    into the contiguous ``grad_rows`` (rows, C)."""
-    width = grad.shape[1]
-    chunk = max(1, -(-width // (4 * threads())))
-    launch(_scatter_rows, as_array(grad_rows), as_array(columns.to(torch.int64).contiguous()),
-           as_array(values.to(grad.dtype).contiguous()), as_array(grad.contiguous()), chunk,
-           work=values.numel() * width)
+            plane = grad_input[batch_index[k], c]
+            for i in range(pooled_h):
+                for j in range(pooled_w):
+                    where = argmax[k, c, i, j]
+                    if where >= 0:
+                        plane[where // width, where - (where // width) * width] += grad[k, c, i, j]
 
 
 def _integer_bins(bins_of, rois: torch.Tensor, height: int, width: int, geometry: PoolGeometry, dtype):
@@ -208,8 +148,8 @@ def roi_pool(input: torch.Tensor, rois: torch.Tensor, geometry: PoolGeometry, fl
     shape = (rois.shape[0], channels, geometry.pooled_h, geometry.pooled_w)
     out = torch.empty(shape, dtype=dtype)
     argmax = torch.empty(shape, dtype=torch.int64)
-    launch(_max_forward, as_array(input.to(dtype).contiguous()), *arguments, floor, _channel_chunk(channels),
-           as_array(out), as_array(argmax), work=out.numel() * max(1, height * width // (geometry.pooled_h * geometry.pooled_w)))
+    launch(_max_forward, as_array(input.to(dtype).contiguous()), *arguments, floor, as_array(out), as_array(argmax),
+           work=out.numel() * max(1, height * width // (geometry.pooled_h * geometry.pooled_w)))
     return out.to(input.dtype), argmax
 
 
@@ -218,5 +158,5 @@ def roi_pool_backward(grad_out: torch.Tensor, rois: torch.Tensor, argmax: torch.
     dtype = _compute_dtype(grad_out.dtype)
     grad_input = torch.zeros(tuple(input_shape), dtype=dtype)
     launch(_max_backward, as_array(grad_out.to(dtype).contiguous()), as_array(rois[:, 0].long().contiguous()),
-           as_array(argmax.contiguous()), _channel_chunk(grad_out.shape[1]), as_array(grad_input), work=grad_out.numel())
+           as_array(argmax.contiguous()), as_array(grad_input), work=grad_out.numel())
     return grad_input.to(grad_out.dtype)
