@@ -57,7 +57,7 @@ import convzoo
 from convzoo.analysis.complexity import count_flops
 from convzoo.export import export_onnx
 from convzoo.layers import DCNv3
-from convzoo.layers.reparam import DepthwiseConv2d
+from convzoo.layers.reparam import DepthwiseConv2d, PointwiseConv2d
 from convzoo.models.replknet import merge_large_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,11 +66,11 @@ from dcnv3 import dcnv3_grid_sample  # noqa: E402
 
 
 def with_plain_convs(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose depthwise convs are plain ``nn.Conv2d(groups=C)`` (NCHW, PyTorch's path)."""
+    """A copy of ``model`` whose depthwise and 1x1 convs are plain ``nn.Conv2d`` (NCHW, PyTorch's path)."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, DepthwiseConv2d):
+            if isinstance(child, (DepthwiseConv2d, PointwiseConv2d)):
                 plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
                                   child.padding, child.dilation, child.groups, bias=child.bias is not None)
                 plain.load_state_dict(child.state_dict())
