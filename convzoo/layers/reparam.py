@@ -62,7 +62,9 @@ class DepthwiseConv2d(nn.Conv2d):
 class PointwiseConv2d(nn.Conv2d):
     """1x1 conv (stride 1, no padding, one group) that runs a ``channels_last`` input as one matrix
     product: ``F.linear`` over the (N, H, W, C) view, whose result is already the channels_last
-    output. Other inputs take ``nn.Conv2d``'s path. Same parameters and keys as ``nn.Conv2d``.
+    output. Other inputs, and graphs traced by ``torch.compile``/``torch.export`` (where inductor's
+    freezing pre-packs the conv's weight once, which measured faster), take ``nn.Conv2d``'s path.
+    Same parameters and keys as ``nn.Conv2d``.
 
     Why: at batch 1 on small maps oneDNN's 1x1 conv runs at a fraction of the matrix product's
     speed (it reorders the weight on every call); measured on RepLKNet-31B's 1x1 convs at
@@ -75,7 +77,8 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and not torch.compiler.is_compiling()):
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         return super().forward(x)
 

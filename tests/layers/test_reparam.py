@@ -359,3 +359,13 @@ def test_pointwise_conv_keeps_its_class_when_folded_and_is_what_conv_norm_act_bu
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
     assert type(block.conv) is PointwiseConv2d and block.conv.bias is not None
     assert type(conv_norm_act(8, 12, 1, stride=2).conv) is nn.Conv2d  # strided 1x1: a plain conv
+
+
+def test_pointwise_conv_stays_a_conv_in_traced_graphs():
+    """torch.compile/torch.export see the conv (inductor's freezing pre-packs its weight)."""
+    from convzoo.layers.reparam import PointwiseConv2d
+
+    x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(PointwiseConv2d(4, 6).eval(), (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert targets == {"aten.conv2d.default"}, targets
