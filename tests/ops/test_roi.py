@@ -790,8 +790,8 @@ def test_engines_match_reference(engine, monkeypatch):
 
 
 def test_cpu_ops_run_the_numba_kernels(monkeypatch):
-    """On CPU tensors the torchvision-style and mmcv operators and their backwards run the Numba
-    kernels of ops/roi/cpu.py, never the reference."""
+    """On CPU tensors the operators and their backwards run the Numba kernels (ops/roi/cpu.py and
+    the row-gather engine), never the reference's autograd pooling or summed-area table."""
     from convzoo.ops import _numba
     from convzoo.ops.roi import cpu
 
@@ -814,8 +814,11 @@ def test_cpu_ops_run_the_numba_kernels(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran")
 
-    for name in ("align_pool", "ps_roi_pool", "ps_roi_pool_backward", "roi_pool_argmax", "roi_pool_backward"):
+    for name in ("bilinear_pool", "ps_roi_pool", "ps_roi_pool_backward", "roi_pool_argmax", "roi_pool_backward"):
         monkeypatch.setattr(reference, name, fail)
+    from convzoo.ops import _bilinear_rows
+
+    monkeypatch.setattr(_bilinear_rows.torch, "bmm", fail)  # the gather's PyTorch fallback
     for (fn, leaves), (want, want_grads) in zip(calls, wants):
         got = fn("auto")
         torch.testing.assert_close(got, want)

@@ -11,9 +11,12 @@ takes a keyword-only ``impl="auto" | "reference"``:
   (traceable by ``torch.jit.trace``/``torch.onnx``; the adaptive sampling grid of
   ``sampling_ratio <= 0`` is then fixed at trace time);
 * ``"auto"``: the ``convzoo::<name>`` custom op (one node for ``torch.compile`` and
-  ``torch.export``), running the Numba kernels of :mod:`.cpu` on CPU tensors (one loop per
-  output bin, no per-sample tensors) and the reference elsewhere, with a hand-written
-  backward.
+  ``torch.export``) with a hand-written backward. On CPU tensors the bilinear pools
+  (``roi_align``, ``ps_roi_align``, ``deform_roi_pool``, ``deform_ps_roi_pool``) sum their
+  samples with the row-gather engine of :mod:`convzoo.ops._bilinear_rows` (Numba, one loop per
+  output bin over channel-contiguous rows; its transpose for the input gradient); ``ps_roi_pool``
+  and ``roi_pool`` run their own Numba kernels (:mod:`.cpu`). Without Numba, or on other
+  devices, the same code runs on PyTorch gathers.
 
 Adaptive sampling (``sampling_ratio <= 0``) of a huge box is bounded: only the samples that
 can read the map are visited, which is exact (the others read zero but still count in the
@@ -142,11 +145,10 @@ def _no_grad(need: bool, like: Tensor, grad: Optional[Tensor]) -> Tensor:
 # per geometry, behind three custom ops sharing one backward op
 # --------------------------------------------------------------------------------------
 def _align_forward(input: Tensor, rois: Tensor, offset: Optional[Tensor], geometry: AlignGeometry) -> Tensor:
-    cpu = _cpu_kernels(input)
-    if cpu is not None:
-        return cpu.align_forward(input, rois, offset, geometry)
+    """The reference's (clipped) samples, summed by the row-gather engine (Numba on the CPU)."""
     with torch.no_grad():
-        return reference.align_pool(_upcast(input), rois, geometry, _upcast(offset)).to(input.dtype).contiguous()
+        out = reference.align_pool(_upcast(input), rois, geometry, _upcast(offset), pool=reference.bilinear_pool_fast)
+    return out.to(input.dtype).contiguous()
 
 
 def _align_out_shape(input: Tensor, rois: Tensor, geometry: AlignGeometry) -> Tuple[int, int, int, int]:
@@ -154,10 +156,10 @@ def _align_out_shape(input: Tensor, rois: Tensor, geometry: AlignGeometry) -> Tu
     return rois.shape[0], input.shape[1] // per_bin, geometry.pooled_h, geometry.pooled_w
 
 
-def _align_backward_pytorch(grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
+def _align_backward_rows(grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
                             geometry: AlignGeometry, need_input_grad: bool, need_offset_grad: bool):
-    """Without Numba (or off the CPU): the reference's samples and :func:`reference.bilinear_pool_backward`;
-    every sample of a bin moves with the bin's corner, by ``gamma * roi size * offset``."""
+    """The reference's (clipped) samples and :func:`reference.bilinear_pool_backward` (the row-gather
+    engine); every sample of a bin moves with the bin's corner, by ``gamma * roi size * offset``."""
     work = _upcast(input)
     work_offset = _upcast(offset)
     work_rois = rois.to(work.dtype)
@@ -166,7 +168,7 @@ def _align_backward_pytorch(grad: Tensor, input: Tensor, rois: Tensor, offset: O
     bin_group, groups = reference.align_bin_groups(geometry, input.device)
     k, bins = rois.shape[0], geometry.pooled_h * geometry.pooled_w
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(k, -1, bins), work, batch_index, bin_group, groups, y, x, weight,
+        _upcast(grad).reshape(k, grad.shape[1], bins), work, batch_index, bin_group, groups, y, x, weight,
         need_input_grad, need_offset_grad)
     grad_offset = None
     if need_offset_grad:
@@ -188,13 +190,8 @@ def _align_backward_op(
                              sampling_ratio=sampling_ratio, shift=shift, min_size_one=min_size_one,
                              position_sensitive=position_sensitive, gamma=gamma)
     need_offset_grad = need_offset_grad and offset is not None
-    cpu = _cpu_kernels(input)
-    if cpu is not None:
-        grad_input, grad_offset = cpu.align_backward(grad, input, rois, offset, geometry, need_input_grad,
-                                                     need_offset_grad)
-    else:
-        grad_input, grad_offset = _align_backward_pytorch(grad, input, rois, offset, geometry, need_input_grad,
-                                                          need_offset_grad)
+    grad_input, grad_offset = _align_backward_rows(grad, input, rois, offset, geometry, need_input_grad,
+                                                   need_offset_grad)
     grad_input = None if grad_input is None else grad_input.contiguous()
     return _no_grad(need_input_grad, input, grad_input), _no_grad(need_offset_grad, input, grad_offset)
 

@@ -1,7 +1,7 @@
 """RoI operators in plain, vectorised PyTorch: the CPU path and the test oracle.
 
-Every bilinear RoI operator here (``roi_align``, ``deform_roi_pool``, ``deform_ps_roi_pool``)
-is written in two steps:
+Every bilinear RoI operator here (``roi_align``, ``ps_roi_align``, ``deform_roi_pool``,
+``deform_ps_roi_pool``) is written in two steps:
 
 1. *where to sample*: per RoI, per output bin and per sampling point, a coordinate
    ``(y, x)`` on the feature map and a weight (``1/count`` for a sample that counts, ``0``
@@ -16,7 +16,11 @@ same sum as one gather of the 4 * S weighted feature rows of each output bin (Nu
 per bin: :mod:`convzoo.ops._bilinear_rows`), its transpose (a race-free scatter-add) for the
 input gradient, and ``<grad, d value / d point>`` per bin for the point gradients (all samples
 of a bin move together), which the caller chains to the offsets analytically.
-``ps_roi_pool`` sums integer bins through a summed-area table.
+``ps_roi_pool`` sums integer bins through a summed-area table; ``roi_pool`` takes the maximum
+of each integer bin, one RoI at a time.
+
+The RoIAlign-type samples are clipped to those that can read the map (:func:`align_samples`),
+which is exact and bounds the work of a huge box by the size of the map.
 
 Coordinates live in the feature map's pixel-index frame (pixel ``i`` has centre ``i``).
 """
@@ -519,13 +523,15 @@ def align_bin_groups(geometry: AlignGeometry, device) -> Tuple[Tensor, int]:
     return torch.zeros(bins, dtype=torch.long, device=device), 1
 
 
-def align_pool(input: Tensor, rois: Tensor, geometry: AlignGeometry, offset: Optional[Tensor] = None) -> Tensor:
+def align_pool(input: Tensor, rois: Tensor, geometry: AlignGeometry, offset: Optional[Tensor] = None,
+               pool=bilinear_pool) -> Tensor:
     """The bilinear RoI pooling of ``geometry`` on ``rois`` (K, 5), optional ``offset``
-    (K, 2, ph, pw): (K, C, ph, pw), or (K, C/(ph*pw), ph, pw) when position-sensitive."""
+    (K, 2, ph, pw): (K, C, ph, pw), or (K, C/(ph*pw), ph, pw) when position-sensitive.
+    ``pool`` is :func:`bilinear_pool` (autograd) or :func:`bilinear_pool_fast` (the custom ops')."""
     height, width = input.shape[-2:]
     batch_index, y, x, weight = align_samples(rois.to(input.dtype), height, width, geometry, offset)
     bin_group, groups = align_bin_groups(geometry, input.device)
-    pooled = bilinear_pool(input, batch_index, bin_group, groups, y, x, weight)
+    pooled = pool(input, batch_index, bin_group, groups, y, x, weight)
     return _pool_to_output(pooled, (geometry.pooled_h, geometry.pooled_w))
 
 
