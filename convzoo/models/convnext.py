@@ -207,10 +207,6 @@ class ConvNeXt(StagedClassifier):
             start += depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
-        # The convs read channels_last maps (see _stem): with their weights in channels_last too, oneDNN
-        # does not reorder the stem's and downsampling weights on every call. Loading a checkpoint
-        # copies into these tensors and keeps their layout.
-        self.to(memory_format=torch.channels_last)
 
 
 def _init_weights(module: nn.Module) -> None:
