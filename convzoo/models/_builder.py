@@ -74,6 +74,9 @@ def build_model(
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
     cfg = dataclasses.replace(cfg, **overrides)
+    drop_rate = getattr(cfg, "drop_rate", 0.0)  # every family's dropout before the classifier (timm's meaning)
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
     layers = {} if norm_layer is None else {"norm_layer": norm_layer}  # e.g. nn.SyncBatchNorm, where a family takes it
     if layers and "norm_layer" not in inspect.signature(model_cls).parameters:
         raise TypeError(f"{model_cls.__name__} takes no norm_layer")
@@ -98,7 +101,8 @@ def create_model(name: str, pretrained: Optional[str | os.PathLike] = None, **kw
     Args:
         name: a name from :func:`convzoo.list_models`.
         pretrained: a local checkpoint: the family's official layout or convzoo's safetensors.
-        **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``features_only``,
+        **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``drop_rate`` (dropout
+            before the classifier, in every family's config), ``features_only``,
             ``out_indices``, ``grad_checkpointing``, ``pretrained_cfg`` and any field of the
             family's config.
     """

@@ -38,6 +38,7 @@ class ConvNeXtCfg:
     mlp_ratio: float = 4.0
     ls_init_value: float = 1e-6
     head_init_scale: float = 1.0
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
     def __post_init__(self):
         if len(self.depths) != len(self.dims) or not self.depths:
@@ -119,17 +120,18 @@ class ConvNeXtStage(Stage):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool -> LayerNorm (``nn.Identity`` without ``norm``) -> Linear:
-    (N, C, H, W) -> (N, num_classes)."""
+    """Global average pool -> LayerNorm (``nn.Identity`` without ``norm``) -> dropout
+    (``drop_rate``) -> Linear: (N, C, H, W) -> (N, num_classes)."""
 
-    def __init__(self, dim: int, num_classes: int, norm: bool = True):
+    def __init__(self, dim: int, num_classes: int, norm: bool = True, drop_rate: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+        self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.fc(self.drop(x))
 
 
 class StagedClassifier(nn.Module):
@@ -138,11 +140,13 @@ class StagedClassifier(nn.Module):
 
     classifier_name = "head.fc"
 
-    def _init_head_and_weights(self, num_features: int, num_classes: int, head_init_scale: float = 1.0) -> None:
-        """The head on ``num_features`` channels, truncated-normal init of every conv and linear,
-        the classifier scaled by ``head_init_scale`` (the official ConvNeXt init)."""
+    def _init_head_and_weights(self, num_features: int, num_classes: int, head_init_scale: float = 1.0,
+                               drop_rate: float = 0.0) -> None:
+        """The head on ``num_features`` channels (dropout ``drop_rate`` before the classifier),
+        truncated-normal init of every conv and linear, the classifier scaled by
+        ``head_init_scale`` (the official ConvNeXt init)."""
         self.num_features = num_features
-        self.head = ClassifierHead(num_features, num_classes)
+        self.head = ClassifierHead(num_features, num_classes, drop_rate=drop_rate)
         self.apply(_init_weights)
         if isinstance(self.head.fc, nn.Linear):
             with torch.no_grad():
@@ -206,7 +210,7 @@ class ConvNeXt(StagedClassifier):
             self.stages.append(ConvNeXtStage(in_dim, dim, depth, i > 0, rates[start:start + depth], cfg))
             start += depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
+        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale, cfg.drop_rate)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -40,6 +40,7 @@ class RepLKNetCfg:
     ffn_ratio: float = 4.0
     norm_intermediate_features: bool = False  # a BN on each stage's output for dense heads (XL downstream)
     lk_shortcut: bool = True  # the RepLK blocks' identity shortcut (False: guideline 2's ablation)
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
     def __post_init__(self):
         n = len(self.depths)
@@ -164,6 +165,7 @@ class RepLKNet(nn.Module):
         self.num_features = cfg.channels[-1]
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
 
@@ -213,7 +215,7 @@ class RepLKNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.norm(x)), 1)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -64,6 +64,7 @@ class UniRepLKNetCfg:
     ffn_ratio: float = 4.0
     ls_init_value: float = 1e-6
     head_init_scale: float = 1.0
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
     def __post_init__(self):
         if len(self.depths) != len(self.dims) or not self.depths:
@@ -169,7 +170,7 @@ class UniRepLKNet(StagedClassifier):
                                             for j, k in enumerate(sizes)]))
             start += len(sizes)
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
+        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale, cfg.drop_rate)
 
 
 _BLOCK_RENAMES = (
