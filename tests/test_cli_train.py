@@ -536,3 +536,32 @@ def test_list_names_only_into_a_closed_pipe_exits_quietly(tmp_path):
     process.wait(timeout=120)
     assert process.returncode == 0, err.decode()
     assert b"BrokenPipeError" not in err and b"Traceback" not in err
+
+
+def test_eval_of_an_official_file_uses_the_models_pretrained_cfg(tiny, tmp_path, capsys, monkeypatch):
+    """A checkpoint that stores no input configuration (an official .pth) is evaluated with the
+    model's registered pretrained_cfg: its resolution, normalisation, interpolation and crop."""
+    from convzoo.train.data import ImageFolder, eval_transform, find_classes
+
+    cfg = dict(input_size=(3, 20, 20), mean=(0.3, 0.4, 0.5), std=(0.2, 0.3, 0.25), crop_pct=1.0,
+               interpolation="bilinear", crop_mode="squash")
+    monkeypatch.setattr(tiny_model.tiny_test_net, "pretrained_cfg", cfg, raising=False)
+    data = _image_folder(str(tmp_path / "data"))
+    torch.manual_seed(3)
+    model = tiny_model.tiny_test_net(num_classes=3).eval()
+    path = str(tmp_path / "official.pth")
+    torch.save({"model": model.state_dict()}, path)
+    report = str(tmp_path / "report.json")
+    code, out, err = _run(["eval", "--model", tiny, "--checkpoint", path, "--data", data, "--workers", "0",
+                           "--json", report], capsys)
+    assert code == 0, err
+    assert f"resolution  20x20 ({tiny}'s pretrained_cfg)" in out
+    # the same figures by hand, with that configuration's transform
+    classes = find_classes(os.path.join(data, "train"))
+    transform = eval_transform(20, 1.0, cfg["mean"], cfg["std"], "bilinear", "squash")
+    images = ImageFolder(os.path.join(data, "val"), transform, {c: i for i, c in enumerate(classes)})
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    labels = torch.tensor([images[i][1] for i in range(len(images))])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), labels).item()
+    assert json.load(open(report))["loss"] == pytest.approx(loss, rel=1e-5)

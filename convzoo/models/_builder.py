@@ -25,9 +25,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_pretrained_cfg(in_chans: int = 3, size: int = 224) -> dict:
-    """timm's per-model input configuration: what the weights expect at evaluation time."""
+    """timm's per-model input configuration: what the weights expect at evaluation time
+    (``crop_mode`` "center": resize the shorter side to size / crop_pct and crop the centre;
+    "squash": resize the image to size x size, as the official codes evaluate at 384)."""
     return dict(input_size=(in_chans, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
-                interpolation="bicubic")
+                interpolation="bicubic", crop_mode="center")
+
+
+def pretrained_cfg_of(name: str, in_chans: int = 3) -> dict:
+    """The input configuration registered for model ``name`` (its official weights' evaluation
+    resolution, normalisation, crop and interpolation), without building the model."""
+    registered = getattr(get_entry_point(name), "pretrained_cfg", {})
+    cfg = {**default_pretrained_cfg(in_chans), **registered}
+    cfg["input_size"] = (in_chans, *tuple(cfg["input_size"])[1:])
+    return cfg
 
 
 def _check_pretrained_path(pretrained) -> None:
@@ -86,6 +97,7 @@ def build_model(
     model.in_chans = in_chans
     model.checkpoint_filter_fn = filter_fn
     model.pretrained_cfg = {**default_pretrained_cfg(in_chans), **(pretrained_cfg or {})}
+    model.pretrained_cfg["input_size"] = (in_chans, *tuple(model.pretrained_cfg["input_size"])[1:])
     if pretrained is not None:
         load_checkpoint(model, pretrained, filter_fn)
     if grad_checkpointing:
@@ -108,6 +120,9 @@ def create_model(name: str, pretrained: Optional[str | os.PathLike] = None, **kw
     """
     entry = get_entry_point(name)
     _check_pretrained_path(pretrained)
+    registered = getattr(entry, "pretrained_cfg", None)
+    if registered:
+        kwargs["pretrained_cfg"] = {**registered, **(kwargs.get("pretrained_cfg") or {})}
     model = entry(pretrained=pretrained, **kwargs)
     target = model.model if isinstance(model, FeatureExtractor) else model
     target.model_name = name

@@ -473,25 +473,30 @@ def _create(model_cls, cfg, pretrained=None, **kwargs) -> nn.Module:
     return build_model(model_cls, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+# timm's mobilenetv1_100 (torchvision has no MobileNetV1): Inception normalisation, bicubic
+_TIMM_V1_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+
+
+@register_model(pretrained_cfg=_TIMM_V1_CFG)
 def mobilenetv1_100(pretrained=None, **kwargs) -> MobileNetV1:
     """MobileNetV1, width 1.0 (timm layout): 4.2M parameters, 569M MACs at 224x224."""
     return _create(MobileNetV1, MobileNetV1Cfg(), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def mobilenetv2_100(pretrained=None, **kwargs) -> MobileNetV2:
     """MobileNetV2, width 1.0 (torchvision layout): 3.5M parameters, 300M MACs at 224x224."""
     return _create(MobileNetV2, MobileNetV2Cfg(), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def mobilenetv3_large_100(pretrained=None, **kwargs) -> MobileNetV3:
     """MobileNetV3-Large, width 1.0 (torchvision layout): 5.5M parameters, 217M MACs at 224x224."""
     return _create(MobileNetV3, MobileNetV3Cfg(arch="large"), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def mobilenetv3_small_100(pretrained=None, **kwargs) -> MobileNetV3:
     """MobileNetV3-Small, width 1.0 (torchvision layout): 2.5M parameters, 56M MACs at 224x224."""
     return _create(MobileNetV3, MobileNetV3Cfg(arch="small"), pretrained, **kwargs)

@@ -275,13 +275,16 @@ def _create_resnet(cfg: ResNetCfg, pretrained=None, **kwargs) -> ResNet:
     return build_model(ResNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+
+
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def resnet50(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 (torchvision layout): 25.6M parameters, 4.1G MACs at 224x224."""
     return _create_resnet(ResNetCfg(layers=(3, 4, 6, 3)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def resnet50_dcnv2(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 with modulated deformable 3x3 convs in every bottleneck of conv3-conv5."""
     cfg = ResNetCfg(layers=(3, 4, 6, 3), dcn_stages=(False, True, True, True))

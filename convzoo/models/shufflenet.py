@@ -173,25 +173,28 @@ def _create_shufflenetv2(channels: Tuple[int, ...], pretrained=None, **kwargs) -
     return build_model(ShuffleNetV2, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+
+
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x0_5(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x0.5 (torchvision layout): 1.37M parameters, 41M MACs at 224x224."""
     return _create_shufflenetv2((24, 48, 96, 192, 1024), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x1_0(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x1.0 (torchvision layout): 2.3M parameters, 146M MACs at 224x224."""
     return _create_shufflenetv2((24, 116, 232, 464, 1024), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x1_5(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x1.5 (torchvision layout): 3.5M parameters, 299M MACs at 224x224."""
     return _create_shufflenetv2((24, 176, 352, 704, 1024), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x2_0(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x2.0 (torchvision layout): 7.4M parameters, 591M MACs at 224x224."""
     return _create_shufflenetv2((24, 244, 488, 976, 2048), pretrained, **kwargs)

@@ -240,6 +240,10 @@ def _create_unireplknet(variant: str, cfg: UniRepLKNetCfg, pretrained=None, **kw
 _AFP, _N, _T, _SBLXL = (2, 2, 6, 2), (2, 2, 8, 2), (3, 3, 18, 3), (3, 3, 27, 3)
 
 
+# B/L/XL are released ImageNet-22K-pretrained and fine-tuned at 384, evaluated by warping to 384 x 384.
+_AT_384 = dict(input_size=(3, 384, 384), crop_pct=1.0, crop_mode="squash")
+
+
 @register_model
 def unireplknet_a(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-A: 4.4M params, 0.6G MACs at 224."""
@@ -276,19 +280,19 @@ def unireplknet_s(pretrained=None, **kwargs) -> UniRepLKNet:
     return _create_unireplknet("unireplknet_s", UniRepLKNetCfg(depths=_SBLXL, dims=(96, 192, 384, 768)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def unireplknet_b(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-B: 98M params, 47.2G MACs at 384."""
     return _create_unireplknet("unireplknet_b", UniRepLKNetCfg(depths=_SBLXL, dims=(128, 256, 512, 1024)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def unireplknet_l(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-L: 218M params, 105.4G MACs at 384."""
     return _create_unireplknet("unireplknet_l", UniRepLKNetCfg(depths=_SBLXL, dims=(192, 384, 768, 1536)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def unireplknet_xl(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-XL: 386M params, 187G MACs at 384."""
     return _create_unireplknet("unireplknet_xl", UniRepLKNetCfg(depths=_SBLXL, dims=(256, 512, 1024, 2048)), pretrained, **kwargs)
