@@ -1,5 +1,10 @@
 """CPU benchmark: convzoo's deform_conv2d and RoI operators vs torchvision's C++ CPU kernels.
 
+RoI cases: roi_align, ps_roi_align, roi_pool and ps_roi_pool (torchvision's four RoI operators).
+``--only roi`` runs those alone. The last column is the fraction of the machine's float32 limit
+(the measured matmul peak of ``_timing.peak_gflops``) that the forward's FLOPs
+(``FlopCounterMode``'s count of our call) reach; "-" where no FLOP formula applies.
+
 torchvision is not a dependency of convzoo (and the package is kept free of it): it runs in a
 separate virtual environment, e.g.::
 
@@ -29,7 +34,7 @@ import torch
 
 from convzoo import ops
 
-from _timing import busy_core, median_ms
+from _timing import busy_core, median_ms, peak_gflops
 
 WORKER = r"""
 import json, statistics, sys, time
@@ -101,7 +106,22 @@ def cases():
     out.append(("ps_roi_pool 2x490x50x68, 512 RoIs, 7x7", "ps_roi_pool", [ps_features, rois], [0],
                 {"output_size": POOLED, "spatial_scale": 1 / 16},
                 lambda f, r: ops.ps_roi_pool(f, r, POOLED, 1 / 16)))
+    out.append(("ps_roi_align 2x490x50x68, 512 RoIs, 7x7, ratio 2", "ps_roi_align", [ps_features, rois], [0],
+                {"output_size": POOLED, "spatial_scale": 1 / 16, "sampling_ratio": 2},
+                lambda f, r: ops.ps_roi_align(f, r, POOLED, 1 / 16, 2)))
+    out.append(("roi_pool 2x256x50x68, 512 RoIs, 7x7", "roi_pool", [features, rois], [0],
+                {"output_size": POOLED, "spatial_scale": 1 / 16},
+                lambda f, r: ops.roi_pool(f, r, POOLED, 1 / 16)))
     return out
+
+
+def forward_flops(call, inputs) -> int:
+    """FLOPs of our forward as FlopCounterMode counts them (0 without a formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        call(*inputs)
+    return counter.get_total_flops()
 
 
 class Worker:
@@ -142,14 +162,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
+    parser.add_argument("--only", choices=("all", "roi"), default="all", help="roi: the RoI operators only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    peak = peak_gflops(args.threads)
     worker = Worker(args.python, args.threads)
     busy = None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for index, (name, op, inputs, grads, kwargs, call) in enumerate(cases()):
+                if args.only == "roi" and op == "deform_conv2d":
+                    continue
+                flops = forward_flops(call, inputs)
                 path = str(Path(tmp) / f"case{index}.pt")
                 torch.save(inputs, path)
                 start = time.perf_counter()
@@ -167,18 +192,20 @@ def main() -> None:
                         t_ours.append(median_ms(ours_runner(call, inputs, grads, mode), args.repeats))
                         t_tv.append(worker.ask(path=path, op=op, kwargs=kwargs, mode=mode, grad=grads,
                                                repeats=args.repeats)["ms"])
-                    rows.append((name, mode, statistics.median(t_ours), statistics.median(t_tv)))
+                    rows.append((name, mode, statistics.median(t_ours), statistics.median(t_tv),
+                                 flops if mode == "fwd" else 0))
         finally:
             if busy is not None:
                 busy.terminate()
             worker.close()
     load = "one other process keeps a core busy" if args.busy else "quiet"
     print(f"convzoo on torch {torch.__version__} vs torchvision in {args.python}; {args.threads} threads; {load}; "
-          f"median of {args.rounds} rounds x {args.repeats} calls (ms)\n")
-    print("| case | pass | convzoo | torchvision | speed-up |")
-    print("|---|---|---:|---:|---:|")
-    for name, mode, ours_ms, tv_ms in rows:
-        print(f"| {name} | {mode} | {ours_ms:.2f} | {tv_ms:.2f} | {tv_ms / ours_ms:.2f}x |")
+          f"median of {args.rounds} rounds x {args.repeats} calls (ms); float32 peak {peak:.0f} GFLOP/s\n")
+    print("| case | pass | convzoo | torchvision | speed-up | of the float32 peak |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, mode, ours_ms, tv_ms, flops in rows:
+        fraction = f"{flops / ours_ms / 1e6 / peak:.1%}" if flops else "-"
+        print(f"| {name} | {mode} | {ours_ms:.2f} | {tv_ms:.2f} | {tv_ms / ours_ms:.2f}x | {fraction} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ kernels on NVIDIA GPUs.
 from . import ops, layers
 from .layers.reparam import is_reparameterized, reparameterize
 from .models import create_model, list_models, load_checkpoint, save_checkpoint
+from .deploy.optimize import optimize_for_inference
 
 __version__ = "0.1.0"
-__all__ = ["ops", "layers", "create_model", "list_models", "reparameterize", "is_reparameterized", "load_checkpoint", "save_checkpoint"]
+__all__ = ["ops", "layers", "create_model", "list_models", "reparameterize", "is_reparameterized", "load_checkpoint", "save_checkpoint",
+           "optimize_for_inference"]

@@ -610,6 +610,30 @@ def test_bench_reports_its_progress(capsys):
     assert "squeezenet1_1 done in" in err
 
 
+def test_bench_optimize_reports_its_steps_and_labels_the_result(tmp_path, capsys, caplog):
+    import torch._inductor.config as inductor_config
+
+    report = tmp_path / "bench.json"
+    # no C++ compiler for inductor (the compiled path itself is tested in tests/deploy/test_optimize.py)
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/bin/c++")}):
+        code, out, err = _run(["bench", "--model", "test_tiny_k3", "--optimize", "--input-size", "16", "--mode", "inference",
+                               "--warmup", "0", "--repeats", "2", "--json", str(report)], capsys)
+    assert code == 0, err
+    assert "optimizing for inference (re-parameterize, choose the layout, torch.compile with freezing)" in err
+    assert re.search(r"optimized in [\d.]+ s: (contiguous|channels_last) layout, not compiled \(eager\), "
+                     r"max relative difference to eager", err), err
+    # the CLI routes warnings to logging (py.warnings); exactly one says why nothing was compiled
+    assert [r.getMessage().count("no C++ compiler found") for r in caplog.records if "C++" in r.getMessage()] == [1]
+    assert "test_tiny_k3 (optimized)" in out and "inference latency" in out
+    result = json.loads(report.read_text())["results"][0]
+    assert result["optimized"] and result["reparameterized"] and result["params"] < result["params_train"]
+
+
+def test_bench_optimize_needs_inference(capsys):
+    code, _, err = _run(["bench", "--model", "test_tiny_k3", "--optimize", "--mode", "train"], capsys)
+    assert code == 2 and "--optimize applies to inference" in err
+
+
 def test_erf_panels_of_one_model_name_get_distinct_titles():
     from convzoo.commands.erf import panel_names
 

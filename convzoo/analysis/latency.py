@@ -70,6 +70,7 @@ class BenchResult:
     params_train: int  # parameters of the training form
     flops: Optional[int]  # forward FLOPs per image (2 * MACs) of the measured model, None when not counted
     results: Dict[str, ModeResult]
+    optimized: bool = False  # inference timed on what ``optimize`` returned (e.g. convzoo.optimize_for_inference)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -270,13 +271,16 @@ def benchmark(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     name: Optional[str] = None,
+    optimize: Optional[Callable[[nn.Module, torch.Tensor], nn.Module]] = None,
 ) -> BenchResult:
     """Benchmark ``model`` (a classifier taking (N, C, H, W)) in each of ``modes``.
 
     Training is measured on the training form. With ``reparam`` the inference mode, the
-    parameter count and the FLOPs are those of a re-parameterized copy. ``model`` itself is
-    moved to ``device``/``dtype`` (and memory format), and the training-mode runs update its
-    BatchNorm running statistics.
+    parameter count and the FLOPs are those of a re-parameterized copy. ``optimize(copy, x)``,
+    when given, turns that re-parameterized copy into the model whose inference is timed (such as
+    :func:`convzoo.optimize_for_inference`; the parameters and FLOPs stay those of the copy).
+    ``model`` itself is moved to ``device``/``dtype`` (and memory format), and the training-mode
+    runs update its BatchNorm running statistics.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -296,13 +300,14 @@ def benchmark(
     measured = model
     from ..layers.reparam import is_reparameterized, reparameterize
 
-    if reparam and not is_reparameterized(model):
+    if (reparam or optimize is not None) and not is_reparameterized(model):
         measured = reparameterize(copy.deepcopy(model))
     if "inference" in modes:
-        results["inference"] = measure_mode(measured, x, "inference", warmup, repeats)
+        timed = optimize(measured.eval(), x) if optimize is not None else measured
+        results["inference"] = measure_mode(timed, x, "inference", warmup, repeats)
     return BenchResult(
         model=name or getattr(model, "model_name", type(model).__name__),
-        reparameterized=reparam,
+        reparameterized=reparam or optimize is not None,
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         channels_last=channels_last,
@@ -312,5 +317,6 @@ def benchmark(
         params_train=params_train,
         flops=count_forward_flops(measured, x),
         results={m: results[m] for m in MODES if m in results},
+        optimized=optimize is not None and "inference" in modes,
     )
 

@@ -11,6 +11,7 @@ from typing import List
 import torch
 
 from ..analysis.latency import MODES, BenchResult, benchmark
+from ..deploy.optimize import optimize_for_inference
 from . import UsageError
 from ._tools import (
     add_device_argument, add_model_arguments, check_input_size, check_output_file, image_size, load_model_or_exit,
@@ -24,6 +25,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _EPILOG = """\
 Inference mode: eval(), torch.inference_mode(), forward only.
 Train mode: train(), forward + backward of the summed outputs (no optimizer step).
+--optimize: inference is timed on convzoo.optimize_for_inference(model, batch): re-parameterized,
+memory layout chosen by timing, torch.compile with inductor freezing (eager with a warning when
+no C++ compiler is found), output checked against the eager model. The compile happens before
+the warm-up runs and is reported, not timed.
 Latency is the median of --repeats timed iterations after --warmup untimed ones (one
 iteration = one batch; CUDA is synchronised around each); throughput = batch / latency.
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the growth of the sampled resident set
@@ -31,6 +36,7 @@ size during one iteration (an estimate).
 
 examples:
   convzoo bench --model replknet_31b --reparam --batch-size 8
+  convzoo bench --model convnext_tiny --optimize --mode inference
   convzoo bench --model resnet50 --compare resnet50_dcnv2 --input-size 224 --json bench.json"""
 
 
@@ -46,6 +52,8 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--compare", metavar="NAME2", help="a second registered model, measured the same way and shown beside the first")
     parser.add_argument("--reparam", action="store_true", help="measure inference on the re-parameterized (deployed) form")
+    parser.add_argument("--optimize", action="store_true",
+                        help="measure inference on convzoo.optimize_for_inference's result (re-parameterized, layout, compiled)")
     parser.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="images per iteration (default: 1)")
     parser.add_argument("--input-size", type=image_size, default=(224, 224), metavar="S|H,W", help="input resolution (default: 224)")
     parser.add_argument("--mode", choices=("both",) + MODES, default="both", help="what to measure (default: both)")
@@ -76,7 +84,8 @@ def _format_memory(mb) -> str:
 
 def format_table(results: List[BenchResult]) -> str:
     """A markdown table, one column per model."""
-    rows = [("model", [r.model + (" (reparam)" if r.reparameterized else "") for r in results])]
+    rows = [("model", [r.model + (" (optimized)" if r.optimized else " (reparam)" if r.reparameterized else "")
+                       for r in results])]
     rows.append(("params", [_format_count(r.params) + (f" (train {_format_count(r.params_train)})" if r.params != r.params_train else "") for r in results]))
     rows.append(("FLOPs / image", [_format_flops(r.flops) for r in results]))
     for mode in MODES:
@@ -101,6 +110,18 @@ def format_table(results: List[BenchResult]) -> str:
     return "\n".join(lines)
 
 
+def _optimize(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """convzoo.optimize_for_inference on bench's re-parameterized copy, with progress reports."""
+    start = time.perf_counter()
+    _logger.info("  optimizing for inference (re-parameterize, choose the layout, torch.compile with freezing) ...")
+    optimized = optimize_for_inference(model, x, inplace=True)
+    _logger.info("  optimized in %.1f s: %s layout, %s, max relative difference to eager %.1e",
+                 time.perf_counter() - start, optimized.memory_format,
+                 f"compiled in {optimized.compile_seconds:.1f} s" if optimized.compiled else "not compiled (eager)",
+                 optimized.max_rel_error)
+    return optimized
+
+
 def run(args) -> int:
     device = resolve_device(args.device)
     dtype = _DTYPES[args.dtype]
@@ -108,6 +129,8 @@ def run(args) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu" and args.mode != "inference":
         raise UsageError(f"training in {args.dtype} on CPU is not supported by all kernels; add --mode inference or use --dtype float32")
+    if args.optimize and args.mode == "train":
+        raise UsageError("--optimize applies to inference; use --mode inference or both")
     if args.json:
         check_output_file(args.json, "--json")
     names = [args.model] + ([args.compare] if args.compare else [])
@@ -125,7 +148,7 @@ def run(args) -> int:
         results.append(benchmark(
             model, input_size=args.input_size, batch_size=args.batch_size, modes=modes, reparam=args.reparam,
             warmup=args.warmup, repeats=args.repeats, device=device, dtype=dtype,
-            channels_last=args.channels_last, name=name,
+            channels_last=args.channels_last, name=name, optimize=_optimize if args.optimize else None,
         ))
         _logger.info("  %s done in %.1f s", name, time.perf_counter() - start)
     print(format_table(results))

@@ -5,12 +5,16 @@
   layers kept in float, and a report of size, speed and agreement with the float model.
 - :func:`hardware_friendly` swaps a model's exact activations for the ones of
   :mod:`convzoo.layers.activations` (LUT sigmoid/SiLU, h-sigmoid/h-swish, shift leaky ReLU).
+- :func:`optimize_for_inference`: the fastest inference form of a model in one call
+  (re-parameterized, memory layout chosen, compiled by inductor with freezing, verified).
 
 ONNX export itself lives in :mod:`convzoo.export`.
 """
 from .activations import SwapReport, hardware_friendly
 from .int8 import BACKENDS, QuantizeReport, load_quantized, quantize
+from .optimize import InferenceModel, optimize_for_inference
 from .sensitivity import layer_sensitivity, sqnr_db
 
 __all__ = ["SwapReport", "hardware_friendly", "BACKENDS", "QuantizeReport", "load_quantized", "quantize",
-           "layer_sensitivity", "sqnr_db"]
+           "layer_sensitivity", "sqnr_db",
+           "InferenceModel", "optimize_for_inference"]

@@ -8,7 +8,19 @@ from .common import DropPath, GlobalResponseNorm, LayerNorm2d, SqueezeExcite, ma
 from .reparam import DilatedReparamBlock, ReparamLargeKernelConv, fuse_conv_bn, is_reparameterized, reparameterize
 from .deform_conv import DeformConv2d, ModulatedDeformConv2d
 from .dcnv3 import DCNv3
-from .roi_pool import DeformRoIPool, ModulatedDeformRoIPool, DeformPSRoIPool, DeformRoIPoolPack, DeformPSRoIPoolPack
+from .roi_pool import (
+    RoIAlign,
+    RoIPool,
+    PSRoIAlign,
+    PSRoIPool,
+    MultiScaleRoIAlign,
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformRoIPool,
+    ModulatedDeformRoIPoolPack,
+    DeformPSRoIPool,
+    DeformPSRoIPoolPack,
+)
 
 __all__ = [
     "HardSigmoid",
@@ -31,8 +43,14 @@ __all__ = [
     "DeformConv2d",
     "ModulatedDeformConv2d",
     "DCNv3",
+    "RoIAlign",
+    "RoIPool",
+    "PSRoIAlign",
+    "PSRoIPool",
+    "MultiScaleRoIAlign",
     "DeformRoIPool",
     "ModulatedDeformRoIPool",
+    "ModulatedDeformRoIPoolPack",
     "DeformPSRoIPool",
     "DeformRoIPoolPack",
     "DeformPSRoIPoolPack",

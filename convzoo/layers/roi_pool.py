@@ -1,29 +1,55 @@
-"""Deformable RoI pooling modules.
+"""RoI pooling modules.
 
-* :class:`DeformRoIPool`: mmcv's ``DeformRoIPool`` (offsets passed in).
-* :class:`DeformRoIPoolPack`: mmcv's ``DeformRoIPoolPack``: learns the offsets with
-  ``offset_fc`` from a first pooling without offsets.
-* :class:`ModulatedDeformRoIPool`: mmcv's ``ModulatedDeformRoIPoolPack``: learns offsets
-  (``offset_fc``) and a sigmoid mask (``mask_fc``); output ``deform_roi_pool(...) * mask``.
-* :class:`DeformPSRoIPool`: deformable position-sensitive RoI pooling of the DCN paper
-  (offsets passed in, or none for plain PS pooling with the same sampling).
-* :class:`DeformPSRoIPoolPack`: the same with offsets learned by ``offset_fc`` from a first,
-  non-deformed pooling (mmdetection v1's ``DeformRoIPoolingPack``).
+torchvision's modules (``forward(input, boxes)``, boxes a Tensor[K, 5] or a list of
+Tensor[L, 4]): :class:`RoIAlign`, :class:`RoIPool`, :class:`PSRoIAlign`, :class:`PSRoIPool` and
+:class:`MultiScaleRoIAlign` (the FPN level mapper of detection heads).
 
-The last layer of every offset/mask predictor is zero-initialised, so a fresh pack starts
-as plain RoI pooling (mask 0.5 for the modulated one), as in mmcv.
+mmcv's modules, with mmcv's names for mmcv's semantics:
+
+* :class:`DeformRoIPool`: ``forward(input, rois, offset=None)``, offsets passed in.
+* :class:`DeformRoIPoolPack`: learns the offsets with ``offset_fc`` from a first pooling
+  without offsets: ``forward(input, rois)``.
+* :class:`ModulatedDeformRoIPool`: ``forward(input, rois, offset, mask)``, offsets and mask
+  passed in; output ``deform_roi_pool(...) * mask``.
+* :class:`ModulatedDeformRoIPoolPack`: learns offsets (``offset_fc``) and a sigmoid mask
+  (``mask_fc``): ``forward(input, rois)``.
+
+The DCN paper's deformable position-sensitive pooling: :class:`DeformPSRoIPool` (offsets passed
+in, or none for plain PS pooling with the same sampling) and :class:`DeformPSRoIPoolPack`
+(offsets learned by ``offset_fc`` from a first, non-deformed pooling; mmdetection v1's
+``DeformRoIPoolingPack``).
+
+A pack holds its plain pool (composition: ``pack.pool``) and keeps mmcv's parameter names. The
+last layer of every offset/mask predictor is zero-initialised, so a fresh pack starts as plain
+RoI pooling (mask 0.5 for the modulated one), as in mmcv.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .. import ops
-from ..ops._checks import pair
+from ..ops._checks import check_bool, check_int, check_positive_float, pair
 
-__all__ = ["DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "DeformPSRoIPool", "DeformPSRoIPoolPack"]
+__all__ = [
+    "RoIAlign",
+    "RoIPool",
+    "PSRoIAlign",
+    "PSRoIPool",
+    "MultiScaleRoIAlign",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPool",
+    "ModulatedDeformRoIPoolPack",
+    "DeformPSRoIPool",
+    "DeformPSRoIPoolPack",
+]
+
+Boxes = Union[Tensor, Sequence[Tensor]]
 
 
 def _fc_stack(in_features: int, hidden: int, out_features: int, hidden_layers: int, device, dtype) -> nn.Sequential:
@@ -51,19 +77,170 @@ def _check_channels(input: Tensor, expected: int, what: str) -> None:
         raise ValueError(f"input must have shape (N, {expected}, H, W) ({what}), got {tuple(input.shape)}")
 
 
-class DeformRoIPool(nn.Module):
-    """Deformable RoI pooling with given offsets (mmcv's ``DeformRoIPool``).
-
-    Args:
-        output_size (int or (int, int)): ``(ph, pw)``.
-        spatial_scale (float): feature pixels per image pixel.
-        sampling_ratio (int): samples per bin and axis; ``<= 0`` adaptive.
-        gamma (float): offset scale.
+# --------------------------------------------------------------------------------------
+# torchvision's modules
+# --------------------------------------------------------------------------------------
+class RoIAlign(nn.Module):
+    """:func:`convzoo.ops.roi_align` as a module (torchvision's ``RoIAlign``).
 
     Shape:
-        input (N, C, H, W), rois (K, 5) ``(batch_index, x1, y1, x2, y2)``, offset (K, 2, ph, pw)
-        or None -> (K, C, ph, pw).
+        input (N, C, H, W), boxes (K, 5) or a list of (L, 4) -> (K, C, ph, pw).
     """
+
+    def __init__(self, output_size: Union[int, Tuple[int, int]], spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False):
+        super().__init__()
+        self.output_size = pair("output_size", output_size, minimum=1)
+        self.spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+        self.sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+        self.aligned = check_bool("aligned", aligned)
+        self.impl = "auto"
+
+    def forward(self, input: Tensor, boxes: Boxes) -> Tensor:
+        return ops.roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                             impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+
+
+class PSRoIAlign(nn.Module):
+    """:func:`convzoo.ops.ps_roi_align` as a module (torchvision's ``PSRoIAlign``).
+
+    Shape:
+        input (N, C_out*ph*pw, H, W), boxes (K, 5) or a list of (L, 4) -> (K, C_out, ph, pw).
+    """
+
+    def __init__(self, output_size: Union[int, Tuple[int, int]], spatial_scale: float, sampling_ratio: int):
+        super().__init__()
+        self.output_size = pair("output_size", output_size, minimum=1)
+        self.spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+        self.sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+        self.impl = "auto"
+
+    def forward(self, input: Tensor, boxes: Boxes) -> Tensor:
+        return ops.ps_roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}")
+
+
+class RoIPool(nn.Module):
+    """:func:`convzoo.ops.roi_pool` as a module (torchvision's ``RoIPool``).
+
+    Shape:
+        input (N, C, H, W), boxes (K, 5) or a list of (L, 4) -> (K, C, ph, pw).
+    """
+
+    def __init__(self, output_size: Union[int, Tuple[int, int]], spatial_scale: float):
+        super().__init__()
+        self.output_size = pair("output_size", output_size, minimum=1)
+        self.spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+        self.impl = "auto"
+
+    def forward(self, input: Tensor, boxes: Boxes) -> Tensor:
+        return ops.roi_pool(input, boxes, self.output_size, self.spatial_scale, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+class PSRoIPool(RoIPool):
+    """:func:`convzoo.ops.ps_roi_pool` as a module (torchvision's ``PSRoIPool``).
+
+    Shape:
+        input (N, C_out*ph*pw, H, W), boxes (K, 5) or a list of (L, 4) -> (K, C_out, ph, pw).
+    """
+
+    def forward(self, input: Tensor, boxes: Boxes) -> Tensor:
+        return ops.ps_roi_pool(input, boxes, self.output_size, self.spatial_scale, impl=self.impl)
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over the levels of a feature pyramid (torchvision's ``MultiScaleRoIAlign``).
+
+    Each level's scale is inferred from its size against the largest image,
+    ``2 ** round(log2(feature size / image size))``. A box of area ``A`` goes to level
+    ``floor(canonical_level + log2(sqrt(A) / canonical_scale + 1e-6))`` (FPN paper, eq. 1),
+    clamped to the levels given; with one level every box uses it. Pooling is
+    :func:`convzoo.ops.roi_align` with ``aligned=False``, as in torchvision.
+
+    Args:
+        featmap_names (list of str): the keys of the feature maps to pool from, finest first.
+        output_size (int or (int, int)): ``(ph, pw)``.
+        sampling_ratio (int): as in :func:`convzoo.ops.roi_align`.
+        canonical_scale (int), canonical_level (int): the FPN mapping's constants.
+
+    Shape:
+        x: dict of (N, C, H_l, W_l); boxes: list of N (L_n, 4) in image coordinates;
+        image_shapes: list of N ``(height, width)`` -> (sum L_n, C, ph, pw).
+    """
+
+    def __init__(self, featmap_names: List[str], output_size: Union[int, Tuple[int, int]], sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4):
+        super().__init__()
+        if isinstance(featmap_names, str) or not all(isinstance(n, str) for n in featmap_names) or not featmap_names:
+            raise TypeError(f"featmap_names must be a non-empty list of str, got {featmap_names!r}")
+        self.featmap_names = list(featmap_names)
+        self.output_size = pair("output_size", output_size, minimum=1)
+        self.sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+        self.canonical_scale = check_int("canonical_scale", canonical_scale, minimum=1)
+        self.canonical_level = check_int("canonical_level", canonical_level)
+        self.impl = "auto"
+
+    @staticmethod
+    def infer_scale(feature: Tensor, original_size: Tuple[int, int]) -> float:
+        """``2 ** round(log2(size / original))``, the same along both axes."""
+        scales = [2.0 ** round(math.log2(s / o)) for s, o in zip(feature.shape[-2:], original_size)]
+        if scales[0] != scales[1]:
+            raise ValueError(f"feature map of size {tuple(feature.shape[-2:])} has different scales along its axes "
+                             f"for images of size {tuple(original_size)}: {scales}")
+        return scales[0]
+
+    def map_levels(self, boxes: List[Tensor], levels: Tuple[float, float]) -> Tensor:
+        """The pyramid level (0 = finest) of every box: (sum L_n,) int64."""
+        k_min, k_max = levels
+        concat = torch.cat(list(boxes))
+        area = (concat[:, 2] - concat[:, 0]) * (concat[:, 3] - concat[:, 1])
+        target = torch.floor(self.canonical_level + torch.log2(torch.sqrt(area) / self.canonical_scale + 1e-6))
+        return (target.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        features = [value for key, value in x.items() if key in self.featmap_names]
+        if not features:
+            raise ValueError(f"x holds none of featmap_names {self.featmap_names}; its keys are {list(x)}")
+        if not isinstance(boxes, (list, tuple)):
+            raise TypeError(f"boxes must be a list of Tensor[L, 4], one per image, got {type(boxes).__name__}")
+        original = tuple(max(sizes) for sizes in zip(*image_shapes))
+        scales = [self.infer_scale(feature, original) for feature in features]
+        if len(features) == 1:
+            return ops.roi_align(features[0], list(boxes), self.output_size, scales[0], self.sampling_ratio,
+                                 impl=self.impl)
+        levels = self.map_levels(boxes, (-math.log2(scales[0]), -math.log2(scales[-1])))
+        rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
+                          for i, b in enumerate(boxes)])
+        first = features[0]
+        result = first.new_zeros((rois.shape[0], first.shape[1]) + self.output_size)
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            index = torch.nonzero(levels == level).squeeze(1)
+            pooled = ops.roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio,
+                                   impl=self.impl)
+            result = result.index_copy(0, index, pooled.to(result.dtype))
+        return result
+
+    def extra_repr(self) -> str:
+        return (f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+                f"sampling_ratio={self.sampling_ratio}")
+
+
+# --------------------------------------------------------------------------------------
+# mmcv's modules
+# --------------------------------------------------------------------------------------
+class _DeformRoIPoolBase(nn.Module):
+    """The arguments of mmcv's deformable RoI poolings (no forward of its own)."""
 
     def __init__(
         self,
@@ -79,14 +256,6 @@ class DeformRoIPool(nn.Module):
         self.gamma = float(gamma)
         self.impl = "auto"
 
-    def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor]) -> Tensor:
-        return ops.deform_roi_pool(
-            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma, impl=self.impl
-        )
-
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
-        return self._pool(input, rois, offset)
-
     def extra_repr(self) -> str:
         return (
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -94,7 +263,40 @@ class DeformRoIPool(nn.Module):
         )
 
 
-class DeformRoIPoolPack(DeformRoIPool):
+class DeformRoIPool(_DeformRoIPoolBase):
+    """Deformable RoI pooling with given offsets (mmcv's ``DeformRoIPool``).
+
+    Args:
+        output_size (int or (int, int)): ``(ph, pw)``.
+        spatial_scale (float): feature pixels per image pixel.
+        sampling_ratio (int): samples per bin and axis; ``<= 0`` adaptive.
+        gamma (float): offset scale.
+
+    Shape:
+        input (N, C, H, W), rois (K, 5) ``(batch_index, x1, y1, x2, y2)``, offset (K, 2, ph, pw)
+        or None -> (K, C, ph, pw).
+    """
+
+    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        return ops.deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+                                   self.gamma, impl=self.impl)
+
+
+class _Pack(nn.Module):
+    """A module that holds its plain pooling as ``self.pool`` (composition) and forwards ``impl``."""
+
+    pool: nn.Module
+
+    @property
+    def impl(self) -> str:
+        return self.pool.impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self.pool.impl = value
+
+
+class DeformRoIPoolPack(_Pack):
     """Deformable RoI pooling that predicts its offsets (mmcv's ``DeformRoIPoolPack``).
 
     A first pooling without offsets, flattened, goes through ``offset_fc`` (Linear-ReLU-
@@ -121,7 +323,9 @@ class DeformRoIPoolPack(DeformRoIPool):
         device=None,
         dtype=None,
     ):
-        super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
+        super().__init__()
+        self.pool = DeformRoIPool(output_size, spatial_scale, sampling_ratio, gamma)
+        self.output_size = self.pool.output_size
         self.output_channels = int(output_channels)
         self.deform_fc_channels = int(deform_fc_channels)
         bins = self.output_size[0] * self.output_size[1]
@@ -134,20 +338,36 @@ class DeformRoIPoolPack(DeformRoIPool):
     def _predict_offset(self, pooled: Tensor) -> Tensor:
         return self.offset_fc(pooled.flatten(1)).view(pooled.shape[0], 2, *self.output_size)
 
-    def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         _check_channels(input, self.output_channels, "output_channels")
-        pooled = self._pool(input, rois, None)
-        return self._pool(input, rois, self._predict_offset(pooled))
+        pooled = self.pool(input, rois)
+        return self.pool(input, rois, self._predict_offset(pooled))
 
     def extra_repr(self) -> str:
         return (
             f"output_size={self.output_size}, output_channels={self.output_channels}, "
-            f"deform_fc_channels={self.deform_fc_channels}, spatial_scale={self.spatial_scale}, "
-            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+            f"deform_fc_channels={self.deform_fc_channels}, spatial_scale={self.pool.spatial_scale}, "
+            f"sampling_ratio={self.pool.sampling_ratio}, gamma={self.pool.gamma}"
         )
 
 
-class ModulatedDeformRoIPool(DeformRoIPoolPack):
+class ModulatedDeformRoIPool(_DeformRoIPoolBase):
+    """Modulated deformable RoI pooling (DCNv2) with given offsets and mask:
+    ``deform_roi_pool(input, rois, offset) * mask`` (:func:`convzoo.ops.modulated_deform_roi_pool`).
+
+    Args:
+        output_size, spatial_scale, sampling_ratio, gamma: as in :class:`DeformRoIPool`.
+
+    Shape:
+        input (N, C, H, W), rois (K, 5), offset (K, 2, ph, pw), mask (K, 1, ph, pw) -> (K, C, ph, pw).
+    """
+
+    def forward(self, input: Tensor, rois: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        return ops.modulated_deform_roi_pool(input, rois, offset, mask, self.output_size, self.spatial_scale,
+                                             self.sampling_ratio, self.gamma, impl=self.impl)
+
+
+class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
     """Modulated deformable RoI pooling (DCNv2) with learned offsets and mask, mmcv's
     ``ModulatedDeformRoIPoolPack`` (same parameter names: ``offset_fc``, ``mask_fc``).
 
@@ -187,15 +407,12 @@ class ModulatedDeformRoIPool(DeformRoIPoolPack):
         _reset_fc_stack(self.offset_fc)
         _reset_fc_stack(self.mask_fc)
 
-    def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         _check_channels(input, self.output_channels, "output_channels")
-        pooled = self._pool(input, rois, None)
+        pooled = self.pool(input, rois)
         offset = self._predict_offset(pooled)
         mask = self.mask_fc(pooled.flatten(1)).view(pooled.shape[0], 1, *self.output_size)
-        return ops.modulated_deform_roi_pool(
-            input, rois, offset, mask, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma,
-            impl=self.impl,
-        )
+        return self.pool(input, rois, offset) * mask
 
 
 class DeformPSRoIPool(nn.Module):
@@ -236,14 +453,11 @@ class DeformPSRoIPool(nn.Module):
         self.spatial_scale = float(spatial_scale)
         self.impl = "auto"
 
-    def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor]) -> Tensor:
+    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
         return ops.deform_ps_roi_pool(
             input, rois, offset, self.output_dim, self.group_size, self.pooled_size, self.part_size,
             self.sample_per_part, self.trans_std, self.spatial_scale, no_trans=offset is None, impl=self.impl,
         )
-
-    def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
-        return self._pool(input, rois, offset)
 
     def extra_repr(self) -> str:
         return (
@@ -253,7 +467,7 @@ class DeformPSRoIPool(nn.Module):
         )
 
 
-class DeformPSRoIPoolPack(DeformPSRoIPool):
+class DeformPSRoIPoolPack(_Pack):
     """:class:`DeformPSRoIPool` that learns its offsets (mmdetection v1's ``DeformRoIPoolingPack``).
 
     A first pooling without offsets, flattened, goes through ``offset_fc``
@@ -284,7 +498,11 @@ class DeformPSRoIPoolPack(DeformPSRoIPool):
         device=None,
         dtype=None,
     ):
-        super().__init__(output_dim, pooled_size, group_size, part_size, sample_per_part, trans_std, spatial_scale)
+        super().__init__()
+        self.pool = DeformPSRoIPool(output_dim, pooled_size, group_size, part_size, sample_per_part, trans_std,
+                                    spatial_scale)
+        self.output_dim, self.pooled_size = self.pool.output_dim, self.pool.pooled_size
+        self.group_size, self.part_size = self.pool.group_size, self.pool.part_size
         if num_offset_fcs < 1:
             raise ValueError(f"num_offset_fcs must be >= 1, got {num_offset_fcs}")
         self.deform_fc_channels = int(deform_fc_channels)
@@ -298,14 +516,14 @@ class DeformPSRoIPoolPack(DeformPSRoIPool):
     def reset_parameters(self) -> None:
         _reset_fc_stack(self.offset_fc)
 
-    def forward(self, input: Tensor, rois: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         _check_channels(input, self.output_dim * self.group_size**2, "output_dim * group_size**2")
-        pooled = self._pool(input, rois, None)
+        pooled = self.pool(input, rois)
         offset = self.offset_fc(pooled.flatten(1)).view(pooled.shape[0], 2, self.part_size, self.part_size)
-        return self._pool(input, rois, offset)
+        return self.pool(input, rois, offset)
 
     def extra_repr(self) -> str:
         return (
-            super().extra_repr()
+            self.pool.extra_repr()
             + f", deform_fc_channels={self.deform_fc_channels}, num_offset_fcs={self.num_offset_fcs}"
         )

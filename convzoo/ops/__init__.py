@@ -8,7 +8,15 @@ the test oracle, the benchmark baseline), optionally ``triton.py`` (the CUDA pat
 from .dwconv import dwconv2d
 from .deform_conv import deform_conv2d
 from .dcnv3 import dcnv3, dcnv3_offsets_to_torchvision, torchvision_offsets_to_dcnv3
-from .roi import roi_align, deform_roi_pool, modulated_deform_roi_pool, ps_roi_pool, deform_ps_roi_pool
+from .roi import (
+    roi_align,
+    ps_roi_align,
+    roi_pool,
+    ps_roi_pool,
+    deform_roi_pool,
+    modulated_deform_roi_pool,
+    deform_ps_roi_pool,
+)
 
 __all__ = [
     "dwconv2d",
@@ -17,6 +25,8 @@ __all__ = [
     "dcnv3_offsets_to_torchvision",
     "torchvision_offsets_to_dcnv3",
     "roi_align",
+    "ps_roi_align",
+    "roi_pool",
     "deform_roi_pool",
     "modulated_deform_roi_pool",
     "ps_roi_pool",

@@ -80,6 +80,15 @@ def check_float(name: str, value) -> float:
     return float(value)
 
 
+def check_positive_float(name: str, value) -> float:
+    """Check that ``value`` is a finite real number > 0 (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_impl(impl: str) -> str:
     """Check the ``impl`` argument every operator takes."""
     if impl not in IMPLS:

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from convzoo import ops
+from convzoo.ops.roi import reference
 
 DT = torch.float64
 
@@ -95,6 +96,61 @@ def naive_ps_roi_pool(inp, rois, ph, pw, scale):
                         continue
                     ch = (c * ph + i) * pw + j
                     out[k, c, i, j] = inp[int(b), ch, h0:h1, w0:w1].sum() / ((h1 - h0) * (w1 - w0))
+    return out
+
+
+def naive_ps_roi_align(inp, rois, ph, pw, scale, sampling_ratio):
+    """torchvision's ps_roi_align: half-pixel shift, no minimum size, channel (c*ph + i)*pw + j."""
+    inp = inp.double()
+    c_out = inp.shape[1] // (ph * pw)
+    out = torch.zeros(rois.shape[0], c_out, ph, pw, dtype=DT)
+    for k in range(rois.shape[0]):
+        b, x1, y1, x2, y2 = rois[k].tolist()
+        sw, sh = x1 * scale - 0.5, y1 * scale - 0.5
+        rw, rh = x2 * scale - 0.5 - sw, y2 * scale - 0.5 - sh
+        bh, bw = rh / ph, rw / pw
+        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rh / ph), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rw / pw), 0)
+        for c in range(c_out):
+            for i in range(ph):
+                for j in range(pw):
+                    img = inp[int(b), (c * ph + i) * pw + j]
+                    total = 0.0
+                    for iy in range(gh):
+                        for ix in range(gw):
+                            y = sh + i * bh + (iy + 0.5) * bh / gh
+                            x = sw + j * bw + (ix + 0.5) * bw / gw
+                            total += float(naive_bilinear_align(img, y, x))
+                    out[k, c, i, j] = total / max(gh * gw, 1)
+    return out
+
+
+FLT_MAX = 3.4028234663852886e38
+
+
+def naive_roi_pool(inp, rois, ph, pw, scale):
+    """torchvision's roi_pool: the first value beating the running maximum (from -FLT_MAX), row-major."""
+    inp = inp.double()
+    height, width = inp.shape[-2:]
+    out = torch.zeros(rois.shape[0], inp.shape[1], ph, pw, dtype=DT)
+    for k in range(rois.shape[0]):
+        b, x1, y1, x2, y2 = rois[k].tolist()
+        sw, sh, ew, eh = (int(c_round(v * scale)) for v in (x1, y1, x2, y2))
+        bh, bw = max(eh - sh + 1, 1) / ph, max(ew - sw + 1, 1) / pw
+        for c in range(inp.shape[1]):
+            img = inp[int(b), c].tolist()
+            for i in range(ph):
+                for j in range(pw):
+                    h0 = min(max(math.floor(i * bh) + sh, 0), height)
+                    h1 = min(max(math.ceil((i + 1) * bh) + sh, 0), height)
+                    w0 = min(max(math.floor(j * bw) + sw, 0), width)
+                    w1 = min(max(math.ceil((j + 1) * bw) + sw, 0), width)
+                    best = -FLT_MAX if (h1 > h0 and w1 > w0) else 0.0
+                    for y in range(h0, h1):
+                        for x in range(w0, w1):
+                            if img[y][x] > best:
+                                best = img[y][x]
+                    out[k, c, i, j] = best
     return out
 
 
@@ -216,6 +272,41 @@ def test_ps_roi_pool_matches_naive(impl, scale):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sampling_ratio,scale", [pytest.param(-1, 1.0, id="adaptive"),
+                                                  pytest.param(2, 0.5, id="sr2-half")])
+def test_ps_roi_align_matches_naive(impl, sampling_ratio, scale):
+    x = torch.randn(2, 2 * 2 * 3, 7, 8, dtype=DT)
+    rois = make_rois(6, 2, 7, 8, scale)
+    rois[0, 1:] = torch.tensor([3.0, 3.0, 3.0, 3.0]) / scale  # an empty box
+    got = ops.ps_roi_align(x, rois, (2, 3), scale, sampling_ratio, impl=impl)
+    torch.testing.assert_close(got, naive_ps_roi_align(x, rois, 2, 3, scale, sampling_ratio))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_roi_pool_matches_naive(impl):
+    x = torch.randn(2, 3, 7, 8, dtype=DT)
+    x[0, 0, :3, :3] = float("nan")  # NaN never wins; a bin of NaN only is -FLT_MAX
+    x[1, 2, 3:5, 1:4] = float("-inf")
+    rois = make_rois(7, 2, 7, 8, 0.5)
+    rois[0] = torch.tensor([0, 0.0, 0.0, 1.0, 1.0])  # inside the NaN corner
+    rois[1, 1:] = torch.tensor([40.0, 40.0, 50.0, 50.0])  # outside the map: empty bins are 0
+    got = ops.roi_pool(x, rois, (2, 3), 0.5, impl=impl)
+    want = naive_roi_pool(x, rois, 2, 3, 0.5)
+    assert (got[0, 0] == -FLT_MAX).all() and (got[1] == 0).all()
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_roi_pool_gradient_goes_to_the_first_maximum(impl):
+    x = torch.ones(1, 2, 4, 5, dtype=DT, requires_grad=True)
+    out = ops.roi_pool(x, torch.tensor([[0, 0.0, 0.0, 4.0, 3.0]], dtype=DT), 1, impl=impl)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    want = torch.zeros_like(x)
+    want[0, :, 0, 0] = 1.0  # all tie: the first in row-major order
+    assert torch.equal(grad, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "output_dim,group_size,pooled,part,spp,classes",
     [pytest.param(2, 2, 3, 3, 2, 1, id="g2-p3"), pytest.param(4, 3, 3, 2, 3, 2, id="g3-part2-2classes"),
@@ -241,6 +332,26 @@ def test_boxes_as_list_equal_rois_tensor():
     rois = torch.tensor([[0, 0.0, 0.0, 4.0, 3.0], [1, 1.0, 1.0, 5.0, 5.0], [1, 2.0, 0.0, 3.0, 6.0]])
     torch.testing.assert_close(ops.roi_align(x, per_image, 2), ops.roi_align(x, rois, 2))
     torch.testing.assert_close(ops.ps_roi_pool(x, per_image, 1), ops.ps_roi_pool(x, rois, 1))
+    torch.testing.assert_close(ops.ps_roi_align(x, per_image, 2), ops.ps_roi_align(x, rois, 2))
+    torch.testing.assert_close(ops.roi_pool(x, per_image, 2), ops.roi_pool(x, rois, 2))
+
+
+def test_torchvision_keyword_names_and_keyword_only_impl():
+    x = torch.randn(2, 8, 6, 6)
+    boxes = torch.tensor([[0, 0.0, 0.0, 4.0, 3.0], [1, 1.0, 1.0, 5.0, 5.0]])
+    pairs = [
+        (ops.roi_align(input=x, boxes=boxes, output_size=2, spatial_scale=0.5, sampling_ratio=2, aligned=True),
+         ops.roi_align(x, boxes, 2, 0.5, 2, True)),
+        (ops.ps_roi_align(input=x, boxes=boxes, output_size=2, spatial_scale=0.5, sampling_ratio=2),
+         ops.ps_roi_align(x, boxes, 2, 0.5, 2)),
+        (ops.roi_pool(input=x, boxes=boxes, output_size=2, spatial_scale=0.5), ops.roi_pool(x, boxes, 2, 0.5)),
+        (ops.ps_roi_pool(input=x, boxes=boxes, output_size=2, spatial_scale=0.5), ops.ps_roi_pool(x, boxes, 2, 0.5)),
+    ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want)
+    for op in (ops.roi_pool, ops.ps_roi_pool):
+        with pytest.raises(TypeError):
+            op(x, boxes, 2, 0.5, "reference")  # impl is keyword-only
 
 
 # --------------------------------------------------------------------------------------
@@ -273,11 +384,13 @@ def test_deform_roi_pool_auto_equals_reference(n, c, h, w, k, ph, pw, sampling_r
     n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 7), w=st.integers(1, 7), k=st.integers(0, 4),
     p=st.integers(1, 3), sampling_ratio=st.integers(-1, 2), aligned=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_roi_align_and_ps_roi_pool_auto_equal_reference(n, c, h, w, k, p, sampling_ratio, aligned, seed):
+def test_torchvision_ops_auto_equal_reference(n, c, h, w, k, p, sampling_ratio, aligned, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c * p * p, h, w, dtype=DT, generator=g, requires_grad=True)
     rois = make_rois(k, n, h, w, 0.5, g)
     for fn in (lambda impl: ops.roi_align(x, rois, p, 0.5, sampling_ratio, aligned, impl=impl),
+               lambda impl: ops.ps_roi_align(x, rois, p, 0.5, sampling_ratio, impl=impl),
+               lambda impl: ops.roi_pool(x, rois, p, 0.5, impl=impl),
                lambda impl: ops.ps_roi_pool(x, rois, p, 0.5, impl=impl)):
         outs, grads = [], []
         for impl in IMPLS:
@@ -346,6 +459,15 @@ def test_gradcheck_ps_roi_pool(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_ps_roi_align_and_roi_pool(impl):
+    x = torch.randn(2, 4, 6, 7, dtype=DT, requires_grad=True)
+    rois = _rois_away_from_kinks()
+    assert torch.autograd.gradcheck(lambda t: ops.ps_roi_align(t, rois, 2, 1.0, 2, impl=impl), (x,))
+    # max pooling is piecewise linear: random directions (fast mode) test it as well
+    assert torch.autograd.gradcheck(lambda t: ops.roi_pool(t, rois, 2, 1.0, impl=impl), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_gradcheck_deform_ps_roi_pool(impl):
     x = torch.randn(2, 2, 6, 7, dtype=DT, requires_grad=True)
     rois = torch.tensor([[0, 0.0, 1.0, 4.0, 4.0], [1, 1.0, 0.0, 3.0, 5.0]], dtype=DT)
@@ -368,12 +490,16 @@ def test_zero_rois(impl):
         ops.modulated_deform_roi_pool(x, rois, torch.zeros(0, 2, 2, 2), torch.zeros(0, 1, 2, 2), 2, impl=impl),
         ops.ps_roi_pool(x, rois, 2, impl=impl),
         ops.deform_ps_roi_pool(x, rois, torch.zeros(0, 2, 2, 2), 1, 2, 2, impl=impl),
+        ops.roi_pool(x, rois, 2, impl=impl),
+        ops.ps_roi_align(x, rois, 2, impl=impl),
     ]
-    assert [tuple(o.shape) for o in outs] == [(0, 4, 2, 2)] * 3 + [(0, 1, 2, 2)] * 2
+    assert [tuple(o.shape) for o in outs] == [(0, 4, 2, 2)] * 3 + [(0, 1, 2, 2)] * 2 + [(0, 4, 2, 2), (0, 1, 2, 2)]
     (grad,) = torch.autograd.grad(sum(o.sum() for o in outs), x)
     assert torch.equal(grad, torch.zeros_like(x))
-    empty_batch = ops.roi_align(torch.zeros(0, 4, 5, 5), torch.zeros(0, 5), 2, impl=impl)
-    assert empty_batch.shape == (0, 4, 2, 2)
+    for op in (ops.roi_align, ops.roi_pool):
+        assert op(torch.zeros(0, 4, 5, 5), torch.zeros(0, 5), 2, impl=impl).shape == (0, 4, 2, 2)
+    for op in (ops.ps_roi_align, ops.ps_roi_pool):
+        assert op(torch.zeros(0, 4, 5, 5), torch.zeros(0, 5), 2, impl=impl).shape == (0, 1, 2, 2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -397,6 +523,87 @@ def test_non_finite_offsets_contribute_zero(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_non_finite_inputs_and_boxes(impl):
+    """A NaN/inf box gives a defined (finite) answer; NaN features stay where they are read."""
+    x = torch.randn(2, 8, 6, 7, dtype=DT)
+    rois = torch.tensor([[0, float("nan"), 1.0, 4.0, 4.0], [1, 0.0, float("inf"), 5.0, 3.0],
+                         [1, 1.0, 1.0, float("-inf"), 5.0]], dtype=DT)
+    for fn in (lambda: ops.roi_align(x, rois, 2, impl=impl), lambda: ops.ps_roi_align(x, rois, 2, impl=impl),
+               lambda: ops.deform_roi_pool(x, rois, None, 2, impl=impl),
+               lambda: ops.roi_pool(x, rois, 2, impl=impl), lambda: ops.ps_roi_pool(x, rois, 2, impl=impl)):
+        assert torch.isfinite(fn()).all()
+    poisoned = x.clone()
+    poisoned[1, :, 0, 0] = float("nan")
+    box = torch.tensor([[1, 0.0, 0.0, 2.0, 2.0], [0, 0.0, 0.0, 2.0, 2.0]], dtype=DT)
+    for op in (ops.roi_align, ops.ps_roi_align):
+        out = op(poisoned, box, 1, 1.0, 2, impl=impl)
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def _huge_box_calls(x, box, offset, impl):
+    return [
+        ops.roi_align(x, box, 2, impl=impl),
+        ops.roi_align(x, box, 2, 0.5, 0, True, impl=impl),
+        ops.ps_roi_align(x, box, 2, impl=impl),
+        ops.deform_roi_pool(x, box, offset, 2, impl=impl),
+        ops.roi_pool(x, box, 2, impl=impl),
+        ops.ps_roi_pool(x, box, 2, impl=impl),
+        ops.deform_ps_roi_pool(x, box, offset, 2, 2, 2, impl=impl),
+    ]
+
+
+@pytest.mark.parametrize("size", [1e9, 1e30])
+def test_huge_boxes_are_bounded_and_defined(size):
+    """Issue 17: a 1e9 box grew to 22 GB. Only the samples that can read the map are visited."""
+    height, width = 16, 16
+    for geometry in (reference.roi_align_geometry((2, 2), 1.0, -1, False),
+                     reference.ps_roi_align_geometry((2, 2), 0.5, 0),
+                     reference.deform_roi_pool_geometry((2, 2), 1.0, 0, 0.1)):
+        box = torch.tensor([[0.0, -size, -size, size, size]], dtype=DT)
+        offset = torch.randn(1, 2, 2, 2, dtype=DT) if geometry.gamma else None
+        _, y, _, weight = reference.align_samples(box, height, width, geometry, offset)
+        assert y.shape[-1] <= (2 * height + 8) * (2 * width + 8)  # samples per bin, whatever the box
+        assert torch.isfinite(weight).all()
+    x = torch.randn(1, 8, height, width, dtype=DT)
+    box = torch.tensor([[0.0, -size, -size, size, size]], dtype=DT)
+    offset = torch.randn(1, 2, 2, 2, dtype=DT)
+    for got, want in zip(_huge_box_calls(x, box, offset, "auto"), _huge_box_calls(x, box, offset, "reference")):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_box_roi_align_value(dtype):
+    """The issue's case, against the answer worked out by hand: bin (0, 0) is 5e8 pixels wide with
+    5e8 samples per axis at t + 0.5; the 16 that read the map give rows 0..15 the weights 0.5, 1,
+    ..., 1, 1.5 (row 15 also takes the clamped sample at 15.5); the other bins read nothing."""
+    x = torch.randn(2, 4, 16, 16, dtype=dtype)
+    box = torch.tensor([[0.0, 0, 0, 1e9, 1e9]], dtype=dtype)
+    wy = torch.ones(16, dtype=DT)
+    wy[0], wy[-1] = 0.5, 1.5
+    want = torch.zeros(1, 4, 2, 2, dtype=DT)
+    want[0, :, 0, 0] = torch.einsum("h,chw,w->c", wy, x[0].double(), wy) / 2.5e17
+    for impl in IMPLS:
+        got = ops.roi_align(x, box, 2, impl=impl)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-22)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ps_roi_pool_gradient_is_the_adjoint(impl):
+    """ps_roi_pool is linear in its input, so its input gradient must satisfy <dy, y> = <dx, x>;
+    the forward never reads the last row/column, so they get no gradient (torchvision's do)."""
+    x = torch.randn(2, 12, 7, 9, dtype=DT, requires_grad=True)
+    rois = make_rois(8, 2, 7, 9, 1.0)
+    rois[0, 1:] = torch.tensor([3.0, 4.0, 9.0, 7.0])  # bins touching the last row and column
+    y = ops.ps_roi_pool(x, rois, (2, 3), impl=impl)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close((dy * y).sum(), (dx * x).sum(), rtol=1e-12, atol=1e-12)
+    assert (dx[..., -1, :] == 0).all() and (dx[..., :, -1] == 0).all()
+    assert dx[..., -2, :].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_and_channels_last(impl):
     base = torch.randn(2, 8, 9, 10, dtype=DT)
     rois = make_rois(5, 2, 9, 10, 1.0)
@@ -408,6 +615,8 @@ def test_non_contiguous_and_channels_last(impl):
         lambda t: ops.deform_roi_pool(t, rois, offset, 2, impl=impl),
         lambda t: ops.ps_roi_pool(t, rois, 2, impl=impl),
         lambda t: ops.deform_ps_roi_pool(t, rois, offset, 2, 2, 2, impl=impl),
+        lambda t: ops.ps_roi_align(t, rois, 2, 1.0, 2, impl=impl),
+        lambda t: ops.roi_pool(t, rois, 2, impl=impl),
     ):
         base_leaf = base.clone().requires_grad_()
         want = fn(base_leaf)
@@ -487,6 +696,8 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.convzoo.deform_roi_pool.default, (x, rois, offset, 2, 2, 1.0, 0, 0.1),
                           test_utils=checks)
     torch.library.opcheck(torch.ops.convzoo.ps_roi_pool.default, (x, rois, 2, 2, 1.0), test_utils=checks)
+    torch.library.opcheck(torch.ops.convzoo.ps_roi_align.default, (x, rois, 2, 1, 1.0, 2), test_utils=checks)
+    torch.library.opcheck(torch.ops.convzoo.roi_pool.default, (x, rois, 2, 2, 1.0), test_utils=checks)
     torch.library.opcheck(torch.ops.convzoo.deform_ps_roi_pool.default,
                           (x, rois, offset, 1, 2, 2, 2, 2, 0.1, 1.0), test_utils=checks)
 
@@ -518,7 +729,7 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match="sampling_ratio must be an int"):
         ops.roi_align(x, rois, 2, sampling_ratio=2.0)
     with pytest.raises(TypeError, match="aligned must be a bool"):
-        ops.roi_align(x, rois, 2, aligned=1)
+        ops.roi_align(x, rois, 2, aligned="yes")
     with pytest.raises(ValueError, match="impl='triton' is not available"):
         ops.roi_align(x, rois, 2, impl="triton")
     with pytest.raises(ValueError, match="impl must be one of"):
@@ -546,19 +757,24 @@ def test_errors_name_the_argument():
 
 
 @pytest.mark.parametrize("engine", ["numba", "pytorch-without-numba"])
-def test_gather_engines_match_reference(engine, monkeypatch):
-    """The custom ops' bilinear engine (Numba, every thread even on small inputs; or its PyTorch
-    fallback) against the autograd reference, gradients included."""
+def test_engines_match_reference(engine, monkeypatch):
+    """The custom ops' CPU engines (the Numba kernels, every thread even on small inputs; or, without
+    Numba, their PyTorch fallbacks) against the autograd reference, gradients included."""
     from convzoo.ops import _bilinear_rows, _numba
+    from convzoo.ops import roi as roi_module
 
     monkeypatch.setattr(_numba, "GRAIN", 1)
     if engine != "numba":
         monkeypatch.setattr(_bilinear_rows, "kernels", lambda name: None)
+        monkeypatch.setattr(roi_module, "_cpu_kernels", lambda tensor: None)
     x = torch.randn(2, 8, 7, 9, dtype=DT, requires_grad=True)
     rois = make_rois(6, 2, 7, 9, 0.5)
     offset = (torch.randn(6, 2, 2, 2, dtype=DT) * 2).requires_grad_()
     for fn, leaves in (
         (lambda impl: ops.roi_align(x, rois, 2, 0.5, -1, True, impl=impl), [x]),
+        (lambda impl: ops.ps_roi_align(x, rois, 2, 0.5, 2, impl=impl), [x]),
+        (lambda impl: ops.roi_pool(x, rois, 2, 0.5, impl=impl), [x]),
+        (lambda impl: ops.ps_roi_pool(x, rois, 2, 0.5, impl=impl), [x]),
         (lambda impl: ops.deform_roi_pool(x, rois, offset, 2, 0.5, 0, 0.3, impl=impl), [x, offset]),
         (lambda impl: ops.deform_ps_roi_pool(x, rois, offset, 2, 2, 2, 2, 3, 0.3, 0.5, impl=impl), [x, offset]),
     ):
@@ -573,22 +789,38 @@ def test_gather_engines_match_reference(engine, monkeypatch):
             torch.testing.assert_close(u, v)
 
 
-def test_ps_roi_pool_runs_the_numba_kernels(monkeypatch):
-    """On CPU tensors ps_roi_pool and its backward run the Numba kernels, never the summed-area table."""
+def test_cpu_ops_run_the_numba_kernels(monkeypatch):
+    """On CPU tensors the operators and their backwards run the Numba kernels (ops/roi/cpu.py and
+    the row-gather engine), never the reference's autograd pooling or summed-area table."""
     from convzoo.ops import _numba
-    from convzoo.ops.roi import cpu, reference
+    from convzoo.ops.roi import cpu
 
     assert _numba.kernels(cpu.__name__) is cpu
     x = torch.randn(2, 12, 7, 9, dtype=DT, requires_grad=True)
     rois = make_rois(5, 2, 7, 9, 0.5)
-    want = ops.ps_roi_pool(x, rois, (2, 3), 0.5, impl="reference")
-    want_grad, = torch.autograd.grad(want.sum(), x)
+    offset = torch.randn(5, 2, 2, 3, dtype=DT, requires_grad=True)
+    calls = [
+        (lambda impl: ops.roi_align(x, rois, (2, 3), 0.5, 2, impl=impl), [x]),
+        (lambda impl: ops.ps_roi_align(x, rois, (2, 3), 0.5, 2, impl=impl), [x]),
+        (lambda impl: ops.deform_roi_pool(x, rois, offset, (2, 3), 0.5, 2, impl=impl), [x, offset]),
+        (lambda impl: ops.ps_roi_pool(x, rois, (2, 3), 0.5, impl=impl), [x]),
+        (lambda impl: ops.roi_pool(x, rois, (2, 3), 0.5, impl=impl), [x]),
+    ]
+    wants = []
+    for fn, leaves in calls:
+        want = fn("reference")
+        wants.append((want, torch.autograd.grad(want.sum(), leaves)))
 
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran")
 
-    monkeypatch.setattr(reference, "ps_roi_pool", fail)
-    monkeypatch.setattr(reference, "ps_roi_pool_backward", fail)
-    got = ops.ps_roi_pool(x, rois, (2, 3), 0.5)
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)
+    for name in ("bilinear_pool", "ps_roi_pool", "ps_roi_pool_backward", "roi_pool_argmax", "roi_pool_backward"):
+        monkeypatch.setattr(reference, name, fail)
+    from convzoo.ops import _bilinear_rows
+
+    monkeypatch.setattr(_bilinear_rows.torch, "bmm", fail)  # the gather's PyTorch fallback
+    for (fn, leaves), (want, want_grads) in zip(calls, wants):
+        got = fn("auto")
+        torch.testing.assert_close(got, want)
+        for u, v in zip(torch.autograd.grad(got.sum(), leaves), want_grads):
+            torch.testing.assert_close(u, v)

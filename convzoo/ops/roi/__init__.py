@@ -1,16 +1,26 @@
-"""RoI operators: ``roi_align``, ``deform_roi_pool``, ``modulated_deform_roi_pool``,
-``ps_roi_pool`` and ``deform_ps_roi_pool``.
+"""RoI operators: ``roi_align``, ``ps_roi_align``, ``roi_pool``, ``ps_roi_pool`` (torchvision),
+``deform_roi_pool``, ``modulated_deform_roi_pool`` (mmcv) and ``deform_ps_roi_pool`` (the DCN
+paper).
 
-Semantics are those of torchvision (``roi_align``, ``ps_roi_pool``), mmcv
-(``deform_roi_pool``, ``modulated_deform_roi_pool``) and the DCN paper's CUDA kernel
-(``deform_ps_roi_pool``); :mod:`.reference` documents each rule. Every operator takes
-``impl="auto" | "reference"``:
+Semantics are those of torchvision, mmcv and the DCN paper's CUDA kernel; :mod:`.reference`
+documents each rule. The torchvision operators take torchvision's argument names (``input``,
+``boxes``, ``output_size``, ``spatial_scale``, ``sampling_ratio``, ``aligned``). Every operator
+takes a keyword-only ``impl="auto" | "reference"``:
 
 * ``"reference"``: the plain PyTorch code of :mod:`.reference`, differentiated by autograd
   (traceable by ``torch.jit.trace``/``torch.onnx``; the adaptive sampling grid of
   ``sampling_ratio <= 0`` is then fixed at trace time);
 * ``"auto"``: the ``convzoo::<name>`` custom op (one node for ``torch.compile`` and
-  ``torch.export``), with a hand-written backward that keeps no per-sample tensors alive.
+  ``torch.export``) with a hand-written backward. On CPU tensors the bilinear pools
+  (``roi_align``, ``ps_roi_align``, ``deform_roi_pool``, ``deform_ps_roi_pool``) sum their
+  samples with the row-gather engine of :mod:`convzoo.ops._bilinear_rows` (Numba, one loop per
+  output bin over channel-contiguous rows; its transpose for the input gradient); ``ps_roi_pool``
+  and ``roi_pool`` run their own Numba kernels (:mod:`.cpu`). Without Numba, or on other
+  devices, the same code runs on PyTorch gathers.
+
+Adaptive sampling (``sampling_ratio <= 0``) of a huge box is bounded: only the samples that
+can read the map are visited, which is exact (the others read zero but still count in the
+mean), so a box of 1e9 pixels costs what a box the size of the map does.
 
 There is no Triton kernel for these operators; ``impl="triton"`` is refused with a
 ``ValueError``.
@@ -23,11 +33,20 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_float, check_impl, check_int, check_same, check_tensor, pair
+from .._checks import check_bool, check_float, check_impl, check_int, check_positive_float, check_same, check_tensor, pair
 from .._numba import kernels
 from . import reference
+from .reference import AlignGeometry, DeformPSGeometry, PoolGeometry
 
-__all__ = ["roi_align", "deform_roi_pool", "modulated_deform_roi_pool", "ps_roi_pool", "deform_ps_roi_pool"]
+__all__ = [
+    "roi_align",
+    "ps_roi_align",
+    "roi_pool",
+    "ps_roi_pool",
+    "deform_roi_pool",
+    "modulated_deform_roi_pool",
+    "deform_ps_roi_pool",
+]
 
 Boxes = Union[Tensor, Sequence[Tensor]]
 
@@ -86,12 +105,12 @@ def _check_input(input: Tensor) -> Tensor:
     return input
 
 
-def _check_scale(spatial_scale) -> float:
-    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
-        raise TypeError(f"spatial_scale must be a float, got {spatial_scale!r}")
-    if not math.isfinite(spatial_scale) or spatial_scale <= 0:
-        raise ValueError(f"spatial_scale must be a finite number > 0, got {spatial_scale!r}")
-    return float(spatial_scale)
+def _check_position_sensitive_channels(input: Tensor, pooled: Tuple[int, int]) -> None:
+    if input.shape[1] % (pooled[0] * pooled[1]):
+        raise ValueError(
+            f"input channels must be a multiple of output_size[0] * output_size[1] = {pooled[0] * pooled[1]}, "
+            f"got {input.shape[1]}"
+        )
 
 
 def _check_bin_tensor(name: str, value: Tensor, input: Tensor, shape: Tuple[int, ...], layout: str) -> Tensor:
@@ -111,60 +130,117 @@ def _upcast(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
-def _single_group(bins: int, device) -> Tensor:
-    return torch.zeros(bins, dtype=torch.long, device=device)
+def _cpu_kernels(tensor: Tensor):
+    """The Numba kernels (:mod:`.cpu`) for CPU tensors; None on other devices or without Numba."""
+    return kernels(__name__ + ".cpu") if tensor.device.type == "cpu" else None
+
+
+def _no_grad(need: bool, like: Tensor, grad: Optional[Tensor]) -> Tensor:
+    """A custom op returns tensors only: an empty one stands for "not asked for"."""
+    return grad if (need and grad is not None) else like.new_empty(0)
 
 
 # --------------------------------------------------------------------------------------
-# Autograd shared by the two offset-taking pools (deform_roi_pool, deform_ps_roi_pool),
-# whose inputs are (input, rois, offset or None, *non-tensor arguments)
+# Bilinear pools (roi_align, ps_roi_align, deform_roi_pool): one forward and one backward
+# per geometry, behind three custom ops sharing one backward op
 # --------------------------------------------------------------------------------------
-def _fake_input_offset_grads(input: Tensor, offset: Optional[Tensor], need_input_grad: bool,
-                             need_offset_grad: bool) -> Tuple[Tensor, Tensor]:
-    """Fake kernel's (grad_input, grad_offset): shaped like the inputs, or empty where not needed."""
+def _align_forward(input: Tensor, rois: Tensor, offset: Optional[Tensor], geometry: AlignGeometry) -> Tensor:
+    """The reference's (clipped) samples, summed by the row-gather engine (Numba on the CPU)."""
+    with torch.no_grad():
+        out = reference.align_pool(_upcast(input), rois, geometry, _upcast(offset), pool=reference.bilinear_pool_fast)
+    return out.to(input.dtype).contiguous()
+
+
+def _align_out_shape(input: Tensor, rois: Tensor, geometry: AlignGeometry) -> Tuple[int, int, int, int]:
+    per_bin = geometry.pooled_h * geometry.pooled_w if geometry.position_sensitive else 1
+    return rois.shape[0], input.shape[1] // per_bin, geometry.pooled_h, geometry.pooled_w
+
+
+def _align_backward_rows(grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
+                            geometry: AlignGeometry, need_input_grad: bool, need_offset_grad: bool):
+    """The reference's (clipped) samples and :func:`reference.bilinear_pool_backward` (the row-gather
+    engine); every sample of a bin moves with the bin's corner, by ``gamma * roi size * offset``."""
+    work = _upcast(input)
+    work_offset = _upcast(offset)
+    work_rois = rois.to(work.dtype)
+    height, width = input.shape[-2:]
+    batch_index, y, x, weight = reference.align_samples(work_rois, height, width, geometry, work_offset)
+    bin_group, groups = reference.align_bin_groups(geometry, input.device)
+    k, bins = rois.shape[0], geometry.pooled_h * geometry.pooled_w
+    grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
+        _upcast(grad).reshape(k, grad.shape[1], bins), work, batch_index, bin_group, groups, y, x, weight,
+        need_input_grad, need_offset_grad)
+    grad_offset = None
+    if need_offset_grad:
+        bins_of = reference.align_bins(work_rois, geometry, work_offset)
+        grad_offset = torch.stack(
+            [grad_x.reshape(k, geometry.pooled_h, geometry.pooled_w) * (geometry.gamma * bins_of.roi_w).view(-1, 1, 1),
+             grad_y.reshape(k, geometry.pooled_h, geometry.pooled_w) * (geometry.gamma * bins_of.roi_h).view(-1, 1, 1)],
+            dim=1).to(offset.dtype)
+    return (grad_input.to(input.dtype) if need_input_grad else None), grad_offset
+
+
+@torch.library.custom_op("convzoo::align_pool_backward", mutates_args=())
+def _align_backward_op(
+    grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor], pooled_h: int, pooled_w: int,
+    spatial_scale: float, sampling_ratio: int, shift: float, min_size_one: bool, position_sensitive: bool,
+    gamma: float, need_input_grad: bool, need_offset_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    geometry = AlignGeometry(pooled_h=pooled_h, pooled_w=pooled_w, spatial_scale=spatial_scale,
+                             sampling_ratio=sampling_ratio, shift=shift, min_size_one=min_size_one,
+                             position_sensitive=position_sensitive, gamma=gamma)
+    need_offset_grad = need_offset_grad and offset is not None
+    grad_input, grad_offset = _align_backward_rows(grad, input, rois, offset, geometry, need_input_grad,
+                                                   need_offset_grad)
+    grad_input = None if grad_input is None else grad_input.contiguous()
+    return _no_grad(need_input_grad, input, grad_input), _no_grad(need_offset_grad, input, grad_offset)
+
+
+@_align_backward_op.register_fake
+def _(grad, input, rois, offset, pooled_h, pooled_w, spatial_scale, sampling_ratio, shift, min_size_one,
+      position_sensitive, gamma, need_input_grad, need_offset_grad):
     grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
     grad_offset = torch.empty_like(offset) if (need_offset_grad and offset is not None) else input.new_empty(0)
     return grad_input, grad_offset
 
 
-def _save_input_rois_offset(ctx, inputs, output):
-    input, rois, offset, *args = inputs
-    ctx.has_offset = offset is not None
-    ctx.save_for_backward(input, rois, offset)
-    ctx.args = args
+def _align_backward(ctx, grad):
+    """Autograd backward of the three bilinear pools (inputs ``input, rois[, offset], ...``)."""
+    input, rois, offset = ctx.saved_tensors
+    need_input = ctx.needs_input_grad[0]
+    need_offset = ctx.has_offset and ctx.needs_input_grad[2]
+    grads = [None] * ctx.num_inputs
+    if need_input or need_offset:
+        g = ctx.geometry
+        grad_input, grad_offset = _align_backward_op(
+            grad, input, rois, offset if ctx.has_offset else None, g.pooled_h, g.pooled_w, g.spatial_scale,
+            g.sampling_ratio, g.shift, g.min_size_one, g.position_sensitive, g.gamma, need_input, need_offset)
+        grads[0] = grad_input if need_input else None
+        if need_offset:
+            grads[2] = grad_offset
+    return tuple(grads)
 
 
-def _offset_pool_backward(backward_op):
-    """Autograd backward calling ``backward_op(grad, input, rois, offset, *args, need_input, need_offset)``."""
+def _align_setup(geometry_of, has_offset: bool):
+    """setup_context saving ``input, rois, offset`` and the geometry ``geometry_of(inputs)``."""
 
-    def backward(ctx, grad):
-        input, rois, offset = ctx.saved_tensors
-        need_input = ctx.needs_input_grad[0]
-        need_offset = ctx.has_offset and ctx.needs_input_grad[2]
-        no_arg_grads = (None,) * len(ctx.args)
-        if not (need_input or need_offset):
-            return (None, None, None) + no_arg_grads
-        grad_input, grad_offset = backward_op(
-            grad, input, rois, offset if ctx.has_offset else None, *ctx.args, need_input, need_offset
-        )
-        return (grad_input if need_input else None, None, grad_offset if need_offset else None) + no_arg_grads
+    def setup(ctx, inputs, output):
+        input, rois = inputs[:2]
+        offset = inputs[2] if has_offset else None
+        ctx.has_offset = offset is not None
+        ctx.save_for_backward(input, rois, offset)
+        ctx.geometry = geometry_of(inputs)
+        ctx.num_inputs = len(inputs)
 
-    return backward
+    return setup
 
 
-# --------------------------------------------------------------------------------------
-# convzoo::roi_align
-# --------------------------------------------------------------------------------------
 @torch.library.custom_op("convzoo::roi_align", mutates_args=())
 def _roi_align_op(
     input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float, sampling_ratio: int, aligned: bool
 ) -> Tensor:
-    with torch.no_grad():
-        out = reference.roi_align(
-            _upcast(input), rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned,
-            pool=reference.bilinear_pool_fast,
-        )
-    return out.to(input.dtype).contiguous()
+    geometry = reference.roi_align_geometry((pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned)
+    return _align_forward(input, rois, None, geometry)
 
 
 @_roi_align_op.register_fake
@@ -172,57 +248,42 @@ def _(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
     return input.new_empty(rois.shape[0], input.shape[1], pooled_h, pooled_w)
 
 
-@torch.library.custom_op("convzoo::roi_align_backward", mutates_args=())
-def _roi_align_backward_op(
-    grad: Tensor, input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float,
-    sampling_ratio: int, aligned: bool,
+def _roi_align_geometry(inputs) -> AlignGeometry:
+    input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned = inputs
+    return reference.roi_align_geometry((pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned)
+
+
+_roi_align_op.register_autograd(_align_backward, setup_context=_align_setup(_roi_align_geometry, False))
+
+
+@torch.library.custom_op("convzoo::ps_roi_align", mutates_args=())
+def _ps_roi_align_op(
+    input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float, sampling_ratio: int
 ) -> Tensor:
-    work = _upcast(input)
-    height, width = input.shape[-2:]
-    batch_index, y, x, weight = reference.roi_align_samples(
-        rois.to(work.dtype), height, width, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned
-    )
-    grad_input, _, _ = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], input.shape[1], pooled_h * pooled_w), work, batch_index,
-        _single_group(y.shape[2], input.device), 1, y, x, weight, need_input_grad=True, need_point_grad=False,
-    )
-    return grad_input.to(input.dtype).contiguous()
+    geometry = reference.ps_roi_align_geometry((pooled_h, pooled_w), spatial_scale, sampling_ratio)
+    return _align_forward(input, rois, None, geometry)
 
 
-@_roi_align_backward_op.register_fake
-def _(grad, input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+@_ps_roi_align_op.register_fake
+def _(input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio):
+    return input.new_empty(rois.shape[0], input.shape[1] // (pooled_h * pooled_w), pooled_h, pooled_w)
 
 
-def _roi_align_setup(ctx, inputs, output):
-    input, rois, *args = inputs
-    ctx.save_for_backward(input, rois)
-    ctx.args = args
+def _ps_roi_align_geometry(inputs) -> AlignGeometry:
+    input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio = inputs
+    return reference.ps_roi_align_geometry((pooled_h, pooled_w), spatial_scale, sampling_ratio)
 
 
-def _roi_align_backward(ctx, grad):
-    input, rois = ctx.saved_tensors
-    grad_input = _roi_align_backward_op(grad, input, rois, *ctx.args) if ctx.needs_input_grad[0] else None
-    return grad_input, None, None, None, None, None, None
+_ps_roi_align_op.register_autograd(_align_backward, setup_context=_align_setup(_ps_roi_align_geometry, False))
 
 
-_roi_align_op.register_autograd(_roi_align_backward, setup_context=_roi_align_setup)
-
-
-# --------------------------------------------------------------------------------------
-# convzoo::deform_roi_pool
-# --------------------------------------------------------------------------------------
 @torch.library.custom_op("convzoo::deform_roi_pool", mutates_args=())
 def _deform_roi_pool_op(
     input: Tensor, rois: Tensor, offset: Optional[Tensor], pooled_h: int, pooled_w: int, spatial_scale: float,
     sampling_ratio: int, gamma: float,
 ) -> Tensor:
-    with torch.no_grad():
-        out = reference.deform_roi_pool(
-            _upcast(input), rois, _upcast(offset), (pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma,
-            pool=reference.bilinear_pool_fast,
-        )
-    return out.to(input.dtype).contiguous()
+    geometry = reference.deform_roi_pool_geometry((pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma)
+    return _align_forward(input, rois, offset, geometry)
 
 
 @_deform_roi_pool_op.register_fake
@@ -230,62 +291,25 @@ def _(input, rois, offset, pooled_h, pooled_w, spatial_scale, sampling_ratio, ga
     return input.new_empty(rois.shape[0], input.shape[1], pooled_h, pooled_w)
 
 
-@torch.library.custom_op("convzoo::deform_roi_pool_backward", mutates_args=())
-def _deform_roi_pool_backward_op(
-    grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor], pooled_h: int, pooled_w: int,
-    spatial_scale: float, sampling_ratio: int, gamma: float, need_input_grad: bool, need_offset_grad: bool,
-) -> Tuple[Tensor, Tensor]:
-    work = _upcast(input)
-    work_offset = _upcast(offset)
-    height, width = input.shape[-2:]
-    work_rois = rois.to(work.dtype)
-    batch_index, y, x, weight = reference.deform_roi_pool_samples(
-        work_rois, height, width, (pooled_h, pooled_w), spatial_scale, sampling_ratio, work_offset, gamma
-    )
-    need_offset_grad = need_offset_grad and offset is not None
-    grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], input.shape[1], pooled_h * pooled_w), work, batch_index,
-        _single_group(y.shape[2], input.device), 1, y, x, weight, need_input_grad, need_offset_grad,
-    )
-    if need_offset_grad:
-        # the bin origin moves by gamma * roi size * offset; every sample of the bin moves with it
-        roi_w = (work_rois[:, 3] * spatial_scale - 0.5) - (work_rois[:, 1] * spatial_scale - 0.5)
-        roi_h = (work_rois[:, 4] * spatial_scale - 0.5) - (work_rois[:, 2] * spatial_scale - 0.5)
-        grad_offset = torch.stack(
-            [grad_x.squeeze(1) * (gamma * roi_w).view(-1, 1), grad_y.squeeze(1) * (gamma * roi_h).view(-1, 1)],
-            dim=1,
-        ).reshape(offset.shape).to(offset.dtype)
-    else:
-        grad_offset = input.new_empty(0)
-    grad_input = grad_input.to(input.dtype).contiguous() if need_input_grad else input.new_empty(0)
-    return grad_input, grad_offset
+def _deform_roi_pool_geometry(inputs) -> AlignGeometry:
+    input, rois, offset, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma = inputs
+    return reference.deform_roi_pool_geometry((pooled_h, pooled_w), spatial_scale, sampling_ratio, gamma)
 
 
-@_deform_roi_pool_backward_op.register_fake
-def _(grad, input, rois, offset, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma, need_input_grad, need_offset_grad):
-    return _fake_input_offset_grads(input, offset, need_input_grad, need_offset_grad)
-
-
-_deform_roi_pool_op.register_autograd(
-    _offset_pool_backward(_deform_roi_pool_backward_op), setup_context=_save_input_rois_offset
-)
+_deform_roi_pool_op.register_autograd(_align_backward, setup_context=_align_setup(_deform_roi_pool_geometry, True))
 
 
 # --------------------------------------------------------------------------------------
 # convzoo::ps_roi_pool
 # --------------------------------------------------------------------------------------
-def _cpu_kernels(tensor: Tensor):
-    """The Numba ps_roi_pool kernels for CPU tensors; None on other devices or without Numba."""
-    return kernels(__name__ + ".cpu") if tensor.device.type == "cpu" else None
-
-
 @torch.library.custom_op("convzoo::ps_roi_pool", mutates_args=())
 def _ps_roi_pool_op(input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, spatial_scale: float) -> Tensor:
+    geometry = PoolGeometry(pooled_h=pooled_h, pooled_w=pooled_w, spatial_scale=spatial_scale)
     cpu = _cpu_kernels(input)
     if cpu is not None:
-        return cpu.ps_roi_pool(input, rois, (pooled_h, pooled_w), spatial_scale)
+        return cpu.ps_roi_pool(input, rois, geometry)
     with torch.no_grad():
-        return reference.ps_roi_pool(input, rois, (pooled_h, pooled_w), spatial_scale)
+        return reference.ps_roi_pool(input, rois, geometry)
 
 
 @_ps_roi_pool_op.register_fake
@@ -299,10 +323,11 @@ def _ps_roi_pool_backward_op(
     spatial_scale: float,
 ) -> Tensor:
     shape = torch.Size((batch, channels, height, width))
+    geometry = PoolGeometry(pooled_h=pooled_h, pooled_w=pooled_w, spatial_scale=spatial_scale)
     cpu = _cpu_kernels(grad)
     if cpu is not None:
-        return cpu.ps_roi_pool_backward(grad, rois, shape, (pooled_h, pooled_w), spatial_scale)
-    return reference.ps_roi_pool_backward(grad, rois, shape, (pooled_h, pooled_w), spatial_scale)
+        return cpu.ps_roi_pool_backward(grad, rois, shape, geometry)
+    return reference.ps_roi_pool_backward(grad, rois, shape, geometry)
 
 
 @_ps_roi_pool_backward_op.register_fake
@@ -311,15 +336,20 @@ def _(grad, rois, batch, channels, height, width, pooled_h, pooled_w, spatial_sc
 
 
 def _ps_roi_pool_setup(ctx, inputs, output):
-    input, rois, *args = inputs
+    input, rois, pooled_h, pooled_w, spatial_scale = inputs
     ctx.save_for_backward(rois)
     ctx.input_shape = tuple(input.shape)
-    ctx.args = args
+    ctx.geometry = PoolGeometry(pooled_h=pooled_h, pooled_w=pooled_w, spatial_scale=spatial_scale)
 
 
 def _ps_roi_pool_backward(ctx, grad):
     (rois,) = ctx.saved_tensors
-    grad_input = _ps_roi_pool_backward_op(grad, rois, *ctx.input_shape, *ctx.args) if ctx.needs_input_grad[0] else None
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    batch, channels, height, width = ctx.input_shape
+    g = ctx.geometry
+    grad_input = _ps_roi_pool_backward_op(grad, rois, batch, channels, height, width, g.pooled_h, g.pooled_w,
+                                          g.spatial_scale)
     return grad_input, None, None, None, None
 
 
@@ -327,18 +357,76 @@ _ps_roi_pool_op.register_autograd(_ps_roi_pool_backward, setup_context=_ps_roi_p
 
 
 # --------------------------------------------------------------------------------------
-# convzoo::deform_ps_roi_pool
+# convzoo::roi_pool (returns the argmax too, which its backward reads)
 # --------------------------------------------------------------------------------------
+@torch.library.custom_op("convzoo::roi_pool", mutates_args=())
+def _roi_pool_op(input: Tensor, rois: Tensor, pooled_h: int, pooled_w: int,
+                 spatial_scale: float) -> Tuple[Tensor, Tensor]:
+    geometry = PoolGeometry(pooled_h=pooled_h, pooled_w=pooled_w, spatial_scale=spatial_scale)
+    cpu = _cpu_kernels(input)
+    if cpu is not None:
+        return cpu.roi_pool(input, rois, geometry, reference.ROI_POOL_FLOOR)
+    with torch.no_grad():
+        out, argmax = reference.roi_pool_argmax(_upcast(input), rois, geometry)
+    return out.to(input.dtype), argmax
+
+
+@_roi_pool_op.register_fake
+def _(input, rois, pooled_h, pooled_w, spatial_scale):
+    shape = (rois.shape[0], input.shape[1], pooled_h, pooled_w)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("convzoo::roi_pool_backward", mutates_args=())
+def _roi_pool_backward_op(grad: Tensor, rois: Tensor, argmax: Tensor, batch: int, channels: int, height: int,
+                          width: int) -> Tensor:
+    shape = torch.Size((batch, channels, height, width))
+    cpu = _cpu_kernels(grad)
+    if cpu is not None:
+        return cpu.roi_pool_backward(grad, rois, argmax, shape)
+    return reference.roi_pool_backward(grad, rois, argmax, shape)
+
+
+@_roi_pool_backward_op.register_fake
+def _(grad, rois, argmax, batch, channels, height, width):
+    return grad.new_empty(batch, channels, height, width)
+
+
+def _roi_pool_setup(ctx, inputs, output):
+    input, rois = inputs[:2]
+    ctx.save_for_backward(rois, output[1])
+    ctx.input_shape = tuple(input.shape)
+
+
+def _roi_pool_backward(ctx, grad, grad_argmax):
+    rois, argmax = ctx.saved_tensors
+    grad_input = _roi_pool_backward_op(grad, rois, argmax, *ctx.input_shape) if ctx.needs_input_grad[0] else None
+    return grad_input, None, None, None, None
+
+
+_roi_pool_op.register_autograd(_roi_pool_backward, setup_context=_roi_pool_setup)
+
+
+# --------------------------------------------------------------------------------------
+# convzoo::deform_ps_roi_pool (sampled on the row-gather engine of ops/_bilinear_rows.py)
+# --------------------------------------------------------------------------------------
+def _deform_ps_geometry(output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
+                        spatial_scale) -> DeformPSGeometry:
+    return DeformPSGeometry(output_dim=output_dim, group_size=group_size, pooled_size=pooled_size,
+                            part_size=part_size, sample_per_part=sample_per_part, trans_std=trans_std,
+                            spatial_scale=spatial_scale)
+
+
 @torch.library.custom_op("convzoo::deform_ps_roi_pool", mutates_args=())
 def _deform_ps_roi_pool_op(
     input: Tensor, rois: Tensor, offset: Optional[Tensor], output_dim: int, group_size: int, pooled_size: int,
     part_size: int, sample_per_part: int, trans_std: float, spatial_scale: float,
 ) -> Tensor:
+    geometry = _deform_ps_geometry(output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
+                                   spatial_scale)
     with torch.no_grad():
-        out = reference.deform_ps_roi_pool(
-            _upcast(input), rois, _upcast(offset), output_dim, group_size, pooled_size, part_size, sample_per_part,
-            trans_std, spatial_scale, pool=reference.bilinear_pool_fast,
-        )
+        out = reference.deform_ps_roi_pool(_upcast(input), rois, _upcast(offset), geometry,
+                                           pool=reference.bilinear_pool_fast)
     return out.to(input.dtype).contiguous()
 
 
@@ -353,39 +441,39 @@ def _deform_ps_roi_pool_backward_op(
     pooled_size: int, part_size: int, sample_per_part: int, trans_std: float, spatial_scale: float,
     need_input_grad: bool, need_offset_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
+    geometry = _deform_ps_geometry(output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
+                                   spatial_scale)
     work = _upcast(input)
     work_offset = _upcast(offset)
     height, width = input.shape[-2:]
     work_rois = rois.to(work.dtype)
-    batch_index, y, x, weight = reference.deform_ps_roi_pool_samples(
-        work_rois, height, width, work_offset, pooled_size, part_size, sample_per_part, trans_std, spatial_scale
-    )
+    batch_index, y, x, weight = reference.deform_ps_roi_pool_samples(work_rois, height, width, work_offset, geometry)
     bin_group = reference.dcn_bin_groups(pooled_size, group_size, work.dtype, input.device)
     need_offset_grad = need_offset_grad and offset is not None
     grad_input, grad_y, grad_x = reference.bilinear_pool_backward(
-        _upcast(grad).reshape(rois.shape[0], output_dim, pooled_size * pooled_size), work, batch_index, bin_group, group_size * group_size,
-        y, x, weight, need_input_grad, need_offset_grad,
+        _upcast(grad).reshape(rois.shape[0], output_dim, pooled_size * pooled_size), work, batch_index, bin_group,
+        group_size * group_size, y, x, weight, need_input_grad, need_offset_grad,
     )
+    grad_offset = None
     if need_offset_grad:
-        grad_offset = _deform_ps_offset_grad(grad_y, grad_x, work_rois, work_offset, pooled_size, part_size,
-                                             trans_std, spatial_scale).to(offset.dtype)
-    else:
-        grad_offset = input.new_empty(0)
-    grad_input = grad_input.to(input.dtype).contiguous() if need_input_grad else input.new_empty(0)
-    return grad_input, grad_offset
+        grad_offset = _deform_ps_offset_grad(grad_y, grad_x, work_rois, work_offset, geometry).to(offset.dtype)
+    grad_input = grad_input.to(input.dtype).contiguous() if need_input_grad else None
+    return _no_grad(need_input_grad, input, grad_input), _no_grad(need_offset_grad, input, grad_offset)
 
 
-def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size, trans_std, spatial_scale):
+def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, geometry: DeformPSGeometry):
     """Chain the per-bin point gradients (K, Q, P) to ``offset`` (K, 2Q, part, part): each bin's
     samples move by ``trans_std * roi size * offset[part cell of the bin]``."""
-    start_w = reference.round_half_away(rois[:, 1]) * spatial_scale - 0.5
-    start_h = reference.round_half_away(rois[:, 2]) * spatial_scale - 0.5
-    roi_w = ((reference.round_half_away(rois[:, 3]) + 1.0) * spatial_scale - 0.5 - start_w).clamp(min=0.1)
-    roi_h = ((reference.round_half_away(rois[:, 4]) + 1.0) * spatial_scale - 0.5 - start_h).clamp(min=0.1)
+    scale, pooled_size, part_size = geometry.spatial_scale, geometry.pooled_size, geometry.part_size
+    start_w = reference.round_half_away(rois[:, 1]) * scale - 0.5
+    start_h = reference.round_half_away(rois[:, 2]) * scale - 0.5
+    roi_w = ((reference.round_half_away(rois[:, 3]) + 1.0) * scale - 0.5 - start_w).clamp(min=0.1)
+    roi_h = ((reference.round_half_away(rois[:, 4]) + 1.0) * scale - 0.5 - start_h).clamp(min=0.1)
     k, coord_sets = grad_x.shape[:2]
     bins = torch.arange(pooled_size, dtype=rois.dtype, device=rois.device)
     part = torch.floor(bins / pooled_size * part_size).long().clamp(0, part_size - 1)
     cell = (part.view(-1, 1) * part_size + part.view(1, -1)).reshape(-1)  # part cell of each bin
+    trans_std = geometry.trans_std
     per_bin = torch.stack(
         [grad_x * (trans_std * roi_w).view(-1, 1, 1), grad_y * (trans_std * roi_h).view(-1, 1, 1)],
         dim=2,
@@ -398,12 +486,35 @@ def _deform_ps_offset_grad(grad_y, grad_x, rois, offset, pooled_size, part_size,
 @_deform_ps_roi_pool_backward_op.register_fake
 def _(grad, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
       spatial_scale, need_input_grad, need_offset_grad):
-    return _fake_input_offset_grads(input, offset, need_input_grad, need_offset_grad)
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input_grad else input.new_empty(0)
+    grad_offset = torch.empty_like(offset) if (need_offset_grad and offset is not None) else input.new_empty(0)
+    return grad_input, grad_offset
 
 
-_deform_ps_roi_pool_op.register_autograd(
-    _offset_pool_backward(_deform_ps_roi_pool_backward_op), setup_context=_save_input_rois_offset
-)
+def _deform_ps_setup(ctx, inputs, output):
+    input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, scale = inputs
+    ctx.has_offset = offset is not None
+    ctx.save_for_backward(input, rois, offset)
+    ctx.geometry = _deform_ps_geometry(output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
+                                       scale)
+
+
+def _deform_ps_backward(ctx, grad):
+    input, rois, offset = ctx.saved_tensors
+    need_input = ctx.needs_input_grad[0]
+    need_offset = ctx.has_offset and ctx.needs_input_grad[2]
+    grads = [None] * 10
+    if need_input or need_offset:
+        g = ctx.geometry
+        grad_input, grad_offset = _deform_ps_roi_pool_backward_op(
+            grad, input, rois, offset, g.output_dim, g.group_size, g.pooled_size, g.part_size, g.sample_per_part,
+            g.trans_std, g.spatial_scale, need_input, need_offset)
+        grads[0] = grad_input if need_input else None
+        grads[2] = grad_offset if need_offset else None
+    return tuple(grads)
+
+
+_deform_ps_roi_pool_op.register_autograd(_deform_ps_backward, setup_context=_deform_ps_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -416,15 +527,22 @@ def _register_flop_formulas() -> None:
         # each sample: 4 neighbours, one multiply-add each, per output element
         return 2 * 4 * samples * math.prod(out_shape)
 
+    def align_samples(sampling_ratio: int) -> int:
+        # adaptive grids (sampling_ratio <= 0) depend on the boxes: counted as 2x2 samples
+        return sampling_ratio**2 if sampling_ratio > 0 else 4
+
     @register_flop_formula(torch.ops.convzoo.roi_align)
     def _(input_shape, rois_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, *, out_shape=None, **kw):
-        # adaptive grids (sampling_ratio <= 0) depend on the boxes: counted as 2x2 samples
-        return bilinear_flops(out_shape, sampling_ratio**2 if sampling_ratio > 0 else 4)
+        return bilinear_flops(out_shape, align_samples(sampling_ratio))
+
+    @register_flop_formula(torch.ops.convzoo.ps_roi_align)
+    def _(input_shape, rois_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, *, out_shape=None, **kw):
+        return bilinear_flops(out_shape, align_samples(sampling_ratio))
 
     @register_flop_formula(torch.ops.convzoo.deform_roi_pool)
     def _(input_shape, rois_shape, offset_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio, gamma, *,
           out_shape=None, **kw):
-        return bilinear_flops(out_shape, sampling_ratio**2 if sampling_ratio > 0 else 4)
+        return bilinear_flops(out_shape, align_samples(sampling_ratio))
 
     @register_flop_formula(torch.ops.convzoo.deform_ps_roi_pool)
     def _(input_shape, rois_shape, offset_shape, output_dim, group_size, pooled_size, part_size, sample_per_part,
@@ -481,13 +599,98 @@ def roi_align(
     _check_input(input)
     rois = _boxes_to_rois("boxes", boxes, input)
     pooled = pair("output_size", output_size, minimum=1)
-    spatial_scale = _check_scale(spatial_scale)
+    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
-    if not isinstance(aligned, bool):
-        raise TypeError(f"aligned must be a bool, got {aligned!r}")
+    aligned = check_bool("aligned", aligned)
     if impl == "reference":
         return reference.roi_align(input, rois, pooled, spatial_scale, sampling_ratio, aligned)
     return _roi_align_op(input, rois, pooled[0], pooled[1], spatial_scale, sampling_ratio, aligned)
+
+
+def ps_roi_align(
+    input: Tensor,
+    boxes: Boxes,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    *,
+    impl: str = "auto",
+) -> Tensor:
+    """Position-sensitive RoIAlign (Light-Head R-CNN, https://arxiv.org/abs/1711.07264),
+    torchvision's semantics.
+
+    :func:`roi_align`'s sampling with the half-pixel shift always on and no minimum RoI size;
+    output channel ``c`` of bin ``(i, j)`` reads input channel ``(c*ph + i)*pw + j``. A bin
+    without samples (an empty box) is 0, where torchvision divides 0 by 0.
+
+    Args:
+        input (Tensor[N, C_out*ph*pw, H, W]): position-sensitive score maps.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): as in :func:`roi_align`.
+        output_size (int or (int, int)): ``(ph, pw)``.
+        spatial_scale (float): feature pixels per image pixel.
+        sampling_ratio (int): samples per bin and axis; ``<= 0`` adaptive.
+        impl (str): ``"auto"`` or ``"reference"``.
+
+    Returns:
+        Tensor[K, C_out, ph, pw].
+
+    Example:
+        >>> x = torch.randn(1, 8, 16, 16)
+        >>> ps_roi_align(x, torch.tensor([[0., 1., 1., 9., 7.]]), 2).shape
+        torch.Size([1, 2, 2, 2])
+    """
+    _check_roi_impl(impl, "ps_roi_align")
+    _check_input(input)
+    rois = _boxes_to_rois("boxes", boxes, input)
+    pooled = pair("output_size", output_size, minimum=1)
+    _check_position_sensitive_channels(input, pooled)
+    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+    sampling_ratio = check_int("sampling_ratio", sampling_ratio)
+    if impl == "reference":
+        return reference.ps_roi_align(input, rois, pooled, spatial_scale, sampling_ratio)
+    return _ps_roi_align_op(input, rois, pooled[0], pooled[1], spatial_scale, sampling_ratio)
+
+
+def roi_pool(
+    input: Tensor,
+    boxes: Boxes,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    *,
+    impl: str = "auto",
+) -> Tensor:
+    """RoI max pooling (Fast R-CNN, https://arxiv.org/abs/1504.08083), torchvision's semantics.
+
+    Box corners ``round(coord * spatial_scale)`` (half away from zero), the RoI spanning
+    ``end - start + 1`` pixels (at least 1); bin ``i`` covers ``[floor(i*bin), ceil((i+1)*bin))``
+    from the RoI's corner, clipped to the map. Each bin is the maximum of its window; an empty
+    bin is 0. As in torchvision the running maximum starts at ``-FLT_MAX``: NaN never wins, and
+    a non-empty bin whose values are all NaN (or <= -FLT_MAX) gives ``-FLT_MAX``. The gradient
+    goes to the first maximum in row-major order.
+
+    Args:
+        input (Tensor[N, C, H, W]): features.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): as in :func:`roi_align`.
+        output_size (int or (int, int)): ``(ph, pw)``.
+        spatial_scale (float): feature pixels per image pixel.
+        impl (str): ``"auto"`` or ``"reference"``.
+
+    Returns:
+        Tensor[K, C, ph, pw].
+
+    Example:
+        >>> x = torch.randn(1, 8, 16, 16)
+        >>> roi_pool(x, torch.tensor([[0., 1., 1., 9., 7.]]), 2).shape
+        torch.Size([1, 8, 2, 2])
+    """
+    _check_roi_impl(impl, "roi_pool")
+    _check_input(input)
+    rois = _boxes_to_rois("boxes", boxes, input)
+    pooled = pair("output_size", output_size, minimum=1)
+    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+    if impl == "reference":
+        return reference.roi_pool(input, rois, PoolGeometry(pooled[0], pooled[1], spatial_scale))
+    return _roi_pool_op(input, rois, pooled[0], pooled[1], spatial_scale)[0]
 
 
 def deform_roi_pool(
@@ -529,7 +732,7 @@ def deform_roi_pool(
     pooled = pair("output_size", output_size, minimum=1)
     if offset is not None:
         _check_bin_tensor("offset", offset, input, (rois.shape[0], 2) + pooled, "K, 2, ph, pw")
-    spatial_scale = _check_scale(spatial_scale)
+    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     gamma = check_float("gamma", gamma)
     if impl == "reference":
@@ -586,6 +789,11 @@ def ps_roi_pool(
     column are never read; kept). Output channel ``c`` of bin ``(i, j)`` reads input channel
     ``(c*ph + i)*pw + j``; an empty bin is 0.
 
+    The input gradient is the true adjoint of this forward (``<dy, y> = <dx, x>``): it
+    spreads ``dy / area`` over the same clipped bins. torchvision's backward clips to ``H``/``W``
+    where its forward clips to ``H - 1``/``W - 1``, so for bins touching the last row or column
+    its input gradient differs from ours; ours is the derivative of the forward.
+
     Args:
         input (Tensor[N, C_out*ph*pw, H, W]): position-sensitive score maps.
         boxes (Tensor[K, 5] or list of Tensor[L, 4]): as in :func:`roi_align`.
@@ -600,14 +808,10 @@ def ps_roi_pool(
     _check_input(input)
     rois = _boxes_to_rois("boxes", boxes, input)
     pooled = pair("output_size", output_size, minimum=1)
-    if input.shape[1] % (pooled[0] * pooled[1]):
-        raise ValueError(
-            f"input channels must be a multiple of output_size[0] * output_size[1] = {pooled[0] * pooled[1]}, "
-            f"got {input.shape[1]}"
-        )
-    spatial_scale = _check_scale(spatial_scale)
+    _check_position_sensitive_channels(input, pooled)
+    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     if impl == "reference":
-        return reference.ps_roi_pool(input, rois, pooled, spatial_scale)
+        return reference.ps_roi_pool(input, rois, PoolGeometry(pooled[0], pooled[1], spatial_scale))
     return _ps_roi_pool_op(input, rois, pooled[0], pooled[1], spatial_scale)
 
 
@@ -671,7 +875,7 @@ def deform_ps_roi_pool(
     part_size = pooled_size if part_size is None else check_int("part_size", part_size, minimum=1)
     sample_per_part = check_int("sample_per_part", sample_per_part, minimum=1)
     trans_std = check_float("trans_std", trans_std)
-    spatial_scale = _check_scale(spatial_scale)
+    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     if not isinstance(no_trans, bool):
         raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
     if input.shape[1] != output_dim * group_size * group_size:
@@ -702,7 +906,9 @@ def deform_ps_roi_pool(
                 f"output_dim ({output_dim}) must be divisible by the offset's coordinate sets Q = "
                 f"offset.shape[1] // 2 = {offset.shape[1] // 2}"
             )
-    args = (output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std, spatial_scale)
+    geometry = _deform_ps_geometry(output_dim, group_size, pooled_size, part_size, sample_per_part, trans_std,
+                                   spatial_scale)
     if impl == "reference":
-        return reference.deform_ps_roi_pool(input, rois_t, offset, *args)
-    return _deform_ps_roi_pool_op(input, rois_t, offset, *args)
+        return reference.deform_ps_roi_pool(input, rois_t, offset, geometry)
+    return _deform_ps_roi_pool_op(input, rois_t, offset, output_dim, group_size, pooled_size, part_size,
+                                  sample_per_part, trans_std, spatial_scale)

@@ -1,47 +1,56 @@
-"""Numba CPU kernels of ``ps_roi_pool`` (imported through ``_numba.kernels`` only).
+"""Numba CPU kernels of the integer-bin RoI operators (imported through ``_numba.kernels`` only).
 
-One loop per output bin: the mean of the bin's integer window of its own channel, accumulated
-in float64 (as the reference's summed-area table). The backward spreads ``grad / area`` over
-each window; the tasks own input channels (every bin of every RoI reading channel ``c`` is
-handled by the task owning ``c``), so no two threads add into the same element. The bins are
-those of :func:`convzoo.ops.roi.reference.ps_roi_pool_bins`.
+``ps_roi_pool`` (mean) and ``roi_pool`` (maximum), one loop per output bin over the bins of
+:func:`convzoo.ops.roi.reference.ps_roi_pool_bins` / ``roi_pool_bins``. Tasks own input
+channels (every RoI's bins reading that channel), so the backwards add without races, and a
+task's feature plane stays in cache across the RoIs. (The bilinear RoI operators run on the
+row-gather engine of :mod:`convzoo.ops._bilinear_rows`.)
 """
 from __future__ import annotations
-
-from typing import Tuple
 
 import torch
 
 from .._numba import as_array, launch, require_numba
-from .reference import ps_roi_pool_bins
+from .reference import PoolGeometry, ps_roi_pool_bins, roi_pool_bins
 
 numba = require_numba()
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Integer-bin pools
+# --------------------------------------------------------------------------------------
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _forward(input, batch_index, h0, h1, w0, w1, out):
-    """``input`` (N, C, H, W); bins (K, ph) / (K, pw); ``out`` (K, C/(ph*pw), ph, pw)."""
+def _ps_forward(input, batch_index, h0, h1, w0, w1, out):
+    """``input`` (N, C, H, W); bins (K, ph) / (K, pw); ``out`` (K, C/(ph*pw), ph, pw).
+
+    Tasks own input channels: channel ``(c*ph + i)*pw + j`` feeds output ``(k, c, i, j)`` of every
+    RoI ``k`` only.
+    """
     rois, channels_out, pooled_h, pooled_w = out.shape
-    for task in numba.prange(rois * channels_out):
-        k = task // channels_out
-        c = task - k * channels_out
-        image = input[batch_index[k]]
-        for i in range(pooled_h):
-            for j in range(pooled_w):
-                y0, y1, x0, x1 = h0[k, i], h1[k, i], w0[k, j], w1[k, j]
-                if y1 <= y0 or x1 <= x0:
-                    out[k, c, i, j] = 0
-                    continue
-                plane = image[(c * pooled_h + i) * pooled_w + j]
-                total = 0.0
-                for y in range(y0, y1):
-                    for x in range(x0, x1):
-                        total += plane[y, x]
-                out[k, c, i, j] = total / ((y1 - y0) * (x1 - x0))
+    bins = pooled_h * pooled_w
+    for channel in numba.prange(input.shape[1]):
+        c = channel // bins
+        i = (channel - c * bins) // pooled_w
+        j = channel - c * bins - i * pooled_w
+        for k in range(rois):
+            y0, y1, x0, x1 = h0[k, i], h1[k, i], w0[k, j], w1[k, j]
+            if y1 <= y0 or x1 <= x0:
+                out[k, c, i, j] = 0
+                continue
+            plane = input[batch_index[k], channel]
+            total = 0.0
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    total += plane[y, x]
+            out[k, c, i, j] = total / ((y1 - y0) * (x1 - x0))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _backward(grad, batch_index, h0, h1, w0, w1, grad_input):
+def _ps_backward(grad, batch_index, h0, h1, w0, w1, grad_input):
     """``grad_input`` (N, C, H, W), zeroed, of ``grad`` (K, C/(ph*pw), ph, pw); tasks own channels."""
     rois, channels_out, pooled_h, pooled_w = grad.shape
     bins = pooled_h * pooled_w
@@ -60,35 +69,94 @@ def _backward(grad, batch_index, h0, h1, w0, w1, grad_input):
                     plane[y, x] += share
 
 
-def _bins(rois: torch.Tensor, height: int, width: int, output_size: Tuple[int, int], spatial_scale: float, dtype):
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _max_forward(input, batch_index, h0, h1, w0, w1, floor, out, argmax):
+    """torchvision's roi_pool: per bin the first value above ``floor`` that beats all before it
+    (row-major); ``argmax`` ``y*W + x`` or -1. Tasks own channels."""
+    rois, channels, pooled_h, pooled_w = out.shape
+    width = input.shape[3]
+    for c in numba.prange(channels):
+        for k in range(rois):
+            plane = input[batch_index[k], c]
+            for i in range(pooled_h):
+                for j in range(pooled_w):
+                    y0, y1, x0, x1 = h0[k, i], h1[k, i], w0[k, j], w1[k, j]
+                    best = floor if (y1 > y0 and x1 > x0) else 0.0
+                    where = -1
+                    for y in range(y0, y1):
+                        for x in range(x0, x1):
+                            if plane[y, x] > best:
+                                best = plane[y, x]
+                                where = y * width + x
+                    out[k, c, i, j] = best
+                    argmax[k, c, i, j] = where
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _max_backward(grad, batch_index, argmax, grad_input):
+    """Add ``grad`` (K, C, ph, pw) at ``argmax`` into ``grad_input`` (N, C, H, W), zeroed; tasks own channels."""
+    rois, channels, pooled_h, pooled_w = grad.shape
+    width = grad_input.shape[3]
+    for c in numba.prange(channels):
+        for k in range(rois):
+            plane = grad_input[batch_index[k], c]
+            for i in range(pooled_h):
+                for j in range(pooled_w):
+                    where = argmax[k, c, i, j]
+                    if where >= 0:
+                        plane[where // width, where - (where // width) * width] += grad[k, c, i, j]
+
+
+def _integer_bins(bins_of, rois: torch.Tensor, height: int, width: int, geometry: PoolGeometry, dtype):
     """``batch_index`` (K,), ``h0``/``h1`` (K, ph) and ``w0``/``w1`` (K, pw) as NumPy arrays."""
-    batch_index, h0, h1, w0, w1 = ps_roi_pool_bins(rois.to(dtype), height, width, output_size, spatial_scale)
-    count, (pooled_h, pooled_w) = rois.shape[0], output_size
+    batch_index, h0, h1, w0, w1 = bins_of(rois.to(dtype), height, width, geometry)
+    count = rois.shape[0]
     return (as_array(batch_index.contiguous()),) + tuple(
-        as_array(t.reshape(count, size).contiguous()) for t, size in ((h0, pooled_h), (h1, pooled_h), (w0, pooled_w),
-                                                                      (w1, pooled_w)))
+        as_array(t.reshape(count, size).contiguous())
+        for t, size in ((h0, geometry.pooled_h), (h1, geometry.pooled_h), (w0, geometry.pooled_w),
+                        (w1, geometry.pooled_w)))
 
 
-def ps_roi_pool(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int],
-                spatial_scale: float) -> torch.Tensor:
+def ps_roi_pool(input: torch.Tensor, rois: torch.Tensor, geometry: PoolGeometry) -> torch.Tensor:
     """As :func:`convzoo.ops.roi.reference.ps_roi_pool` (float32/float64 kernels, halves in float32)."""
     n, channels, height, width = input.shape
-    pooled_h, pooled_w = output_size
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    batch_index, h0, h1, w0, w1 = _bins(rois, height, width, output_size, spatial_scale, dtype)
-    out = torch.empty((rois.shape[0], channels // (pooled_h * pooled_w), pooled_h, pooled_w), dtype=dtype)
-    launch(_forward, as_array(input.to(dtype).contiguous()), batch_index, h0, h1, w0, w1, as_array(out),
-           work=out.numel() * max(1, height * width // max(1, pooled_h * pooled_w)))
+    bins = geometry.pooled_h * geometry.pooled_w
+    dtype = _compute_dtype(input.dtype)
+    arguments = _integer_bins(ps_roi_pool_bins, rois, height, width, geometry, dtype)
+    out = torch.empty((rois.shape[0], channels // bins, geometry.pooled_h, geometry.pooled_w), dtype=dtype)
+    launch(_ps_forward, as_array(input.to(dtype).contiguous()), *arguments, as_array(out),
+           work=out.numel() * max(1, height * width // bins))
     return out.to(input.dtype)
 
 
-def ps_roi_pool_backward(grad_out: torch.Tensor, rois: torch.Tensor, input_shape, output_size: Tuple[int, int],
-                         spatial_scale: float) -> torch.Tensor:
+def ps_roi_pool_backward(grad_out: torch.Tensor, rois: torch.Tensor, input_shape, geometry: PoolGeometry):
     """As :func:`convzoo.ops.roi.reference.ps_roi_pool_backward`."""
     n, channels, height, width = input_shape
-    dtype = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    batch_index, h0, h1, w0, w1 = _bins(rois, height, width, output_size, spatial_scale, dtype)
+    dtype = _compute_dtype(grad_out.dtype)
+    arguments = _integer_bins(ps_roi_pool_bins, rois, height, width, geometry, dtype)
     grad_input = torch.zeros(tuple(input_shape), dtype=dtype)
-    launch(_backward, as_array(grad_out.to(dtype).contiguous()), batch_index, h0, h1, w0, w1,
-           as_array(grad_input), work=grad_input.numel())
+    launch(_ps_backward, as_array(grad_out.to(dtype).contiguous()), *arguments, as_array(grad_input),
+           work=grad_input.numel())
+    return grad_input.to(grad_out.dtype)
+
+
+def roi_pool(input: torch.Tensor, rois: torch.Tensor, geometry: PoolGeometry, floor: float):
+    """As :func:`convzoo.ops.roi.reference.roi_pool_argmax`: ``(out, argmax)``."""
+    n, channels, height, width = input.shape
+    dtype = _compute_dtype(input.dtype)
+    arguments = _integer_bins(roi_pool_bins, rois, height, width, geometry, dtype)
+    shape = (rois.shape[0], channels, geometry.pooled_h, geometry.pooled_w)
+    out = torch.empty(shape, dtype=dtype)
+    argmax = torch.empty(shape, dtype=torch.int64)
+    launch(_max_forward, as_array(input.to(dtype).contiguous()), *arguments, floor, as_array(out), as_array(argmax),
+           work=out.numel() * max(1, height * width // (geometry.pooled_h * geometry.pooled_w)))
+    return out.to(input.dtype), argmax
+
+
+def roi_pool_backward(grad_out: torch.Tensor, rois: torch.Tensor, argmax: torch.Tensor, input_shape) -> torch.Tensor:
+    """Gradient of :func:`roi_pool`: ``grad_out`` added at each bin's ``argmax``."""
+    dtype = _compute_dtype(grad_out.dtype)
+    grad_input = torch.zeros(tuple(input_shape), dtype=dtype)
+    launch(_max_backward, as_array(grad_out.to(dtype).contiguous()), as_array(rois[:, 0].long().contiguous()),
+           as_array(argmax.contiguous()), as_array(grad_input), work=grad_out.numel())
     return grad_input.to(grad_out.dtype)

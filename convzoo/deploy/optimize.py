@@ -1,0 +1,261 @@
+"""The fastest inference form of a model in one call: :func:`optimize_for_inference`.
+
+Steps, each checked:
+
+1. **Re-parameterize** (:func:`convzoo.reparameterize`: branches merged, BatchNorms folded) a
+   deep copy of the model, so the training form the caller holds is kept (``inplace=True``
+   re-parameterizes the caller's model itself and saves the copy's memory).
+2. **Memory layout**: ``memory_format="auto"`` times the eager model on the example in both
+   layouts (``torch.contiguous_format`` and ``torch.channels_last``; one warm-up and three runs
+   each, interleaved) and keeps ``channels_last`` only when its median is at least 5 % lower:
+   which layout wins depends on the model, the batch, the size and the CPU's oneDNN kernels, and
+   a rule would be wrong somewhere. The weights are converted, and every input is converted on
+   the way in.
+3. **Compile** (``compile=True``): ``torch.compile`` (inductor) with inductor's freezing, which
+   turns the weights into constants so it can fold them into the convolutions and pre-pack the
+   oneDNN/MKL weights. Freezing is a field of ``torch._inductor.config`` read when inductor
+   compiles (the first call of each input shape), so it is switched on only around each call of
+   the returned model (``config.patch``), never left on for other code. On the CPU inductor needs a
+   C++ compiler; without one (no ``g++``, or ``CXX`` naming a missing program) the eager model is
+   returned, with one ``RuntimeWarning``.
+4. **Verify**: the result is run on the example and compared with the caller's eager model
+   (before any of the above): the largest absolute difference over the largest absolute value of
+   the eager output must not exceed ``tolerance`` (default 1e-3: float32 re-association in folded
+   and fused layers stays near 1e-6..1e-5; a wrong rewrite gives order 1); otherwise a
+   ``RuntimeError`` says by how much they differ.
+
+Eval mode only: a model in training mode is refused (its BatchNorm statistics and dropout would
+make the comparison meaningless, and folding would be wrong), and the returned model refuses
+``train()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import statistics
+import time
+import warnings
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from ..layers.reparam import is_reparameterized, reparameterize
+
+__all__ = ["InferenceModel", "optimize_for_inference", "MEMORY_FORMATS"]
+
+_logger = logging.getLogger(__name__)
+
+MEMORY_FORMATS = {"auto": None, "contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+DEFAULT_TOLERANCE = 1e-3
+_LAYOUT_RUNS = 3  # timed eager runs per layout for memory_format="auto" (after one warm-up)
+_LAYOUT_MARGIN = 0.95  # channels_last must be at least 5 % faster to be chosen
+
+
+class InferenceModel(nn.Module):
+    """The model :func:`optimize_for_inference` returns: eval-only, gradient-free.
+
+    ``module`` is the re-parameterized eager model (in the chosen layout); calling the
+    ``InferenceModel`` converts the input (N, C, H, W) to ``memory_format`` and runs the compiled
+    form when there is one (with inductor freezing switched on for the call), else ``module``.
+
+    Attributes: ``memory_format`` (``"contiguous"`` or ``"channels_last"``), ``compiled`` (bool),
+    ``compile_seconds`` (the first, compiling call on the example; None when not compiled),
+    ``max_rel_error`` (max |optimized - eager| / max |eager| on the example), ``tolerance``.
+    """
+
+    def __init__(self, module: nn.Module, memory_format: str, compiled: Optional[Callable[..., Any]] = None):
+        super().__init__()
+        self.module = module
+        self.memory_format = memory_format
+        # the compiled callable wraps ``module`` (a torch.compile OptimizedModule); kept out of the
+        # registered submodules so the parameters are not listed twice
+        self.__dict__["_compiled"] = compiled
+        self.compile_seconds: Optional[float] = None
+        self.max_rel_error: Optional[float] = None
+        self.tolerance: Optional[float] = None
+        self.train(False)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def train(self, mode: bool = True) -> "InferenceModel":
+        if mode:
+            raise RuntimeError("an InferenceModel is for inference only; train the original model instead")
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """(N, C, H, W) -> the model's output, without autograd."""
+        x = x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
+        with torch.no_grad():
+            if self._compiled is None:
+                return self.module(x)
+            with _freezing():
+                return self._compiled(x)
+
+    def extra_repr(self) -> str:
+        return f"memory_format={self.memory_format!r}, compiled={self.compiled}"
+
+
+@contextlib.contextmanager
+def _freezing():
+    """Inductor's freezing switched on for the duration of the block only."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        yield
+
+
+def cpp_compiler() -> Optional[str]:
+    """The C++ compiler inductor would use on the CPU (its own search: ``CXX`` or ``g++``), or
+    None when there is none."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
+
+
+def _check_arguments(model, example_input, memory_format, tolerance) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, InferenceModel):
+        raise TypeError("model is already an InferenceModel; pass the original model")
+    if model.training:
+        raise ValueError("model is in training mode; optimize_for_inference works on eval-mode models: call model.eval() first")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor (N, C, H, W), got {type(example_input).__name__}")
+    if example_input.dim() != 4 or example_input.shape[0] < 1:
+        raise ValueError(f"example_input must have shape (N, C, H, W) with N >= 1, got {tuple(example_input.shape)}")
+    if not example_input.is_floating_point():
+        raise TypeError(f"example_input must be a floating-point tensor, got {example_input.dtype}")
+    channels = getattr(model, "in_chans", None)
+    if isinstance(channels, int) and example_input.shape[1] != channels:
+        raise ValueError(f"example_input has {example_input.shape[1]} channels but the model takes {channels}")
+    parameter = next(model.parameters(), None)
+    if parameter is not None and (parameter.device != example_input.device or parameter.dtype != example_input.dtype):
+        raise ValueError(f"example_input is {example_input.dtype} on {example_input.device} but the model's parameters "
+                         f"are {parameter.dtype} on {parameter.device}; move one to the other")
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
+    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+
+
+def _outputs(out: Any) -> List[torch.Tensor]:
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def max_rel_error(got: Any, expected: Any) -> float:
+    """The largest max |got - expected| / max |expected| over the output tensors (same structure)."""
+    got, expected = _outputs(got), _outputs(expected)
+    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+        raise RuntimeError(f"the optimized model's outputs {[tuple(g.shape) for g in got]} differ in structure from "
+                           f"the eager model's {[tuple(e.shape) for e in expected]}")
+    worst = 0.0
+    for g, e in zip(got, expected):
+        if e.numel():
+            scale = float(e.double().abs().max().clamp_min(1e-12))
+            worst = max(worst, float((g.double() - e.double()).abs().max()) / scale)
+    return worst
+
+
+def _time_into(fn: Callable[[], Any], times: List[float]) -> None:
+    start = time.perf_counter()
+    fn()
+    times.append((time.perf_counter() - start) * 1e3)
+
+
+def choose_memory_format(module: nn.Module, x: torch.Tensor) -> str:
+    """``"channels_last"`` when the eager ``module`` runs ``x`` at least 5 % faster in that
+    layout (weights and input), else ``"contiguous"`` (module doc). ``module`` ends in the
+    contiguous layout."""
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    inputs = {name: x.contiguous(memory_format=fmt) for name, fmt in layouts.items()}
+    copies = {"contiguous": module, "channels_last": copy.deepcopy(module).to(memory_format=torch.channels_last)}
+    times = {name: [] for name in layouts}
+    with torch.no_grad():
+        for _ in range(_LAYOUT_RUNS + 1):
+            for name in layouts:
+                _time_into(lambda: copies[name](inputs[name]), times[name])
+    medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+    choice = "channels_last" if medians["channels_last"] < _LAYOUT_MARGIN * medians["contiguous"] else "contiguous"
+    _logger.info("layout: contiguous %.1f ms, channels_last %.1f ms (eager, median of %d) -> %s",
+                 medians["contiguous"], medians["channels_last"], _LAYOUT_RUNS, choice)
+    return choice
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    compile: bool = True,
+    memory_format: str = "auto",
+    inplace: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> InferenceModel:
+    """The fastest inference form of ``model`` for inputs like ``example_input`` (module doc).
+
+    Args:
+        model: an eval-mode model taking (N, C, H, W).
+        example_input (Tensor[N, C, H, W]): a typical input (the shape the model will mostly
+            see; on the model's device and dtype). The layout is timed and the compiled form
+            built and checked on it.
+        compile: ``torch.compile`` with inductor freezing (falls back to eager with a warning
+            when the CPU has no C++ compiler).
+        memory_format: ``"auto"`` (timed, module doc), ``"contiguous"`` or ``"channels_last"``.
+        inplace: re-parameterize ``model`` itself instead of a deep copy (the caller's
+            training form is then gone).
+        tolerance: the largest allowed max |optimized - eager| / max |eager| on the example.
+
+    Returns:
+        an :class:`InferenceModel` (call it like the model; eval-only, no autograd).
+
+    Raises:
+        TypeError / ValueError: bad arguments, before any work. RuntimeError: the optimized
+        output differs from the eager one by more than ``tolerance``.
+
+    Example:
+        >>> model = convzoo.create_model("convnext_tiny").eval()
+        >>> fast = convzoo.optimize_for_inference(model, torch.randn(1, 3, 224, 224))
+        >>> logits = fast(images)
+    """
+    _check_arguments(model, example_input, memory_format, tolerance)
+    with torch.no_grad():
+        expected = model(example_input)
+    if not all(torch.isfinite(t).all() for t in _outputs(expected)):
+        raise ValueError("the eager model's output on example_input is not finite; pass a typical input")
+    module = model if inplace else copy.deepcopy(model)
+    if not is_reparameterized(module):
+        reparameterize(module)
+    if memory_format == "auto":
+        memory_format = choose_memory_format(module, example_input)
+    module.to(memory_format=MEMORY_FORMATS[memory_format])
+    compiled = None
+    if compile:
+        if example_input.device.type == "cpu" and cpp_compiler() is None:
+            warnings.warn("optimize_for_inference: no C++ compiler found for inductor on the CPU (install g++ or set "
+                          "CXX); returning the re-parameterized eager model, not compiled", RuntimeWarning, stacklevel=2)
+        else:
+            compiled = torch.compile(module, dynamic=False)
+    result = InferenceModel(module, memory_format, compiled)
+    start = time.perf_counter()
+    got = result(example_input)
+    if compiled is not None:
+        result.compile_seconds = time.perf_counter() - start
+        _logger.info("compiled (inductor, freezing) in %.1f s", result.compile_seconds)
+    result.max_rel_error, result.tolerance = max_rel_error(got, expected), float(tolerance)
+    if result.max_rel_error > tolerance:
+        raise RuntimeError(
+            f"the optimized model differs from the eager model on example_input by {result.max_rel_error:.3g} "
+            f"(max |difference| / max |eager output|), above tolerance={tolerance:g}; try compile=False or "
+            f"memory_format='contiguous' to find the step at fault"
+        )
+    _logger.info("optimized: %s, compiled=%s, max relative difference to eager %.2e",
+                 memory_format, result.compiled, result.max_rel_error)
+    return result
