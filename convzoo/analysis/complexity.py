@@ -60,6 +60,18 @@ def _model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+def _forward_once(model: nn.Module, x: torch.Tensor, mode) -> None:
+    """One eval-mode forward pass of ``model`` on ``x`` under ``no_grad`` and the dispatch
+    ``mode``; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), mode:
+            model(x)
+    finally:
+        model.train(was_training)
+
+
 def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> FlopCount:
     """Count the FLOPs of one forward pass of ``model`` on a zero input of shape ``input_size``.
 
@@ -70,15 +82,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) 
     if not input_size or any(s < 0 for s in input_size):
         raise ValueError(f"input_size must be a non-empty shape of non-negative ints, got {input_size}")
     device, dtype = _model_device_dtype(model)
-    x = torch.zeros(input_size, device=device, dtype=dtype)
-    was_training = model.training
     counter = FlopCounterMode(display=False)
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    _forward_once(model, torch.zeros(input_size, device=device, dtype=dtype), counter)
     counts = counter.get_flop_counts()
     total = int(counter.get_total_flops())
     by_op = {_op_name(op): int(n) for op, n in counts.get("Global", {}).items()}
@@ -162,15 +167,8 @@ class MetaFlopCounter(TorchDispatchMode):
 
     def count(self, model: nn.Module, input_size: Sequence[int]) -> int:
         """FLOPs of one eval-mode forward pass of ``model`` (on the meta device) on ``input_size``."""
-        x = torch.zeros(tuple(int(s) for s in input_size), device="meta")
-        was_training = model.training
         self.flops = 0
-        try:
-            model.eval()
-            with torch.no_grad(), self:
-                model(x)
-        finally:
-            model.train(was_training)
+        _forward_once(model, torch.zeros(tuple(int(s) for s in input_size), device="meta"), self)
         return self.flops
 
     def _key(self, func, args, kwargs):
