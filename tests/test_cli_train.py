@@ -354,9 +354,13 @@ def test_eval_and_eval_reparam_agree(tiny, tmp_path, capsys):
     assert reparam["loss"] == pytest.approx(plain["loss"], rel=1e-4)
     assert reparam["parameters"] < plain["parameters"]
     # the exported weights give the same figures
+    path = str(tmp_path / "exported.json")
     code, out, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
-                           "--image-size", "24", "--batch-size", "8"], capsys)
+                              "--image-size", "24", "--batch-size", "8", "--json", path], capsys)
     assert code == 0, err
+    exported = json.load(open(path))
+    assert exported["images"] == plain["images"] and exported["top1"] == plain["top1"]
+    assert exported["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
 
 def test_eval_rejects_a_checkpoint_of_another_model(tiny, tmp_path, capsys, monkeypatch):
