@@ -44,6 +44,24 @@ def _drop_unused_attributes(module: torch.fx.GraphModule) -> None:
             delattr(module.get_submodule(owner) if owner else module, attr)
 
 
+def _separate_repeated_module_calls(module: torch.fx.GraphModule) -> None:
+    """Give each call of a module called more than once (ResNet's one ``self.relu`` after both
+    convs and after the residual add) its own name in the nodes' ``nn_module_stack``.
+
+    The x86 quantizer groups nodes into partitions by that name; the calls of a shared module
+    would form one partition with several outputs, which it rejects ("Input partition has more
+    than one output node"). ``torch.export`` marks the k-th repeated call's stack key ``...@k``;
+    the module's name gets the same suffix (the first call keeps the plain name).
+    """
+    for node in module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (name, kind) = next(reversed(stack.items()))
+        if "@" in key:
+            stack[key] = (name + key[key.rindex("@"):], kind)
+
+
 def quantize(program: torch.export.ExportedProgram, out_path: str, batches: Iterator[torch.Tensor],
              keep_float: Sequence[str], sample: torch.Tensor) -> None:
     """PT2E-quantize ``program`` (calibrating on ``batches``) and save it to ``out_path``; the
@@ -55,7 +73,9 @@ def quantize(program: torch.export.ExportedProgram, out_path: str, batches: Iter
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     for name in keep_float:
         quantizer.set_module_name_qconfig(name, None)
-    prepared = prepare_pt2e(program.module(), quantizer)
+    module = program.module()
+    _separate_repeated_module_calls(module)
+    prepared = prepare_pt2e(module, quantizer)
     with torch.no_grad():
         for batch in batches:
             prepared(batch)

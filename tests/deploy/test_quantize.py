@@ -113,6 +113,33 @@ def test_inductor_round_trip(tmp_path, data):
     assert sqnr_db(reference, eager) >= MIN_SQNR_DB
 
 
+class SharedReluBlock(nn.Module):
+    """ResNet's pattern: one ReLU module called after a conv and after the residual add."""
+
+    def __init__(self, chs: int = 32):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(chs, chs, 3, padding=1), nn.Conv2d(chs, chs, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+def test_inductor_quantizes_a_module_called_twice(tmp_path, data):
+    """torchao's x86 quantizer rejected a ReLU module called more than once (ResNet-50 failed)."""
+    from convzoo.deploy import _inductor
+
+    calibration, images, _ = data
+    model, path = _model(extra=SharedReluBlock()), str(tmp_path / "shared.pt2")
+    program = _inductor.export_program(model, calibration[:8])
+    _inductor.quantize(program, path, iter([calibration[:32]]), keep_float=(), sample=calibration[:8])
+    loaded = _inductor.load_module(path)
+    targets = [str(node.target) for node in loaded.graph.nodes if node.op == "call_function"]
+    assert sum("dequantize_per_channel" in t for t in targets) == 6  # 5 convs + the linear, all int8
+    with torch.no_grad():
+        assert sqnr_db(model(images), loaded(images)) >= MIN_SQNR_DB
+
+
 def test_keep_float_auto_keeps_the_most_sensitive_layer(tmp_path, data, monkeypatch):
     calibration, images, _ = data
     monkeypatch.setattr(int8, "AUTO_TARGET_SQNR_DB", 1e9)  # unreachable: keep the most allowed
