@@ -5,12 +5,12 @@ and convzoo's optimized path (``convzoo.optimize_for_inference``) vs onnxruntime
   (each large kernel and its small kernel merged into one ``nn.Conv2d``), every conv a plain
   ``nn.Conv2d`` on NCHW tensors, BatchNorm layers kept (the official code leaves BN folding to the
   framework, and eager PyTorch does not fold). Ours: ``convzoo.reparameterize(model)`` (branches
-  merged and every BatchNorm folded into its conv), depthwise convs through ``convzoo.ops.dwconv2d``.
+  merged and every BatchNorm folded into its conv), depthwise convs through ``convzoo.ops.dwconv2d``,
+  1x1 convs ``PointwiseConv2d`` (one matrix product on channels_last maps).
 * ConvNeXt-T. Baseline: facebookresearch/ConvNeXt's form, the 7x7 depthwise conv an
   ``nn.Conv2d(groups=C)`` on NCHW tensors, layer scale a separate multiply. Ours:
   ``convzoo.reparameterize(convzoo.create_model("convnext_tiny"))`` (layer scale folded into the
   second linear of each block), depthwise convs through ``convzoo.ops.dwconv2d``.
-
 * InternImage-T. Baseline: OpenGVLab/InternImage's classification model with its pure-PyTorch
   DCNv3 module (``DCNv3_pytorch``, whose core ``dcnv3_core_pytorch`` samples with
   ``F.grid_sample``; here ``dcnv3_grid_sample`` of benchmarks/dcnv3.py, the same formulation), the
@@ -25,15 +25,11 @@ not timed) and onnxruntime (CPU provider, ``intra_op_num_threads`` = the PyTorch
 running ``convzoo.export.export_onnx`` of the same model (static shape; written to ``--onnx-dir``
 and reused when present, since the export takes minutes). All sides are timed interleaved, the
 order rotating every round, eval, no_grad, fp32; the table gives medians. "of peak" = the model's
-FLOPs (2 x MACs, counted by ``convzoo.analysis.count_flops``) per second of the fastest convzoo
+FLOPs (2 x MACs, counted by ``convzoo.analysis.count_flops``) per second of the optimized
 side over a float32 1024^3 matmul measured in the same run.
 
-Older columns (kept for reference in RESULTS.md): both sides share the same weights (the baseline is converted from our model and runs the official
-forward, NCHW throughout) and their outputs are checked to agree before timing. Ours is timed on
-the NCHW input the baseline gets (our models switch to ``channels_last`` inside), and with the
-weights converted to ``channels_last`` too. Runs of the sides are interleaved (the order rotating
-every round), so that a change of the machine's load hits all of them; ``--clock cpu`` times CPU
-seconds of the process instead of wall seconds, which a shared machine disturbs less. eval, ``torch.no_grad()``, fp32, batch 1, 224x224 by default.
+RESULTS.md's tables before 2026-12-03 come from an earlier version of this script (two sides, ours
+also with channels_last weights, ``--size``).
 
 Usage: python benchmarks/models_cpu.py [--models internimage_t,replknet_31b,convnext_tiny] [--repeats 7]
        [--warmup 2] [--threads 2] [--clock wall|cpu] [--onnx-dir DIR] [--export-only]
@@ -57,7 +53,7 @@ import convzoo
 from convzoo.analysis.complexity import count_flops
 from convzoo.export import export_onnx
 from convzoo.layers import DCNv3
-from convzoo.layers.reparam import DepthwiseConv2d
+from convzoo.layers.reparam import DepthwiseConv2d, PointwiseConv2d
 from convzoo.models.replknet import merge_large_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,11 +62,11 @@ from dcnv3 import dcnv3_grid_sample  # noqa: E402
 
 
 def with_plain_convs(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose depthwise convs are plain ``nn.Conv2d(groups=C)`` (NCHW, PyTorch's path)."""
+    """A copy of ``model`` whose depthwise and 1x1 convs are plain ``nn.Conv2d`` (NCHW, PyTorch's path)."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, DepthwiseConv2d):
+            if isinstance(child, (DepthwiseConv2d, PointwiseConv2d)):
                 plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
                                   child.padding, child.dilation, child.groups, bias=child.bias is not None)
                 plain.load_state_dict(child.state_dict())

@@ -2,7 +2,7 @@
 
 For each ``RUNS/<model>/model.safetensors``: calibration on 300 images of the built-in training
 split, evaluation on the validation split (``--val-size`` images, the ones training reported
-on), plain PTQ and ``keep_float="auto"`` in each backend; FP32 and INT8 top-1, top-1 agreement,
+on), both with the data options the run was trained with (read from its ``checkpoint.pt``), plain PTQ and ``keep_float="auto"`` in each backend; FP32 and INT8 top-1, top-1 agreement,
 output SQNR, the layers kept float. Also the model's top-1 before and after
 ``convzoo.deploy.hardware_friendly`` (LUT style) and how many activations it swapped.
 
@@ -24,8 +24,14 @@ from convzoo.models import load_model
 from convzoo.train.data import RelationConfig, RelationDataset
 
 
-def split(name: str, count: int):
-    data = RelationDataset(name, RelationConfig(num_train=max(count, 1), num_val=max(count, 1)))
+def data_options(run: str) -> dict:
+    """The built-in data set's options the run in folder ``run`` was trained with."""
+    meta = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)["meta"]
+    return {k: v for k, v in meta["data"].items() if k not in ("kind", "num_train", "num_val")}
+
+
+def split(name: str, count: int, options: dict):
+    data = RelationDataset(name, RelationConfig(num_train=max(count, 1), num_val=max(count, 1), **options))
     samples = [data[i] for i in range(count)]
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
@@ -41,12 +47,14 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    calibration, _ = split("train", 300)
-    images, labels = split("val", args.val_size)
     print(f"torch {torch.__version__}, {args.threads} thread(s), start {time.strftime('%H:%M:%S')}")
     print("| model | backend | keep float | FP32 top-1 | INT8 top-1 | change | agreement | SQNR dB | kept float |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for name in args.model:
+        options = data_options(os.path.join(args.runs, name))
+        calibration, _ = split("train", 300, options)
+        images, labels = split("val", args.val_size, options)
+        print(f"data of `{name}`: {options}")
         model = load_model(os.path.join(args.runs, name, "model.safetensors")).eval()
         for backend in args.backend:
             for keep in args.keep_float:

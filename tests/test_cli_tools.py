@@ -21,7 +21,7 @@ from PIL import Image
 import convzoo
 from convzoo.cli import main
 from convzoo.export import export_onnx
-from convzoo.layers import DCNv3, ModulatedDeformConv2d
+from convzoo.layers import DCNv3, ModulatedDeformConv2dPack
 from convzoo.layers.reparam import fuse_conv_bn
 from convzoo.models import _registry, build_model, register_model, save_checkpoint
 from convzoo.layers import is_reparameterized
@@ -69,7 +69,7 @@ class TinyNet(nn.Module):
             nn.Sequential(*[TinyRepBlock(c, cfg.kernel_size) for _ in range(cfg.depth)]) for _ in range(2)
         ])
         if cfg.deformable:
-            self.stages.append(ModulatedDeformConv2d(c, c, 3, padding=1, deform_groups=2))
+            self.stages.append(ModulatedDeformConv2dPack(c, c, 3, padding=1, deform_groups=2))
             nn.init.normal_(self.stages[-1].conv_offset.weight, std=0.3)
         self.feature_info = [dict(num_chs=c, reduction=2, module=f"stages.{i}") for i in range(len(self.stages))]
         self.classifier_name = "head"
@@ -268,11 +268,11 @@ def test_export_a_registered_deformable_model(tmp_path, capsys):
 
 
 class DeformableNet(nn.Module):
-    """A DCNv2 layer (ModulatedDeformConv2d) then a DCNv3 layer, offsets initialised non-zero."""
+    """A DCNv2 layer (ModulatedDeformConv2dPack) then a DCNv3 layer, offsets initialised non-zero."""
 
     def __init__(self):
         super().__init__()
-        self.dcn = ModulatedDeformConv2d(3, 8, 3, padding=1, deform_groups=1)
+        self.dcn = ModulatedDeformConv2dPack(3, 8, 3, padding=1, deform_groups=1)
         self.dcnv3 = DCNv3(8, kernel_size=3, group=2)
         for offset_weight in (self.dcn.conv_offset.weight, self.dcnv3.offset.weight):
             nn.init.normal_(offset_weight, std=0.5)

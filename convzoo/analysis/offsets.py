@@ -4,7 +4,7 @@ The convzoo deformable operators run as the custom ops ``convzoo::deform_conv2d`
 torchvision layout) and ``convzoo::dcnv3`` (InternImage layout). :func:`capture_sampling` runs
 the model once under a :class:`~torch.utils._python_dispatch.TorchDispatchMode` that records the
 arguments of every call of those ops, with forward hooks telling which module made the call, so
-it works on any module that calls them (``ModulatedDeformConv2d``, ``DCNv3``, custom ones)
+it works on any module that calls them (``ModulatedDeformConv2dPack``, ``DCNv3``, custom ones)
 whatever it computes its offsets with. Layers switched to ``impl="reference"`` bypass the custom
 ops and are not seen.
 

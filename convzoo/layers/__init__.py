@@ -6,7 +6,7 @@ its inference form in place; :func:`convzoo.reparameterize` walks a model and ca
 from .activations import HardSigmoid, HardSwish, LUTSigmoid, LUTSiLU, ShiftLeakyReLU
 from .common import DropPath, GlobalResponseNorm, LayerNorm2d, SqueezeExcite, make_divisible, to_channels_first, to_channels_last
 from .reparam import DilatedReparamBlock, ReparamLargeKernelConv, fuse_conv_bn, is_reparameterized, reparameterize
-from .deform_conv import DeformConv2d, ModulatedDeformConv2d
+from .deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d, ModulatedDeformConv2dPack
 from .dcnv3 import DCNv3
 from .roi_pool import (
     RoIAlign,
@@ -41,7 +41,9 @@ __all__ = [
     "reparameterize",
     "is_reparameterized",
     "DeformConv2d",
+    "DeformConv2dPack",
     "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
     "DCNv3",
     "RoIAlign",
     "RoIPool",

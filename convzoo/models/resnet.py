@@ -7,7 +7,7 @@ stride sits on the 3x3 conv), so torchvision state dicts load unchanged.
 ``resnet50_dcnv2`` follows the DCNv2 paper's setting as mmdet/mmcv configure it
 (``dcn=dict(type='DCNv2', deform_groups=1), stage_with_dcn=(False, True, True, True)``): the
 3x3 conv of every bottleneck in conv3-conv5 (``layer2``-``layer4``) is a modulated
-deformable conv (:class:`convzoo.layers.ModulatedDeformConv2d`, without bias) whose offsets
+deformable conv (:class:`convzoo.layers.ModulatedDeformConv2dPack`, without bias) whose offsets
 and masks come from a zero-initialised 3x3 conv ``conv_offset``. At initialisation the offsets
 are 0 and the mask is sigmoid(0) = 0.5 everywhere, so each such conv computes half of a plain
 3x3 conv; the BatchNorm that follows absorbs the factor in training mode, so training starts
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers import DropPath, ModulatedDeformConv2d
+from ..layers import DropPath, ModulatedDeformConv2dPack
 from ._builder import build_model
 from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs
 from ._registry import register_model
@@ -111,7 +111,7 @@ class Bottleneck(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.deformable = dcn
         if dcn:
-            self.conv2 = ModulatedDeformConv2d(
+            self.conv2 = ModulatedDeformConv2dPack(
                 width, width, 3, stride=stride, padding=dilation, dilation=dilation, deform_groups=deform_groups, bias=False
             )
         else:

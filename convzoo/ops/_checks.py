@@ -80,6 +80,21 @@ def check_float(name: str, value) -> float:
     return float(value)
 
 
+def script_unsupported(operator):
+    """Mark a public operator as not compilable by ``torch.jit.script``, with a clear error.
+
+    TorchScript cannot compile the operators' Python argument checks, and PyTorch keeps it in
+    maintenance mode: ``torch.compile`` and ``torch.export`` are the supported graph paths (the
+    operators are custom ops, one node each). ``torch.jit.script`` of the operator, or of a module
+    that calls it, raises ``RuntimeError`` saying so instead of failing inside our checks.
+    """
+    name = f"convzoo.ops.{operator.__name__}"
+    setattr(operator, "__script_unsupported", (
+        f"{name} does not support torch.jit.script. Use torch.compile or torch.export (the operator is a "
+        f"custom op, one graph node), or torch.jit.trace / torch.onnx.export with impl='reference'."))
+    return operator
+
+
 def check_positive_float(name: str, value) -> float:
     """Check that ``value`` is a finite real number > 0 (not a bool); returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -210,19 +225,32 @@ def _modes_active() -> bool:
         return True
 
 
-def plain_cpu_inference(*tensors) -> bool:
-    """Whether a call on these tensors can skip the custom op's dispatch and run its CPU kernel directly.
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, ...) is running."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # a PyTorch without it: assume one may be
+        return True
 
-    True for eager CPU inference on plain tensors: no gradient to record, not inside
-    ``torch.compile``/``torch.export``/``torch.jit`` tracing, no tensor subclass and no torch
-    function or dispatch mode (FLOP counting, fake tensors) that should see the op as one node.
-    The dispatch costs ~0.1 ms a call, as much as a small depthwise conv at batch 1.
+
+def plain_cpu_eager(*tensors) -> bool:
+    """Whether a call on these tensors can skip the custom op's dispatch and run its CPU kernels directly.
+
+    True for eager calls on plain CPU tensors: not inside ``torch.compile``/``torch.export``/
+    ``torch.jit`` tracing or a ``torch.func`` transform, no tensor subclass and no torch function
+    or dispatch mode (FLOP counting, fake tensors) that should see the op as one node. The custom
+    op's dispatch costs ~0.1 ms a call, and with autograd ~0.4 ms, as much as a small call's kernels.
     """
     present = [t for t in tensors if t is not None]
     if any(type(t) not in _PLAIN_TENSOR_TYPES or t.device.type != "cpu" for t in present):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    return not _modes_active()
+    return not _modes_active() and not _functorch_active()
+
+
+def plain_cpu_inference(*tensors) -> bool:
+    """:func:`plain_cpu_eager` with no gradient to record (eager CPU inference)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return plain_cpu_eager(*tensors)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from convzoo.analysis.support import node_index, spatial_support
 from convzoo.cli import main
-from convzoo.layers import DCNv3, ModulatedDeformConv2d
+from convzoo.layers import DCNv3, ModulatedDeformConv2dPack
 
 
 class OneDCN(nn.Module):
@@ -17,7 +17,7 @@ class OneDCN(nn.Module):
 
     def __init__(self, dilation=1):
         super().__init__()
-        self.dcn = ModulatedDeformConv2d(3, 4, 3, padding=dilation, dilation=dilation)
+        self.dcn = ModulatedDeformConv2dPack(3, 4, 3, padding=dilation, dilation=dilation)
 
     def forward(self, x):
         return self.dcn(x)

@@ -15,7 +15,7 @@ import convzoo
 from convzoo.cli import main
 from convzoo.deploy import load_quantized, quantize, sqnr_db
 from convzoo.deploy import int8
-from convzoo.layers import ModulatedDeformConv2d
+from convzoo.layers import ModulatedDeformConv2dPack
 from convzoo.models import _registry, build_model, register_model, save_checkpoint
 from convzoo.train.data import RelationConfig, RelationDataset
 
@@ -182,10 +182,10 @@ def test_custom_op_is_an_error_naming_the_layer(tmp_path, data):
 
 def test_deformable_layer_stays_float_with_warning(tmp_path, data):
     calibration, images, _ = data
-    extra = ModulatedDeformConv2d(32, 32, 3, padding=1)
+    extra = ModulatedDeformConv2dPack(32, 32, 3, padding=1)
     nn.init.normal_(extra.conv_offset.weight, std=0.1)
     model = _model(extra=extra)
-    with pytest.warns(UserWarning, match=r"layer 'extra' \(ModulatedDeformConv2d\) runs a convzoo operator with no INT8"):
+    with pytest.warns(UserWarning, match=r"layer 'extra' \(ModulatedDeformConv2dPack\) runs a convzoo operator with no INT8"):
         report = quantize(model, calibration, tmp_path / "dcn.onnx", eval_images=images[:32], speed_batches=())
     assert report.kept_float == ["extra"] and report.sqnr_db >= MIN_SQNR_DB
 

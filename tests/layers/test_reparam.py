@@ -322,3 +322,50 @@ def test_reparameterize_every_layer_on_its_own(make):
     assert is_reparameterized(layer)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in layer.modules())
     assert_rel_close(layer(x), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# PointwiseConv2d: 1x1 conv, channels_last inputs as one matrix product
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_pointwise_conv_equals_a_1x1_conv_with_gradients(memory_format, bias):
+    from convzoo.layers.reparam import PointwiseConv2d
+
+    conv = PointwiseConv2d(3, 4, bias=bias).double()
+    x = torch.randn(2, 3, 3, 2, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    out = conv(x)
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias))
+    assert out.is_contiguous(memory_format=memory_format)  # the caller's layout comes back
+    params = {name: p.detach().clone().requires_grad_() for name, p in conv.named_parameters()}
+    names = list(params)
+    torch.autograd.gradcheck(
+        lambda x, *values: torch.func.functional_call(conv, dict(zip(names, values)), (x,)), (x, *params.values()))
+
+
+def test_pointwise_conv_keeps_its_class_when_folded_and_is_what_conv_norm_act_builds():
+    from convzoo.layers.reparam import PointwiseConv2d, conv_norm_act
+
+    block = conv_norm_act(8, 12, 1).eval()
+    assert type(block.conv) is PointwiseConv2d and set(block.conv.state_dict()) == {"weight"}
+    with torch.no_grad():
+        block.bn.running_mean.uniform_(-1, 1)
+        block.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = block(x)
+        block.reparameterize()
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    assert type(block.conv) is PointwiseConv2d and block.conv.bias is not None
+    assert type(conv_norm_act(8, 12, 1, stride=2).conv) is nn.Conv2d  # strided 1x1: a plain conv
+
+
+def test_pointwise_conv_stays_a_conv_in_traced_graphs():
+    """torch.compile/torch.export see the conv (inductor's freezing pre-packs its weight)."""
+    from convzoo.layers.reparam import PointwiseConv2d
+
+    x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(PointwiseConv2d(4, 6).eval(), (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert targets == {"aten.conv2d.default"}, targets

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import convzoo
-from convzoo.layers import ModulatedDeformConv2d
+from convzoo.layers import ModulatedDeformConv2dPack
 from _family_helpers import assert_key_shapes, assert_reparameterize_exact, build_on_meta, count_macs, num_params
 
 # Our own counts of the official architectures (torchvision resnet50: 25,557,032). The DCNv2
@@ -37,7 +37,7 @@ def test_dcnv2_macs_are_counted_through_the_deformable_op():
 
 def test_deformable_convs_are_in_conv3_to_conv5_only():
     model = build_on_meta("resnet50_dcnv2")
-    deformable = sorted(n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv2d))
+    deformable = sorted(n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv2dPack))
     assert len(deformable) == 4 + 6 + 3
     assert all(n.startswith(("layer2.", "layer3.", "layer4.")) and n.endswith(".conv2") for n in deformable)
     assert [b.deformable for b in model.layer1] == [False] * 3
@@ -130,7 +130,7 @@ def test_torchvision_checkpoint_loads_into_dcnv2_with_zero_offsets(tmp_path, cap
         model = convzoo.create_model("resnet50_dcnv2", pretrained=tmp_path / "resnet50.pth", **SHALLOW)
     assert "4 deformable offset/mask convs keep their zero initialisation" in caplog.text
     torch.testing.assert_close(model.layer3[0].conv2.weight, reference.layer3[0].conv2.weight)
-    assert all(torch.count_nonzero(m.conv_offset.weight) == 0 for m in model.modules() if isinstance(m, ModulatedDeformConv2d))
+    assert all(torch.count_nonzero(m.conv_offset.weight) == 0 for m in model.modules() if isinstance(m, ModulatedDeformConv2dPack))
 
 
 def test_dcnv2_checkpoint_with_some_offsets_missing_is_rejected(tmp_path):
@@ -154,7 +154,7 @@ def test_reparameterize_folds_every_batchnorm(name):
     model = convzoo.create_model(name, num_classes=7, **SHALLOW)
     if name == "resnet50_dcnv2":  # non-zero offsets so that the folded conv is really deformable
         for m in model.modules():
-            if isinstance(m, ModulatedDeformConv2d):
+            if isinstance(m, ModulatedDeformConv2dPack):
                 nn.init.normal_(m.conv_offset.weight, std=0.01)
     assert_reparameterize_exact(model, torch.randn(2, 3, 40, 40))
     assert model.layer1[0].conv1.bias is not None

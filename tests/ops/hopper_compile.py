@@ -153,14 +153,10 @@ def _dwconv_cases(dtypes, batch=2):
     from convzoo.ops.dwconv import triton as dwconv_triton
 
     def case(dtype_name, kernel, launch, *args):
-        """``launch(*args)`` with ``KERNEL = kernel`` at the dtype case's matmul precision."""
+        """``launch(*args, kernel=kernel)`` at the dtype case's matmul precision."""
         def run():
-            dwconv_triton.KERNEL = kernel
-            try:
-                with float32_matmul_precision(MATMUL_PRECISIONS.get(dtype_name, "highest")):
-                    return launch(*args)
-            finally:
-                dwconv_triton.KERNEL = "auto"
+            with float32_matmul_precision(MATMUL_PRECISIONS.get(dtype_name, "highest")):
+                return launch(*args, kernel=kernel)
         return run
 
     forward, backward = dwconv_triton.dwconv2d_forward, dwconv_triton.dwconv2d_backward
@@ -217,7 +213,9 @@ def _dcnv3_cases(dtypes, batch=2):
 def _deform_conv_cases(dtypes, batch=2):
     from convzoo.ops.deform_conv.triton import deform_conv2d_backward, deform_conv2d_forward
 
-    geometry = ((1, 1), (1, 1), (1, 1))
+    from convzoo.ops.deform_conv.reference import Conv
+
+    conv = Conv()
     for dtype_name in [name for name in dtypes if name not in MATMUL_PRECISIONS]:   # products by torch
         for modulated in (True, False):
             dtype = DTYPES[dtype_name]
@@ -226,8 +224,8 @@ def _deform_conv_cases(dtypes, batch=2):
             offset = torch.zeros(batch, 18, 14, 14, dtype=dtype)
             mask = torch.zeros(batch, 9, 14, 14, dtype=dtype) if modulated else None
             name = f"deform_conv2d {dtype_name} {'v2' if modulated else 'v1'}"
-            yield name, lambda: deform_conv2d_forward(x, offset, weight, None, *geometry, mask)
-            yield name, lambda: deform_conv2d_backward(torch.zeros_like(x), x, offset, weight, mask, *geometry)
+            yield name, lambda: deform_conv2d_forward(x, offset, weight, None, mask, conv)
+            yield name, lambda: deform_conv2d_backward(torch.zeros_like(x), x, offset, weight, mask, conv)
 
 
 CASES = (_dwconv_cases, _dcnv3_cases, _deform_conv_cases)

@@ -109,3 +109,19 @@ def test_triton_on_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypa
         ops.dwconv2d(x, torch.randn(4, 1, 3, 3), padding=1, impl="triton")
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
         _checks.use_triton("dcnv3", "triton", x)
+
+
+@pytest.mark.parametrize("operator", [ops.deform_conv2d, ops.dcnv3, ops.dwconv2d], ids=lambda op: op.__name__)
+def test_torch_jit_script_is_refused_with_the_supported_paths(operator):
+    """torch.jit.script is not supported (torch.compile / torch.export are): a clear error, for the
+    operator and for a module that calls it."""
+    with pytest.raises(RuntimeError, match=rf"convzoo.ops.{operator.__name__} does not support torch.jit.script\. "
+                                           r"Use torch.compile or torch.export"):
+        torch.jit.script(operator)
+
+
+def test_torch_jit_script_of_a_layer_names_the_operator():
+    from convzoo.layers import DeformConv2d
+
+    with pytest.raises(RuntimeError, match=r"convzoo.ops.deform_conv2d does not support torch.jit.script"):
+        torch.jit.script(DeformConv2d(2, 2, 3))

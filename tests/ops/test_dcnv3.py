@@ -1,6 +1,7 @@
 """Tests of convzoo.ops.dcnv3: naive loop from InternImage's CUDA definition, fast CPU path vs
 reference, gradients, layout converters, errors, compile/export, and the Triton kernels under
 the interpreter."""
+import importlib
 import math
 
 import pytest
@@ -139,6 +140,50 @@ def test_custom_op_runs_the_numba_kernels(monkeypatch):
             got = _grads("auto", x, offset, mask, params, grad)
         for got_tensor, want_tensor in zip(got, want):
             torch.testing.assert_close(got_tensor, want_tensor)
+
+
+def test_eager_training_runs_the_kernels_past_the_custom_op(monkeypatch):
+    """Eager autograd on plain CPU tensors calls the Numba kernels directly (no custom-op dispatch), with
+    the reference's output and gradients; under a dispatch mode (FLOP counting) the op is still one node."""
+    dcnv3_module = importlib.import_module("convzoo.ops.dcnv3")   # ops.dcnv3 is the function
+    params = CASES[1].values[0]
+    x, offset, mask = make_inputs(params, spread=3.0)
+    grad = torch.randn(2, *reference.output_size(5, 6, *params[:8]), params[8] * params[9], dtype=torch.float64)
+    want = _grads("reference", x, offset, mask, params, grad)
+    with monkeypatch.context() as patch:
+        patch.setattr(dcnv3_module, "_dcnv3_op", pytest.fail)
+        got = _grads("auto", x, offset, mask, params, grad)
+    for got_tensor, want_tensor in zip(got, want):
+        torch.testing.assert_close(got_tensor, want_tensor)
+    inputs = [t.detach().float().requires_grad_() for t in (x, offset, mask)]
+    with FlopCounterMode(display=False) as counter:
+        ops.dcnv3(*inputs, *params).sum().backward()
+    assert counter.get_total_flops() > 0
+    leaves = [t.detach().requires_grad_() for t in (x, offset, mask)]
+    (grad_x,) = torch.autograd.grad(ops.dcnv3(*leaves, *params).square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):   # no double backward (nor has the custom op)
+        grad_x.sum().backward()
+
+
+def test_nan_filled_empty_catches_a_kernel_that_leaves_output_unwritten(monkeypatch):
+    """tests/ops/conftest.py fills torch.empty with NaN: a forward kernel deliberately broken to skip
+    the last output row then fails the comparison with the reference (it would pass on zeroed memory)."""
+    assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.zeros(2))).all()
+    kernel = cpu._forward
+
+    def skips_the_last_row(x, offset, mask, *constants_and_out):
+        *constants, out = constants_and_out
+        kernel(x, offset[:, :-1], mask[:, :-1], *constants, out[:, :-1])
+
+    params = CASES[0].values[0]
+    x, offset, mask = make_inputs(params)
+    expected = reference.dcnv3_forward(x, offset, mask, *params)
+    monkeypatch.setattr(cpu, "_forward", skips_the_last_row)
+    got = cpu.dcnv3_forward(x, offset, mask, Geometry(*params))
+    assert torch.isnan(got[:, -1]).all()
+    torch.testing.assert_close(got[:, :-1], expected[:, :-1])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("n, threads, by_batch", [(1, 2, False), (3, 2, False), (4, 2, True), (3, 1, True)])

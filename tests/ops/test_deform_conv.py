@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from convzoo.ops import deform_conv2d
@@ -63,6 +63,11 @@ def naive_deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask
     return out
 
 
+def _conv(stride, padding, dilation) -> reference.Conv:
+    return reference.Conv(stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+                          dilation_h=dilation[0], dilation_w=dilation[1])
+
+
 def make_case(
     batch=2,
     channels=4,
@@ -81,7 +86,7 @@ def make_case(
     seed=0,
 ):
     gen = torch.Generator().manual_seed(seed)
-    out_h, out_w = reference.output_size(*size, *kernel, stride, padding, dilation)
+    out_h, out_w = reference.output_size(*size, *kernel, _conv(stride, padding, dilation))
     kk = kernel[0] * kernel[1]
     x = torch.randn(batch, channels, *size, generator=gen, dtype=torch.float64)
     offset = torch.randn(batch, 2 * offset_groups * kk, out_h, out_w, generator=gen, dtype=torch.float64) * offset_scale
@@ -146,15 +151,15 @@ def test_zero_offsets_without_mask_is_conv2d():
 def test_chunked_kernels_match_autograd_reference_across_chunks():
     case = make_case(batch=3)
     inputs = [case[k].clone().requires_grad_() for k in ("x", "offset", "weight", "bias", "mask")]
-    conv = (case["stride"], case["padding"], case["dilation"])
-    expected = reference.deform_conv2d_reference(*inputs[:4], *conv, inputs[4])
+    conv = _conv(case["stride"], case["padding"], case["dilation"])
+    expected = reference.deform_conv2d_reference(*inputs, conv)
     grad_out = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out)
     for chunk_elements in (1, 37, 10_000):
-        out = reference.deform_conv2d_forward(*[case[k] for k in ("x", "offset", "weight", "bias")], *conv, case["mask"],
+        out = reference.deform_conv2d_forward(*[case[k] for k in ("x", "offset", "weight", "bias", "mask")], conv,
                                               chunk_elements=chunk_elements)
         torch.testing.assert_close(out, expected)
-        grads = reference.deform_conv2d_backward(grad_out, case["x"], case["offset"], case["weight"], case["mask"], *conv,
+        grads = reference.deform_conv2d_backward(grad_out, case["x"], case["offset"], case["weight"], case["mask"], conv,
                                                  chunk_elements=chunk_elements)
         grad_x, grad_offset, grad_mask, grad_weight, grad_bias = grads
         for got, want in zip((grad_x, grad_offset, grad_weight, grad_bias, grad_mask), expected_grads):
@@ -183,9 +188,8 @@ def test_op_forward_and_gradients_match_reference(
     dilation, with_mask, with_bias, offset_scale, seed,
 ):
     channels = group_channels * weight_groups * offset_groups
-    out_h, out_w = reference.output_size(height, width, *kernel, stride, padding, dilation)
-    if out_h <= 0 or out_w <= 0:
-        return
+    out_h, out_w = reference.output_size(height, width, *kernel, _conv(stride, padding, dilation))
+    assume(out_h > 0 and out_w > 0)
     case = make_case(batch, channels, out_per_group * weight_groups, (height, width), kernel, stride, padding, dilation,
                      weight_groups, offset_groups, with_mask, with_bias, offset_scale, seed=seed)
     names = [k for k in ("x", "offset", "weight", "bias", "mask") if case[k] is not None]

@@ -1,4 +1,6 @@
 """dwconv2d Triton kernels (run under TRITON_INTERPRET=1 on CPU) against the reference."""
+from collections import OrderedDict
+
 import pytest
 import torch
 import triton
@@ -30,15 +32,16 @@ def _padding4(height, width, kernel, stride, padding, dilation):
 
 
 def _run_both(n, channels, multiplier, height, width, kernel, stride, padding, dilation, memory_format, dtype,
-              device):
-    """Ours (Triton, on ``device``, in ``dtype``) and the fp32 CPU reference: outputs and gradients,
-    ours brought back to the CPU."""
+              device, triton_kernel="auto"):
+    """Ours (Triton kernel ``triton_kernel``, on ``device``, in ``dtype``) and the fp32 CPU reference:
+    outputs and gradients, ours brought back to the CPU."""
     x = torch.randn(n, channels, height, width).contiguous(memory_format=memory_format)
     weight = torch.randn(channels * multiplier, 1, *kernel) / kernel[0]
     bias = torch.randn(channels * multiplier)
     ours = [t.to(device, dtype).requires_grad_() for t in (x, weight, bias)]
     ref = [t.to(dtype).detach().float().requires_grad_() for t in (x, weight, bias)]
-    out = dwconv2d(*ours, stride=stride, padding=padding, dilation=dilation, impl="triton")
+    out = dwconv2d(*ours, stride=stride, padding=padding, dilation=dilation, impl="triton",
+                   triton_kernel=triton_kernel)
     expected = dwconv2d_reference(*ref, stride, _padding4(height, width, kernel, stride, padding, dilation), dilation)
     grad_out = torch.randn(expected.shape)
     grads = torch.autograd.grad(out, ours, grad_out.to(device, dtype))
@@ -47,9 +50,8 @@ def _run_both(n, channels, multiplier, height, width, kernel, stride, padding, d
 
 
 @pytest.fixture(params=["direct", "band"])
-def forward_kernel(request, monkeypatch):
-    """Run the forward through each kernel (where the row-band kernel does not apply, the direct one runs)."""
-    monkeypatch.setattr(dwconv_triton, "KERNEL", request.param)
+def forward_kernel(request):
+    """Each kernel (where the row-band kernel does not apply, the direct one runs)."""
     return request.param
 
 
@@ -64,11 +66,10 @@ LAYOUTS_AND_KERNELS = [  # the row-band kernels read channels_last inputs throug
 @pytest.mark.parametrize("memory_format,kernel_name", LAYOUTS_AND_KERNELS)
 @pytest.mark.parametrize("n,channels,multiplier,height,width,kernel,stride,padding,dilation", CASES)
 def test_triton_matches_reference(n, channels, multiplier, height, width, kernel, stride, padding, dilation,
-                                  memory_format, kernel_name, triton_device, monkeypatch):
-    monkeypatch.setattr(dwconv_triton, "KERNEL", kernel_name)
+                                  memory_format, kernel_name, triton_device):
     out, expected, grads, ref_grads, x, grad_x = _run_both(n, channels, multiplier, height, width, kernel, stride,
                                                            padding, dilation, memory_format, torch.float32,
-                                                           triton_device)
+                                                           triton_device, kernel_name)
     assert out.is_contiguous(memory_format=memory_format)
     assert grad_x.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -80,7 +81,7 @@ def test_triton_matches_reference(n, channels, multiplier, height, width, kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision_accumulates_in_float32(dtype, memory_format, dilation, triton_device, forward_kernel):
     out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 7, 6, (5, 5), (1, 1), "same", dilation,
-                                                      memory_format, dtype, triton_device)
+                                                      memory_format, dtype, triton_device, forward_kernel)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
     for got, want in zip(grads, ref_grads):
@@ -123,28 +124,23 @@ def test_triton_random_shapes_match_reference(n, channels, multiplier, height, w
     too_small = any(dilation * (k - 1) + 1 > size + 2 * pad for k, size, pad in zip(kernel, (height, width), padding))
     padding = "same" if same or too_small else padding
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    dwconv_triton.KERNEL = forward_kernel
-    try:
-        out, expected, grads, ref_grads, _, _ = _run_both(n, channels, multiplier, height, width, kernel, strides,
-                                                          padding, dilations, memory_format, torch.float32,
-                                                          triton_device)
-    finally:
-        dwconv_triton.KERNEL = "auto"
+    out, expected, grads, ref_grads, _, _ = _run_both(n, channels, multiplier, height, width, kernel, strides,
+                                                      padding, dilations, memory_format, torch.float32,
+                                                      triton_device, forward_kernel)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_large_kernel_through_the_row_band_kernel(triton_device, monkeypatch):
+def test_large_kernel_through_the_row_band_kernel(triton_device):
     """31x31, stride 1 and 2, at sizes where the band spans several tiles (the direct kernel is too slow
     for this under the interpreter; it is compared with the reference): output and input gradient."""
-    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     for stride in (1, 2):
         x = torch.randn(2, 3, 37, 35, requires_grad=True)
         weight, bias = torch.randn(3, 1, 31, 31) / 31, torch.randn(3)
         x_dev = x.detach().to(triton_device).requires_grad_()
         out = dwconv2d(x_dev, weight.to(triton_device), bias.to(triton_device), stride=stride, padding="same",
-                       impl="triton")
+                       impl="triton", triton_kernel="band")
         padding = _padding4(37, 35, (31, 31), (stride, stride), "same", (1, 1))
         expected = dwconv2d_reference(x, weight, bias, (stride, stride), padding, (1, 1))
         torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
@@ -161,7 +157,6 @@ def test_weight_gradient_through_the_row_band_kernel(stride, dilation, multiplie
                                                      triton_device, monkeypatch):
     """31x31 over a map narrower than the kernel and wider than one 16-column tile: the weight gradient
     is the band kernel's (the direct one must not run) and matches the reference."""
-    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_weight", pytest.fail)
     x = torch.randn(2, channels, 23, 37).contiguous(memory_format=memory_format)
     weight = torch.randn(channels * multiplier, 1, 31, 31) / 31
@@ -171,7 +166,8 @@ def test_weight_gradient_through_the_row_band_kernel(stride, dilation, multiplie
     grad_out = torch.randn(expected.shape).contiguous(memory_format=memory_format)
     want, = torch.autograd.grad(expected, weight, grad_out)
     _, got, _ = dwconv_triton.dwconv2d_backward(grad_out.to(triton_device), x.to(triton_device),
-                                                weight.detach().to(triton_device), *geometry, (False, True, False))
+                                                weight.detach().to(triton_device), *geometry, (False, True, False),
+                                                kernel="band")
     torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
@@ -222,16 +218,19 @@ def test_weight_gradient_band_tiles_fit_the_registers():
     assert kept("tf32", 37) == kept("tf32x3", 31)   # one-pass: 8 rows per warp not needed; 128 rows: shared memory
 
 
-def test_kernel_choice(monkeypatch):
+def test_kernel_choice():
     run = pytest.fail   # "auto" must not time anything on the CPU
     nchw, nhwc = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     weight = torch.zeros(4, 1, 3, 3)
     geometry = ((1, 1), (1, 1, 1, 1), (1, 1))
-    assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run) == "direct"
+    assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run, "auto") == "direct"
     for kernel in ("direct", "band"):
-        monkeypatch.setattr(dwconv_triton, "KERNEL", kernel)
-        assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run) == kernel
-        assert dwconv_triton._kernel_choice("grad_input", nchw.double(), weight, *geometry, run) == "direct"
+        assert dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run, kernel) == kernel
+        assert dwconv_triton._kernel_choice("grad_input", nchw.double(), weight, *geometry, run, kernel) == "direct"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dwconv_triton._kernel_choice("forward", nchw, weight, *geometry, run, "fast")
+    with pytest.raises(ValueError, match="triton_kernel must be one of"):
+        dwconv2d(nchw, weight, triton_kernel="fast")
     assert dwconv_triton._band_applies(nchw) and dwconv_triton._band_applies(nchw.bfloat16())
     assert dwconv_triton._band_applies(nhwc)                 # through an NCHW copy
     assert dwconv_triton._rows(nchw) is nchw and dwconv_triton._rows(nhwc).stride(3) == 1
@@ -258,27 +257,60 @@ def test_kernel_choice_on_the_gpu_times_both_once_per_layer_shape_and_role(monke
                 torch.device("cuda")
 
     monkeypatch.setattr(dwconv_triton, "time_ms", fake_time_ms)
-    monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", OrderedDict())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     weight, geometry = torch.zeros(4, 1, 31, 31), ((1, 1), (15, 15, 15, 15), (1, 1))
-    assert dwconv_triton._kernel_choice("forward", CudaTensor(8), weight, *geometry, run) == "band"
+    assert dwconv_triton._kernel_choice("forward", CudaTensor(8), weight, *geometry, run, "auto") == "band"
     assert sorted(timed) == ["band", "direct"]
     speeds["band"] = 3.0   # a cached choice is not re-timed
-    assert dwconv_triton._kernel_choice("forward", CudaTensor(64), weight, *geometry, run) == "band"
+    assert dwconv_triton._kernel_choice("forward", CudaTensor(64), weight, *geometry, run, "auto") == "band"
     assert len(timed) == 2
-    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_weight", CudaTensor(8), weight, *geometry, run, "auto") == "direct"
     assert len(timed) == 4 and len(dwconv_triton._KERNEL_CHOICE) == 2
     nhwc = CudaTensor(8, torch.channels_last)
-    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run, "auto") == "direct"
     assert len(timed) == 6 and len(dwconv_triton._KERNEL_CHOICE) == 3   # another layout, timed on its own
     # fp32 products allowed one TF32 pass (on the GPU, not interpreted): another kernel pair, timed on its own
     monkeypatch.setattr(dwconv_triton, "INTERPRETED", False)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_weight", nhwc, weight, *geometry, run, "auto") == "direct"
     assert len(timed) == 8 and {key.precision for key in dwconv_triton._KERNEL_CHOICE} == {"ieee", "tf32"}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # no timing in a graph capture
-    assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, run) == "direct"
+    assert dwconv_triton._kernel_choice("grad_input", CudaTensor(8), weight, *geometry, run, "auto") == "direct"
     assert len(timed) == 8
+
+
+def test_kernel_choices_are_bounded_least_recently_used_first(monkeypatch):
+    """The process-wide cache of "auto"'s choices keeps at most MAX_KERNEL_CHOICES layers: the least
+    recently used goes first, and is timed again when its layer comes back."""
+    timed = []
+
+    def run(name):
+        timed.append(name)
+        return name
+
+    class CudaTensor:   # what _kernel_choice reads of a tensor, on a device this machine may not have
+        shape, dtype, device = torch.Size((8, 4, 30, 30)), torch.float32, torch.device("cuda")
+        stride = torch.empty(8, 4, 30, 30, device="meta").stride
+
+    monkeypatch.setattr(dwconv_triton, "time_ms", lambda fn: {"direct": 2.0, "band": 1.0}[fn()])
+    monkeypatch.setattr(dwconv_triton, "_KERNEL_CHOICE", OrderedDict())
+    monkeypatch.setattr(dwconv_triton, "MAX_KERNEL_CHOICES", 2)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    weight = torch.zeros(4, 1, 31, 31)
+
+    def choose(pad):
+        return dwconv_triton._kernel_choice("forward", CudaTensor(), weight, (1, 1), (pad,) * 4, (1, 1), run, "auto")
+
+    def kept():
+        return [key.padding[0] for key in dwconv_triton._KERNEL_CHOICE]
+
+    assert choose(15) == choose(14) == "band" and len(timed) == 4
+    choose(15)                                   # cached (not timed), now the most recent
+    choose(13)                                   # a third layer: 14, the least recently used, goes
+    assert kept() == [15, 13] and len(timed) == 6
+    choose(14)                                   # timed again
+    assert kept() == [13, 14] and len(timed) == 8
 
 
 @pytest.mark.parametrize("interpreted", [False, True])
@@ -305,10 +337,9 @@ def test_input_gradient_through_the_row_band_kernel(stride, dilation, multiplier
     output gradient with flipped taps per phase of the stride (dilated where the kernel is), summing
     the ``m`` output channels of each input channel; a channels_last gradient is read through an NCHW
     copy."""
-    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_input", pytest.fail)
     out, expected, grads, ref_grads, _, grad_x = _run_both(2, 3, multiplier, 13, 11, (5, 4), stride, "same", dilation,
-                                                           memory_format, torch.float32, triton_device)
+                                                           memory_format, torch.float32, triton_device, "band")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-4, rtol=1e-4)
     assert grad_x.is_contiguous(memory_format=memory_format)
@@ -318,12 +349,11 @@ def test_input_gradient_through_the_row_band_kernel(stride, dilation, multiplier
 def test_row_band_kernels_at_each_float32_matmul_precision(setting, tolerance, triton_device, monkeypatch):
     """fp32 through the band kernels in every pass at either setting: on a GPU "high" takes one TF32 pass
     (10-bit mantissas), "highest" three (about fp32); the interpreter multiplies in fp32 at both."""
-    monkeypatch.setattr(dwconv_triton, "KERNEL", "band")
     for direct in ("_launch_direct", "_launch_direct_grad_input", "_launch_direct_grad_weight"):
         monkeypatch.setattr(dwconv_triton, direct, pytest.fail)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: setting)
     out, expected, grads, ref_grads, _, _ = _run_both(2, 3, 1, 13, 17, (9, 9), (1, 1), "same", (1, 1), NCHW,
-                                                      torch.float32, triton_device)
+                                                      torch.float32, triton_device, "band")
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=tolerance * 10, rtol=tolerance)

@@ -17,8 +17,9 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, pair, use_triton
+from .._checks import autocast_to_widest, check_impl, check_same, check_tensor, pair, script_unsupported, use_triton
 from . import reference
+from .reference import Conv
 
 __all__ = ["deform_conv2d"]
 
@@ -46,10 +47,11 @@ def _deform_conv2d_op(
     dilation_w: int,
     triton: bool,
 ) -> torch.Tensor:
-    conv = ((stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w))
+    conv = Conv(stride_h=stride_h, stride_w=stride_w, pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h,
+                dilation_w=dilation_w)
     if triton:
-        return _run_triton("deform_conv2d_forward", x, offset, weight, bias, *conv, mask)
-    return reference.deform_conv2d_forward(x, offset, weight, bias, *conv, mask)
+        return _run_triton("deform_conv2d_forward", x, offset, weight, bias, mask, conv)
+    return reference.deform_conv2d_forward(x, offset, weight, bias, mask, conv)
 
 
 @_deform_conv2d_op.register_fake
@@ -73,11 +75,12 @@ def _deform_conv2d_backward_op(
     triton: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_offset, grad_mask, grad_weight, grad_bias); grad_mask is empty without a mask."""
-    conv = ((stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w))
+    conv = Conv(stride_h=stride_h, stride_w=stride_w, pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h,
+                dilation_w=dilation_w)
     if triton:
-        grads = _run_triton("deform_conv2d_backward", grad_out.contiguous(), x, offset, weight, mask, *conv)
+        grads = _run_triton("deform_conv2d_backward", grad_out.contiguous(), x, offset, weight, mask, conv)
     else:
-        grads = reference.deform_conv2d_backward(grad_out, x, offset, weight, mask, *conv)
+        grads = reference.deform_conv2d_backward(grad_out, x, offset, weight, mask, conv)
     grad_x, grad_offset, grad_mask, grad_weight, grad_bias = grads
     if grad_mask is None:
         grad_mask = x.new_empty((0,))
@@ -97,16 +100,16 @@ def _(grad_out, x, offset, weight, mask, stride_h, stride_w, pad_h, pad_w, dilat
 
 
 def _setup_context(ctx, inputs, output):
-    x, offset, weight, bias, mask, *conv = inputs
+    x, offset, weight, bias, mask, *options = inputs
     ctx.save_for_backward(x, offset, weight, mask)
-    ctx.conv = conv
+    ctx.options = options  # the conv arguments and the Triton flag, as the op takes them
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
     x, offset, weight, mask = ctx.saved_tensors
     grad_x, grad_offset, grad_mask, grad_weight, grad_bias = _deform_conv2d_backward_op(
-        grad_out, x, offset, weight, mask, *ctx.conv
+        grad_out, x, offset, weight, mask, *ctx.options
     )
     return (
         grad_x,
@@ -114,7 +117,7 @@ def _backward(ctx, grad_out):
         grad_weight,
         grad_bias if ctx.has_bias else None,
         grad_mask if mask is not None else None,
-    ) + (None,) * len(ctx.conv)
+    ) + (None,) * len(ctx.options)
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -138,8 +141,8 @@ def _deform_conv2d_backward_flops(grad_out_shape, x_shape, offset_shape, weight_
     return 2 * _conv_flops(x_shape, weight_shape, offset_shape)
 
 
-def _validate(x, offset, weight, bias, stride, padding, dilation, mask):
-    """Check every argument; return the conv arguments as pairs of ints."""
+def _validate(x, offset, weight, bias, stride, padding, dilation, mask) -> Conv:
+    """Check every argument; return the conv arguments by name."""
     check_tensor("input", x, ndim=4)
     check_tensor("offset", offset, ndim=4)
     check_tensor("weight", weight, ndim=4)
@@ -151,9 +154,11 @@ def _validate(x, offset, weight, bias, stride, padding, dilation, mask):
     if mask is not None:
         check_tensor("mask", mask, ndim=4)
         check_same("mask", mask, "input", x)
-    stride = pair("stride", stride, minimum=1)
-    padding = pair("padding", padding, minimum=0)
-    dilation = pair("dilation", dilation, minimum=1)
+    stride_h, stride_w = pair("stride", stride, minimum=1)
+    pad_h, pad_w = pair("padding", padding, minimum=0)
+    dilation_h, dilation_w = pair("dilation", dilation, minimum=1)
+    conv = Conv(stride_h=stride_h, stride_w=stride_w, pad_h=pad_h, pad_w=pad_w, dilation_h=dilation_h,
+                dilation_w=dilation_w)
 
     n, channels, in_h, in_w = x.shape
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
@@ -183,11 +188,12 @@ def _validate(x, offset, weight, bias, stride, padding, dilation, mask):
             f"input channels ({channels}) must be divisible by the number of offset groups "
             f"({offset_groups} = offset.shape[1] {offset_channels} / (2 * {kernel_h} * {kernel_w}))"
         )
-    out_h, out_w = reference.output_size(in_h, in_w, kernel_h, kernel_w, stride, padding, dilation)
+    out_h, out_w = reference.output_size(in_h, in_w, kernel_h, kernel_w, conv)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(
             f"input of spatial size {(in_h, in_w)} is too small for kernel {(kernel_h, kernel_w)} with "
-            f"stride {stride}, padding {padding}, dilation {dilation}: output size would be {(out_h, out_w)}"
+            f"stride {(stride_h, stride_w)}, padding {(pad_h, pad_w)}, dilation {(dilation_h, dilation_w)}: "
+            f"output size would be {(out_h, out_w)}"
         )
     expected_offset = (n, offset_channels, out_h, out_w)
     if tuple(offset.shape) != expected_offset:
@@ -204,11 +210,12 @@ def _validate(x, offset, weight, bias, stride, padding, dilation, mask):
             )
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
-    return stride, padding, dilation
+    return conv
 
 
+@script_unsupported
 def deform_conv2d(
-    x: torch.Tensor,
+    input: torch.Tensor,
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
@@ -226,16 +233,23 @@ def deform_conv2d(
     offsets hold ``(dy, dx)`` per kernel position (row-major) and per offset group; samples are
     bilinear and read zero outside the input; a non-finite offset makes its sample zero.
 
+    The arguments are named as torchvision's, so ``deform_conv2d(input=x, offset=o, weight=w,
+    mask=m)`` works as it does there.
+
+    Not scriptable by ``torch.jit.script``: ``torch.compile`` and ``torch.export`` are the supported
+    graph paths (they see one custom-op node); ``torch.jit.trace`` and ONNX export work with
+    ``impl="reference"``.
+
     Args:
-        x (Tensor[batch, in_channels, in_h, in_w]): input.
+        input (Tensor[batch, in_channels, in_h, in_w]): input.
         offset (Tensor[batch, 2 * offset_groups * kh * kw, out_h, out_w]): sampling offsets.
         weight (Tensor[out_channels, in_channels // weight_groups, kh, kw]): convolution weight.
         bias (Tensor[out_channels], optional): added to the output.
         stride, padding, dilation (int or (int, int)): as in ``torch.nn.Conv2d``.
         mask (Tensor[batch, offset_groups * kh * kw, out_h, out_w], optional): modulation (DCNv2).
-        impl: ``"auto"`` (Triton on CUDA except for float64, the chunked plain PyTorch kernel
-            otherwise), ``"triton"`` or
-            ``"reference"`` (plain autograd PyTorch, for tracing/ONNX export).
+        impl: ``"auto"`` (Triton on CUDA except for float64, the chunked CPU kernels otherwise:
+            Numba's bilinear gather and PyTorch's GEMM), ``"triton"`` or ``"reference"`` (plain
+            autograd PyTorch, for tracing/ONNX export).
 
     Returns:
         Tensor[batch, out_channels, out_h, out_w].
@@ -248,14 +262,14 @@ def deform_conv2d(
         torch.Size([2, 6, 6, 6])
     """
     check_impl(impl)
-    check_tensor("input", x, ndim=4)
-    # Under autocast, sample in the widest dtype given (torchvision's rule) and return x's dtype.
-    out_dtype = x.dtype
-    x, offset, weight, bias, mask = autocast_to_widest(x, offset, weight, bias, mask)
-    stride, padding, dilation = _validate(x, offset, weight, bias, stride, padding, dilation, mask)
+    check_tensor("input", input, ndim=4)
+    # Under autocast, sample in the widest dtype given (torchvision's rule) and return the input's dtype.
+    out_dtype = input.dtype
+    x, offset, weight, bias, mask = autocast_to_widest(input, offset, weight, bias, mask)
+    conv = _validate(x, offset, weight, bias, stride, padding, dilation, mask)
     if impl == "reference":
-        out = reference.deform_conv2d_reference(x, offset, weight, bias, stride, padding, dilation, mask)
-        return out.to(out_dtype)
+        return reference.deform_conv2d_reference(x, offset, weight, bias, mask, conv).to(out_dtype)
     # The Triton kernels compute in fp32; float64 (gradcheck) runs the plain PyTorch kernels on any device.
     triton = use_triton(_OP_NAME, impl, x, offset, weight) and not (impl == "auto" and x.dtype == torch.float64)
-    return _deform_conv2d_op(x, offset, weight, bias, mask, *stride, *padding, *dilation, triton).to(out_dtype)
+    return _deform_conv2d_op(x, offset, weight, bias, mask, conv.stride_h, conv.stride_w, conv.pad_h, conv.pad_w,
+                             conv.dilation_h, conv.dilation_w, triton).to(out_dtype)

@@ -29,7 +29,7 @@ Half-precision inputs are computed in float32 and rounded back at the end.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,24 +48,34 @@ PAD_AFTER = 3
 CHUNK_ELEMENTS = 1 << 22
 
 
-def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, stride, padding, dilation) -> Tuple[int, int]:
+class Conv(NamedTuple):
+    """The convolution arguments of ``deform_conv2d``, by name (as ``torch.nn.Conv2d``'s pairs)."""
+
+    stride_h: int = 1
+    stride_w: int = 1
+    pad_h: int = 0
+    pad_w: int = 0
+    dilation_h: int = 1
+    dilation_w: int = 1
+
+
+def output_size(in_h: int, in_w: int, kernel_h: int, kernel_w: int, conv: Conv) -> Tuple[int, int]:
     """Spatial size ``(Ho, Wo)`` of a convolution (floor division, as ``torch.nn.Conv2d``)."""
-    out_h = (in_h + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (in_w + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    out_h = (in_h + 2 * conv.pad_h - conv.dilation_h * (kernel_h - 1) - 1) // conv.stride_h + 1
+    out_w = (in_w + 2 * conv.pad_w - conv.dilation_w * (kernel_w - 1) - 1) // conv.stride_w + 1
     return out_h, out_w
 
 
-def padded_rows(x: torch.Tensor, offset_groups: int) -> Tuple[torch.Tensor, int, int]:
+def padded_rows(x: torch.Tensor, offset_groups: int) -> torch.Tensor:
     """Zero-pad ``x`` (N, C, H, W) and lay it out as rows of one offset group's channels.
 
     Returns ``rows`` of shape (N * Hp * Wp * G, C // G) where row ``((n * Hp + yp) * Wp + xp) * G + g``
-    holds the channels of group ``g`` at padded pixel ``(yp, xp)``, and the padded size ``(Hp, Wp)``.
+    holds the channels of group ``g`` at padded pixel ``(yp, xp)`` (``Hp, Wp``: :attr:`Geometry.padded_h`, ``padded_w``).
     """
     n, c, h, w = x.shape
     padded = F.pad(x, (PAD_BEFORE, PAD_AFTER, PAD_BEFORE, PAD_AFTER))
     hp, wp = h + PAD_BEFORE + PAD_AFTER, w + PAD_BEFORE + PAD_AFTER
-    rows = padded.permute(0, 2, 3, 1).reshape(n * hp * wp * offset_groups, c // offset_groups)
-    return rows, hp, wp
+    return padded.permute(0, 2, 3, 1).reshape(n * hp * wp * offset_groups, c // offset_groups)
 
 
 def offsets_by_position(offset: torch.Tensor, kernel_size: int, offset_groups: int) -> torch.Tensor:
@@ -85,55 +95,55 @@ def mask_by_position(mask: torch.Tensor, kernel_size: int, offset_groups: int) -
 def sampling_points(
     positions: torch.Tensor,
     offsets: torch.Tensor,
-    geometry: dict,
+    geometry: Geometry,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Corner rows and fractional parts of the sampling points of some output positions.
 
     Args:
         positions (Tensor[P]): flat output positions ``(n * Ho + oy) * Wo + ox`` (int64).
         offsets (Tensor[P, K, G, 2]): (dy, dx) of those positions.
-        geometry: sizes and conv arguments (see :func:`make_geometry`).
+        geometry: sizes and conv arguments.
 
     Returns:
         ``top_left`` (Tensor[P, K, G], int64): row in :func:`padded_rows` of the top-left neighbour;
         ``frac_y``, ``frac_x`` (Tensor[P, K, G]): fractional parts of the clamped coordinates.
     """
-    g = geometry
-    out_hw = g["out_h"] * g["out_w"]
+    g, conv = geometry, geometry.conv
+    out_hw = g.out_h * g.out_w
     batch_index = torch.div(positions, out_hw, rounding_mode="floor")
     within = positions - batch_index * out_hw
-    out_y = torch.div(within, g["out_w"], rounding_mode="floor")
-    out_x = within - out_y * g["out_w"]
+    out_y = torch.div(within, g.out_w, rounding_mode="floor")
+    out_x = within - out_y * g.out_w
     dtype = offsets.dtype
     device = offsets.device
-    tap_y = torch.arange(g["kernel_h"], device=device).repeat_interleave(g["kernel_w"]) * g["dilation"][0]
-    tap_x = torch.arange(g["kernel_w"], device=device).repeat(g["kernel_h"]) * g["dilation"][1]
-    base_y = (out_y * g["stride"][0] - g["padding"][0]).unsqueeze(1) + tap_y  # (P, K)
-    base_x = (out_x * g["stride"][1] - g["padding"][1]).unsqueeze(1) + tap_x
+    tap_y = torch.arange(g.kernel_h, device=device).repeat_interleave(g.kernel_w) * conv.dilation_h
+    tap_x = torch.arange(g.kernel_w, device=device).repeat(g.kernel_h) * conv.dilation_w
+    base_y = (out_y * conv.stride_h - conv.pad_h).unsqueeze(1) + tap_y  # (P, K)
+    base_x = (out_x * conv.stride_w - conv.pad_w).unsqueeze(1) + tap_x
     y = base_y.to(dtype).unsqueeze(-1) + offsets[..., 0]
     x = base_x.to(dtype).unsqueeze(-1) + offsets[..., 1]
     # A non-finite coordinate is sent outside the image, where it reads zero with zero gradient.
     y = torch.where(torch.isfinite(y), y, torch.full_like(y, -PAD_BEFORE))
     x = torch.where(torch.isfinite(x), x, torch.full_like(x, -PAD_BEFORE))
-    y = y.clamp(-PAD_BEFORE, g["in_h"] + PAD_BEFORE - 1)
-    x = x.clamp(-PAD_BEFORE, g["in_w"] + PAD_BEFORE - 1)
+    y = y.clamp(-PAD_BEFORE, g.in_h + PAD_BEFORE - 1)
+    x = x.clamp(-PAD_BEFORE, g.in_w + PAD_BEFORE - 1)
     y_floor = torch.floor(y)
     x_floor = torch.floor(x)
     frac_y = y - y_floor
     frac_x = x - x_floor
-    groups = g["offset_groups"]
+    groups = g.offset_groups
     padded_y = y_floor.long() + PAD_BEFORE
     padded_x = x_floor.long() + PAD_BEFORE
-    pixel = (batch_index.view(-1, 1, 1) * g["padded_h"] + padded_y) * g["padded_w"] + padded_x
+    pixel = (batch_index.view(-1, 1, 1) * g.padded_h + padded_y) * g.padded_w + padded_x
     group = torch.arange(groups, device=device)
     top_left = pixel * groups + group
     return top_left, frac_y, frac_x
 
 
-def corner_steps(geometry: dict) -> Tuple[int, int, int, int]:
+def corner_steps(geometry: Geometry) -> Tuple[int, int, int, int]:
     """Row distance from the top-left neighbour to the (tl, tr, bl, br) neighbours."""
-    groups = geometry["offset_groups"]
-    row = geometry["padded_w"] * groups
+    groups = geometry.offset_groups
+    row = geometry.padded_w * groups
     return 0, groups, row, row + groups
 
 
@@ -147,31 +157,45 @@ def corner_weights(frac_y: torch.Tensor, frac_x: torch.Tensor) -> Tuple[torch.Te
     )
 
 
-def make_geometry(x_shape, weight_shape, offset_shape, stride, padding, dilation) -> dict:
-    """Every size the kernels need, from the shapes and the conv arguments."""
-    n, c, h, w = x_shape
-    out_channels, group_channels, kernel_h, kernel_w = weight_shape
-    kernel_size = kernel_h * kernel_w
-    offset_groups = offset_shape[1] // (2 * kernel_size)
-    return dict(
-        batch=n,
-        in_channels=c,
-        in_h=h,
-        in_w=w,
-        out_channels=out_channels,
-        kernel_h=kernel_h,
-        kernel_w=kernel_w,
-        kernel_size=kernel_size,
-        weight_groups=c // group_channels,
-        offset_groups=offset_groups,
-        out_h=offset_shape[2],
-        out_w=offset_shape[3],
-        padded_h=h + PAD_BEFORE + PAD_AFTER,
-        padded_w=w + PAD_BEFORE + PAD_AFTER,
-        stride=tuple(stride),
-        padding=tuple(padding),
-        dilation=tuple(dilation),
-    )
+class Geometry(NamedTuple):
+    """Every size the kernels need, by name: the shapes' sizes and the convolution arguments."""
+
+    batch: int
+    in_channels: int
+    in_h: int
+    in_w: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    weight_groups: int
+    offset_groups: int
+    out_h: int
+    out_w: int
+    conv: Conv
+
+    @classmethod
+    def of(cls, x_shape, weight_shape, offset_shape, conv: Conv) -> "Geometry":
+        """The geometry of validated arguments: ``x`` (N, C, H, W), ``weight`` (O, C/wg, kh, kw),
+        ``offset`` (N, 2*G*kh*kw, Ho, Wo)."""
+        n, c, h, w = x_shape
+        out_channels, group_channels, kernel_h, kernel_w = weight_shape
+        return cls(batch=n, in_channels=c, in_h=h, in_w=w, out_channels=out_channels, kernel_h=kernel_h,
+                   kernel_w=kernel_w, weight_groups=c // group_channels,
+                   offset_groups=offset_shape[1] // (2 * kernel_h * kernel_w), out_h=offset_shape[2],
+                   out_w=offset_shape[3], conv=conv)
+
+    @property
+    def kernel_size(self) -> int:
+        return self.kernel_h * self.kernel_w
+
+    @property
+    def padded_h(self) -> int:
+        """Height of the zero-padded input of :func:`padded_rows`."""
+        return self.in_h + PAD_BEFORE + PAD_AFTER
+
+    @property
+    def padded_w(self) -> int:
+        return self.in_w + PAD_BEFORE + PAD_AFTER
 
 
 def weight_matrix(weight: torch.Tensor, weight_groups: int) -> torch.Tensor:
@@ -218,25 +242,23 @@ def deform_conv2d_reference(
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
-    stride: Tuple[int, int] = (1, 1),
-    padding: Tuple[int, int] = (0, 0),
-    dilation: Tuple[int, int] = (1, 1),
     mask: Optional[torch.Tensor] = None,
+    conv: Conv = Conv(),
 ) -> torch.Tensor:
     """Deformable convolution differentiable by autograd (arguments already validated).
 
     Args:
         x (Tensor[N, C, H, W]), offset (Tensor[N, 2*G*kh*kw, Ho, Wo]), weight (Tensor[O, C/wg, kh, kw]),
-        bias (Tensor[O] or None), mask (Tensor[N, G*kh*kw, Ho, Wo] or None), pairs of ints.
+        bias (Tensor[O] or None), mask (Tensor[N, G*kh*kw, Ho, Wo] or None), the conv arguments.
 
     Returns:
         Tensor[N, O, Ho, Wo] in the dtype of ``x``.
     """
     dtype = compute_dtype(x.dtype)
-    geometry = make_geometry(x.shape, weight.shape, offset.shape, stride, padding, dilation)
-    kernel_size, groups = geometry["kernel_size"], geometry["offset_groups"]
-    n, out_h, out_w = geometry["batch"], geometry["out_h"], geometry["out_w"]
-    rows, geometry["padded_h"], geometry["padded_w"] = padded_rows(x.to(dtype), groups)
+    geometry = Geometry.of(x.shape, weight.shape, offset.shape, conv)
+    kernel_size, groups = geometry.kernel_size, geometry.offset_groups
+    n, out_h, out_w = geometry.batch, geometry.out_h, geometry.out_w
+    rows = padded_rows(x.to(dtype), groups)
     offsets = offsets_by_position(offset.to(dtype), kernel_size, groups)
     positions = torch.arange(n * out_h * out_w, device=x.device)
     top_left, frac_y, frac_x = sampling_points(positions, offsets, geometry)
@@ -245,11 +267,11 @@ def deform_conv2d_reference(
         modulation = mask_by_position(mask.to(dtype), kernel_size, groups)
         weights = tuple(w * modulation for w in weights)
     columns = _sample(rows, top_left, weights, corner_steps(geometry))
-    columns = columns.reshape(positions.shape[0], kernel_size, geometry["in_channels"])
-    out = contract(columns, weight_matrix(weight.to(dtype), geometry["weight_groups"]), kernel_size)
+    columns = columns.reshape(positions.shape[0], kernel_size, geometry.in_channels)
+    out = contract(columns, weight_matrix(weight.to(dtype), geometry.weight_groups), kernel_size)
     if bias is not None:
         out = out + bias.to(dtype)
-    out = out.reshape(n, out_h, out_w, geometry["out_channels"]).permute(0, 3, 1, 2).contiguous()
+    out = out.reshape(n, out_h, out_w, geometry.out_channels).permute(0, 3, 1, 2).contiguous()
     return out.to(x.dtype)
 
 
@@ -266,19 +288,19 @@ class _Prepared:
     (fresh allocations of tens of MiB per chunk cost more in page faults than the work).
     """
 
-    def __init__(self, x, offset, weight, mask, stride, padding, dilation, chunk_elements):
+    def __init__(self, x, offset, weight, mask, conv: Conv, chunk_elements):
         self.dtype = compute_dtype(x.dtype)
-        g = make_geometry(x.shape, weight.shape, offset.shape, stride, padding, dilation)
+        g = Geometry.of(x.shape, weight.shape, offset.shape, conv)
         self.geometry = g
-        self.kernel_size, self.groups = g["kernel_size"], g["offset_groups"]
-        self.group_channels = g["in_channels"] // self.groups
-        self.positions = g["batch"] * g["out_h"] * g["out_w"]
-        self.rows, g["padded_h"], g["padded_w"] = padded_rows(x.to(self.dtype), self.groups)
+        self.kernel_size, self.groups = g.kernel_size, g.offset_groups
+        self.group_channels = g.in_channels // self.groups
+        self.positions = g.batch * g.out_h * g.out_w
+        self.rows = padded_rows(x.to(self.dtype), self.groups)
         self.offsets = offsets_by_position(offset.to(self.dtype), self.kernel_size, self.groups)
         self.modulation = None if mask is None else mask_by_position(mask.to(self.dtype), self.kernel_size, self.groups)
-        self.weights = weight_matrix(weight.to(self.dtype), g["weight_groups"])
+        self.weights = weight_matrix(weight.to(self.dtype), g.weight_groups)
         self.steps = corner_steps(g)
-        columns_per_position = self.kernel_size * g["in_channels"]
+        columns_per_position = self.kernel_size * g.in_channels
         self.chunk = max(1, min(self.positions, chunk_elements // max(1, columns_per_position)))
         self.buffers = {}
 
@@ -348,10 +370,8 @@ def deform_conv2d_forward(
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
     mask: Optional[torch.Tensor],
+    conv: Conv,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Forward of deformable convolution, chunked over output positions; no autograd graph.
@@ -359,14 +379,14 @@ def deform_conv2d_forward(
     Same arguments and result as :func:`deform_conv2d_reference`; at most about
     ``chunk_elements`` sampled values are held at once.
     """
-    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation, chunk_elements)
+    prep = _Prepared(x, offset, weight, mask, conv, chunk_elements)
     g = prep.geometry
-    out = torch.empty(prep.positions, g["out_channels"], dtype=prep.dtype, device=x.device)
+    out = torch.empty(prep.positions, g.out_channels, dtype=prep.dtype, device=x.device)
     for start, stop in prep.chunks():
         prep.contract(prep.columns(start, stop), out[start:stop])
     if bias is not None:
         out += bias.to(prep.dtype)
-    out = out.view(g["batch"], g["out_h"], g["out_w"], g["out_channels"]).permute(0, 3, 1, 2)
+    out = out.view(g.batch, g.out_h, g.out_w, g.out_channels).permute(0, 3, 1, 2)
     return out.to(x.dtype).contiguous()
 
 
@@ -376,9 +396,7 @@ def deform_conv2d_backward(
     offset: torch.Tensor,
     weight: torch.Tensor,
     mask: Optional[torch.Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
+    conv: Conv,
     chunk_elements: int = CHUNK_ELEMENTS,
 ):
     """Gradients of :func:`deform_conv2d_forward` w.r.t. x, offset, mask, weight and bias.
@@ -393,7 +411,7 @@ def deform_conv2d_backward(
     Returns:
         ``(grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)``.
     """
-    prep = _Prepared(x, offset, weight, mask, stride, padding, dilation, chunk_elements)
+    prep = _Prepared(x, offset, weight, mask, conv, chunk_elements)
     g = prep.geometry
     dtype, kernel_size, groups = prep.dtype, prep.kernel_size, prep.groups
     grad_rows = torch.zeros_like(prep.rows)
@@ -403,7 +421,7 @@ def deform_conv2d_backward(
         grad_modulation = torch.empty(prep.positions * kernel_size * groups, dtype=dtype, device=x.device)
     grad_weights = torch.zeros_like(prep.weights)
     # (P, O) upstream gradient, position-major like the forward's output.
-    grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g["out_channels"]).contiguous()
+    grad_positions = grad_out.to(dtype).permute(0, 2, 3, 1).reshape(prep.positions, g.out_channels).contiguous()
     grad_bias = grad_positions.sum(0)
     samples_per_position = kernel_size * groups
     for start, stop in prep.chunks():
@@ -412,8 +430,8 @@ def deform_conv2d_backward(
         grad_columns = prep.weight_gradient_and_columns_gradient(columns, grad_positions[start:stop], grad_weights)
         # A batch element's samples read its own padded image's rows only.
         dots = _bilinear_rows.backward(prep.rows, top_left, prep.steps, modulated, grad_columns, grad_rows,
-                                       segment=g["out_h"] * g["out_w"] * samples_per_position,
-                                       segment_rows=g["padded_h"] * g["padded_w"] * groups,
+                                       segment=g.out_h * g.out_w * samples_per_position,
+                                       segment_rows=g.padded_h * g.padded_w * groups,
                                        first_sample=start * samples_per_position)
         tl_dot, tr_dot, bl_dot, br_dot = dots.unbind(1)
         point_range = slice(start * kernel_size * groups, stop * kernel_size * groups)
@@ -437,17 +455,17 @@ def _backward_outputs(x, offset, weight, mask, prep, grad_rows, grad_offsets, gr
     g = prep.geometry
     n, c, h, w = x.shape
     kernel_size, groups = prep.kernel_size, prep.groups
-    padded = grad_rows.view(n, g["padded_h"], g["padded_w"], c).permute(0, 3, 1, 2)
+    padded = grad_rows.view(n, g.padded_h, g.padded_w, c).permute(0, 3, 1, 2)
     grad_x = padded[:, :, PAD_BEFORE : PAD_BEFORE + h, PAD_BEFORE : PAD_BEFORE + w]
     grad_x = grad_x.to(x.dtype).contiguous()
-    out_hw = g["out_h"] * g["out_w"]
+    out_hw = g.out_h * g.out_w
     grad_offset = grad_offsets.view(n, out_hw, kernel_size, groups, 2).permute(0, 3, 2, 4, 1)
     grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype).contiguous()
     grad_mask = None
     if mask is not None:
         grad_mask = grad_modulation.view(n, out_hw, kernel_size, groups).permute(0, 3, 2, 1)
         grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype).contiguous()
-    wg = g["weight_groups"]
+    wg = g.weight_groups
     out_channels, group_channels, kernel_h, kernel_w = weight.shape
     grad_weight = grad_weights.view(wg, kernel_size, group_channels, out_channels // wg).permute(0, 3, 2, 1)
     grad_weight = grad_weight.reshape(weight.shape).to(weight.dtype).contiguous()

@@ -10,7 +10,7 @@ the columns recomputed by the forward kernel. Semantics are those of :mod:`.refe
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -178,23 +178,23 @@ def _col2im_kernel(
         tl.store(grad_mask_ptr + mask_index, grad_modulation, mask=p_valid)
 
 
-def _launch_arguments(x, offset, weight, stride, padding, dilation):
-    geometry = reference.make_geometry(x.shape, weight.shape, offset.shape, stride, padding, dilation)
-    g = geometry
-    positions = g["batch"] * g["out_h"] * g["out_w"]
+def _launch_arguments(x, offset, weight, conv: reference.Conv):
+    """The geometry, the number of output positions and the kernels' size arguments (in their order)."""
+    g = reference.Geometry.of(x.shape, weight.shape, offset.shape, conv)
+    positions = g.batch * g.out_h * g.out_w
     sizes = (
-        positions, g["in_channels"], g["in_channels"] // g["offset_groups"],
-        g["in_h"], g["in_w"], g["out_h"], g["out_w"], g["kernel_w"], g["kernel_size"], g["offset_groups"],
-        *g["stride"], *g["padding"], *g["dilation"],
+        positions, g.in_channels, g.in_channels // g.offset_groups,
+        g.in_h, g.in_w, g.out_h, g.out_w, g.kernel_w, g.kernel_size, g.offset_groups,
+        conv.stride_h, conv.stride_w, conv.pad_h, conv.pad_w, conv.dilation_h, conv.dilation_w,
     )
-    return geometry, positions, sizes
+    return g, positions, sizes
 
 
 def _columns(x_last, offset, mask, geometry, positions, sizes) -> torch.Tensor:
     """Modulated sampled columns (P, K*C) in the input dtype."""
-    columns = torch.empty(positions, geometry["kernel_size"] * geometry["in_channels"], dtype=x_last.dtype, device=x_last.device)
-    group_channels = geometry["in_channels"] // geometry["offset_groups"]
-    grid = (triton.cdiv(positions, BLOCK_P), geometry["kernel_size"] * geometry["offset_groups"], triton.cdiv(group_channels, BLOCK_C))
+    columns = torch.empty(positions, geometry.kernel_size * geometry.in_channels, dtype=x_last.dtype, device=x_last.device)
+    group_channels = geometry.in_channels // geometry.offset_groups
+    grid = (triton.cdiv(positions, BLOCK_P), geometry.kernel_size * geometry.offset_groups, triton.cdiv(group_channels, BLOCK_C))
     _im2col_kernel[grid](
         x_last, offset, mask if mask is not None else offset, columns, *sizes,
         HAS_MASK=mask is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
@@ -211,24 +211,22 @@ def deform_conv2d_forward(
     offset: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
     mask: Optional[torch.Tensor],
+    conv: reference.Conv,
 ) -> torch.Tensor:
     """Same contract as :func:`.reference.deform_conv2d_forward`."""
-    geometry, positions, sizes = _launch_arguments(x, offset, weight, stride, padding, dilation)
-    out_shape = (geometry["batch"], geometry["out_channels"], geometry["out_h"], geometry["out_w"])
+    geometry, positions, sizes = _launch_arguments(x, offset, weight, conv)
+    out_shape = (geometry.batch, geometry.out_channels, geometry.out_h, geometry.out_w)
     if positions == 0:
         return x.new_zeros(out_shape)
     mask = mask.contiguous() if mask is not None else None
     columns = _columns(_channels_last(x), offset.contiguous(), mask, geometry, positions, sizes)
-    kernel_size = geometry["kernel_size"]
-    weights = reference.weight_matrix(weight, geometry["weight_groups"])
+    kernel_size = geometry.kernel_size
+    weights = reference.weight_matrix(weight, geometry.weight_groups)
     out = reference.contract(columns.view(positions, kernel_size, -1), weights, kernel_size)
     if bias is not None:
         out = out + bias
-    out = out.view(geometry["batch"], geometry["out_h"], geometry["out_w"], geometry["out_channels"])
+    out = out.view(geometry.batch, geometry.out_h, geometry.out_w, geometry.out_channels)
     return out.permute(0, 3, 1, 2).contiguous()
 
 
@@ -238,14 +236,11 @@ def deform_conv2d_backward(
     offset: torch.Tensor,
     weight: torch.Tensor,
     mask: Optional[torch.Tensor],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
+    conv: reference.Conv,
 ):
     """Same contract as :func:`.reference.deform_conv2d_backward`."""
-    geometry, positions, sizes = _launch_arguments(x, offset, weight, stride, padding, dilation)
-    g = geometry
-    kernel_size, weight_groups = g["kernel_size"], g["weight_groups"]
+    g, positions, sizes = _launch_arguments(x, offset, weight, conv)
+    kernel_size, weight_groups = g.kernel_size, g.weight_groups
     grad_bias = grad_out.float().sum((0, 2, 3))
     if positions == 0:
         grad_mask = torch.zeros_like(mask) if mask is not None else None
@@ -253,20 +248,20 @@ def deform_conv2d_backward(
     x_last = _channels_last(x)
     offset = offset.contiguous()
     mask = mask.contiguous() if mask is not None else None
-    columns = _columns(x_last, offset, mask, geometry, positions, sizes)
-    grad_positions = grad_out.permute(0, 2, 3, 1).reshape(positions, g["out_channels"]).to(x.dtype)
+    columns = _columns(x_last, offset, mask, g, positions, sizes)
+    grad_positions = grad_out.permute(0, 2, 3, 1).reshape(positions, g.out_channels).to(x.dtype)
     grouped_grad = grad_positions.view(positions, weight_groups, -1).transpose(0, 1)  # (wg, P, O/wg)
     grouped_columns = reference.columns_by_weight_group(columns.view(positions, kernel_size, -1), kernel_size, weight_groups)
     weights = reference.weight_matrix(weight, weight_groups)
     grad_weights = torch.bmm(grouped_columns.transpose(1, 2), grouped_grad)  # (wg, K*C/wg, O/wg)
     grad_columns = reference.columns_from_weight_groups(torch.bmm(grouped_grad, weights.transpose(1, 2)), kernel_size)
-    grad_columns = grad_columns.reshape(positions, kernel_size * g["in_channels"])
+    grad_columns = grad_columns.reshape(positions, kernel_size * g.in_channels)
     del columns, grouped_columns
 
     grad_x_last = torch.zeros(x_last.shape, dtype=torch.float32, device=x.device)
     grad_offset = torch.empty(offset.shape, dtype=torch.float32, device=x.device)
     grad_mask = torch.empty(mask.shape, dtype=torch.float32, device=x.device) if mask is not None else None
-    grid = (triton.cdiv(positions, BLOCK_P), kernel_size * g["offset_groups"])
+    grid = (triton.cdiv(positions, BLOCK_P), kernel_size * g.offset_groups)
     _col2im_kernel[grid](
         x_last, offset, mask if mask is not None else offset, grad_columns,
         grad_x_last, grad_offset, grad_mask if grad_mask is not None else grad_offset, *sizes,

@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import autocast_to_lower, check_impl, check_same, check_tensor, pair, plain_cpu_inference, use_triton
+from .._checks import (autocast_to_lower, check_impl, check_same, check_tensor, pair, plain_cpu_inference,
+                       script_unsupported, use_triton)
 from . import cpu
 from .reference import dwconv2d_reference, output_shape, same_padding
 
@@ -26,9 +27,14 @@ __all__ = ["dwconv2d", "dwconv2d_reference"]
 
 PaddingArg = Union[int, Tuple[int, int], Sequence[int], str]
 
+#: Values of ``dwconv2d``'s ``triton_kernel`` (those of :data:`.triton.KERNELS`, kept here so that
+#: checking them needs no Triton).
+TRITON_KERNELS = ("auto", "direct", "band")
 
+
+@script_unsupported
 def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
-             padding: PaddingArg = 0, dilation=1, *, impl: str = "auto") -> torch.Tensor:
+             padding: PaddingArg = 0, dilation=1, *, impl: str = "auto", triton_kernel: str = "auto") -> torch.Tensor:
     """Depthwise 2-D convolution: every output channel sees one input channel.
 
     Equal to ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)``, on CPU much faster
@@ -47,6 +53,13 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         impl ("auto", "triton" or "reference"): "auto" runs Triton for CUDA tensors when Triton is
             importable, the native path otherwise; "triton" forces the Triton kernels (CPU tensors
             need ``TRITON_INTERPRET=1``); "reference" runs plain ``F.conv2d`` with PyTorch autograd.
+        triton_kernel ("auto", "direct" or "band"): on the Triton path, which kernel computes each
+            pass where the row-band kernels apply (fp32/fp16/bf16): "auto" times both once per layer
+            shape, layout and pass on the GPU and keeps the faster; the others force one. Ignored
+            on the other paths.
+
+    Not scriptable by ``torch.jit.script``: ``torch.compile`` and ``torch.export`` are the supported
+    graph paths (one custom-op node); ``torch.jit.trace`` and ONNX export work with ``impl="reference"``.
 
     Returns:
         Tensor[N, C*m, Ho, Wo].
@@ -59,6 +72,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         torch.Size([2, 8, 56, 56])
     """
     check_impl(impl)
+    if triton_kernel not in TRITON_KERNELS:
+        raise ValueError(f"triton_kernel must be one of {TRITON_KERNELS}, got {triton_kernel!r}")
     x, weight, bias = autocast_to_lower(x, weight, bias)  # custom ops are not cast by autocast
     stride, padding4, dilation = _check_args(x, weight, bias, stride, padding, dilation)
     if impl == "reference":
@@ -66,7 +81,8 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     backend = "triton" if use_triton("dwconv2d", impl, x) else "native"
     if backend == "native" and plain_cpu_inference(x, weight, bias):
         return cpu.forward(x, weight, bias, stride, padding4, dilation)
-    return torch.ops.convzoo.dwconv2d(x, weight, bias, list(stride), list(padding4), list(dilation), backend)
+    return torch.ops.convzoo.dwconv2d(x, weight, bias, list(stride), list(padding4), list(dilation), backend,
+                                      triton_kernel)
 
 
 def _check_args(x, weight, bias, stride, padding, dilation):
@@ -115,43 +131,44 @@ def _padding4(padding: PaddingArg, x_shape, kernel, stride, dilation) -> Tuple[i
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _run_forward(x, weight, bias, stride, padding, dilation, backend):
+def _run_forward(x, weight, bias, stride, padding, dilation, backend, triton_kernel):
     if backend == "triton":
         from .triton import dwconv2d_forward
 
-        return dwconv2d_forward(x, weight, bias, stride, padding, dilation)
+        return dwconv2d_forward(x, weight, bias, stride, padding, dilation, triton_kernel)
     return cpu.forward(x, weight, bias, stride, padding, dilation)
 
 
 @torch.library.custom_op("convzoo::dwconv2d", mutates_args=())
 def _dwconv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
-                 padding: List[int], dilation: List[int], backend: str) -> torch.Tensor:
-    """Depthwise conv; ``padding`` is (top, bottom, left, right), ``backend`` "native" or "triton"."""
-    return _run_forward(x, weight, bias, stride, padding, dilation, backend)
+                 padding: List[int], dilation: List[int], backend: str, triton_kernel: str) -> torch.Tensor:
+    """Depthwise conv; ``padding`` is (top, bottom, left, right), ``backend`` "native" or "triton",
+    ``triton_kernel`` the Triton kernel choice (see :func:`dwconv2d`)."""
+    return _run_forward(x, weight, bias, stride, padding, dilation, backend, triton_kernel)
 
 
 @_dwconv2d_op.register_fake
-def _dwconv2d_fake(x, weight, bias, stride, padding, dilation, backend):
+def _dwconv2d_fake(x, weight, bias, stride, padding, dilation, backend, triton_kernel):
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=cpu.output_memory_format(x))
 
 
 @torch.library.custom_op("convzoo::dwconv2d_backward", mutates_args=())
 def _dwconv2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: List[int],
-                          padding: List[int], dilation: List[int], backend: str, output_mask: List[bool]
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          padding: List[int], dilation: List[int], backend: str, triton_kernel: str,
+                          output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (x, weight, bias); an entry not asked for in ``output_mask`` is an empty tensor."""
     if backend == "triton":
         from .triton import dwconv2d_backward
 
-        grads = dwconv2d_backward(grad_out, x, weight, stride, padding, dilation, output_mask)
+        grads = dwconv2d_backward(grad_out, x, weight, stride, padding, dilation, output_mask, triton_kernel)
     else:
         grads = cpu.backward(grad_out, x, weight, stride, padding, dilation, output_mask)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_dwconv2d_backward_op.register_fake
-def _dwconv2d_backward_fake(grad_out, x, weight, stride, padding, dilation, backend, output_mask):
+def _dwconv2d_backward_fake(grad_out, x, weight, stride, padding, dilation, backend, triton_kernel, output_mask):
     grad_x = torch.empty_like(x, memory_format=cpu.output_memory_format(x)) if output_mask[0] else x.new_empty(0)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] \
         else x.new_empty(0)
@@ -160,10 +177,10 @@ def _dwconv2d_backward_fake(grad_out, x, weight, stride, padding, dilation, back
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, backend = inputs
+    x, weight, bias, stride, padding, dilation, backend, triton_kernel = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
-    ctx.conv_args = (stride, padding, dilation, backend)
+    ctx.conv_args = (stride, padding, dilation, backend, triton_kernel)
 
 
 def _backward(ctx, grad_out):
@@ -172,21 +189,22 @@ def _backward(ctx, grad_out):
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
     grads = torch.ops.convzoo.dwconv2d_backward(grad_out, x, weight, *ctx.conv_args, mask)
     grad_x, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
-    return grad_x, grad_weight, grad_bias, None, None, None, None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 _dwconv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @register_flop_formula(torch.ops.convzoo.dwconv2d)
-def _dwconv2d_flops(x_shape, w_shape, bias_shape, stride, padding, dilation, backend, out_shape=None, **kwargs):
+def _dwconv2d_flops(x_shape, w_shape, bias_shape, stride, padding, dilation, backend, triton_kernel, out_shape=None,
+                    **kwargs):
     """2 * MACs, the convention of FlopCounterMode's aten.convolution formula (bias not counted)."""
     return 2 * math.prod(out_shape) * w_shape[2] * w_shape[3]
 
 
 @register_flop_formula(torch.ops.convzoo.dwconv2d_backward)
-def _dwconv2d_backward_flops(grad_shape, x_shape, w_shape, stride, padding, dilation, backend, output_mask,
-                             out_shape=None, **kwargs):
+def _dwconv2d_backward_flops(grad_shape, x_shape, w_shape, stride, padding, dilation, backend, triton_kernel,
+                             output_mask, out_shape=None, **kwargs):
     """2 * MACs per gradient asked for: grad-input and grad-weight each cost one forward."""
     forward = 2 * math.prod(grad_shape) * w_shape[2] * w_shape[3]
     return forward * (int(output_mask[0]) + int(output_mask[1]))

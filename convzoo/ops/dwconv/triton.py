@@ -33,8 +33,9 @@ NCHW copy of a channels_last input, and write any layout):
   cores) into ``S``; at the end weight column ``j`` is the sum of the band ``S[o*SW + j, o]``.
   Slices write their own partial sums, summed by ``torch.sum`` as for the direct kernel.
 
-Where a row-band kernel applies, which of it and the direct kernel runs is timed once per layer
-shape, layout and role on the GPU (:data:`KERNEL`).
+Where a row-band kernel applies, which of it and the direct kernel runs is the caller's explicit
+``kernel`` argument (:data:`KERNELS`); ``"auto"`` times both once per layer shape, layout and role
+on the GPU and keeps the faster in a bounded cache (:data:`MAX_KERNEL_CHOICES` entries).
 
 Autotuning keys hold the layer's channels, spatial sizes and kernel, never the batch size, and
 the batch-dependent integers are not specialised, so a new batch size reuses the compiled
@@ -43,6 +44,7 @@ kernels.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -404,10 +406,15 @@ def _block_c(t: torch.Tensor, channels: int) -> int:
     return 1
 
 
-#: Which kernel computes each pass (forward, input gradient, weight gradient) where the row-band
-#: kernels apply (fp32/fp16/bf16): "auto" times both once per layer shape, layout and
-#: pass on the GPU and keeps the faster (the direct kernels elsewhere); "direct" or "band" forces one.
-KERNEL = "auto"
+#: The values of the launchers' ``kernel`` argument: which kernel computes each pass (forward,
+#: input gradient, weight gradient) where the row-band kernels apply (fp32/fp16/bf16). "auto" times
+#: both once per layer shape, layout and pass on the GPU and keeps the faster (the direct kernels
+#: elsewhere); "direct" or "band" forces one.
+KERNELS = ("auto", "direct", "band")
+
+#: The most (layer, pass) choices "auto" keeps; beyond it the least recently used one is dropped
+#: (and timed again if its layer comes back), so a process that sees ever new shapes stays bounded.
+MAX_KERNEL_CHOICES = 1024
 
 
 class ChoiceKey(NamedTuple):
@@ -424,23 +431,23 @@ class ChoiceKey(NamedTuple):
     device: torch.device
 
 
-_KERNEL_CHOICE: Dict[ChoiceKey, str] = {}
+_KERNEL_CHOICE: "OrderedDict[ChoiceKey, str]" = OrderedDict()  # least recently used first
 
 
 def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] in ``x``'s memory format."""
+                     padding: Sequence[int], dilation: Sequence[int], kernel: str = "auto") -> torch.Tensor:
+    """Tensor[N, C, H, W] -> Tensor[N, C*m, Ho, Wo] in ``x``'s memory format; ``kernel`` in :data:`KERNELS`."""
     shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if out.numel() == 0:
         return out
     w = weight.contiguous()
 
-    def run(kernel: str) -> None:
-        launch = _launch_band if kernel == "band" else _launch_direct
+    def run(name: str) -> None:
+        launch = _launch_band if name == "band" else _launch_direct
         launch(x, w, bias, out, stride, padding, dilation)
 
-    run(_kernel_choice("forward", x, w, stride, padding, dilation, run))
+    run(_kernel_choice("forward", x, w, stride, padding, dilation, run, kernel))
     return out
 
 
@@ -466,19 +473,32 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 else t.contiguous()
 
 
-def _kernel_choice(role: str, x, weight, stride, padding, dilation, run) -> str:
-    """"direct" or "band" for ``role`` on input ``x`` (see :data:`KERNEL`); ``run(name)`` launches one."""
+def check_kernel_name(kernel: str) -> str:
+    """Check the launchers' ``kernel`` argument (one of :data:`KERNELS`)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def _kernel_choice(role: str, x, weight, stride, padding, dilation, run, kernel: str) -> str:
+    """"direct" or "band" for ``role`` on input ``x`` given the caller's ``kernel`` (see :data:`KERNELS`);
+    ``run(name)`` launches one."""
+    check_kernel_name(kernel)
     if not _band_applies(x):
         return "direct"
-    if KERNEL != "auto":
-        return KERNEL
+    if kernel != "auto":
+        return kernel
     if x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return "direct"
     key = ChoiceKey(role, tuple(x.shape[1:]), x.stride(3) == 1, tuple(weight.shape), x.dtype,
                     _dot_settings(x.dtype)[0], tuple(stride), tuple(padding), tuple(dilation), x.device)
-    if key not in _KERNEL_CHOICE:
-        times = {name: time_ms(lambda: run(name)) for name in ("direct", "band")}
-        _KERNEL_CHOICE[key] = min(times, key=times.get)
+    if key in _KERNEL_CHOICE:
+        _KERNEL_CHOICE.move_to_end(key)
+        return _KERNEL_CHOICE[key]
+    times = {name: time_ms(lambda: run(name)) for name in ("direct", "band")}
+    _KERNEL_CHOICE[key] = min(times, key=times.get)
+    while len(_KERNEL_CHOICE) > MAX_KERNEL_CHOICES:
+        _KERNEL_CHOICE.popitem(last=False)
     return _KERNEL_CHOICE[key]
 
 
@@ -535,28 +555,29 @@ def _launch_band(x, w, bias, out, stride, padding, dilation) -> None:
 
 
 def dwconv2d_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int], output_mask: Sequence[bool]
+                      padding: Sequence[int], dilation: Sequence[int], output_mask: Sequence[bool],
+                      kernel: str = "auto"
                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients (x, weight, bias); entries not in ``output_mask`` are None."""
-    grad_x = _grad_input(grad_out, x, weight, stride, padding, dilation) if output_mask[0] else None
-    grad_weight = _grad_weight(grad_out, x, weight, stride, padding, dilation) if output_mask[1] else None
+    """Gradients (x, weight, bias); entries not in ``output_mask`` are None; ``kernel`` in :data:`KERNELS`."""
+    grad_x = _grad_input(grad_out, x, weight, stride, padding, dilation, kernel) if output_mask[0] else None
+    grad_weight = _grad_weight(grad_out, x, weight, stride, padding, dilation, kernel) if output_mask[1] else None
     grad_bias = grad_out.sum((0, 2, 3)) if output_mask[2] else None
     return grad_x, grad_weight, grad_bias
 
 
-def _grad_input(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
+def _grad_input(grad_out, x, weight, stride, padding, dilation, kernel: str) -> torch.Tensor:
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     if grad_x.numel() == 0:
         return grad_x
     w = weight.contiguous()
 
-    def run(kernel: str) -> None:
-        if kernel == "band":
+    def run(name: str) -> None:
+        if name == "band":
             _launch_band_grad_input(grad_out, w, grad_x, stride, padding, dilation)
         else:
             _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation)
 
-    run(_kernel_choice("grad_input", grad_out, w, stride, padding, dilation, run))
+    run(_kernel_choice("grad_input", grad_out, w, stride, padding, dilation, run, kernel))
     return grad_x
 
 
@@ -624,19 +645,19 @@ def _launch_direct_grad_input(grad_out, w, grad_x, stride, padding, dilation) ->
         padding[2], dilation[0], dilation[1], ACC=_acc_dtype(grad_x.dtype), BLOCK_C=block_c)
 
 
-def _grad_weight(grad_out, x, weight, stride, padding, dilation) -> torch.Tensor:
-    """The weight gradient (C_out, 1, KH, KW) in the weight's dtype, by the kernel :data:`KERNEL` picks."""
+def _grad_weight(grad_out, x, weight, stride, padding, dilation, kernel: str) -> torch.Tensor:
+    """The weight gradient (C_out, 1, KH, KW) in the weight's dtype, by the kernel ``kernel`` picks."""
     if grad_out.shape[0] * grad_out.shape[2] == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     results = {}
 
-    def run(kernel: str) -> None:
-        launch = _launch_band_grad_weight if kernel == "band" else _launch_direct_grad_weight
-        results[kernel] = launch(grad_out, x, weight.shape, stride, padding, dilation)
+    def run(name: str) -> None:
+        launch = _launch_band_grad_weight if name == "band" else _launch_direct_grad_weight
+        results[name] = launch(grad_out, x, weight.shape, stride, padding, dilation)
 
-    kernel = _kernel_choice("grad_weight", x, weight, stride, padding, dilation, run)
-    run(kernel)
-    return results[kernel].to(weight.dtype)
+    chosen = _kernel_choice("grad_weight", x, weight, stride, padding, dilation, run, kernel)
+    run(chosen)
+    return results[chosen].to(weight.dtype)
 
 
 def _launch_direct_grad_weight(grad_out, x, weight_shape, stride, padding, dilation) -> torch.Tensor:

@@ -151,11 +151,6 @@ def _align_forward(input: Tensor, rois: Tensor, offset: Optional[Tensor], geomet
     return out.to(input.dtype).contiguous()
 
 
-def _align_out_shape(input: Tensor, rois: Tensor, geometry: AlignGeometry) -> Tuple[int, int, int, int]:
-    per_bin = geometry.pooled_h * geometry.pooled_w if geometry.position_sensitive else 1
-    return rois.shape[0], input.shape[1] // per_bin, geometry.pooled_h, geometry.pooled_w
-
-
 def _align_backward_rows(grad: Tensor, input: Tensor, rois: Tensor, offset: Optional[Tensor],
                             geometry: AlignGeometry, need_input_grad: bool, need_offset_grad: bool):
     """The reference's (clipped) samples and :func:`reference.bilinear_pool_backward` (the row-gather

@@ -8,9 +8,10 @@ row-gather engine of :mod:`convzoo.ops._bilinear_rows`.)
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .._numba import as_array, launch, require_numba
+from .._numba import as_array, launch, require_numba, threads
 from .reference import PoolGeometry, ps_roi_pool_bins, roi_pool_bins
 
 numba = require_numba()
@@ -105,6 +106,33 @@ def _max_backward(grad, batch_index, argmax, grad_input):
                     where = argmax[k, c, i, j]
                     if where >= 0:
                         plane[where // width, where - (where // width) * width] += grad[k, c, i, j]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _scatter_rows(grad_rows, columns, values, grad, chunk):
+    """``grad_rows[columns[r, e], c] += values[r, e] * grad[r, c]``; tasks own chunks of columns ``c``."""
+    rows, entries = columns.shape
+    width = grad.shape[1]
+    for parallel_task in numba.prange((width + chunk - 1) // chunk):
+        c0 = np.int64(parallel_task) * chunk
+        c1 = min(width, c0 + chunk)
+        for r in range(rows):
+            for e in range(entries):
+                value = values[r, e]
+                if value != 0:
+                    target = columns[r, e]
+                    for c in range(c0, c1):
+                        grad_rows[target, c] += value * grad[r, c]
+
+
+def scatter_rows(grad_rows: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> None:
+    """The input gradient's scatter of the bilinear RoI poolings (see :func:`_scatter_rows`), in place
+    into the contiguous ``grad_rows`` (rows, C)."""
+    width = grad.shape[1]
+    chunk = max(1, -(-width // (4 * threads())))
+    launch(_scatter_rows, as_array(grad_rows), as_array(columns.to(torch.int64).contiguous()),
+           as_array(values.to(grad.dtype).contiguous()), as_array(grad.contiguous()), chunk,
+           work=values.numel() * width)
 
 
 def _integer_bins(bins_of, rois: torch.Tensor, height: int, width: int, geometry: PoolGeometry, dtype):

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _bilinear_rows
+from .._numba import kernels
 
 __all__ = [
     "round_half_away",
@@ -210,6 +211,24 @@ def bilinear_pool_fast(
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
 
 
+# Above this many columns the shared engine's per-thread copies of the table beat column
+# ownership (measured: roi_align, 256 columns, 107 vs 198 ms).
+NARROW_ROWS = 32
+
+
+def _scatter_rows(grad_rows: Tensor, columns: Tensor, values: Tensor, grad: Tensor) -> None:
+    """``grad_rows[columns[r, e]] += values[r, e] * grad[r]`` in place: narrow tables (position-
+    sensitive pooling) on CPU tensors with Numba through :func:`convzoo.ops.roi.cpu.scatter_rows`
+    (threads own columns: no per-thread copies of the table), others through the shared engine's
+    :func:`convzoo.ops._bilinear_rows.scatter_add`."""
+    narrow = grad_rows.device.type == "cpu" and grad.shape[1] <= NARROW_ROWS
+    cpu = kernels(__package__ + ".cpu") if narrow else None
+    if cpu is None:
+        _bilinear_rows.scatter_add(grad_rows, columns, values, grad)
+    else:
+        cpu.scatter_rows(grad_rows, columns, values, grad)
+
+
 def bilinear_pool_backward(
     grad_out: Tensor,
     input: Tensor,
@@ -247,7 +266,7 @@ def bilinear_pool_backward(
     if need_input_grad:
         values = (corner_w * sample_w.unsqueeze(-1)).reshape(out_rows, -1)
         grad_rows = torch.zeros_like(rows)
-        _bilinear_rows.scatter_add(grad_rows, columns.reshape(out_rows, -1), values, g_rows)
+        _scatter_rows(grad_rows, columns.reshape(out_rows, -1), values, g_rows)
         grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups)
     if need_point_grad:
         finite = torch.isfinite(y) & torch.isfinite(x)
