@@ -10,10 +10,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from _cli import read_metrics, read_state, run_cli
 from _seg_folders import make_generic
 from PIL import Image
-
-from convzoo.cli import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -27,30 +26,15 @@ BANDS = ["--data-arg", "height=16", "--data-arg", "width=32", "--data-arg", "min
          "--train-size", "32", "--val-size", "8", "--batch-size", "8"]
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _metrics(output):
-    with open(os.path.join(output, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
-
-
-def _state(output):
-    return torch.load(os.path.join(output, "checkpoint.pt"), map_location="cpu", weights_only=True)
-
-
 def test_train_eval_predict_on_a_mask_folder(tmp_path, capsys):
     data = make_generic(tmp_path / "data", n=4, size=(40, 32))
     with open(os.path.join(data, "images", "train", "train3.png"), "wb") as handle:
         handle.write(b"\x89PNG broken")
     output = str(tmp_path / "run")
-    code, out, err = _run(["train", "--data", data, "--image-size", "32", "--epochs", "2", "--batch-size", "2",
+    code, out, err = run_cli(["train", "--data", data, "--image-size", "32", "--epochs", "2", "--batch-size", "2",
                            "--workers", "0", "--output", output, "--model-arg", "aux_channels=4"] + MODEL, capsys)
     assert code == 0, err
-    records = _metrics(output)
+    records = read_metrics(output)
     assert [r["epoch"] for r in records] == [1, 2] and all(np.isfinite(r["val_miou"]) for r in records)
     assert "val mIoU" in err and "epoch 2/2 [####################]" in err and "val mIoU / aAcc" in out
     summary = json.load(open(os.path.join(output, "summary.json")))
@@ -58,13 +42,13 @@ def test_train_eval_predict_on_a_mask_folder(tmp_path, capsys):
     assert "skipping unreadable image" in err and "train3.png" in err
 
     report = str(tmp_path / "eval.json")
-    code, out, err = _run(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
+    code, out, err = run_cli(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
                            "--data", data, "--json", report, "--threads", "1"], capsys)
     assert code == 0, err
     result = json.load(open(report))
     assert result["miou"] == pytest.approx(records[-1]["val_miou"]) and result["images"] == 4
     assert "mIoU" in out and "IoU (%)" in out and len(result["iou"]) == 3
-    code, out, err = _run(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "model.safetensors"),
+    code, out, err = run_cli(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "model.safetensors"),
                            "--task", "segmentation", "--data", data, "--image-size", "32", "--mode", "slide",
                            "--crop-size", "24", "--flip", "--threads", "1"], capsys)
     assert code == 0, err
@@ -72,7 +56,7 @@ def test_train_eval_predict_on_a_mask_folder(tmp_path, capsys):
 
     blended, ids = str(tmp_path / "blend.png"), str(tmp_path / "ids.png")
     image = os.path.join(data, "images", "val", "val0.png")
-    code, out, err = _run(["predict", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
+    code, out, err = run_cli(["predict", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
                            "--image", image, "--out", blended, "--mask-out", ids, "--threads", "1"], capsys)
     assert code == 0, err
     assert Image.open(blended).size == (40, 32) and Image.open(blended).mode == "RGB"
@@ -98,17 +82,17 @@ def test_bad_folders_stop_before_training_and_write_nothing(tmp_path, capsys, ca
         Image.fromarray(np.full((16, 20), 9, np.uint8)).save(os.path.join(data, "masks", "train", "train2.png"))
     output = str(tmp_path / "run")
     extra = ["--num-classes", "3"] if case == "class_ids" else []
-    code, _, err = _run(["train", "--data", data, "--output", output] + extra + MODEL, capsys)
+    code, _, err = run_cli(["train", "--data", data, "--output", output] + extra + MODEL, capsys)
     assert code == 2
     assert __import__("re").search(message, err), err
     assert not os.path.exists(output)
 
 
 def test_options_of_the_other_task_are_refused(capsys):
-    assert _run(["train", "--num-classes", "3"], capsys)[0] == 2
-    code, _, err = _run(["train", "--task", "segmentation", "--model", "replknet_tiny"], capsys)
+    assert run_cli(["train", "--num-classes", "3"], capsys)[0] == 2
+    code, _, err = run_cli(["train", "--task", "segmentation", "--model", "replknet_tiny"], capsys)
     assert code == 2 and "upernet_<backbone> or semfpn_<backbone>" in err
-    code, _, err = _run(["train", "--model", "semfpn_replknet_tiny"], capsys)
+    code, _, err = run_cli(["train", "--model", "semfpn_replknet_tiny"], capsys)
     assert code == 2 and "--task segmentation" in err
 
 
@@ -125,45 +109,45 @@ def test_kill_mid_epoch_then_resume_equals_a_straight_run(tmp_path, capsys):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert open(marker).read() == "epoch 1 step 6\n"  # killed in the middle of the second epoch
-    assert _state(killed)["epoch"] == 1 and not os.path.exists(os.path.join(killed, "summary.json"))
+    assert read_state(killed)["epoch"] == 1 and not os.path.exists(os.path.join(killed, "summary.json"))
 
-    code, _, err = _run(["train", "--output", killed, "--resume"] + args, capsys)
+    code, _, err = run_cli(["train", "--output", killed, "--resume"] + args, capsys)
     assert code == 0, err
     assert "after epoch 1" in err
     straight = str(tmp_path / "straight")
-    assert _run(["train", "--output", straight] + args, capsys)[0] == 0
-    a, b = _state(straight), _state(killed)
+    assert run_cli(["train", "--output", straight] + args, capsys)[0] == 0
+    a, b = read_state(straight), read_state(killed)
     assert a["step"] == b["step"] == 12 and a["meta"]["task"] == "segmentation"
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for index, param_state in a["optimizer"]["state"].items():
         assert torch.equal(param_state["exp_avg"], b["optimizer"]["state"][index]["exp_avg"])
     drop = ("train_seconds", "train_images_per_second")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in _metrics(straight)] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in _metrics(killed)]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(straight)] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(killed)]
 
-    code, out, err = _run(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(killed, "checkpoint.pt"),
+    code, out, err = run_cli(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(killed, "checkpoint.pt"),
                            "--threads", "1"], capsys)
     assert code == 0, err
-    assert f"{_metrics(killed)[-1]['val_miou']:.2f}%" in out  # the built-in set is rebuilt from the checkpoint
+    assert f"{read_metrics(killed)[-1]['val_miou']:.2f}%" in out  # the built-in set is rebuilt from the checkpoint
 
 
 def test_default_segmentation_run_is_the_demo_model_and_its_erf_is_drawn(tmp_path, capsys):
     output = str(tmp_path / "demo")
     tiny = BANDS[:-4] + ["--train-size", "16", "--val-size", "4", "--batch-size", "8"]
-    code, out, err = _run(["train", "--task", "segmentation", "--epochs", "1", "--threads", "1", "--output", output] + tiny,
+    code, out, err = run_cli(["train", "--task", "segmentation", "--epochs", "1", "--threads", "1", "--output", output] + tiny,
                           capsys)
     assert code == 0, err
-    meta = _state(output)["meta"]
+    meta = read_state(output)["meta"]
     assert meta["model_name"] == "semfpn_replknet_tiny" and tuple(meta["model_args"]["kernel_sizes"]) == (31, 29, 27)
     assert meta["data"]["kind"] == "builtin-bands" and meta["data"]["width"] == 32
     figure = str(tmp_path / "erf.png")
-    code, out, err = _run(["erf", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "model.safetensors"),
+    code, out, err = run_cli(["erf", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "model.safetensors"),
                            "--builtin", "bands", "--input-size", "16,32", "--num-images", "2", "--out", figure,
                            "--label", "demo (31-29-27)"], capsys)
     assert code == 0, err
     assert Image.open(figure).size[0] > 0 and "| demo (31-29-27) | 2 |" in out
-    assert _run(["erf", "--model", "semfpn_replknet_tiny", "--builtin", "bands", "--input-size", "8,32",
+    assert run_cli(["erf", "--model", "semfpn_replknet_tiny", "--builtin", "bands", "--input-size", "8,32",
                  "--out", figure], capsys)[0] == 2
 
 
@@ -183,9 +167,9 @@ def test_two_process_gloo_run_validates_on_all_ranks(tmp_path, capsys):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
-    record = _metrics(output)[-1]
+    record = read_metrics(output)[-1]
     assert record["ranks_in_sync"] and record["step"] == 32 // 8
-    code, out, err = _run(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
+    code, out, err = run_cli(["eval", "--model", "semfpn_replknet_tiny", "--checkpoint", os.path.join(output, "checkpoint.pt"),
                            "--json", str(tmp_path / "e.json"), "--threads", "1"], capsys)
     assert code == 0, err
     assert json.load(open(tmp_path / "e.json"))["miou"] == pytest.approx(record["val_miou"])

@@ -13,9 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from _cli import read_metrics, read_state, run_cli
 from PIL import Image
 
-from convzoo.cli import build_parser, main
+from convzoo.cli import build_parser
 from convzoo.models import _registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,24 +47,9 @@ def tiny(monkeypatch):
 BUILTIN = ["--image-size", "24", "--train-size", "64", "--val-size", "32", "--batch-size", "16", "--threads", "1"]
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _metrics(output):
-    with open(os.path.join(output, "metrics.jsonl")) as handle:
-        return [json.loads(line) for line in handle]
-
-
 def _without_timings(records):
     drop = ("train_seconds", "train_images_per_second")
     return [{k: v for k, v in record.items() if k not in drop} for record in records]
-
-
-def _state(output):
-    return torch.load(os.path.join(output, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------- the CLI itself
@@ -81,7 +67,7 @@ def test_commands_are_discovered():
 @pytest.mark.parametrize("command", [None] + _command_names())
 def test_help_of_every_command(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
-    code, out, _ = _run(argv, capsys)
+    code, out, _ = run_cli(argv, capsys)
     assert code == 0
     assert out.startswith("usage: convzoo" + ("" if command is None else f" {command}"))
     parser = build_parser()
@@ -98,9 +84,9 @@ def test_help_of_every_command(command, capsys):
 
 
 def test_no_command_and_bad_option_are_usage_errors(capsys):
-    code, _, err = _run([], capsys)
+    code, _, err = run_cli([], capsys)
     assert code == 2 and "usage: convzoo" in err
-    code, _, err = _run(["train", "--epochs", "many"], capsys)
+    code, _, err = run_cli(["train", "--epochs", "many"], capsys)
     assert code == 2 and "--epochs: expected a positive integer, got 'many'" in err
 
 
@@ -114,10 +100,10 @@ def test_python_dash_m_entry_point():
 
 def test_train_on_builtin_data(tiny, tmp_path, capsys):
     output = str(tmp_path / "run")
-    code, out, err = _run(["train", "--model", tiny, "--epochs", "2", "--output", output, "--model-ema", "0.9",
+    code, out, err = run_cli(["train", "--model", tiny, "--epochs", "2", "--output", output, "--model-ema", "0.9",
                            "--accum-steps", "2", "--mixup", "0.2", "--cutmix", "1.0"] + BUILTIN, capsys)
     assert code == 0, err
-    records = _metrics(output)
+    records = read_metrics(output)
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["step"] == 2 * (64 // 16 // 2)
     for key in ("train_loss", "train_acc", "val_top1", "val_top5", "ema_val_top1", "lr"):
@@ -128,27 +114,27 @@ def test_train_on_builtin_data(tiny, tmp_path, capsys):
     assert summary["epochs"] == 2 and summary["weights"] == "ema"
     expected = {"checkpoint.pt", "metrics.jsonl", "model.safetensors", "summary.json"}
     assert set(os.listdir(output)) - {"tensorboard"} == expected
-    state = _state(output)
+    state = read_state(output)
     assert state["epoch"] == 2 and state["meta"]["model_name"] == tiny and state["model_ema"] is not None
     # a new run in the same folder starts over (and says so) instead of appending to the old metrics
-    code, _, err = _run(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)
-    assert code == 0 and "starting a new run" in err and len(_metrics(output)) == 1
+    code, _, err = run_cli(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)
+    assert code == 0 and "starting a new run" in err and len(read_metrics(output)) == 1
 
 
 def test_train_model_args_reach_the_model(tiny, tmp_path, capsys):
     output = str(tmp_path / "run")
-    code, _, err = _run(["train", "--model", tiny, "--model-arg", "width=4", "--model-arg", "norm=group",
+    code, _, err = run_cli(["train", "--model", tiny, "--model-arg", "width=4", "--model-arg", "norm=group",
                          "--epochs", "1", "--output", output] + BUILTIN, capsys)
     assert code == 0, err
-    assert _state(output)["model"]["stem.weight"].shape[0] == 4
-    code, _, err = _run(["train", "--model", tiny, "--model-arg", "depth=3", "--output", output] + BUILTIN, capsys)
+    assert read_state(output)["model"]["stem.weight"].shape[0] == 4
+    code, _, err = run_cli(["train", "--model", tiny, "--model-arg", "depth=3", "--output", output] + BUILTIN, capsys)
     assert code == 2 and "has no option 'depth'" in err
-    code, _, err = _run(["train", "--model", tiny, "--model-arg", "nonsense", "--output", output] + BUILTIN, capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--model-arg", "nonsense", "--output", output] + BUILTIN, capsys)
     assert code == 2 and "expected KEY=VALUE" in err
 
 
 def test_unknown_model_lists_close_names(tiny, tmp_path, capsys):
-    code, _, err = _run(["train", "--model", "tiny_test_nett", "--output", str(tmp_path)] + BUILTIN, capsys)
+    code, _, err = run_cli(["train", "--model", "tiny_test_nett", "--output", str(tmp_path)] + BUILTIN, capsys)
     assert code == 2
     assert "unknown model 'tiny_test_nett'" in err and "did you mean tiny_test_net" in err
 
@@ -161,13 +147,13 @@ def test_pretrained_fine_tuning_gets_a_new_head(tiny, tmp_path, capsys):
     weights = str(tmp_path / "pretrained.safetensors")
     save_checkpoint(source, weights)
     output = str(tmp_path / "run")
-    code, _, err = _run(["train", "--model", tiny, "--pretrained", weights, "--epochs", "1", "--lr", "1e-9",
+    code, _, err = run_cli(["train", "--model", tiny, "--pretrained", weights, "--epochs", "1", "--lr", "1e-9",
                          "--output", output] + BUILTIN, capsys)
     assert code == 0, err
-    state = _state(output)["model"]
+    state = read_state(output)["model"]
     assert state["head.weight"].shape == (2, 8)  # the two classes of the built-in data set
     assert torch.allclose(state["stem.weight"], source.stem.weight, atol=1e-6)
-    code, _, err = _run(["train", "--model", tiny, "--pretrained", str(tmp_path / "missing.pth"), "--output", output] + BUILTIN, capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--pretrained", str(tmp_path / "missing.pth"), "--output", output] + BUILTIN, capsys)
     assert code == 2 and "missing.pth" in err
 
 
@@ -195,24 +181,24 @@ def test_train_and_eval_on_an_image_folder_with_broken_files(tiny, tmp_path, cap
     _picture(7, (64, 64)).save(buffer, format="PNG")
     (tmp_path / "data" / "val" / "bees" / "truncated.png").write_bytes(buffer.getvalue()[:300])
     output = str(tmp_path / "run")
-    code, out, err = _run(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "2",
+    code, out, err = run_cli(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "2",
                            "--batch-size", "4", "--workers", "0", "--randaugment", "2", "9", "--output", output], capsys)
     assert code == 0, err
     assert "corrupt.jpg" in err and "truncated.png" in err
     summary = json.load(open(os.path.join(output, "summary.json")))
     assert summary["skipped_train_images"] == 1 and summary["skipped_val_images"] == 1
     assert "skipped images  1 train, 1 val" in out
-    code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+    code, out, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
                            "--data", data, "--image-size", "16", "--workers", "0"], capsys)
     assert code == 0, err
     assert "on 12 images (1 unreadable, skipped)" in out
-    assert _top1(out) == round(_metrics(output)[-1]["val_top1"], 2)  # the same weights, images and transform
+    assert _top1(out) == round(read_metrics(output)[-1]["val_top1"], 2)  # the same weights, images and transform
 
 
 def test_empty_class_folder_stops_before_training(tiny, tmp_path, capsys):
     data = _image_folder(str(tmp_path / "data"))
     os.makedirs(tmp_path / "data" / "train" / "hornets")
-    code, _, err = _run(["train", "--model", tiny, "--data", data, "--output", str(tmp_path / "run")], capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--data", data, "--output", str(tmp_path / "run")], capsys)
     assert code == 2
     assert os.path.join(data, "train", "hornets") in err and "holds no images" in err
     assert not os.path.exists(tmp_path / "run")
@@ -222,15 +208,15 @@ def test_unknown_val_class_stops_before_training(tiny, tmp_path, capsys):
     data = _image_folder(str(tmp_path / "data"))
     os.makedirs(tmp_path / "data" / "val" / "moths")
     _picture(1).save(str(tmp_path / "data" / "val" / "moths" / "m.png"))
-    code, _, err = _run(["train", "--model", tiny, "--data", data, "--output", str(tmp_path / "run")], capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--data", data, "--output", str(tmp_path / "run")], capsys)
     assert code == 2 and "classes the training split does not have: moths" in err
 
 
 def test_missing_data_dir_names_the_path(tiny, tmp_path, capsys):
     missing = str(tmp_path / "no" / "such" / "dir")
-    code, _, err = _run(["train", "--model", tiny, "--data", missing], capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--data", missing], capsys)
     assert code == 2 and f"data folder not found: {missing}" in err
-    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", str(tmp_path / "none.pt")], capsys)
+    code, _, err = run_cli(["eval", "--model", tiny, "--checkpoint", str(tmp_path / "none.pt")], capsys)
     assert code == 2 and "none.pt" in err
 
 
@@ -243,7 +229,7 @@ def test_resume_after_a_crash_mid_epoch_equals_an_uninterrupted_run(tiny, tmp_pa
     from convzoo.train import loop
 
     straight = str(tmp_path / "straight")
-    assert _run(["train", "--model", tiny, "--output", straight] + RESUME_ARGS, capsys)[0] == 0
+    assert run_cli(["train", "--model", tiny, "--output", straight] + RESUME_ARGS, capsys)[0] == 0
 
     crashed = str(tmp_path / "crashed")
     original = loop.Trainer._optimizer_step
@@ -254,19 +240,19 @@ def test_resume_after_a_crash_mid_epoch_equals_an_uninterrupted_run(tiny, tmp_pa
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(loop.Trainer, "_optimizer_step", crash_in_second_epoch)
-    code, _, err = _run(["train", "--model", tiny, "--output", crashed] + RESUME_ARGS, capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--output", crashed] + RESUME_ARGS, capsys)
     assert code == 1 and "simulated crash" in err
-    assert _state(crashed)["epoch"] == 1 and len(_metrics(crashed)) == 1
+    assert read_state(crashed)["epoch"] == 1 and len(read_metrics(crashed)) == 1
     monkeypatch.setattr(loop.Trainer, "_optimizer_step", original)
 
-    code, _, err = _run(["train", "--model", tiny, "--output", crashed, "--resume"] + RESUME_ARGS, capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--output", crashed, "--resume"] + RESUME_ARGS, capsys)
     assert code == 0, err
     assert "resumed from" in err and "after epoch 1" in err
     _assert_same_run(straight, crashed)
 
 
 def _assert_same_run(first, second):
-    a, b = _state(first), _state(second)
+    a, b = read_state(first), read_state(second)
     assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -274,7 +260,7 @@ def _assert_same_run(first, second):
         assert torch.equal(a["model_ema"]["module"][key], b["model_ema"]["module"][key]), key
     for index, param_state in a["optimizer"]["state"].items():
         assert torch.equal(param_state["exp_avg"], b["optimizer"]["state"][index]["exp_avg"])
-    assert _without_timings(_metrics(first)) == _without_timings(_metrics(second))
+    assert _without_timings(read_metrics(first)) == _without_timings(read_metrics(second))
 
 
 @pytest.mark.slow
@@ -297,18 +283,18 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path, capsys
     process.stderr.close()
     assert process.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "summary.json"))
-    assert _state(killed)["epoch"] == 1 and len(_metrics(killed)) == 1  # epoch 2 was lost half-done
+    assert read_state(killed)["epoch"] == 1 and len(read_metrics(killed)) == 1  # epoch 2 was lost half-done
 
-    code, _, err = _run(["train", "--output", killed, "--resume"] + args, capsys)
+    code, _, err = run_cli(["train", "--output", killed, "--resume"] + args, capsys)
     assert code == 0, err
     assert "after epoch 1" in err
     straight = str(tmp_path / "straight")
-    assert _run(["train", "--output", straight] + args, capsys)[0] == 0
+    assert run_cli(["train", "--output", straight] + args, capsys)[0] == 0
     _assert_same_run(straight, killed)
 
 
 def test_resume_without_checkpoint_is_a_usage_error(tiny, tmp_path, capsys):
-    code, _, err = _run(["train", "--model", tiny, "--output", str(tmp_path / "fresh"), "--resume"] + BUILTIN, capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--output", str(tmp_path / "fresh"), "--resume"] + BUILTIN, capsys)
     assert code == 2 and os.path.join(str(tmp_path / "fresh"), "checkpoint.pt") in err
 
 
@@ -334,17 +320,17 @@ def test_two_process_gloo_run_matches_single_process_training(tiny, tmp_path, ca
     assert result.stderr.count("summary") == 0 and result.stdout.count("summary") == 1  # rank 0 only
 
     single = str(tmp_path / "single")
-    code, _, err = _run(["train", "--output", single, "--batch-size", "16"] + common, capsys)
+    code, _, err = run_cli(["train", "--output", single, "--batch-size", "16"] + common, capsys)
     assert code == 0, err
 
-    ddp_records, single_records = _metrics(distributed), _metrics(single)
+    ddp_records, single_records = read_metrics(distributed), read_metrics(single)
     assert all(r["ranks_in_sync"] for r in ddp_records)
     for a, b in zip(ddp_records, single_records):
         assert a["step"] == b["step"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_top1"] == pytest.approx(b["val_top1"])
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
-    ddp_state, single_state = _state(distributed)["model"], _state(single)["model"]
+    ddp_state, single_state = read_state(distributed)["model"], read_state(single)["model"]
     for key in single_state:
         torch.testing.assert_close(ddp_state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -353,11 +339,11 @@ def test_two_process_gloo_run_matches_single_process_training(tiny, tmp_path, ca
 
 def test_eval_and_eval_reparam_agree(tiny, tmp_path, capsys):
     output = str(tmp_path / "run")
-    assert _run(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)[0] == 0
+    assert run_cli(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)[0] == 0
     reports = {}
     for name, extra in (("plain", []), ("reparam", ["--reparam"])):
         path = str(tmp_path / f"{name}.json")
-        code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+        code, out, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
                                "--batch-size", "8", "--json", path] + extra, capsys)
         assert code == 0, err
         assert "top-1" in out and "img/s" in out
@@ -368,39 +354,43 @@ def test_eval_and_eval_reparam_agree(tiny, tmp_path, capsys):
     assert reparam["loss"] == pytest.approx(plain["loss"], rel=1e-4)
     assert reparam["parameters"] < plain["parameters"]
     # the exported weights give the same figures
-    code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
-                           "--image-size", "24", "--batch-size", "8"], capsys)
+    path = str(tmp_path / "exported.json")
+    code, out, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
+                              "--image-size", "24", "--batch-size", "8", "--json", path], capsys)
     assert code == 0, err
+    exported = json.load(open(path))
+    assert exported["images"] == plain["images"] and exported["top1"] == plain["top1"]
+    assert exported["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
 
 def test_eval_rejects_a_checkpoint_of_another_model(tiny, tmp_path, capsys, monkeypatch):
     output = str(tmp_path / "run")
-    assert _run(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)[0] == 0
+    assert run_cli(["train", "--model", tiny, "--epochs", "1", "--output", output] + BUILTIN, capsys)[0] == 0
     monkeypatch.setitem(_registry._ENTRY_POINTS, "other_test_net", tiny_model.tiny_test_net)
-    code, _, err = _run(["eval", "--model", "other_test_net", "--checkpoint", os.path.join(output, "checkpoint.pt")], capsys)
+    code, _, err = run_cli(["eval", "--model", "other_test_net", "--checkpoint", os.path.join(output, "checkpoint.pt")], capsys)
     assert code == 2 and "holds a tiny_test_net model" in err
 
 
 def test_list_shows_parameters_and_flops(tiny, capsys):
-    code, out, err = _run(["list", "tiny_*", "--input-size", "32"], capsys)
+    code, out, err = run_cli(["list", "tiny_*", "--input-size", "32"], capsys)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["model", "params"] and lines[1].startswith(TINY)
-    code, out, _ = _run(["list", "tiny_*", "--input-size", "32", "--json"], capsys)
+    code, out, _ = run_cli(["list", "tiny_*", "--input-size", "32", "--json"], capsys)
     row = json.loads(out)["models"][0]
     model = tiny_model.tiny_test_net()
     assert row["params"] == sum(p.numel() for p in model.parameters())
     # stem 4x4/4 conv on 32x32 -> 8x8, then a 3x3 and a 1x1 conv, a 3x3 conv and the head
     macs = 64 * 8 * 3 * 16 + 64 * 8 * 8 * 9 + 64 * 8 * 8 + 64 * 8 * 8 * 9 + 8 * 1000
     assert row["macs"] == macs
-    assert _run(["list", "--names-only", "tiny_*"], capsys)[1].split() == [TINY]
-    code, _, err = _run(["list", "no_such_model*"], capsys)
+    assert run_cli(["list", "--names-only", "tiny_*"], capsys)[1].split() == [TINY]
+    code, _, err = run_cli(["list", "no_such_model*"], capsys)
     assert code == 1 and "no model matches" in err
 
 
 def test_replknet_tiny_trains_and_its_reparameterized_form_scores_the_same(tmp_path, capsys):
     output = str(tmp_path / "run")
-    code, _, err = _run(["train", "--model", "replknet_tiny", "--epochs", "1", "--image-size", "32", "--train-size", "32",
+    code, _, err = run_cli(["train", "--model", "replknet_tiny", "--epochs", "1", "--image-size", "32", "--train-size", "32",
                          "--val-size", "24", "--batch-size", "16", "--threads", "1", "--amp", "bf16",
                          "--channels-last", "--grad-checkpointing", "--output", output], capsys)
     assert code == 0, err
@@ -408,7 +398,7 @@ def test_replknet_tiny_trains_and_its_reparameterized_form_scores_the_same(tmp_p
     reports = []
     for extra in ([], ["--reparam"]):
         path = str(tmp_path / f"eval{len(reports)}.json")
-        code, _, err = _run(["eval", "--model", "replknet_tiny", "--checkpoint", checkpoint, "--json", path] + extra, capsys)
+        code, _, err = run_cli(["eval", "--model", "replknet_tiny", "--checkpoint", checkpoint, "--json", path] + extra, capsys)
         assert code == 0, err
         reports.append(json.load(open(path)))
     plain, reparam = reports
@@ -421,7 +411,7 @@ def test_list_counts_a_zoo_model_like_the_analysis_module(capsys):
     import convzoo
     from convzoo.analysis import count_flops, count_params
 
-    code, out, err = _run(["list", "replknet_tiny", "--input-size", "64", "--json"], capsys)
+    code, out, err = run_cli(["list", "replknet_tiny", "--input-size", "64", "--json"], capsys)
     assert code == 0, err
     row = json.loads(out)["models"][0]
     model = convzoo.create_model("replknet_tiny")
@@ -437,9 +427,9 @@ def test_failures_exit_1_and_show_a_traceback_on_request(tiny, tmp_path, capsys,
 
     monkeypatch.setattr(loop.Trainer, "fit", broken)
     argv = ["train", "--model", tiny, "--output", str(tmp_path / "run")] + BUILTIN
-    code, _, err = _run(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 1 and "failed: RuntimeError: disk on fire (run with -vv for the traceback)" in err
-    code, _, err = _run(["-vv"] + argv, capsys)
+    code, _, err = run_cli(["-vv"] + argv, capsys)
     assert code == 1 and "Traceback (most recent call last)" in err
 
 
@@ -452,25 +442,25 @@ def _top1(out):
 def test_eval_uses_the_training_resolution_classes_and_data_stored_in_the_checkpoint(tiny, tmp_path, capsys):
     data = _image_folder(str(tmp_path / "data"))
     output = str(tmp_path / "run")
-    code, _, err = _run(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "1",
+    code, _, err = run_cli(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "1",
                          "--batch-size", "4", "--workers", "0", "--output", output], capsys)
     assert code == 0, err
     results = {}
     for name in ("checkpoint.pt", "model.safetensors"):
-        code, out, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, name), "--data", data,
+        code, out, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, name), "--data", data,
                                "--workers", "0"], capsys)
         assert code == 0, err
         assert "resolution  16x16 (stored in the checkpoint)" in out
         results[name] = _top1(out)
-    assert results["checkpoint.pt"] == results["model.safetensors"] == round(_metrics(output)[-1]["val_top1"], 2)
-    code, out, _ = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
+    assert results["checkpoint.pt"] == results["model.safetensors"] == round(read_metrics(output)[-1]["val_top1"], 2)
+    code, out, _ = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors"),
                          "--data", data, "--workers", "0", "--image-size", "20"], capsys)
     assert code == 0 and "resolution  20x20 (--image-size)" in out
     # without --data, the file says where it was trained; a folder of other classes is refused
-    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors")], capsys)
+    code, _, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "model.safetensors")], capsys)
     assert code == 2 and "was trained on an image folder" in err and "pass --data" in err
     other = _image_folder(str(tmp_path / "other"), classes=("cats", "dogs", "mice"))
-    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+    code, _, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
                          "--data", other, "--workers", "0"], capsys)
     assert code == 2 and "cats, dogs, mice" in err and "ants, bees, wasps" in err
 
@@ -478,29 +468,29 @@ def test_eval_uses_the_training_resolution_classes_and_data_stored_in_the_checkp
 def test_a_training_set_smaller_than_a_batch_lowers_the_batch_size_with_a_notice(tiny, tmp_path, capsys):
     data = _image_folder(str(tmp_path / "data"), per_class=3)  # 9 training images, default batch 64
     output = str(tmp_path / "run")
-    code, _, err = _run(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "1",
+    code, _, err = run_cli(["train", "--model", tiny, "--data", data, "--image-size", "16", "--epochs", "1",
                          "--workers", "0", "--output", output], capsys)
     assert code == 0, err
     assert "9 images, fewer than one step of --batch-size 64: using --batch-size 9" in err
-    assert _state(output)["step"] == 1
+    assert read_state(output)["step"] == 1
 
 
 def test_a_new_run_interrupted_at_once_keeps_the_old_run_and_a_failed_run_leaves_no_folder(tiny, tmp_path, capsys, monkeypatch):
     from convzoo.train import loop
 
     output = str(tmp_path / "run")
-    assert _run(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)[0] == 0
+    assert run_cli(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)[0] == 0
     before = {name: open(os.path.join(output, name), "rb").read() for name in ("metrics.jsonl", "summary.json")}
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.Trainer, "fit", interrupted)
-    code, _, err = _run(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)
+    code, _, err = run_cli(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)
     assert code == 130
     assert {name: open(os.path.join(output, name), "rb").read() for name in before} == before
     fresh = str(tmp_path / "fresh")
-    assert _run(["train", "--model", tiny, "--output", fresh, "--epochs", "1"] + BUILTIN, capsys)[0] == 130
+    assert run_cli(["train", "--model", tiny, "--output", fresh, "--epochs", "1"] + BUILTIN, capsys)[0] == 130
     assert not os.path.exists(fresh)
 
 
@@ -511,7 +501,7 @@ def test_a_new_run_interrupted_at_once_keeps_the_old_run_and_a_failed_run_leaves
     pytest.param(["list", "--input-size", "0"], "expected a positive integer, got 0", id="list-input-size"),
 ])
 def test_sizes_are_checked_before_any_work(argv, message, tmp_path, capsys):
-    code, out, err = _run(argv + (["--output", str(tmp_path / "run")] if argv[0] == "train" else []), capsys)
+    code, out, err = run_cli(argv + (["--output", str(tmp_path / "run")] if argv[0] == "train" else []), capsys)
     assert code == 2 and message in err and out == ""
     assert not os.path.exists(tmp_path / "run")
 
@@ -520,9 +510,9 @@ def test_eval_json_into_a_missing_folder_fails_before_evaluating(tiny, tmp_path,
     from convzoo.commands import eval as eval_command
 
     output = str(tmp_path / "run")
-    assert _run(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)[0] == 0
+    assert run_cli(["train", "--model", tiny, "--output", output, "--epochs", "1"] + BUILTIN, capsys)[0] == 0
     monkeypatch.setattr(eval_command, "_dataset", lambda *a: pytest.fail("evaluation started"))
-    code, _, err = _run(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
+    code, _, err = run_cli(["eval", "--model", tiny, "--checkpoint", os.path.join(output, "checkpoint.pt"),
                          "--json", str(tmp_path / "nodir" / "x.json")], capsys)
     assert code == 2 and "nodir" in err and "does not exist" in err
 
@@ -536,3 +526,32 @@ def test_list_names_only_into_a_closed_pipe_exits_quietly(tmp_path):
     process.wait(timeout=120)
     assert process.returncode == 0, err.decode()
     assert b"BrokenPipeError" not in err and b"Traceback" not in err
+
+
+def test_eval_of_an_official_file_uses_the_models_pretrained_cfg(tiny, tmp_path, capsys, monkeypatch):
+    """A checkpoint that stores no input configuration (an official .pth) is evaluated with the
+    model's registered pretrained_cfg: its resolution, normalisation, interpolation and crop."""
+    from convzoo.train.data import ImageFolder, eval_transform, find_classes
+
+    cfg = dict(input_size=(3, 20, 20), mean=(0.3, 0.4, 0.5), std=(0.2, 0.3, 0.25), crop_pct=1.0,
+               interpolation="bilinear", crop_mode="squash")
+    monkeypatch.setattr(tiny_model.tiny_test_net, "pretrained_cfg", cfg, raising=False)
+    data = _image_folder(str(tmp_path / "data"))
+    torch.manual_seed(3)
+    model = tiny_model.tiny_test_net(num_classes=3).eval()
+    path = str(tmp_path / "official.pth")
+    torch.save({"model": model.state_dict()}, path)
+    report = str(tmp_path / "report.json")
+    code, out, err = run_cli(["eval", "--model", tiny, "--checkpoint", path, "--data", data, "--workers", "0",
+                           "--json", report], capsys)
+    assert code == 0, err
+    assert f"resolution  20x20 ({tiny}'s pretrained_cfg)" in out
+    # the same figures by hand, with that configuration's transform
+    classes = find_classes(os.path.join(data, "train"))
+    transform = eval_transform(20, 1.0, cfg["mean"], cfg["std"], "bilinear", "squash")
+    images = ImageFolder(os.path.join(data, "val"), transform, {c: i for i, c in enumerate(classes)})
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    labels = torch.tensor([images[i][1] for i in range(len(images))])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), labels).item()
+    assert json.load(open(report))["loss"] == pytest.approx(loss, rel=1e-5)

@@ -1,4 +1,4 @@
 """Analysis tools: parameter and FLOP accounting (more tools live beside it)."""
-from .complexity import FlopCount, count_flops, count_params
+from .complexity import FlopCount, MetaFlopCounter, count_flops, count_params
 
-__all__ = ["FlopCount", "count_flops", "count_params"]
+__all__ = ["FlopCount", "MetaFlopCounter", "count_flops", "count_params"]

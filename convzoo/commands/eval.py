@@ -41,9 +41,9 @@ def register(subparsers) -> None:
                         help="override a field of the model's config (as in training), VALUE a Python literal")
     parser.add_argument("--data", metavar="DIR", help="image folder with val/<class>/<images> (default: the built-in data set)")
     parser.add_argument("--image-size", type=positive_int, metavar="PX",
-                        help="resolution (default: the one stored in the checkpoint, else 224)")
+                        help="resolution (default: the one stored in the checkpoint, else the model's pretrained_cfg on image folders)")
     parser.add_argument("--crop-pct", type=float, default=None,
-                        help="image folders: centre crop fraction (default: the checkpoint's, else 0.875)")
+                        help="image folders: centre crop fraction (default: the checkpoint's, else the model's pretrained_cfg)")
     parser.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                         help="training checkpoints: which weights (auto: EMA when present)")
     parser.add_argument("--reparam", action="store_true", help="evaluate the re-parameterized (deployed) model")
@@ -104,35 +104,41 @@ def _load_model(args, num_classes_from_data, state):
     return create_model_or_exit(args.model, pretrained=args.checkpoint, **kwargs), "file"
 
 
-def _input_cfg(args, state) -> dict:
-    """The input configuration the checkpoint was trained with (``pretrained_cfg``: resolution,
-    normalisation, class names, data set), ``{}`` when the file does not store one."""
+def _input_cfg(args, state) -> tuple:
+    """(the input configuration, where it came from): the one the checkpoint was trained with
+    (``pretrained_cfg``: resolution, normalisation, crop, class names, data set); for a file
+    that stores none (an official checkpoint) evaluated on an image folder, the model's
+    registered configuration (its official weights' evaluation settings)."""
+    from ..models._builder import pretrained_cfg_of
     from ..models._checkpoint import read_metadata, stored_pretrained_cfg
 
     if state is not None:
         cfg = dict(state["meta"].get("pretrained_cfg") or {})
         cfg.setdefault("dataset", state["meta"].get("data", {}))
-        return cfg
+        return cfg, "stored in the checkpoint"
     try:
-        return stored_pretrained_cfg(read_metadata(args.checkpoint))
+        cfg = stored_pretrained_cfg(read_metadata(args.checkpoint))
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if cfg or not args.data:
+        return cfg, "stored in the checkpoint"
+    return pretrained_cfg_of(args.model), f"{args.model}'s pretrained_cfg"
 
 
-def _resolution(args, cfg) -> tuple:
+def _resolution(args, cfg, source: str) -> tuple:
     """(image size, where it came from)."""
     if args.image_size:
         return args.image_size, "--image-size"
     if cfg.get("input_size"):
-        return int(cfg["input_size"][-1]), "stored in the checkpoint"
+        return int(cfg["input_size"][-1]), source
     return None, "default"
 
 
-def _dataset(args, cfg):
+def _dataset(args, cfg, source):
     from ..models._builder import IMAGENET_MEAN, IMAGENET_STD
     from ..train.data import DataError, ImageFolder, RelationConfig, RelationDataset, eval_transform, find_classes
 
-    size, _ = _resolution(args, cfg)
+    size, _ = _resolution(args, cfg, source)
     if args.data:
         val_dir = os.path.join(args.data, "val")
         if not os.path.isdir(args.data):
@@ -149,7 +155,9 @@ def _dataset(args, cfg):
                     f"{', '.join(trained)}; evaluate it on a folder with the same classes"
                 )
             crop_pct = args.crop_pct if args.crop_pct is not None else cfg.get("crop_pct", 0.875)
-            transform = eval_transform(size or 224, crop_pct, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+            transform = eval_transform(size or 224, crop_pct, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                                       cfg.get("interpolation", "bicubic"),
+                                       "center" if args.crop_pct is not None else cfg.get("crop_mode", "center"))
             return ImageFolder(val_dir, transform, {c: i for i, c in enumerate(classes)}, skip_policy="drop")
         except DataError as err:
             raise UsageError(str(err)) from None
@@ -192,8 +200,8 @@ def run(args) -> int:
     state = _training_state(args.checkpoint)
     if _seg.is_segmentation_eval(args, state):
         return _seg.run_eval(args, state, device, _load_model)
-    cfg = _input_cfg(args, state)
-    dataset = _dataset(args, cfg)
+    cfg, cfg_source = _input_cfg(args, state)
+    dataset = _dataset(args, cfg, cfg_source)
     model, weights = _load_model(args, getattr(dataset, "num_classes", None), state)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != dataset.num_classes:
@@ -220,7 +228,7 @@ def run(args) -> int:
     form = "re-parameterized" if args.reparam else "as trained"
     print(f"{args.model} ({form}, {weights} weights) on {report['images']} images"
           + (f" ({report['skipped_images']} unreadable, skipped)" if report["skipped_images"] else ""))
-    size_source = _resolution(args, cfg)[1]
+    size_source = _resolution(args, cfg, cfg_source)[1]
     print(f"  resolution  {report['image_size']}x{report['image_size']} ({size_source})")
     print(f"  top-1       {result.top1:.2f}%")
     print(f"  top-5       {result.top5:.2f}%")

@@ -30,12 +30,14 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _describe(name: str, input_size: int) -> dict:
+def _describe(name: str, input_size: int, counter) -> dict:
+    """The row of ``name``: built on the meta device inside ``counter`` (a
+    :class:`~convzoo.analysis.MetaFlopCounter` shared by all rows, so that what one model
+    computed speeds up the next), on the CPU when an init needs real tensors."""
     import torch
 
     from .. import create_model
     from ..analysis import count_flops, count_params
-
     from ..models._registry import get_entry_point
 
     row = {"name": name, "params": None, "macs": None}
@@ -43,7 +45,7 @@ def _describe(name: str, input_size: int) -> dict:
     if paper:
         row["paper"] = paper
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), counter:
             model = create_model(name)
     except Exception:  # noqa: BLE001 - an init that needs real tensors: build on the CPU instead
         _logger.debug("building %s on the meta device failed", name, exc_info=True)
@@ -52,10 +54,11 @@ def _describe(name: str, input_size: int) -> dict:
         except Exception as err:  # noqa: BLE001 - a listing shows what it can
             _logger.warning("could not build %s: %s: %s", name, type(err).__name__, err)
             return row
-    model.eval()
     row["params"] = count_params(model)
+    shape = (1, getattr(model, "in_chans", 3), input_size, input_size)
     try:
-        row["macs"] = count_flops(model, (1, getattr(model, "in_chans", 3), input_size, input_size)).macs
+        on_meta = any(p.is_meta for p in model.parameters())
+        row["macs"] = counter.count(model, shape) // 2 if on_meta else count_flops(model, shape).macs
     except Exception as err:  # noqa: BLE001 - a listing shows what it can
         _logger.warning("could not count the FLOPs of %s: %s", name, err)
     return row
@@ -80,7 +83,10 @@ def run(args) -> int:
     if args.names_only:
         print("\n".join(names))
         return 0
-    rows = [_describe(name, args.input_size) for name in names]
+    from ..analysis import MetaFlopCounter
+
+    counter = MetaFlopCounter()
+    rows = [_describe(name, args.input_size, counter) for name in names]
     if args.json:
         print(json.dumps({"input_size": args.input_size, "models": rows}, indent=2))
         return 0

@@ -311,8 +311,10 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
 def _trained_input_cfg(args, data_info, in_chans: int) -> dict:
     """What evaluation must reproduce: the training resolution, normalisation and classes."""
     if data_info.get("kind") == "image-folder":
-        size = args.image_size or 224
-        return dict(input_size=(in_chans, size, size), label_names=list(data_info["classes"]), dataset=data_info)
+        from ..models._builder import default_pretrained_cfg
+
+        size = args.image_size or 224  # validated with image_folder_splits' defaults: ImageNet normalisation, 0.875 bicubic crop
+        return dict(default_pretrained_cfg(in_chans, size), label_names=list(data_info["classes"]), dataset=data_info)
     size = args.image_size or 32
     return dict(input_size=(in_chans, size, size), mean=(0.0,) * in_chans, std=(1.0,) * in_chans, dataset=data_info)
 

@@ -25,9 +25,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def default_pretrained_cfg(in_chans: int = 3, size: int = 224) -> dict:
-    """timm's per-model input configuration: what the weights expect at evaluation time."""
+    """timm's per-model input configuration: what the weights expect at evaluation time
+    (``crop_mode`` "center": resize the shorter side to size / crop_pct and crop the centre;
+    "squash": resize the image to size x size, as the official codes evaluate at 384)."""
     return dict(input_size=(in_chans, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
-                interpolation="bicubic")
+                interpolation="bicubic", crop_mode="center")
+
+
+def pretrained_cfg_of(name: str, in_chans: int = 3) -> dict:
+    """The input configuration registered for model ``name`` (its official weights' evaluation
+    resolution, normalisation, crop and interpolation), without building the model."""
+    registered = getattr(get_entry_point(name), "pretrained_cfg", {})
+    cfg = {**default_pretrained_cfg(in_chans), **registered}
+    cfg["input_size"] = (in_chans, *tuple(cfg["input_size"])[1:])
+    return cfg
 
 
 def _check_pretrained_path(pretrained) -> None:
@@ -74,6 +85,9 @@ def build_model(
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
     cfg = dataclasses.replace(cfg, **overrides)
+    drop_rate = getattr(cfg, "drop_rate", 0.0)  # every family's dropout before the classifier (timm's meaning)
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
     layers = {} if norm_layer is None else {"norm_layer": norm_layer}  # e.g. nn.SyncBatchNorm, where a family takes it
     if layers and "norm_layer" not in inspect.signature(model_cls).parameters:
         raise TypeError(f"{model_cls.__name__} takes no norm_layer")
@@ -83,6 +97,7 @@ def build_model(
     model.in_chans = in_chans
     model.checkpoint_filter_fn = filter_fn
     model.pretrained_cfg = {**default_pretrained_cfg(in_chans), **(pretrained_cfg or {})}
+    model.pretrained_cfg["input_size"] = (in_chans, *tuple(model.pretrained_cfg["input_size"])[1:])
     if pretrained is not None:
         load_checkpoint(model, pretrained, filter_fn)
     if grad_checkpointing:
@@ -98,12 +113,16 @@ def create_model(name: str, pretrained: Optional[str | os.PathLike] = None, **kw
     Args:
         name: a name from :func:`convzoo.list_models`.
         pretrained: a local checkpoint: the family's official layout or convzoo's safetensors.
-        **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``features_only``,
+        **kwargs: ``num_classes``, ``in_chans``, ``drop_path_rate``, ``drop_rate`` (dropout
+            before the classifier, in every family's config), ``features_only``,
             ``out_indices``, ``grad_checkpointing``, ``pretrained_cfg`` and any field of the
             family's config.
     """
     entry = get_entry_point(name)
     _check_pretrained_path(pretrained)
+    registered = getattr(entry, "pretrained_cfg", None)
+    if registered:
+        kwargs["pretrained_cfg"] = {**registered, **(kwargs.get("pretrained_cfg") or {})}
     model = entry(pretrained=pretrained, **kwargs)
     target = model.model if isinstance(model, FeatureExtractor) else model
     target.model_name = name

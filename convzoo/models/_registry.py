@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch.nn as nn
 
 _ENTRY_POINTS: Dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``fn`` (an entry point taking ``create_model``'s keyword arguments) under its name."""
+def register_model(fn: Optional[Callable[..., nn.Module]] = None, *, pretrained_cfg: Optional[Mapping] = None):
+    """Register ``fn`` (an entry point taking ``create_model``'s keyword arguments) under its name.
+
+    ``@register_model(pretrained_cfg=dict(input_size=(3, 384, 384), crop_pct=1.0))`` records what
+    the model's released weights expect at evaluation (kept as ``fn.pretrained_cfg``; the keys
+    not given are :func:`convzoo.models._builder.default_pretrained_cfg`'s).
+    """
+    if fn is None:
+        return lambda f: register_model(f, pretrained_cfg=pretrained_cfg)
     name = fn.__name__
     if name in _ENTRY_POINTS:
         raise ValueError(f"model {name!r} is registered twice")
+    if pretrained_cfg is not None:
+        fn.pretrained_cfg = dict(pretrained_cfg)
     _ENTRY_POINTS[name] = fn
     return fn
 

@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..layers.common import DropPath, LayerNorm2d
 from ..layers.reparam import DepthwiseConv2d
@@ -30,7 +31,12 @@ __all__ = ["ConvNeXt", "ConvNeXtCfg", "StagedClassifier", "Stage", "ClassifierHe
 
 @dataclasses.dataclass(frozen=True)
 class ConvNeXtCfg:
-    """A ConvNeXt variant: blocks and widths per stage, depthwise kernel size and layer-scale init."""
+    """A ConvNeXt variant: blocks and widths per stage, depthwise kernel size and layer-scale init.
+
+    ``output_stride`` (32, 16 or 8): below 32, the last stages keep their resolution and dilate
+    their depthwise convs instead (for dense prediction), as timm's ConvNeXt does; the weights
+    are the same, so a classification checkpoint loads.
+    """
 
     depths: Tuple[int, ...] = (3, 3, 9, 3)
     dims: Tuple[int, ...] = (96, 192, 384, 768)
@@ -38,10 +44,14 @@ class ConvNeXtCfg:
     mlp_ratio: float = 4.0
     ls_init_value: float = 1e-6
     head_init_scale: float = 1.0
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
+    output_stride: int = 32
 
     def __post_init__(self):
         if len(self.depths) != len(self.dims) or not self.depths:
             raise ValueError(f"depths and dims need one entry per stage, got {self.depths} and {self.dims}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd positive int, got {self.kernel_size}")
         if any(d < 1 for d in self.depths) or any(c < 1 for c in self.dims):
@@ -64,9 +74,10 @@ class Mlp(nn.Module):
 class ConvNeXtBlock(nn.Module):
     """x + drop_path(gamma * mlp(norm(conv_dw(x)))) on (N, C, H, W); norm and mlp run channels last."""
 
-    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, ls_init_value: float, drop_path: float):
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, ls_init_value: float, drop_path: float,
+                 dilation: int = 1):
         super().__init__()
-        self.conv_dw = DepthwiseConv2d(dim, kernel_size, bias=True)
+        self.conv_dw = DepthwiseConv2d(dim, kernel_size, dilation=dilation, bias=True)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(mlp_ratio * dim))
         self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value))) if ls_init_value > 0 else None
@@ -108,28 +119,53 @@ class Stage(nn.Module):
         return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
-class ConvNeXtStage(Stage):
-    """Optional downsampling (LayerNorm2d + 2x2 stride-2 conv) then ``depth`` blocks."""
+class _SamePaddedConv2d(nn.Conv2d):
+    """A stride-1 conv whose output has its input's size: the ``dilation * (kernel_size - 1)``
+    padding rows/columns split with the extra one on the bottom/right (PyTorch's and timm's
+    "same"), padded explicitly so that even kernels need no copy inside the conv."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_paths: Sequence[float], cfg: ConvNeXtCfg):
-        down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2)) if downsample else nn.Identity()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        ph, pw = dh * (kh - 1), dw * (kw - 1)
+        return super().forward(F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
+
+
+class ConvNeXtStage(Stage):
+    """Optional downsampling (LayerNorm2d + 2x2 conv) then ``depth`` blocks.
+
+    ``dilations`` (the previous stage's, this stage's): (1, 1) downsamples with stride 2; a
+    stage that keeps the resolution (``output_stride``) has a stride-1 2x2 conv dilated by the
+    previous stage's dilation with "same" padding (one more row and column on the bottom and
+    right for dilation 1) and blocks dilated by its own.
+    """
+
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_paths: Sequence[float], cfg: ConvNeXtCfg,
+                 dilations: Tuple[int, int] = (1, 1)):
+        if not downsample:
+            down = nn.Identity()
+        elif dilations[1] == 1:
+            down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+        else:
+            down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), _SamePaddedConv2d(in_dim, dim, 2, dilation=dilations[0]))
         super().__init__(down, [
-            ConvNeXtBlock(dim, cfg.kernel_size, cfg.mlp_ratio, cfg.ls_init_value, drop_paths[j]) for j in range(depth)
+            ConvNeXtBlock(dim, cfg.kernel_size, cfg.mlp_ratio, cfg.ls_init_value, drop_paths[j], dilations[1])
+            for j in range(depth)
         ])
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool -> LayerNorm (``nn.Identity`` without ``norm``) -> Linear:
-    (N, C, H, W) -> (N, num_classes)."""
+    """Global average pool -> LayerNorm (``nn.Identity`` without ``norm``) -> dropout
+    (``drop_rate``) -> Linear: (N, C, H, W) -> (N, num_classes)."""
 
-    def __init__(self, dim: int, num_classes: int, norm: bool = True):
+    def __init__(self, dim: int, num_classes: int, norm: bool = True, drop_rate: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+        self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.fc(self.drop(x))
 
 
 class StagedClassifier(nn.Module):
@@ -138,11 +174,13 @@ class StagedClassifier(nn.Module):
 
     classifier_name = "head.fc"
 
-    def _init_head_and_weights(self, num_features: int, num_classes: int, head_init_scale: float = 1.0) -> None:
-        """The head on ``num_features`` channels, truncated-normal init of every conv and linear,
-        the classifier scaled by ``head_init_scale`` (the official ConvNeXt init)."""
+    def _init_head_and_weights(self, num_features: int, num_classes: int, head_init_scale: float = 1.0,
+                               drop_rate: float = 0.0) -> None:
+        """The head on ``num_features`` channels (dropout ``drop_rate`` before the classifier),
+        truncated-normal init of every conv and linear, the classifier scaled by
+        ``head_init_scale`` (the official ConvNeXt init)."""
         self.num_features = num_features
-        self.head = ClassifierHead(num_features, num_classes)
+        self.head = ClassifierHead(num_features, num_classes, drop_rate=drop_rate)
         self.apply(_init_weights)
         if isinstance(self.head.fc, nn.Linear):
             with torch.no_grad():
@@ -192,7 +230,8 @@ class StagedClassifier(nn.Module):
 
 
 class ConvNeXt(StagedClassifier):
-    """ConvNeXt classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32."""
+    """ConvNeXt classifier: (N, in_chans, H, W) -> (N, num_classes); stage strides 4, 8, 16, 32
+    (capped at ``cfg.output_stride``)."""
 
     def __init__(self, cfg: ConvNeXtCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
@@ -200,13 +239,18 @@ class ConvNeXt(StagedClassifier):
         rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.stages = nn.ModuleList()
         self.feature_info = []
-        start = 0
+        start, reduction, dilation = 0, 4, 1
         for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
             in_dim = cfg.dims[max(i - 1, 0)]
-            self.stages.append(ConvNeXtStage(in_dim, dim, depth, i > 0, rates[start:start + depth], cfg))
+            previous = dilation
+            if i > 0 and reduction * 2 > cfg.output_stride:  # keep the resolution, dilate instead
+                dilation *= 2
+            elif i > 0:
+                reduction *= 2
+            self.stages.append(ConvNeXtStage(in_dim, dim, depth, i > 0, rates[start:start + depth], cfg, (previous, dilation)))
             start += depth
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{i}"))
+        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale, cfg.drop_rate)
 
 
 def _init_weights(module: nn.Module) -> None:

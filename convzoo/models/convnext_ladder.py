@@ -54,6 +54,7 @@ class LadderCfg:
     norm: str = "bn"  # "bn" | "ln"
     separate_downsample: bool = False
     ls_init_value: float = 1e-6
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
     def __post_init__(self):
         choices = dict(stem=("resnet", "patchify"), block=("bottleneck", "inverted", "inverted_dw_first"),
@@ -196,7 +197,7 @@ class ConvNeXtLadder(StagedClassifier):
             c_in, start = dim, start + depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.num_features = dims[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, norm=cfg.separate_downsample)
+        self.head = ClassifierHead(self.num_features, num_classes, norm=cfg.separate_downsample, drop_rate=cfg.drop_rate)
         self.apply(_init_weights)
 
 

@@ -58,7 +58,8 @@ class InternImageCfg:
     dw_kernel_size: Optional[int] = None
     remove_center: bool = False
     cls_scale: float = 1.5
-    drop_rate: float = 0.0
+    mlp_drop_rate: float = 0.0  # dropout after the stem and in the MLPs (the official code's drop_rate)
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
 
 def _layer_norm(chs: int) -> nn.LayerNorm:
@@ -140,7 +141,7 @@ class InternImageLayer(nn.Module):
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = _layer_norm(channels)
-        self.mlp = MLPLayer(channels, int(channels * cfg.mlp_ratio), cfg.drop_rate)
+        self.mlp = MLPLayer(channels, int(channels * cfg.mlp_ratio), cfg.mlp_drop_rate)
         self.layer_scale = cfg.layer_scale is not None
         if self.layer_scale:
             self.gamma1 = nn.Parameter(torch.full((channels,), float(cfg.layer_scale)))
@@ -214,7 +215,7 @@ class InternImage(nn.Module):
             if (cfg.channels * 2**i) % group:
                 raise ValueError(f"level {i} has {cfg.channels * 2**i} channels, not divisible by groups[{i}]={group}")
         self.patch_embed = StemLayer(in_chans, cfg.channels)
-        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.pos_drop = nn.Dropout(cfg.mlp_drop_rate)
         rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.levels = nn.ModuleList()
         self.feature_info = []
@@ -228,6 +229,7 @@ class InternImage(nn.Module):
         self.num_features = int(stage_chs * cfg.cls_scale)
         self.conv_head = ConvHead(stage_chs, self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         for m in self.modules():
@@ -250,7 +252,7 @@ class InternImage(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(N, 8C, h, w) -> conv_head -> pooled (N, 12C) if ``pre_logits`` else logits."""
         x = torch.flatten(self.avgpool(self.conv_head(x)), 1)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -12,7 +12,15 @@
   residuals with squeeze-and-excitation (hard-sigmoid gate), h-swish, BatchNorm eps 1e-3.
 
 V2 and V3 have torchvision's layout and parameter names (``features.<i>...``,
-``classifier.<i>``), so torchvision state dicts load unchanged.
+``classifier.<i>``), so torchvision state dicts load unchanged. timm's MobileNetV3 layout
+(``conv_stem``, ``bn1``, ``blocks.<stage>.<block>.{conv_pw, bn1, conv_dw, bn2, se.conv_reduce,
+se.conv_expand, conv_pwl, bn3}`` or a first depthwise-separable block's ``conv_dw, bn1, se,
+conv_pw, bn2``, the last stage's ``conv, bn1``, then ``conv_head`` (a biased 1x1 conv on the
+pooled features: our ``classifier.0``) and ``classifier``) is mapped by
+:func:`checkpoint_filter_fn`. The architectures are the same (hard-swish stem, ReLU in the
+first stages, hard-sigmoid SE on the expanded width / 4 rounded to 8, 1280/1024 hidden head
+units); timm's BatchNorms use eps 1e-5 where torchvision's use 1e-3: build with
+``bn_eps=1e-5`` to reproduce timm's outputs exactly.
 
 Every model exposes four stages at strides 4, 8, 16 and 32: the last block at each of those
 strides, the stride-32 one ending with the final 1x1 conv (the map ``forward_features``
@@ -21,6 +29,7 @@ returns).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from functools import partial
 from typing import Dict, List, Sequence
@@ -35,6 +44,8 @@ from ._convbn import (
     Conv2dNormActivation, fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs, stages_of,
 )
 from ._registry import register_model
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "MobileNetV1",
@@ -316,11 +327,13 @@ def _init_weights_torchvision(m: nn.Module) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MobileNetV3Cfg:
-    """MobileNetV3: ``arch`` is "large" or "small"; width multiplier; classifier dropout."""
+    """MobileNetV3: ``arch`` is "large" or "small"; width multiplier; classifier dropout;
+    BatchNorm eps (torchvision's 1e-3; timm's weights were trained with 1e-5)."""
 
     arch: str = "large"
     width_mult: float = 1.0
     drop_rate: float = 0.2
+    bn_eps: float = 1e-3
 
 
 # (kernel, expanded channels, output channels, squeeze-excite, activation, stride) per block,
@@ -403,7 +416,7 @@ class MobileNetV3(nn.Module):
             raise ValueError(f"arch must be one of {sorted(_V3_ARCHS)}, got {cfg.arch!r}")
         self.grad_checkpointing = False
         blocks, head_chs, self.stage_ends = _V3_ARCHS[cfg.arch]
-        norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+        norm_layer = partial(nn.BatchNorm2d, eps=cfg.bn_eps, momentum=0.01)
 
         def width(chs: int) -> int:
             return make_divisible(chs * cfg.width_mult, 8)
@@ -464,34 +477,96 @@ class MobileNetV3(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def _timm_v3_block_part(block: nn.Module, part: str) -> str:
+    """Where a timm block part (``conv_pw``/``bn1``, ``conv_dw``, ``se``, ``conv_pwl``/``bn3``, or
+    a depthwise-separable block's ``conv_dw``/``bn1``, ``conv_pw``/``bn2``) sits in our
+    :class:`InvertedResidualV3` ``block``: ``block.<i>.<0 conv|1 bn>`` or ``block.<i>.fc1/fc2``."""
+    layers = list(block.block)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, Conv2dNormActivation)]
+    expand, depthwise, project = (convs if len(convs) == 3 else [None] + convs)
+    se = next((i for i, m in enumerate(layers) if isinstance(m, SqueezeExcite)), None)
+    if expand is None:  # timm's DepthwiseSeparableConv: conv_dw, bn1, se, conv_pw, bn2
+        roles = {"conv_dw": (depthwise, "0"), "bn1": (depthwise, "1"), "conv_pw": (project, "0"), "bn2": (project, "1")}
+    else:  # timm's InvertedResidual
+        roles = {"conv_pw": (expand, "0"), "bn1": (expand, "1"), "conv_dw": (depthwise, "0"), "bn2": (depthwise, "1"),
+                 "conv_pwl": (project, "0"), "bn3": (project, "1")}
+    roles.update({"se.conv_reduce": (se, "fc1"), "se.conv_expand": (se, "fc2")})
+    for name, (index, ours) in roles.items():
+        if part.startswith(name + ".") and index is not None:
+            return f"block.{index}.{ours}.{part[len(name) + 1:]}"
+    return part
+
+
+def _timm_v3_to_native(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's MobileNetV3 keys -> ours: ``blocks.<s>.<j>`` numbered in order become
+    ``features.1...``, the last stage (one conv-BN) the final ``features`` entry, ``conv_head``
+    (1x1 conv, bias) the hidden Linear ``classifier.0`` and ``classifier`` the last Linear."""
+    blocks = sorted({tuple(int(i) for i in k.split(".")[1:3]) for k in state_dict if k.startswith("blocks.")})
+    position = {ids: n + 1 for n, ids in enumerate(blocks)}
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(("conv_stem.", "bn1.")):
+            stem_part = "0" if key.startswith("conv_stem.") else "1"
+            out[f"features.0.{stem_part}.{key.split('.', 1)[1]}"] = value
+        elif key.startswith("blocks."):
+            _, s, j, part = key.split(".", 3)
+            n = position[(int(s), int(j))]
+            feature = model.features[n] if n < len(model.features) else None
+            if isinstance(feature, InvertedResidualV3):
+                out[f"features.{n}.{_timm_v3_block_part(feature, part)}"] = value
+            else:  # the final conv-BN-hardswish (timm's ConvBnAct: conv, bn1)
+                out[f"features.{n}.{part.replace('conv.', '0.', 1).replace('bn1.', '1.', 1)}"] = value
+        elif key.startswith("conv_head."):
+            out["classifier.0." + key[len("conv_head."):]] = value.flatten(1) if value.dim() == 4 else value
+        elif key.startswith("classifier."):
+            out["classifier.3." + key[len("classifier."):]] = value
+        else:
+            out[key] = value
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """torchvision's (V2, V3) and timm's (V1) layouts are the native ones: nothing to remap."""
-    return state_dict
+    """torchvision's (V2, V3) and timm's (V1) layouts are the native ones and load unchanged;
+    timm's MobileNetV3 layout (``conv_stem``, ``blocks``, ``conv_head``) is mapped onto ours.
+    ``model`` is not changed (a timm file on a model with torchvision's BatchNorm eps is
+    loaded, with a warning that ``bn_eps=1e-5`` reproduces timm's outputs)."""
+    if not (isinstance(model, MobileNetV3) and "conv_stem.weight" in state_dict and "conv_head.weight" in state_dict):
+        return state_dict
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    if eps and eps != {1e-5}:
+        _logger.warning("timm's MobileNetV3 weights were trained with BatchNorm eps 1e-5, this model has %s: "
+                        "create it with bn_eps=1e-5 for timm's exact outputs", sorted(eps))
+    return _timm_v3_to_native(state_dict, model)
 
 
 def _create(model_cls, cfg, pretrained=None, **kwargs) -> nn.Module:
     return build_model(model_cls, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+# timm's mobilenetv1_100 (torchvision has no MobileNetV1): Inception normalisation, bicubic
+_TIMM_V1_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+
+
+@register_model(pretrained_cfg=_TIMM_V1_CFG)
 def mobilenetv1_100(pretrained=None, **kwargs) -> MobileNetV1:
     """MobileNetV1, width 1.0 (timm layout): 4.2M parameters, 569M MACs at 224x224."""
     return _create(MobileNetV1, MobileNetV1Cfg(), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def mobilenetv2_100(pretrained=None, **kwargs) -> MobileNetV2:
     """MobileNetV2, width 1.0 (torchvision layout): 3.5M parameters, 300M MACs at 224x224."""
     return _create(MobileNetV2, MobileNetV2Cfg(), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def mobilenetv3_large_100(pretrained=None, **kwargs) -> MobileNetV3:
     """MobileNetV3-Large, width 1.0 (torchvision layout): 5.5M parameters, 217M MACs at 224x224."""
     return _create(MobileNetV3, MobileNetV3Cfg(arch="large"), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def mobilenetv3_small_100(pretrained=None, **kwargs) -> MobileNetV3:
     """MobileNetV3-Small, width 1.0 (torchvision layout): 2.5M parameters, 56M MACs at 224x224."""
     return _create(MobileNetV3, MobileNetV3Cfg(arch="small"), pretrained, **kwargs)

@@ -40,6 +40,7 @@ class RepLKNetCfg:
     ffn_ratio: float = 4.0
     norm_intermediate_features: bool = False  # a BN on each stage's output for dense heads (XL downstream)
     lk_shortcut: bool = True  # the RepLK blocks' identity shortcut (False: guideline 2's ablation)
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
     def __post_init__(self):
         n = len(self.depths)
@@ -164,6 +165,7 @@ class RepLKNet(nn.Module):
         self.num_features = cfg.channels[-1]
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.grad_checkpointing = False
 
@@ -213,7 +215,7 @@ class RepLKNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.norm(x)), 1)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -240,6 +242,10 @@ def _create_replknet(cfg: RepLKNetCfg, pretrained=None, **kwargs) -> RepLKNet:
     return build_model(RepLKNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
+# The official evaluation (datasets.py) warps to 384 x 384 from 384 up and crops 0.875 below.
+_AT_384 = dict(input_size=(3, 384, 384), crop_pct=1.0, crop_mode="squash")
+
+
 @register_model
 def replknet_tiny(pretrained=None, **kwargs) -> RepLKNet:
     """A narrow RepLKNet (kernels 13-13-7-5, small kernel 3) for small images and quick runs."""
@@ -254,14 +260,14 @@ def replknet_31b(pretrained=None, **kwargs) -> RepLKNet:
     return _create_replknet(cfg, pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def replknet_31l(pretrained=None, **kwargs) -> RepLKNet:
     """RepLKNet-31L: 172M params, 96.0G MACs at 384."""
     cfg = RepLKNetCfg(channels=(192, 384, 768, 1536))
     return _create_replknet(cfg, pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=dict(input_size=(3, 320, 320)))
 def replknet_xl(pretrained=None, **kwargs) -> RepLKNet:
     """RepLKNet-XL: 335M params, 128.7G MACs at 320 (kernels 27-27-27-13, dw_ratio 1.5, no small kernel)."""
     cfg = RepLKNetCfg(kernel_sizes=(27, 27, 27, 13), channels=(256, 512, 1024, 2048), small_kernel=None, dw_ratio=1.5)

@@ -47,6 +47,7 @@ class ResNetCfg:
         output_stride: 32, 16 or 8: the stride of the last stage; below 32 the last stage (and,
             for 8, the one before) keeps the resolution with dilated 3x3 convs instead of
             striding (torchvision's ``replace_stride_with_dilation``), for dense prediction.
+        drop_rate: dropout before the classifier (timm's ``drop_rate``).
     """
 
     layers: Tuple[int, ...] = (3, 4, 6, 3)
@@ -54,6 +55,7 @@ class ResNetCfg:
     deform_groups: int = 1
     zero_init_residual: bool = False
     output_stride: int = 32
+    drop_rate: float = 0.0
 
     def __post_init__(self):
         if self.output_stride not in (8, 16, 32):
@@ -179,6 +181,7 @@ class ResNet(nn.Module):
             self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f"layer{i + 1}"))
         self.num_features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.head_drop = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(cfg.zero_init_residual)
 
@@ -226,7 +229,7 @@ class ResNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(N, 2048, h, w) -> pooled (N, 2048) if ``pre_logits`` else logits (N, num_classes)."""
         x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.fc(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -272,13 +275,16 @@ def _create_resnet(cfg: ResNetCfg, pretrained=None, **kwargs) -> ResNet:
     return build_model(ResNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+
+
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def resnet50(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 (torchvision layout): 25.6M parameters, 4.1G MACs at 224x224."""
     return _create_resnet(ResNetCfg(layers=(3, 4, 6, 3)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def resnet50_dcnv2(pretrained=None, **kwargs) -> ResNet:
     """ResNet-50 with modulated deformable 3x3 convs in every bottleneck of conv3-conv5."""
     cfg = ResNetCfg(layers=(3, 4, 6, 3), dcn_stages=(False, True, True, True))

@@ -121,7 +121,7 @@ class PyramidPooling(nn.Module):
 
 
 class UperNetHead(nn.Module):
-    """UperNet decode head: feature maps of strides s_0 < ... < s_L -> (N, channels, H/s_0, W/s_0)."""
+    """UperNet decode head: feature maps of strides s_0 <= ... <= s_L -> (N, channels, H/s_0, W/s_0)."""
 
     def __init__(self, in_channels: Sequence[int], cfg: SegHeadCfg):
         super().__init__()
@@ -142,7 +142,7 @@ class UperNetHead(nn.Module):
 
 
 class SemanticFPNHead(nn.Module):
-    """Semantic FPN: feature maps of strides s_0 < ... < s_L -> (N, head_channels, H/s_0, W/s_0).
+    """Semantic FPN: feature maps of strides s_0 <= ... <= s_L -> (N, head_channels, H/s_0, W/s_0).
 
     FPN (1x1 laterals, top-down sum, 3x3 outputs); level i then passes
     ``max(1, log2(s_i / s_0))`` stages of 3x3 conv-BN-ReLU, each but the level-0 one followed by
@@ -207,8 +207,8 @@ class SegmentationModel(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 for a segmentation model, got {num_classes}")
         channels, reductions = backbone.channels(), backbone.reductions()
-        if any(b <= a for a, b in zip(reductions, reductions[1:])):
-            raise ValueError(f"the backbone's stages must have increasing strides, got {reductions}")
+        if any(b < a for a, b in zip(reductions, reductions[1:])):  # equal ones: a dilated backbone (output_stride)
+            raise ValueError(f"the backbone's stages must have non-decreasing strides, got {reductions}")
         self.backbone = backbone
         self.decode_head = (UperNetHead(channels, cfg) if head == "upernet"
                             else SemanticFPNHead(channels, reductions, cfg))

@@ -27,10 +27,12 @@ __all__ = ["ShuffleNetV2", "ShuffleNetV2Cfg", "InvertedResidual", "channel_shuff
 
 @dataclasses.dataclass(frozen=True)
 class ShuffleNetV2Cfg:
-    """Units in stage2..stage4 and the output channels of conv1, stage2..stage4 and conv5."""
+    """Units in stage2..stage4, the output channels of conv1, stage2..stage4 and conv5, and the
+    dropout before the classifier (timm's ``drop_rate``)."""
 
     stages_repeats: Tuple[int, ...] = (4, 8, 4)
     stages_out_channels: Tuple[int, ...] = (24, 116, 232, 464, 1024)
+    drop_rate: float = 0.0
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -116,6 +118,7 @@ class ShuffleNetV2(nn.Module):
             in_chs = out_chs
         self.conv5 = Conv2dNormActivation(in_chs, chs[4], 1)
         self.num_features = chs[4]
+        self.head_drop = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
             dict(num_chs=chs[0], reduction=4, module="maxpool"),
@@ -135,7 +138,7 @@ class ShuffleNetV2(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean((2, 3))
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.fc(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -170,25 +173,28 @@ def _create_shufflenetv2(channels: Tuple[int, ...], pretrained=None, **kwargs) -
     return build_model(ShuffleNetV2, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+
+
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x0_5(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x0.5 (torchvision layout): 1.37M parameters, 41M MACs at 224x224."""
     return _create_shufflenetv2((24, 48, 96, 192, 1024), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x1_0(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x1.0 (torchvision layout): 2.3M parameters, 146M MACs at 224x224."""
     return _create_shufflenetv2((24, 116, 232, 464, 1024), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x1_5(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x1.5 (torchvision layout): 3.5M parameters, 299M MACs at 224x224."""
     return _create_shufflenetv2((24, 176, 352, 704, 1024), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def shufflenetv2_x2_0(pretrained=None, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 x2.0 (torchvision layout): 7.4M parameters, 591M MACs at 224x224."""
     return _create_shufflenetv2((24, 244, 488, 976, 2048), pretrained, **kwargs)

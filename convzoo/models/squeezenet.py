@@ -163,13 +163,16 @@ def _create_squeezenet(cfg: SqueezeNetCfg, pretrained=None, **kwargs) -> Squeeze
     return build_model(SqueezeNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
-@register_model
+_TORCHVISION_CFG = dict(interpolation="bilinear")  # torchvision's evaluation: resize 256, centre crop 224, bilinear
+
+
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def squeezenet1_0(pretrained=None, **kwargs) -> SqueezeNet:
     """SqueezeNet 1.0 (torchvision layout): 1.25M parameters, 819M MACs at 224x224."""
     return _create_squeezenet(SqueezeNetCfg(version="1_0"), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_TORCHVISION_CFG)
 def squeezenet1_1(pretrained=None, **kwargs) -> SqueezeNet:
     """SqueezeNet 1.1 (torchvision layout): 1.24M parameters, 352M MACs at 224x224."""
     return _create_squeezenet(SqueezeNetCfg(version="1_1"), pretrained, **kwargs)

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..layers.common import DropPath, GlobalResponseNorm, LayerNorm2d, SqueezeExcite
-from ..layers.reparam import DILATED_BRANCHES, DepthwiseConv2d, DilatedReparamBlock, fuse_conv_bn, is_reparameterized, reparameterize
+from ..layers.reparam import DILATED_BRANCHES, DepthwiseConv2d, DilatedReparamBlock, fuse_conv_bn, is_reparameterized
 from ._builder import build_model
+from ._convbn import linear_drop_path_rates
 from ._registry import register_model
 from .convnext import Stage, StagedClassifier
 
@@ -64,6 +65,7 @@ class UniRepLKNetCfg:
     ffn_ratio: float = 4.0
     ls_init_value: float = 1e-6
     head_init_scale: float = 1.0
+    drop_rate: float = 0.0  # dropout before the classifier (timm's drop_rate)
 
     def __post_init__(self):
         if len(self.depths) != len(self.dims) or not self.depths:
@@ -158,7 +160,7 @@ class UniRepLKNet(StagedClassifier):
             nn.Conv2d(in_chans, d0 // 2, 3, stride=2, padding=1), LayerNorm2d(d0 // 2, eps=1e-6), nn.GELU(),
             nn.Conv2d(d0 // 2, d0, 3, stride=2, padding=1), LayerNorm2d(d0, eps=1e-6),
         )
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()
+        rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.stages = nn.ModuleList()
         self.feature_info = []
         start = 0
@@ -169,7 +171,13 @@ class UniRepLKNet(StagedClassifier):
                                             for j, k in enumerate(sizes)]))
             start += len(sizes)
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale)
+        self._init_head_and_weights(cfg.dims[-1], num_classes, cfg.head_init_scale, cfg.drop_rate)
+
+    def checkpoint_form(self, state_dict) -> List[str]:
+        """``[""]`` (the whole model) when ``state_dict`` is an official file in the deployed form
+        (written after ``reparameterize_unireplknet()``: ``pwconv2.0.bias`` keys, no BatchNorms in
+        the blocks): the loader re-parameterizes the model before it reads such a file."""
+        return [""] if _is_deployed_official(state_dict) and not is_reparameterized(self) else []
 
 
 _BLOCK_RENAMES = (
@@ -217,77 +225,83 @@ def _official_key_to_native(key: str, model: nn.Module, deployed: bool) -> str:
     return key
 
 
+def _is_deployed_official(state_dict) -> bool:
+    return any(k.endswith(".pwconv2.0.bias") for k in state_dict)
+
+
 def checkpoint_filter_fn(state_dict, model: nn.Module):
     """Map an AILab-CVC/UniRepLKNet state dict (``{'model': ...}`` unwrapped) onto ``model``.
 
-    A deployed official file (written after ``reparameterize_unireplknet()``: ``pwconv2.0.bias``
-    keys, no BatchNorms in the blocks) re-parameterizes ``model`` first (in place) so that it
-    fits. Native state dicts are returned as they are.
+    ``model`` is not changed: a deployed official file needs ``model`` in its deployed form,
+    which :meth:`UniRepLKNet.checkpoint_form` asks the loader for. Native state dicts are
+    returned as they are.
     """
     if not any(k.startswith("downsample_layers.") for k in state_dict):
         return state_dict
-    deployed = any(k.endswith(".pwconv2.0.bias") for k in state_dict)
-    if deployed and not is_reparameterized(model):
-        reparameterize(model)
+    deployed = _is_deployed_official(state_dict)
     return {_official_key_to_native(k, model, deployed): v for k, v in state_dict.items()}
 
 
-def _create_unireplknet(variant: str, cfg: UniRepLKNetCfg, pretrained=None, **kwargs) -> UniRepLKNet:
+def _create_unireplknet(cfg: UniRepLKNetCfg, pretrained=None, **kwargs) -> UniRepLKNet:
     return build_model(UniRepLKNet, cfg, checkpoint_filter_fn, pretrained=pretrained, **kwargs)
 
 
 _AFP, _N, _T, _SBLXL = (2, 2, 6, 2), (2, 2, 8, 2), (3, 3, 18, 3), (3, 3, 27, 3)
 
 
+# B/L/XL are released ImageNet-22K-pretrained and fine-tuned at 384, evaluated by warping to 384 x 384.
+_AT_384 = dict(input_size=(3, 384, 384), crop_pct=1.0, crop_mode="squash")
+
+
 @register_model
 def unireplknet_a(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-A: 4.4M params, 0.6G MACs at 224."""
-    return _create_unireplknet("unireplknet_a", UniRepLKNetCfg(depths=_AFP, dims=(40, 80, 160, 320)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_AFP, dims=(40, 80, 160, 320)), pretrained, **kwargs)
 
 
 @register_model
 def unireplknet_f(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-F: 6.2M params, 0.9G MACs at 224."""
-    return _create_unireplknet("unireplknet_f", UniRepLKNetCfg(depths=_AFP, dims=(48, 96, 192, 384)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_AFP, dims=(48, 96, 192, 384)), pretrained, **kwargs)
 
 
 @register_model
 def unireplknet_p(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-P: 10.7M params, 1.6G MACs at 224."""
-    return _create_unireplknet("unireplknet_p", UniRepLKNetCfg(depths=_AFP, dims=(64, 128, 256, 512)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_AFP, dims=(64, 128, 256, 512)), pretrained, **kwargs)
 
 
 @register_model
 def unireplknet_n(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-N: 18.3M params, 2.8G MACs at 224."""
-    return _create_unireplknet("unireplknet_n", UniRepLKNetCfg(depths=_N, dims=(80, 160, 320, 640)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_N, dims=(80, 160, 320, 640)), pretrained, **kwargs)
 
 
 @register_model
 def unireplknet_t(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-T: 31M params, 4.9G MACs at 224."""
-    return _create_unireplknet("unireplknet_t", UniRepLKNetCfg(depths=_T, dims=(80, 160, 320, 640)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_T, dims=(80, 160, 320, 640)), pretrained, **kwargs)
 
 
 @register_model
 def unireplknet_s(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-S: 56M params, 9.1G MACs at 224."""
-    return _create_unireplknet("unireplknet_s", UniRepLKNetCfg(depths=_SBLXL, dims=(96, 192, 384, 768)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_SBLXL, dims=(96, 192, 384, 768)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def unireplknet_b(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-B: 98M params, 47.2G MACs at 384."""
-    return _create_unireplknet("unireplknet_b", UniRepLKNetCfg(depths=_SBLXL, dims=(128, 256, 512, 1024)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_SBLXL, dims=(128, 256, 512, 1024)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def unireplknet_l(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-L: 218M params, 105.4G MACs at 384."""
-    return _create_unireplknet("unireplknet_l", UniRepLKNetCfg(depths=_SBLXL, dims=(192, 384, 768, 1536)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_SBLXL, dims=(192, 384, 768, 1536)), pretrained, **kwargs)
 
 
-@register_model
+@register_model(pretrained_cfg=_AT_384)
 def unireplknet_xl(pretrained=None, **kwargs) -> UniRepLKNet:
     """UniRepLKNet-XL: 386M params, 187G MACs at 384."""
-    return _create_unireplknet("unireplknet_xl", UniRepLKNetCfg(depths=_SBLXL, dims=(256, 512, 1024, 2048)), pretrained, **kwargs)
+    return _create_unireplknet(UniRepLKNetCfg(depths=_SBLXL, dims=(256, 512, 1024, 2048)), pretrained, **kwargs)

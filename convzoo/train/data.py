@@ -268,22 +268,31 @@ class RandomHorizontalFlip:
 
 
 class ResizeCenterCrop:
-    """Resize the shorter side to ``size / crop_pct``, then take the central ``size`` square."""
+    """Resize the shorter side to ``size / crop_pct``, then take the central ``size`` square
+    (``crop_mode="squash"``: resize the whole image to ``size`` x ``size``, as official codes
+    evaluate at 384); ``interpolation`` "bicubic" or "bilinear"."""
 
-    def __init__(self, size: int, crop_pct: float = 0.875):
-        self.size, self.crop_pct = size, crop_pct
+    def __init__(self, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic", crop_mode: str = "center"):
+        if interpolation not in ("bicubic", "bilinear") or crop_mode not in ("center", "squash"):
+            raise ValueError(f"interpolation must be 'bicubic' or 'bilinear' and crop_mode 'center' or 'squash', "
+                             f"got {interpolation!r}, {crop_mode!r}")
+        self.size, self.crop_pct, self.interpolation, self.crop_mode = size, crop_pct, interpolation, crop_mode
 
     def __call__(self, image, rng=None):
+        resample = _pil().BICUBIC if self.interpolation == "bicubic" else _pil().BILINEAR
+        if self.crop_mode == "squash":
+            return image.resize((self.size, self.size), resample)
         width, height = image.size
         short = int(math.floor(self.size / self.crop_pct))
         scale = short / min(width, height)
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        image = image.resize((new_w, new_h), _pil().BICUBIC)
+        image = image.resize((new_w, new_h), resample)
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         return image.crop((left, top, left + self.size, top + self.size))
 
     def __repr__(self) -> str:
-        return f"ResizeCenterCrop(size={self.size}, crop_pct={self.crop_pct})"
+        return (f"ResizeCenterCrop(size={self.size}, crop_pct={self.crop_pct}, interpolation={self.interpolation!r}, "
+                f"crop_mode={self.crop_mode!r})")
 
 
 class RandAugmentLite:
@@ -366,9 +375,10 @@ def train_transform(image_size: int, scale=(0.08, 1.0), hflip: float = 0.5, rand
     return Compose(steps)
 
 
-def eval_transform(image_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Compose:
-    """The evaluation pipeline: resize, centre crop, normalisation with ``mean``/``std``."""
-    return Compose([ResizeCenterCrop(image_size, crop_pct), ToNormalizedTensor(mean, std)])
+def eval_transform(image_size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   interpolation: str = "bicubic", crop_mode: str = "center") -> Compose:
+    """The evaluation pipeline: resize, centre crop (:class:`ResizeCenterCrop`), normalisation with ``mean``/``std``."""
+    return Compose([ResizeCenterCrop(image_size, crop_pct, interpolation, crop_mode), ToNormalizedTensor(mean, std)])
 
 
 # --------------------------------------------------------------------------------------------

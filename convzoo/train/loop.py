@@ -189,20 +189,40 @@ def load_training_checkpoint(path: str) -> dict:
     return state
 
 
+class EvalBatches:
+    """The non-empty ``(images, targets)`` batches of an evaluation loader (yielding
+    ``(images, targets, skipped_paths)``), moved to ``device`` (images channels-last on request).
+    After the loop, ``skipped`` counts the unreadable images the loader dropped and ``seconds``
+    the time the loop took (the GPU's queued work included). Shared by every evaluation loop."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, channels_last: bool = False):
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        self.skipped = 0
+        self.seconds = 0.0
+
+    def __iter__(self):
+        start = time.perf_counter()
+        for images, targets, skipped_paths in self.loader:
+            self.skipped += len(skipped_paths)
+            if images.numel() == 0:
+                continue
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, targets.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - start
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none",
              channels_last: bool = False, info: DistInfo = DistInfo()) -> EvalResult:
     """Top-1/top-5 accuracy, mean loss and throughput of ``model`` over ``loader`` (all ranks)."""
     model.eval()
-    correct1 = correct5 = loss_sum = count = skipped = 0.0
-    start = time.perf_counter()
-    for images, labels, skipped_paths in loader:
-        skipped += len(skipped_paths)
-        if images.numel() == 0:
-            continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    correct1 = correct5 = loss_sum = count = 0.0
+    batches = EvalBatches(loader, device, channels_last)
+    for images, labels in batches:
         with autocast_context(device, amp):
             logits = model(images)
         logits = logits.float()
@@ -212,14 +232,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
         count += labels.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    correct1, correct5, loss_sum, count, skipped = all_reduce_sum([correct1, correct5, loss_sum, count, skipped], info)
+    correct1, correct5, loss_sum, count, skipped = all_reduce_sum([correct1, correct5, loss_sum, count, batches.skipped], info)
     denominator = max(count, 1.0)
     return EvalResult(
         top1=100.0 * correct1 / denominator, top5=100.0 * correct5 / denominator, loss=loss_sum / denominator,
-        num_images=int(count), seconds=seconds, skipped=int(skipped),
+        num_images=int(count), seconds=batches.seconds, skipped=int(skipped),
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .distributed import DistInfo, all_reduce_sum
-from .loop import Trainer, autocast_context
+from .loop import EvalBatches, Trainer, autocast_context
 from .segdata import IGNORE_INDEX, seg_collate
 
 
@@ -126,29 +125,20 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, device: torch.de
     """mIoU, aAcc, mAcc, per-class IoU and mean pixel loss of ``model`` over ``loader`` (all ranks)."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum = pixels = images_seen = skipped = 0.0
-    start = time.perf_counter()
-    for images, masks, skipped_paths in loader:
-        skipped += len(skipped_paths)
-        if images.numel() == 0:
-            continue
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    loss_sum = pixels = images_seen = 0.0
+    batches = EvalBatches(loader, device, channels_last)
+    for images, masks in batches:
         with autocast_context(device, amp):
             scores = infer_logits(model, images, num_classes, mode, crop_size, stride, flip)
         loss_sum += F.nll_loss(scores.clamp_min(1e-12).log(), masks, ignore_index=ignore_index, reduction="sum").item()
         pixels += float((masks != ignore_index).sum())
         confusion += confusion_matrix(scores.argmax(1), masks, num_classes, ignore_index)
         images_seen += images.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    totals = all_reduce_sum([loss_sum, pixels, images_seen, skipped] + confusion.flatten().double().tolist(), info)
+    totals = all_reduce_sum([loss_sum, pixels, images_seen, batches.skipped] + confusion.flatten().double().tolist(), info)
     loss_sum, pixels, images_seen, skipped = totals[:4]
     confusion = np.asarray(totals[4:], dtype=np.float64).reshape(num_classes, num_classes)
     return SegEvalResult.from_confusion(confusion, loss=loss_sum / max(pixels, 1.0), num_images=int(images_seen),
-                                       seconds=seconds, skipped=int(skipped))
+                                       seconds=batches.seconds, skipped=int(skipped))
 
 
 def poly_lr(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float, power: float = 1.0) -> float:

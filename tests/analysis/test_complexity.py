@@ -64,3 +64,20 @@ def test_meta_device_model_and_mode_is_restored():
 def test_bad_input_size():
     with pytest.raises(ValueError, match="input_size must be a non-empty shape"):
         count_flops(nn.Conv2d(1, 1, 1), ())
+
+
+@pytest.mark.parametrize("name, size", [
+    pytest.param("mobilenetv3_small_100", 64, id="mobilenetv3-hardswish-se"),
+    pytest.param("semfpn_replknet_tiny", 64, id="segmentation-upsampling"),
+])
+def test_meta_flop_counter_gives_count_flops_total(name, size):
+    from convzoo.analysis import MetaFlopCounter
+
+    counter = MetaFlopCounter()
+    with torch.device("meta"), counter:
+        model = convzoo.create_model(name)
+    expected = count_flops(model, (1, 3, size, size)).flops
+    assert counter.count(model, (1, 3, size, size)) == expected > 0
+    # the second pass answers every operator from the remembered shapes, with the same total
+    assert counter.count(model, (1, 3, size, size)) == expected
+    assert model.training  # the mode is restored

@@ -220,3 +220,33 @@ def test_reparameterize_walks_children_and_marks_model():
     net.train()
     assert convzoo.reparameterize(net) is net
     assert calls == ["a", "b"] and not net.training and is_reparameterized(net)
+
+
+@pytest.mark.parametrize("name, size, crop_pct, crop_mode, interpolation, mean", [
+    pytest.param("replknet_31b", 224, 0.875, "center", "bicubic", (0.485, 0.456, 0.406), id="replknet_31b-224"),
+    pytest.param("replknet_31l", 384, 1.0, "squash", "bicubic", (0.485, 0.456, 0.406), id="replknet_31l-384-warped"),
+    pytest.param("replknet_xl", 320, 0.875, "center", "bicubic", (0.485, 0.456, 0.406), id="replknet_xl-320"),
+    pytest.param("unireplknet_s", 224, 0.875, "center", "bicubic", (0.485, 0.456, 0.406), id="unireplknet_s-224"),
+    pytest.param("unireplknet_xl", 384, 1.0, "squash", "bicubic", (0.485, 0.456, 0.406), id="unireplknet_xl-384"),
+    pytest.param("convnext_tiny", 224, 0.875, "center", "bicubic", (0.485, 0.456, 0.406), id="convnext"),
+    pytest.param("internimage_t", 224, 0.875, "center", "bicubic", (0.485, 0.456, 0.406), id="internimage"),
+    pytest.param("resnet50", 224, 0.875, "center", "bilinear", (0.485, 0.456, 0.406), id="torchvision-resnet"),
+    pytest.param("shufflenetv2_x1_0", 224, 0.875, "center", "bilinear", (0.485, 0.456, 0.406), id="torchvision-shufflenet"),
+    pytest.param("mobilenetv1_100", 224, 0.875, "center", "bicubic", (0.5, 0.5, 0.5), id="timm-mobilenetv1"),
+])
+def test_pretrained_cfg_holds_the_official_evaluation_settings(name, size, crop_pct, crop_mode, interpolation, mean):
+    """The official evaluation settings (RepLKNet-pytorch's and UniRepLKNet's datasets.py warp at
+    384 and crop 224/256 below; torchvision resizes 256 bilinear; timm's MobileNetV1 uses the
+    Inception normalisation), on the model and from the registry without building it."""
+    from convzoo.models._builder import pretrained_cfg_of
+
+    with torch.device("meta"):
+        model = convzoo.create_model(name, in_chans=1)
+    expected = dict(input_size=(1, size, size), crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation,
+                    mean=mean)
+    assert {k: model.pretrained_cfg[k] for k in expected} == expected
+    assert pretrained_cfg_of(name, in_chans=1) == model.pretrained_cfg
+    # a caller's (or a training run's) configuration overrides the registered one
+    with torch.device("meta"):
+        tuned = convzoo.create_model(name, pretrained_cfg=dict(input_size=(3, 64, 64)))
+    assert tuned.pretrained_cfg["input_size"] == (3, 64, 64) and tuned.pretrained_cfg["crop_mode"] == crop_mode

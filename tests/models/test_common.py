@@ -326,3 +326,27 @@ def test_torch_compile(name):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert_rel_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name", sorted(set(one_per_family()) | {"mobilenetv2_100", "mobilenetv3_small_100"}))
+def test_drop_rate_is_dropout_right_before_the_classifier(name):
+    """timm's ``drop_rate``: in training, the classifier's input is the input it gets without
+    dropout, with about half of its non-zero entries zeroed and the rest doubled; in eval, no change."""
+    dropped = build(name, drop_rate=0.5)
+    plain = build(name, drop_rate=0.0)
+    plain.load_state_dict(dropped.state_dict())
+    heads = (dropped.classifier_name,) if isinstance(dropped.classifier_name, str) else dropped.classifier_name
+    seen = []
+    for model in (dropped, plain):
+        model.get_submodule(heads[0]).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = image(4)
+    torch.manual_seed(0)
+    dropped.train()(x)
+    plain.train()(x)
+    got, clean = seen
+    zeroed = got == 0
+    assert 0.3 < zeroed[clean != 0].float().mean() < 0.7
+    torch.testing.assert_close(got[~zeroed], 2 * clean[~zeroed])
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+    with pytest.raises(ValueError, match="drop_rate must be in"):
+        convzoo.create_model(name, drop_rate=1.5)

@@ -200,3 +200,39 @@ def test_no_layer_scale_and_drop_path_rates():
 def test_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         convzoo.create_model("convnext_tiny", **{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("output_stride, reductions", [(16, (4, 8, 16, 16)), (8, (4, 8, 8, 8))])
+def test_output_stride_dilates_the_last_stages_with_the_same_weights(output_stride, reductions):
+    """A dilated stage computed on the dense map gives, on the grid of the strided model's
+    samples, exactly the strided model's output (the 2x2 downsampling conv at stride 1 with
+    "same" padding, then depthwise convs dilated by the skipped stride): for OS 16 the last stage
+    at every other position; for OS 8 stage 2 at every other and stage 3 at every fourth, offset
+    by the dilated downsampling conv's one-pixel padding."""
+    strided = randomized_small_model().eval()
+    dilated = convzoo.create_model("convnext_tiny", num_classes=10, output_stride=output_stride, **SMALL).eval()
+    dilated.load_state_dict(strided.state_dict())  # the same keys and shapes: classification weights load
+    assert tuple(f["reduction"] for f in dilated.feature_info) == reductions
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        dense, sparse = dilated.forward_intermediates(x), strided.forward_intermediates(x)
+        assert [tuple(f.shape[-2:]) for f in dense] == [(64 // r, 64 // r) for r in reductions]
+        torch.testing.assert_close(dense[1], sparse[1])
+        if output_stride == 16:
+            torch.testing.assert_close(dense[3][..., ::2, ::2], sparse[3])
+        else:
+            torch.testing.assert_close(dense[2][..., ::2, ::2], sparse[2])
+            torch.testing.assert_close(dense[3][..., 1::4, 1::4], sparse[3])
+        assert dilated(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="output_stride must be 8, 16 or 32"):
+        convzoo.create_model("convnext_tiny", output_stride=4, **SMALL)
+
+
+@pytest.mark.parametrize("head", ["upernet", "semfpn"])
+def test_output_stride_for_segmentation(head):
+    """Both heads on an output-stride-16 ConvNeXt: they read the 1/16 maps and predict at full size."""
+    model = convzoo.create_model(f"{head}_convnext_tiny", num_classes=3, output_stride=16, head_channels=8,
+                                 head_fpn_channels=8, aux_channels=4, **SMALL).eval()
+    assert model.backbone.reductions() == [4, 8, 16, 16]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)

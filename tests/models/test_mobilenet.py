@@ -1,7 +1,10 @@
 """MobileNet V1/V2/V3: architecture figures, torchvision/timm checkpoints, BN folding."""
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import convzoo
 from _family_helpers import (
@@ -154,3 +157,134 @@ def test_reparameterized_model_saves_and_reloads(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.modules())
+
+
+# timm's MobileNetV3 as its generator describes it (block type, repeats, kernel, stride, expansion
+# ratio, output channels, SE ratio, ReLU ('nre') else hard-swish), one list per stage.
+TIMM_V3 = {
+    "mobilenetv3_large_100": (1280, [["ds_r1_k3_s1_e1_c16_nre"],
+                                     ["ir_r1_k3_s2_e4_c24_nre", "ir_r1_k3_s1_e3_c24_nre"],
+                                     ["ir_r3_k5_s2_e3_c40_se0.25_nre"],
+                                     ["ir_r1_k3_s2_e6_c80", "ir_r1_k3_s1_e2.5_c80", "ir_r2_k3_s1_e2.3_c80"],
+                                     ["ir_r2_k3_s1_e6_c112_se0.25"],
+                                     ["ir_r3_k5_s2_e6_c160_se0.25"],
+                                     ["cn_r1_k1_s1_c960"]]),
+    "mobilenetv3_small_100": (1024, [["ds_r1_k3_s2_e1_c16_se0.25_nre"],
+                                     ["ir_r1_k3_s2_e4.5_c24_nre", "ir_r1_k3_s1_e3.67_c24_nre"],
+                                     ["ir_r1_k5_s2_e4_c40_se0.25", "ir_r2_k5_s1_e6_c40_se0.25"],
+                                     ["ir_r2_k5_s1_e3_c48_se0.25"],
+                                     ["ir_r3_k5_s2_e6_c96_se0.25"],
+                                     ["cn_r1_k1_s1_c576"]]),
+}
+
+
+def _round8(v):
+    rounded = max(8, int(v + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * v else rounded
+
+
+def _timm_blocks(stages):
+    """[(stage, index, type, kernel, stride, in, mid, out, se_chs, relu)] from timm's block strings."""
+    blocks, in_chs = [], 16
+    for s, stage in enumerate(stages):
+        j = 0
+        for text in stage:
+            parts = text.split("_")
+            opts = {p[0]: p[1:] for p in parts[1:] if p not in ("nre",) and not p.startswith("se")}
+            se = next((float(p[2:]) for p in parts if p.startswith("se")), 0.0)
+            for r in range(int(opts["r"])):
+                out = int(opts["c"])
+                mid = _round8(in_chs * float(opts.get("e", 1)))
+                blocks.append((s, j, parts[0], int(opts["k"]), int(opts["s"]) if r == 0 else 1, in_chs, mid, out,
+                               _round8(mid * se) if se else 0, "nre" in parts))
+                in_chs, j = out, j + 1
+    return blocks
+
+
+def timm_v3_state_dict(name, num_classes=10):
+    """Random weights and BatchNorm statistics under timm's MobileNetV3 key names."""
+    gen = torch.Generator().manual_seed(1)
+    sd = {}
+
+    def conv(key, cout, cin, k, bias=False):
+        sd[key + ".weight"] = torch.randn(cout, cin, k, k, generator=gen) * (2.0 / (cin * k * k)) ** 0.5
+        if bias:
+            sd[key + ".bias"] = torch.randn(cout, generator=gen) * 0.1
+
+    def bn(key, c):
+        sd[key + ".weight"] = 1 + 0.2 * torch.randn(c, generator=gen)
+        sd[key + ".bias"] = 0.1 * torch.randn(c, generator=gen)
+        sd[key + ".running_mean"] = 0.1 * torch.randn(c, generator=gen)
+        sd[key + ".running_var"] = 0.5 + torch.rand(c, generator=gen)
+        sd[key + ".num_batches_tracked"] = torch.tensor(7)
+
+    head, stages = TIMM_V3[name]
+    conv("conv_stem", 16, 3, 3)
+    bn("bn1", 16)
+    for s, j, kind, k, _, cin, mid, cout, se, _ in _timm_blocks(stages):
+        b = f"blocks.{s}.{j}."
+        if kind == "cn":
+            conv(b + "conv", cout, cin, 1)
+            bn(b + "bn1", cout)
+            continue
+        if kind == "ir":
+            conv(b + "conv_pw", mid, cin, 1)
+            bn(b + "bn1", mid)
+        dw = ("bn2", "bn1")[kind == "ds"]
+        conv(b + "conv_dw", mid, 1, k)
+        bn(b + dw, mid)
+        if se:
+            conv(b + "se.conv_reduce", se, mid, 1, bias=True)
+            conv(b + "se.conv_expand", mid, se, 1, bias=True)
+        conv(b + ("conv_pwl" if kind == "ir" else "conv_pw"), cout, mid, 1)
+        bn(b + ("bn3" if kind == "ir" else "bn2"), cout)
+    last = _timm_blocks(stages)[-1][7]
+    conv("conv_head", head, last, 1, bias=True)
+    sd["classifier.weight"] = torch.randn(num_classes, head, generator=gen) * head ** -0.5
+    sd["classifier.bias"] = torch.zeros(num_classes)
+    return sd
+
+
+def timm_v3_forward(sd, stages, x):
+    """timm's MobileNetV3 forward, written from its description: BatchNorm eps 1e-5, hard-swish
+    except in 'nre' blocks, SE gate hard-sigmoid with a ReLU inside, residual when the stride
+    is 1 and the width is kept, pooling before the biased 1x1 ``conv_head``."""
+    def bn(t, key):
+        return F.batch_norm(t, sd[key + ".running_mean"], sd[key + ".running_var"], sd[key + ".weight"],
+                            sd[key + ".bias"], False, 0.0, 1e-5)
+
+    x = F.hardswish(bn(F.conv2d(x, sd["conv_stem.weight"], stride=2, padding=1), "bn1"))
+    for s, j, kind, k, stride, cin, mid, cout, se, relu in _timm_blocks(stages):
+        act = F.relu if relu else F.hardswish
+        b = f"blocks.{s}.{j}."
+        if kind == "cn":
+            x = F.hardswish(bn(F.conv2d(x, sd[b + "conv.weight"]), b + "bn1"))
+            continue
+        y = x
+        if kind == "ir":
+            y = act(bn(F.conv2d(y, sd[b + "conv_pw.weight"]), b + "bn1"))
+        y = act(bn(F.conv2d(y, sd[b + "conv_dw.weight"], stride=stride, padding=k // 2, groups=mid),
+                   b + ("bn2" if kind == "ir" else "bn1")))
+        if se:
+            z = F.relu(F.conv2d(y.mean((2, 3), keepdim=True), sd[b + "se.conv_reduce.weight"], sd[b + "se.conv_reduce.bias"]))
+            y = y * F.relu6(F.conv2d(z, sd[b + "se.conv_expand.weight"], sd[b + "se.conv_expand.bias"]) + 3) / 6
+        y = bn(F.conv2d(y, sd[b + ("conv_pwl" if kind == "ir" else "conv_pw") + ".weight"]), b + ("bn3" if kind == "ir" else "bn2"))
+        x = x + y if stride == 1 and cin == cout else y
+    x = F.hardswish(F.conv2d(x.mean((2, 3), keepdim=True), sd["conv_head.weight"], sd["conv_head.bias"])).flatten(1)
+    return F.linear(x, sd["classifier.weight"], sd["classifier.bias"])
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_large_100", "mobilenetv3_small_100"])
+def test_timm_mobilenetv3_layout_loads_and_computes_timms_forward(tmp_path, name, caplog):
+    sd = timm_v3_state_dict(name)
+    path = tmp_path / f"{name}_timm.pth"
+    torch.save(sd, path)
+    model = convzoo.create_model(name, pretrained=path, num_classes=10, bn_eps=1e-5).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)  # float64: random weights make large logits
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_v3_forward(sd64, TIMM_V3[name][1], x), rtol=1e-9, atol=1e-9)
+    # with torchvision's eps the file still loads, and the log says how to get timm's outputs
+    with caplog.at_level(logging.WARNING):
+        convzoo.create_model(name, pretrained=path, num_classes=10)
+    assert "bn_eps=1e-5" in caplog.text

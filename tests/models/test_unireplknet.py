@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import convzoo
 from convzoo.analysis import count_flops, count_params
 from convzoo.layers import DilatedReparamBlock
-from convzoo.models.unireplknet import default_kernel_sizes
+from convzoo.models.unireplknet import checkpoint_filter_fn, default_kernel_sizes
 
 from _family_helpers import build_on_meta, layer_norm_channels_first, randomize_batchnorms
 
@@ -238,3 +238,10 @@ def test_official_deployed_layout_loads(tmp_path):
     assert convzoo.is_reparameterized(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    # the filter itself maps keys only: the loader puts the model into the deployed form first
+    fresh = convzoo.create_model("unireplknet_a", num_classes=10, **SMALL)
+    keys = list(fresh.state_dict())
+    mapped = checkpoint_filter_fn(dict(official), fresh)
+    assert list(fresh.state_dict()) == keys and not convzoo.is_reparameterized(fresh)
+    assert fresh.checkpoint_form(official) == [""] and fresh.checkpoint_form(fresh.state_dict()) == []
+    assert set(mapped) == set(model.state_dict()) - {k for k in model.state_dict() if k.endswith("num_batches_tracked")}

@@ -127,8 +127,16 @@ def test_random_resized_crop_size_and_determinism():
 
 
 def test_resize_center_crop_and_normalisation():
-    out = ResizeCenterCrop(16)(_picture(50, 20))
+    picture = _picture(50, 20)
+    out = ResizeCenterCrop(16)(picture)
     assert out.size == (16, 16)
+    # the centre crop of the bicubic resize to short side 16 / 0.875 = 18 (45 x 18)
+    expected = picture.resize((45, 18), Image.BICUBIC).crop((14, 1, 30, 17))
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    squashed = ResizeCenterCrop(16, 1.0, "bilinear", "squash")(picture)  # the whole image, warped
+    assert np.array_equal(np.asarray(squashed), np.asarray(picture.resize((16, 16), Image.BILINEAR)))
+    with pytest.raises(ValueError, match="crop_mode"):
+        ResizeCenterCrop(16, crop_mode="corner")
     white = Image.new("RGB", (4, 4), (255, 255, 255))
     tensor = ToNormalizedTensor(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(white)
     assert tensor.shape == (3, 4, 4) and torch.allclose(tensor, torch.full((3, 4, 4), 2.0))
