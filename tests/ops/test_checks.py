@@ -111,7 +111,10 @@ def test_triton_on_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypa
         _checks.use_triton("dcnv3", "triton", x)
 
 
-@pytest.mark.parametrize("operator", [ops.deform_conv2d, ops.dcnv3, ops.dwconv2d], ids=lambda op: op.__name__)
+@pytest.mark.parametrize("operator", [ops.deform_conv2d, ops.dcnv3, ops.dwconv2d, ops.roi_align, ops.ps_roi_align,
+                                      ops.roi_pool, ops.ps_roi_pool, ops.deform_roi_pool,
+                                      ops.modulated_deform_roi_pool, ops.deform_ps_roi_pool],
+                         ids=lambda op: op.__name__)
 def test_torch_jit_script_is_refused_with_the_supported_paths(operator):
     """torch.jit.script is not supported (torch.compile / torch.export are): a clear error, for the
     operator and for a module that calls it."""

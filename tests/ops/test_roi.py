@@ -705,55 +705,59 @@ def test_opcheck_custom_ops():
 # --------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------
-def test_errors_name_the_argument():
-    x = torch.randn(2, 8, 5, 5)
-    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
-    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
-        ops.roi_align([1], rois, 2)
-    with pytest.raises(ValueError, match="input must be a 4-D tensor"):
-        ops.roi_align(x[0], rois, 2)
-    with pytest.raises(TypeError, match="input must have dtype"):
-        ops.roi_align(x.long(), rois, 2)
-    with pytest.raises(ValueError, match=r"boxes must have shape \(K, 5\)"):
-        ops.roi_align(x, rois[:, :4], 2)
-    with pytest.raises(ValueError, match=r"boxes\[:, 0\] must hold integer batch indices"):
-        ops.roi_align(x, torch.tensor([[2, 0.0, 0.0, 3.0, 3.0]]), 2)
-    with pytest.raises(ValueError, match="boxes given as a list must hold one"):
-        ops.roi_align(x, [rois[:, 1:]], 2)
-    with pytest.raises(ValueError, match=r"boxes\[1\] must have shape \(L, 4\)"):
-        ops.roi_align(x, [rois[:, 1:], rois], 2)
-    with pytest.raises(ValueError, match="output_size must be >= 1"):
-        ops.roi_align(x, rois, 0)
-    with pytest.raises(ValueError, match="spatial_scale must be a finite number > 0"):
-        ops.roi_align(x, rois, 2, spatial_scale=0.0)
-    with pytest.raises(TypeError, match="sampling_ratio must be an int"):
-        ops.roi_align(x, rois, 2, sampling_ratio=2.0)
-    with pytest.raises(TypeError, match="aligned must be a bool"):
-        ops.roi_align(x, rois, 2, aligned="yes")
-    with pytest.raises(ValueError, match="impl='triton' is not available"):
-        ops.roi_align(x, rois, 2, impl="triton")
-    with pytest.raises(ValueError, match="impl must be one of"):
-        ops.ps_roi_pool(x, rois, 2, impl="cuda")
-    with pytest.raises(ValueError, match=r"offset must have shape \(1, 2, 2, 2\)"):
-        ops.deform_roi_pool(x, rois, torch.zeros(1, 2, 3, 3), 2)
-    with pytest.raises(TypeError, match="offset must have the dtype of input"):
-        ops.deform_roi_pool(x, rois, torch.zeros(1, 2, 2, 2, dtype=DT), 2)
-    with pytest.raises(TypeError, match="gamma must be a finite float"):
-        ops.deform_roi_pool(x, rois, None, 2, gamma=float("nan"))
-    with pytest.raises(ValueError, match=r"mask must have shape \(1, 1, 2, 2\)"):
-        ops.modulated_deform_roi_pool(x, rois, torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), 2)
-    with pytest.raises(ValueError, match="input channels must be a multiple of"):
-        ops.ps_roi_pool(x, rois, 3)
-    with pytest.raises(ValueError, match="input must have output_dim"):
-        ops.deform_ps_roi_pool(x, rois, None, 3, 2, 2, no_trans=True)
-    with pytest.raises(ValueError, match="offset must be a Tensor"):
-        ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2)
-    with pytest.raises(ValueError, match=r"offset must have shape \(1, 2\*Q, 3, 3\)"):
-        ops.deform_ps_roi_pool(x, rois, torch.zeros(1, 2, 2, 2), 2, 2, 3, 3)
-    with pytest.raises(ValueError, match="output_dim .* must be divisible"):
-        ops.deform_ps_roi_pool(x, rois, torch.zeros(1, 6, 2, 2), 2, 2, 2)
-    with pytest.raises(ValueError, match="sample_per_part must be >= 1"):
-        ops.deform_ps_roi_pool(x, rois, None, 2, 2, 2, sample_per_part=0, no_trans=True)
+X = torch.randn(2, 8, 5, 5)
+ROIS = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
+BAD_CALLS = [
+    pytest.param(TypeError, "input must be a torch.Tensor",
+                 lambda: ops.roi_align([1], ROIS, 2), id="input-not-tensor"),
+    pytest.param(ValueError, "input must be a 4-D tensor", lambda: ops.roi_align(X[0], ROIS, 2), id="input-3d"),
+    pytest.param(TypeError, "input must have dtype", lambda: ops.roi_align(X.long(), ROIS, 2), id="input-long"),
+    pytest.param(ValueError, r"boxes must have shape \(K, 5\)",
+                 lambda: ops.roi_align(X, ROIS[:, :4], 2), id="boxes-4-columns"),
+    pytest.param(ValueError, r"boxes\[:, 0\] must hold integer batch indices",
+                 lambda: ops.roi_align(X, torch.tensor([[2, 0.0, 0.0, 3.0, 3.0]]), 2), id="boxes-bad-batch-index"),
+    pytest.param(ValueError, "boxes given as a list must hold one",
+                 lambda: ops.roi_align(X, [ROIS[:, 1:]], 2), id="box-list-length"),
+    pytest.param(ValueError, r"boxes\[1\] must have shape \(L, 4\)",
+                 lambda: ops.roi_align(X, [ROIS[:, 1:], ROIS], 2), id="box-list-shape"),
+    pytest.param(ValueError, "output_size must be >= 1", lambda: ops.roi_align(X, ROIS, 0), id="output-size-0"),
+    pytest.param(ValueError, "spatial_scale must be a finite number > 0",
+                 lambda: ops.roi_align(X, ROIS, 2, spatial_scale=0.0), id="spatial-scale-0"),
+    pytest.param(TypeError, "sampling_ratio must be an int",
+                 lambda: ops.roi_align(X, ROIS, 2, sampling_ratio=2.0), id="sampling-ratio-float"),
+    pytest.param(TypeError, "aligned must be a bool",
+                 lambda: ops.roi_align(X, ROIS, 2, aligned="yes"), id="aligned-str"),
+    pytest.param(ValueError, "impl='triton' is not available",
+                 lambda: ops.roi_align(X, ROIS, 2, impl="triton"), id="impl-triton"),
+    pytest.param(ValueError, "impl must be one of",
+                 lambda: ops.ps_roi_pool(X, ROIS, 2, impl="cuda"), id="impl-unknown"),
+    pytest.param(ValueError, r"offset must have shape \(1, 2, 2, 2\)",
+                 lambda: ops.deform_roi_pool(X, ROIS, torch.zeros(1, 2, 3, 3), 2), id="offset-shape"),
+    pytest.param(TypeError, "offset must have the dtype of input",
+                 lambda: ops.deform_roi_pool(X, ROIS, torch.zeros(1, 2, 2, 2, dtype=DT), 2), id="offset-dtype"),
+    pytest.param(TypeError, "gamma must be a finite float",
+                 lambda: ops.deform_roi_pool(X, ROIS, None, 2, gamma=float("nan")), id="gamma-nan"),
+    pytest.param(ValueError, r"mask must have shape \(1, 1, 2, 2\)",
+                 lambda: ops.modulated_deform_roi_pool(X, ROIS, torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), 2), id="mask-shape"),
+    pytest.param(ValueError, "input channels must be a multiple of",
+                 lambda: ops.ps_roi_pool(X, ROIS, 3), id="ps-channels"),
+    pytest.param(ValueError, "input must have output_dim",
+                 lambda: ops.deform_ps_roi_pool(X, ROIS, None, 3, 2, 2, no_trans=True), id="deform-ps-channels"),
+    pytest.param(ValueError, "offset must be a Tensor",
+                 lambda: ops.deform_ps_roi_pool(X, ROIS, None, 2, 2, 2), id="deform-ps-offset-missing"),
+    pytest.param(ValueError, r"offset must have shape \(1, 2\*Q, 3, 3\)",
+                 lambda: ops.deform_ps_roi_pool(X, ROIS, torch.zeros(1, 2, 2, 2), 2, 2, 3, 3), id="deform-ps-offset-shape"),
+    pytest.param(ValueError, "output_dim .* must be divisible",
+                 lambda: ops.deform_ps_roi_pool(X, ROIS, torch.zeros(1, 6, 2, 2), 2, 2, 2), id="deform-ps-output-dim"),
+    pytest.param(ValueError, "sample_per_part must be >= 1",
+                 lambda: ops.deform_ps_roi_pool(X, ROIS, None, 2, 2, 2, sample_per_part=0, no_trans=True), id="deform-ps-sample-per-part"),
+]
+
+
+@pytest.mark.parametrize("error, message, call", BAD_CALLS)
+def test_errors_name_the_argument(error, message, call):
+    with pytest.raises(error, match=message):
+        call()
 
 
 @pytest.mark.parametrize("engine", ["numba", "pytorch-without-numba"])

@@ -33,7 +33,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_float, check_impl, check_int, check_positive_float, check_same, check_tensor, pair
+from .._checks import (check_bool, check_float, check_impl, check_int, check_positive_float, check_same, check_tensor, pair,
+                       script_unsupported)
 from .._numba import kernels
 from . import reference
 from .reference import AlignGeometry, DeformPSGeometry, PoolGeometry
@@ -103,6 +104,17 @@ def _check_input(input: Tensor) -> Tensor:
     if input.shape[2] == 0 or input.shape[3] == 0:
         raise ValueError(f"input must have a non-empty spatial size, got shape {tuple(input.shape)}")
     return input
+
+
+def _check_common(
+    op_name: str, impl: str, input: Tensor, boxes_name: str, boxes: Boxes, output_size, spatial_scale
+) -> Tuple[Tensor, Tuple[int, int], float]:
+    """Checks shared by the RoI operators; returns ``(rois Tensor[K, 5], (ph, pw), spatial_scale)``."""
+    _check_roi_impl(impl, op_name)
+    _check_input(input)
+    rois = _boxes_to_rois(boxes_name, boxes, input)
+    pooled = pair("output_size", output_size, minimum=1)
+    return rois, pooled, check_positive_float("spatial_scale", spatial_scale)
 
 
 def _check_position_sensitive_channels(input: Tensor, pooled: Tuple[int, int]) -> None:
@@ -556,6 +568,7 @@ _register_flop_formulas()
 # --------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------
+@script_unsupported
 def roi_align(
     input: Tensor,
     boxes: Boxes,
@@ -590,11 +603,9 @@ def roi_align(
         >>> roi_align(x, torch.tensor([[0., 1., 1., 9., 7.]]), 2, aligned=True).shape
         torch.Size([1, 8, 2, 2])
     """
-    _check_roi_impl(impl, "roi_align")
-    _check_input(input)
-    rois = _boxes_to_rois("boxes", boxes, input)
-    pooled = pair("output_size", output_size, minimum=1)
-    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+    rois, pooled, spatial_scale = _check_common(
+        "roi_align", impl, input, "boxes", boxes, output_size, spatial_scale
+    )
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     aligned = check_bool("aligned", aligned)
     if impl == "reference":
@@ -602,6 +613,7 @@ def roi_align(
     return _roi_align_op(input, rois, pooled[0], pooled[1], spatial_scale, sampling_ratio, aligned)
 
 
+@script_unsupported
 def ps_roi_align(
     input: Tensor,
     boxes: Boxes,
@@ -634,18 +646,17 @@ def ps_roi_align(
         >>> ps_roi_align(x, torch.tensor([[0., 1., 1., 9., 7.]]), 2).shape
         torch.Size([1, 2, 2, 2])
     """
-    _check_roi_impl(impl, "ps_roi_align")
-    _check_input(input)
-    rois = _boxes_to_rois("boxes", boxes, input)
-    pooled = pair("output_size", output_size, minimum=1)
+    rois, pooled, spatial_scale = _check_common(
+        "ps_roi_align", impl, input, "boxes", boxes, output_size, spatial_scale
+    )
     _check_position_sensitive_channels(input, pooled)
-    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     if impl == "reference":
         return reference.ps_roi_align(input, rois, pooled, spatial_scale, sampling_ratio)
     return _ps_roi_align_op(input, rois, pooled[0], pooled[1], spatial_scale, sampling_ratio)
 
 
+@script_unsupported
 def roi_pool(
     input: Tensor,
     boxes: Boxes,
@@ -678,16 +689,15 @@ def roi_pool(
         >>> roi_pool(x, torch.tensor([[0., 1., 1., 9., 7.]]), 2).shape
         torch.Size([1, 8, 2, 2])
     """
-    _check_roi_impl(impl, "roi_pool")
-    _check_input(input)
-    rois = _boxes_to_rois("boxes", boxes, input)
-    pooled = pair("output_size", output_size, minimum=1)
-    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
+    rois, pooled, spatial_scale = _check_common(
+        "roi_pool", impl, input, "boxes", boxes, output_size, spatial_scale
+    )
     if impl == "reference":
         return reference.roi_pool(input, rois, PoolGeometry(pooled[0], pooled[1], spatial_scale))
     return _roi_pool_op(input, rois, pooled[0], pooled[1], spatial_scale)[0]
 
 
+@script_unsupported
 def deform_roi_pool(
     input: Tensor,
     rois: Boxes,
@@ -721,13 +731,11 @@ def deform_roi_pool(
     for samples in the one-pixel band just outside the map, where it uses the unclamped
     coordinate.
     """
-    _check_roi_impl(impl, "deform_roi_pool")
-    _check_input(input)
-    rois = _boxes_to_rois("rois", rois, input)
-    pooled = pair("output_size", output_size, minimum=1)
+    rois, pooled, spatial_scale = _check_common(
+        "deform_roi_pool", impl, input, "rois", rois, output_size, spatial_scale
+    )
     if offset is not None:
         _check_bin_tensor("offset", offset, input, (rois.shape[0], 2) + pooled, "K, 2, ph, pw")
-    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     sampling_ratio = check_int("sampling_ratio", sampling_ratio)
     gamma = check_float("gamma", gamma)
     if impl == "reference":
@@ -735,6 +743,7 @@ def deform_roi_pool(
     return _deform_roi_pool_op(input, rois, offset, pooled[0], pooled[1], spatial_scale, sampling_ratio, gamma)
 
 
+@script_unsupported
 def modulated_deform_roi_pool(
     input: Tensor,
     rois: Boxes,
@@ -768,6 +777,7 @@ def modulated_deform_roi_pool(
     return pooled_out * mask
 
 
+@script_unsupported
 def ps_roi_pool(
     input: Tensor,
     boxes: Boxes,
@@ -799,17 +809,16 @@ def ps_roi_pool(
     Returns:
         Tensor[K, C_out, ph, pw].
     """
-    _check_roi_impl(impl, "ps_roi_pool")
-    _check_input(input)
-    rois = _boxes_to_rois("boxes", boxes, input)
-    pooled = pair("output_size", output_size, minimum=1)
+    rois, pooled, spatial_scale = _check_common(
+        "ps_roi_pool", impl, input, "boxes", boxes, output_size, spatial_scale
+    )
     _check_position_sensitive_channels(input, pooled)
-    spatial_scale = check_positive_float("spatial_scale", spatial_scale)
     if impl == "reference":
         return reference.ps_roi_pool(input, rois, PoolGeometry(pooled[0], pooled[1], spatial_scale))
     return _ps_roi_pool_op(input, rois, pooled[0], pooled[1], spatial_scale)
 
 
+@script_unsupported
 def deform_ps_roi_pool(
     input: Tensor,
     rois: Boxes,
@@ -871,8 +880,7 @@ def deform_ps_roi_pool(
     sample_per_part = check_int("sample_per_part", sample_per_part, minimum=1)
     trans_std = check_float("trans_std", trans_std)
     spatial_scale = check_positive_float("spatial_scale", spatial_scale)
-    if not isinstance(no_trans, bool):
-        raise TypeError(f"no_trans must be a bool, got {no_trans!r}")
+    no_trans = check_bool("no_trans", no_trans)
     if input.shape[1] != output_dim * group_size * group_size:
         raise ValueError(
             f"input must have output_dim * group_size**2 = {output_dim * group_size * group_size} channels, "
