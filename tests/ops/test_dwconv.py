@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -364,6 +364,45 @@ class _Block(torch.nn.Module):
     def forward(self, x):
         return dwconv2d(x, self.weight, self.bias, padding="same").relu()
 
+
+@pytest.mark.parametrize("size,kernel,stride,padding,dilation,cropped", [
+    pytest.param((8, 8), (27, 27), 1, 13, 1, (15, 15), id="replknet-31b-stage3-at-128"),
+    pytest.param((5, 9), (13, 7), 1, "same", 1, (9, 7), id="rect-height-only"),
+    pytest.param((9, 6), (15, 15), 2, 7, 1, (15, 10), id="stride-2"),
+    pytest.param((6, 6), (9, 9), 1, 8, 2, (5, 5), id="dilation-2"),
+    pytest.param((7, 10), (10, 10), (2, 1), "same", 1, (10, 10), id="even-kernel-nothing-to-crop"),
+    pytest.param((3, 3), (31, 31), 1, 15, 1, (5, 5), id="31x31-on-3x3"),
+])
+def test_inference_crops_taps_that_only_read_padding(size, kernel, stride, padding, dilation, cropped):
+    """Eager CPU inference drops kernel taps that can only multiply padding: the output is the full
+    kernel's, computed with the smaller kernel and adjusted padding."""
+    from convzoo.ops.dwconv import _check_args, crop_to_reach
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    w = torch.randn(3, 1, *kernel, dtype=torch.float64)
+    stride2, padding4, dilation2 = _check_args(x, w, None, stride, padding, dilation)
+    small, small_padding = crop_to_reach(x.shape, w, stride2, padding4, dilation2)
+    assert tuple(small.shape[2:]) == cropped
+    expected = dwconv2d_reference(x, w, None, stride2, padding4, dilation2)
+    torch.testing.assert_close(dwconv2d_reference(x, small, None, stride2, small_padding, dilation2), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(dwconv2d(x, w, None, stride, padding, dilation), expected)
+
+
+@given(height=st.integers(1, 9), width=st.integers(1, 9), kh=st.integers(1, 17), kw=st.integers(1, 17),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), dh=st.integers(1, 3), dw=st.integers(1, 3),
+       pads=st.tuples(*[st.integers(0, 12)] * 4))
+def test_cropping_keeps_the_output_on_random_shapes(height, width, kh, kw, sh, sw, dh, dw, pads):
+    from convzoo.ops.dwconv import crop_to_reach
+
+    assume(height + pads[0] + pads[1] >= dh * (kh - 1) + 1 and width + pads[2] + pads[3] >= dw * (kw - 1) + 1)
+    x = torch.randn(1, 2, height, width, dtype=torch.float64)
+    w = torch.randn(2, 1, kh, kw, dtype=torch.float64)
+    small, small_padding = crop_to_reach(x.shape, w, (sh, sw), pads, (dh, dw))
+    assert min(small_padding) >= 0 and small.shape[2] <= kh and small.shape[3] <= kw
+    torch.testing.assert_close(dwconv2d_reference(x, small, None, (sh, sw), small_padding, (dh, dw)),
+                               dwconv2d_reference(x, w, None, (sh, sw), pads, (dh, dw)))
 
 def test_torch_compile_fullgraph():
     block = _Block()

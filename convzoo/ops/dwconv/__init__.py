@@ -80,6 +80,7 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         return dwconv2d_reference(x, weight, bias, stride, padding4, dilation)
     backend = "triton" if use_triton("dwconv2d", impl, x) else "native"
     if backend == "native" and plain_cpu_inference(x, weight, bias):
+        weight, padding4 = crop_to_reach(x.shape, weight, stride, padding4, dilation)
         return cpu.forward(x, weight, bias, stride, padding4, dilation)
     return torch.ops.convzoo.dwconv2d(x, weight, bias, list(stride), list(padding4), list(dilation), backend,
                                       triton_kernel)
@@ -112,6 +113,44 @@ def _check_args(x, weight, bias, stride, padding, dilation):
             f"x of spatial size {tuple(x.shape[2:])} padded by {padding4} (top, bottom, left, right) is smaller "
             f"than the dilated kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")
     return stride, padding4, dilation
+
+
+def _taps_in_reach(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
+                   dilation: int) -> Tuple[int, int, int, int]:
+    """Along one axis: the first and last kernel tap that reads the input for some output, and the
+    padding that keeps the output size once the other taps are dropped.
+
+    Returns ``(first, last, new_pad_before, new_pad_after)``.  Output ``y`` reads input row
+    ``y*stride - pad_before + tap*dilation``; taps that land outside ``[0, size)`` for every ``y``
+    only ever multiply zero padding.
+    """
+    out = (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+    first = max(0, -((-(pad_before - (out - 1) * stride)) // dilation))  # ceil division
+    last = min(kernel - 1, (size - 1 + pad_before) // dilation)
+    return first, last, pad_before - first * dilation, pad_after - (kernel - 1 - last) * dilation
+
+
+def crop_to_reach(x_shape, weight: torch.Tensor, stride, padding4, dilation):
+    """Drop the kernel taps that only ever read zero padding (a 27x27 kernel on an 8x8 map keeps its
+    central 15x15): the same output, computed with a smaller kernel.
+
+    Args:
+        x_shape: (N, C, H, W) of the input.
+        weight (Tensor[C*m, 1, kh, kw]): the kernel.
+        stride, dilation: (h, w) pairs; padding4: (top, bottom, left, right).
+
+    Returns:
+        ``(weight, padding4)``, unchanged when every tap can read the input or when cropping would
+        need a negative padding.
+    """
+    top, bottom, left, right = padding4
+    first_h, last_h, top, bottom = _taps_in_reach(x_shape[2], weight.shape[2], stride[0], top, bottom, dilation[0])
+    first_w, last_w, left, right = _taps_in_reach(x_shape[3], weight.shape[3], stride[1], left, right, dilation[1])
+    cropped_shape = (last_h - first_h + 1, last_w - first_w + 1)
+    if cropped_shape == tuple(weight.shape[2:]) or min(top, bottom, left, right) < 0 or min(cropped_shape) < 1:
+        return weight, padding4
+    cropped = weight[:, :, first_h:last_h + 1, first_w:last_w + 1].contiguous()
+    return cropped, (top, bottom, left, right)
 
 
 def _padding4(padding: PaddingArg, x_shape, kernel, stride, dilation) -> Tuple[int, int, int, int]:
