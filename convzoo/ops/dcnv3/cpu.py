@@ -7,14 +7,13 @@ are tested against.
 Every array handed to the kernels is a contiguous view of the operator's own layouts:
 ``x`` ``(N, H, W, G, C)``, ``offset`` ``(N, H_out, W_out, G, P, 2)`` holding ``(x, y)`` pairs,
 ``mask`` ``(N, H_out, W_out, G, P)``, ``out``/``grad_out`` ``(N, H_out, W_out, G, C)``. The
-kernels run in parallel over the ``N * H_out * W_out`` output pixels (equal blocks, so that a
-small map at batch 1 still splits evenly between the threads):
+kernels run in parallel over the ``N * H_out`` output rows:
 
-* forward: each output pixel is written by one thread, one pass over the channels per sample
+* forward: each output row is written by one thread, one pass over the channels per sample
   (the four corners at once; a corner outside the input has weight zero);
-* backward: ``grad_offset`` and ``grad_mask`` belong to the sample's output pixel, so each is
+* backward: ``grad_offset`` and ``grad_mask`` belong to the sample's output row, so each is
   written by one thread. ``grad_x`` is a scatter: a thread owns whole batch elements when there
-  are enough of them (it writes ``grad_x`` directly), otherwise a contiguous block of output pixels
+  are enough of them (it writes ``grad_x`` directly), otherwise a contiguous block of output rows
   with its own zeroed copy of ``grad_x``, and the copies are summed afterwards. No two threads
   ever add into the same memory.
 """
@@ -32,13 +31,9 @@ from .reference import Geometry, kernel_grid
 
 numba = require_numba()
 
-# A thread that owns a block of output pixels in the backward accumulates grad_x into its own copy;
+# A thread that owns a block of output rows in the backward accumulates grad_x into its own copy;
 # the copies together stay below this many bytes (fewer copies, so fewer threads, beyond it).
 MAX_BACKWARD_COPY_BYTES = 1 << 28
-
-# The loops over a group's channels may be reordered (vectorised sums, fused multiply-adds); the
-# sampling locations are computed exactly as written, and NaN/inf keep their meaning (no "nnan").
-CHANNEL_FASTMATH = {"reassoc", "contract", "nsz"}
 
 
 @numba.njit(inline="always")
@@ -71,103 +66,94 @@ def _clamp(index, size):
     return min(max(index, 0), size - 1)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=CHANNEL_FASTMATH)
-def _add_corners(acc, a00, a01, a10, a11, w00, w01, w10, w11):
-    """``acc += w00 * a00 + w01 * a01 + w10 * a10 + w11 * a11`` over the channels."""
-    for c in range(acc.shape[0]):
-        acc[c] += w00 * a00[c] + w01 * a01[c] + w10 * a10[c] + w11 * a11[c]
-
-
-@numba.njit(cache=True, nogil=True, fastmath=CHANNEL_FASTMATH)
-def _corner_grads(go, a00, a01, a10, a11, g00, g01, g10, g11, mw00, mw01, mw10, mw11):
-    """One pass over the channels: ``g.. += mw.. * go`` and the dot products ``<a.., go>`` (returned)."""
-    d00 = d01 = d10 = d11 = go[0] - go[0]
-    for c in range(go.shape[0]):
-        gc = go[c]
-        d00 += a00[c] * gc
-        d01 += a01[c] * gc
-        d10 += a10[c] * gc
-        d11 += a11[c] * gc
-        g00[c] += mw00 * gc
-        g01[c] += mw01 * gc
-        g10[c] += mw10 * gc
-        g11[c] += mw11 * gc
-    return d00, d01, d10, d11
-
-
-@numba.njit(inline="always")
-def _pixel(pixel, height_out, width_out):
-    """``(b, ho, wo)`` of output pixel ``pixel`` of the ``N * H_out * W_out``."""
-    row = pixel // width_out
-    b = row // height_out
-    return b, row - b * height_out, pixel - row * width_out
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, out):
     """``out`` ``(N, H_out, W_out, G, C)`` of the samples (shapes in the module docstring)."""
     n, height, width, group, channels = x.shape
     height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
-    for parallel_pixel in numba.prange(n * height_out * width_out):
-        b, ho, wo = _pixel(np.int64(parallel_pixel), height_out, width_out)
-        for g in range(group):
-            acc = out[b, ho, wo, g]
-            acc[:] = 0
-            for p in range(points):
-                loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
-                loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
-                if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
-                    continue
-                iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
-                m = mask[b, ho, wo, g, p]
-                my1 = m * fy
-                my0 = m - my1
-                y0, y1 = _clamp(iy, height), _clamp(iy + 1, height)
-                x0, x1 = _clamp(ix, width), _clamp(ix + 1, width)
-                _add_corners(acc, x[b, y0, x0, g], x[b, y0, x1, g], x[b, y1, x0, g], x[b, y1, x1, g],
-                             (my0 - my0 * fx) * v00, my0 * fx * v01, (my1 - my1 * fx) * v10, my1 * fx * v11)
+    for row in numba.prange(n * height_out):
+        b = row // height_out
+        ho = row - b * height_out
+        for wo in range(width_out):
+            for g in range(group):
+                acc = out[b, ho, wo, g]
+                acc[:] = 0
+                for p in range(points):
+                    loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
+                    loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
+                    if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
+                        continue
+                    iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
+                    m = mask[b, ho, wo, g, p]
+                    my1 = m * fy
+                    my0 = m - my1
+                    w00 = (my0 - my0 * fx) * v00
+                    w01 = my0 * fx * v01
+                    w10 = (my1 - my1 * fx) * v10
+                    w11 = my1 * fx * v11
+                    y0, y1 = _clamp(iy, height), _clamp(iy + 1, height)
+                    x0, x1 = _clamp(ix, width), _clamp(ix + 1, width)
+                    a00, a01, a10, a11 = x[b, y0, x0, g], x[b, y0, x1, g], x[b, y1, x0, g], x[b, y1, x1, g]
+                    for c in range(channels):
+                        acc[c] += w00 * a00[c] + w01 * a01[c] + w10 * a10[c] + w11 * a11[c]
 
 
 @numba.njit(cache=True, nogil=True)
-def _backward_pixels(first, last, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
-                     grad_x, grad_offset, grad_mask):
-    """Backward of output pixels ``first <= pixel < last`` (of ``N * H_out * W_out``), adding into ``grad_x``."""
+def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
+                   grad_x, grad_offset, grad_mask):
+    """Backward of output rows ``first_row <= row < last_row`` (of ``N * H_out``), adding into ``grad_x``."""
     n, height, width, group, channels = x.shape
     height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
-    for pixel in range(first, last):
-        b, ho, wo = _pixel(pixel, height_out, width_out)
-        for g in range(group):
-            go = grad_out[b, ho, wo, g]
-            for p in range(points):
-                loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
-                loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
-                grad_offset[b, ho, wo, g, p, 0] = 0
-                grad_offset[b, ho, wo, g, p, 1] = 0
-                grad_mask[b, ho, wo, g, p] = 0
-                if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
-                    continue
-                iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
-                m = mask[b, ho, wo, g, p]
-                gy = one - fy
-                gx = one - fx
-                w00 = gy * gx * v00
-                w01 = gy * fx * v01
-                w10 = fy * gx * v10
-                w11 = fy * fx * v11
-                y0, y1 = _clamp(iy, height), _clamp(iy + 1, height)
-                x0, x1 = _clamp(ix, width), _clamp(ix + 1, width)
-                d00, d01, d10, d11 = _corner_grads(
-                    go, x[b, y0, x0, g], x[b, y0, x1, g], x[b, y1, x0, g], x[b, y1, x1, g],
-                    grad_x[b, y0, x0, g], grad_x[b, y0, x1, g], grad_x[b, y1, x0, g], grad_x[b, y1, x1, g],
-                    m * w00, m * w01, m * w10, m * w11)
-                d00 *= v00
-                d01 *= v01
-                d10 *= v10
-                d11 *= v11
-                grad_mask[b, ho, wo, g, p] = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
-                ms = m * scale
-                grad_offset[b, ho, wo, g, p, 0] = (gy * (d01 - d00) + fy * (d11 - d10)) * ms
-                grad_offset[b, ho, wo, g, p, 1] = (gx * (d10 - d00) + fx * (d11 - d01)) * ms
+    for row in range(first_row, last_row):
+        b = row // height_out
+        ho = row - b * height_out
+        for wo in range(width_out):
+            for g in range(group):
+                go = grad_out[b, ho, wo, g]
+                for p in range(points):
+                    loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
+                    loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
+                    grad_offset[b, ho, wo, g, p, 0] = 0
+                    grad_offset[b, ho, wo, g, p, 1] = 0
+                    grad_mask[b, ho, wo, g, p] = 0
+                    if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
+                        continue
+                    iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
+                    m = mask[b, ho, wo, g, p]
+                    gy = one - fy
+                    gx = one - fx
+                    w00 = gy * gx * v00
+                    w01 = gy * fx * v01
+                    w10 = fy * gx * v10
+                    w11 = fy * fx * v11
+                    mw00, mw01, mw10, mw11 = m * w00, m * w01, m * w10, m * w11
+                    y0, y1 = _clamp(iy, height), _clamp(iy + 1, height)
+                    x0, x1 = _clamp(ix, width), _clamp(ix + 1, width)
+                    a00, a01, a10, a11 = x[b, y0, x0, g], x[b, y0, x1, g], x[b, y1, x0, g], x[b, y1, x1, g]
+                    g00, g01 = grad_x[b, y0, x0, g], grad_x[b, y0, x1, g]
+                    g10, g11 = grad_x[b, y1, x0, g], grad_x[b, y1, x1, g]
+                    d00 = one - one
+                    d01 = d00
+                    d10 = d00
+                    d11 = d00
+                    for c in range(channels):
+                        d00 += a00[c] * go[c]
+                        d01 += a01[c] * go[c]
+                        d10 += a10[c] * go[c]
+                        d11 += a11[c] * go[c]
+                    for c in range(channels):
+                        g00[c] += mw00 * go[c]
+                        g01[c] += mw01 * go[c]
+                        g10[c] += mw10 * go[c]
+                        g11[c] += mw11 * go[c]
+                    d00 *= v00
+                    d01 *= v01
+                    d10 *= v10
+                    d11 *= v11
+                    grad_mask[b, ho, wo, g, p] = w00 * d00 + w01 * d01 + w10 * d10 + w11 * d11
+                    ms = m * scale
+                    grad_offset[b, ho, wo, g, p, 0] = (gy * (d01 - d00) + fy * (d11 - d10)) * ms
+                    grad_offset[b, ho, wo, g, p, 1] = (gx * (d10 - d00) + fx * (d11 - d01)) * ms
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -176,19 +162,19 @@ def _backward(grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, 
     """Backward; ``grad_x_copies`` ``(copies, N, H, W, G, C)``, zeroed.
 
     ``by_batch``: task ``t`` owns batch element ``t`` and writes copy 0 (the only one); otherwise
-    task ``t`` owns an equal block of output pixels and writes copy ``t``.
+    task ``t`` owns a block of output rows and writes copy ``t``.
     """
-    per_batch = offset.shape[1] * offset.shape[2]
-    pixels = x.shape[0] * per_batch
-    tasks = x.shape[0] if by_batch else grad_x_copies.shape[0]
+    n, height_out = x.shape[0], offset.shape[1]
+    rows = n * height_out
+    tasks = n if by_batch else grad_x_copies.shape[0]
     for parallel_task in numba.prange(tasks):
         task = np.int64(parallel_task)  # prange's index may be unsigned: keep the arithmetic in int64
         if by_batch:
-            first, last, copy = task * per_batch, (task + 1) * per_batch, 0
+            first, last, copy = task * height_out, (task + 1) * height_out, 0
         else:
-            first, last, copy = task * pixels // tasks, (task + 1) * pixels // tasks, task
-        _backward_pixels(first, last, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
-                         grad_x_copies[copy], grad_offset, grad_mask)
+            first, last, copy = task * rows // tasks, (task + 1) * rows // tasks, task
+        _backward_rows(first, last, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
+                       grad_x_copies[copy], grad_offset, grad_mask)
 
 
 class _Prepared(NamedTuple):
