@@ -109,12 +109,14 @@ def epoch_line(record: dict) -> str:
     return line + f" | {record['train_images_per_second']:.1f} img/s, {record['train_seconds']:.0f} s"
 
 
-def print_summary(args, output: str, history, elapsed: float, data_info: dict) -> None:
+def write_summary(args, output: str, history, elapsed: float, data_info: dict) -> str:
+    """The segmentation run's ``summary.json`` (mIoU / aAcc); returns the table to print."""
     from .train import SummaryMetrics, write_summary
 
     metrics = SummaryMetrics("miou", "aacc", "val mIoU / aAcc", "best mIoU", "skipped files")
     unreadable = (data_info.get("unreadable_train", 0), data_info.get("unreadable_val", 0))
-    write_summary(args, output, history, elapsed, metrics, task_fields={"task": "segmentation"}, unreadable=unreadable)
+    return write_summary(args, output, history, elapsed, metrics, task_fields={"task": "segmentation"},
+                         unreadable=unreadable)
 
 
 # ------------------------------------------------------------------------------ convzoo eval

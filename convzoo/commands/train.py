@@ -387,9 +387,9 @@ def _run_training(args, info, model, config, output, datasets, resume_path, meta
     if info.is_main:
         save_checkpoint(trainer.final_model(), os.path.join(output, "model.safetensors"))
         if segmentation:
-            _seg.print_summary(args, output, history, elapsed, data_info)
+            print(_seg.write_summary(args, output, history, elapsed, data_info))
         else:
-            write_summary(args, output, history, elapsed)
+            print(write_summary(args, output, history, elapsed))
     barrier(info)  # no rank tears the process group down while rank 0 still writes the model
     return 0
 
@@ -409,8 +409,9 @@ CLASSIFICATION_SUMMARY = SummaryMetrics("top1", "top5", "val top-1/top-5", "best
 
 
 def write_summary(args, output: str, history, elapsed: float, metrics: SummaryMetrics = CLASSIFICATION_SUMMARY,
-                  *, task_fields: Optional[dict] = None, unreadable: Tuple[int, int] = (0, 0)) -> None:
-    """Writes ``output/summary.json`` from the run's epoch records and prints it as a table.
+                  *, task_fields: Optional[dict] = None, unreadable: Tuple[int, int] = (0, 0)) -> str:
+    """Writes ``output/summary.json`` from the run's epoch records; returns it as a table for the
+    command to print.
 
     ``unreadable`` (train, val) adds files the data readers skipped before training to the
     counts the epochs recorded; ``task_fields`` go into the JSON first.
@@ -438,11 +439,14 @@ def write_summary(args, output: str, history, elapsed: float, metrics: SummaryMe
     }
     with open(os.path.join(output, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    print("\nsummary", file=sys.stdout)
-    print(f"  model           {args.model} ({summary['weights']} weights)")
-    print(f"  {metrics.label:<15} {summary[f'final_val_{main}']:.2f}% / {summary[f'final_val_{second}']:.2f}%"
-          f" after {summary['epochs']} epochs"
-          f" ({metrics.best_label} {summary[f'best_val_{main}']:.2f}% at epoch {summary['best_epoch']})")
-    print(f"  {metrics.skipped_label:<15} {summary['skipped_train_images']} train, {summary['skipped_val_images']} val (unreadable)")
-    print(f"  time            {_duration(elapsed)} this run")
-    print(f"  written         {summary['model_file']}, {summary['checkpoint']}, {os.path.join(output, 'metrics.jsonl')}")
+    return "\n".join([
+        "\nsummary",
+        f"  model           {args.model} ({summary['weights']} weights)",
+        f"  {metrics.label:<15} {summary[f'final_val_{main}']:.2f}% / {summary[f'final_val_{second}']:.2f}%"
+        f" after {summary['epochs']} epochs"
+        f" ({metrics.best_label} {summary[f'best_val_{main}']:.2f}% at epoch {summary['best_epoch']})",
+        f"  {metrics.skipped_label:<15} {summary['skipped_train_images']} train, "
+        f"{summary['skipped_val_images']} val (unreadable)",
+        f"  time            {_duration(elapsed)} this run",
+        f"  written         {summary['model_file']}, {summary['checkpoint']}, {os.path.join(output, 'metrics.jsonl')}",
+    ])
