@@ -5,8 +5,8 @@
 channels (every RoI's bins reading that channel), so the backwards add without races, and a
 task's feature plane stays in cache across the RoIs. The position-sensitive bilinear pools
 (``ps_roi_align``, ``deform_ps_roi_pool``) sum the reference's samples the same way, tasks owning
-input channels of the NCHW input (:func:`grouped_gather`, :func:`grouped_scatter`): no feature table is
-built, and each backward writes its channels' gradient whole. (``roi_align`` and ``deform_roi_pool``,
+channel groups of the NCHW input (:func:`grouped_gather`, :func:`grouped_scatter`): no feature table
+is built, and each backward writes its channels' gradient whole. (``roi_align`` and ``deform_roi_pool``,
 whose every bin reads every channel, run on the row-gather engine of :mod:`convzoo.ops._bilinear_rows`.)
 """
 from __future__ import annotations
@@ -147,58 +147,66 @@ def _grouped_gather(input, columns, values, batch_index, group_bins, group_start
     (N, C, H*W), C = Q*Cq*G; ``columns``/``values`` (K*Q*P, E) index the rows of the reference's
     feature table; bins ``group_bins[group_start[g]:group_start[g + 1]]`` read group ``g``.
 
-    Tasks own input channels ``ch = (q*Cq + c)*G + g``: the bins reading that channel, over every
-    RoI, so a task's feature planes stay in cache.
+    Tasks own ``(coordinate set q, group g)``: input channels ``(q*Cq + c)*G + g`` for every ``c``,
+    read by those bins only. A bin's entries are turned into plane offsets once and reused for
+    its ``Cq`` channels, whose planes stay in cache across the RoIs.
     """
     plane = input.shape[2]
     rois, sets_channels, bins = out.shape
     groups = group_start.shape[0] - 1
     per_group = sets_channels // coord_sets
-    for parallel_task in numba.prange(input.shape[1]):
-        channel = np.int64(parallel_task)
-        out_channel = channel // groups  # q*Cq + c
-        g = channel - out_channel * groups
-        q = out_channel // per_group
+    entries = columns.shape[1]
+    for parallel_task in numba.prange(coord_sets * groups):
+        task = np.int64(parallel_task)
+        q = task // groups
+        g = task - q * groups
+        pixel = np.empty(entries, dtype=np.int64)
         for k in range(rois):
             image = batch_index[k]
-            src = input[image, channel]
             base = ((image * coord_sets + q) * groups + g) * plane
             for i in range(group_start[g], group_start[g + 1]):
                 p = group_bins[i]
                 r = (k * coord_sets + q) * bins + p
-                total = 0.0
-                for e in range(columns.shape[1]):
-                    total += values[r, e] * src[columns[r, e] - base]
-                out[k, out_channel, p] = total
+                for e in range(entries):
+                    pixel[e] = columns[r, e] - base
+                for c in range(per_group):
+                    src = input[image, (q * per_group + c) * groups + g]
+                    total = 0.0
+                    for e in range(entries):
+                        total += values[r, e] * src[pixel[e]]
+                    out[k, q * per_group + c, p] = total
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _grouped_scatter(grad, columns, values, batch_index, group_bins, group_start, coord_sets, grad_input):
     """The input gradient (N, C, H*W) of :func:`_grouped_gather` for ``grad`` (K, Q*Cq, P), written
-    whole (no zeroing needed before); tasks own input channels, so no two add into the same memory."""
+    whole (no zeroing needed before); tasks own the same channels, so no two add into the same memory."""
     plane = grad_input.shape[2]
     rois, sets_channels, bins = grad.shape
     groups = group_start.shape[0] - 1
     per_group = sets_channels // coord_sets
-    for parallel_task in numba.prange(grad_input.shape[1]):
-        channel = np.int64(parallel_task)
-        out_channel = channel // groups
-        g = channel - out_channel * groups
-        q = out_channel // per_group
+    entries = columns.shape[1]
+    for parallel_task in numba.prange(coord_sets * groups):
+        task = np.int64(parallel_task)
+        q = task // groups
+        g = task - q * groups
         for image in range(grad_input.shape[0]):
-            grad_input[image, channel, :] = 0
+            for c in range(per_group):
+                grad_input[image, (q * per_group + c) * groups + g, :] = 0
+        pixel = np.empty(entries, dtype=np.int64)
         for k in range(rois):
             image = batch_index[k]
-            dst = grad_input[image, channel]
             base = ((image * coord_sets + q) * groups + g) * plane
             for i in range(group_start[g], group_start[g + 1]):
                 p = group_bins[i]
                 r = (k * coord_sets + q) * bins + p
-                share = grad[k, out_channel, p]
-                for e in range(columns.shape[1]):
-                    value = values[r, e]
-                    if value != 0:
-                        dst[columns[r, e] - base] += value * share
+                for e in range(entries):
+                    pixel[e] = columns[r, e] - base
+                for c in range(per_group):
+                    dst = grad_input[image, (q * per_group + c) * groups + g]
+                    share = grad[k, q * per_group + c, p]
+                    for e in range(entries):
+                        dst[pixel[e]] += values[r, e] * share
 
 
 def _group_lists(bin_group: torch.Tensor, groups: int):
