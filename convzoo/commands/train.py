@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     data.add_argument("--data-seed", type=int, default=0, metavar="S", help="built-in set: seed of the images (default: 0)")
     data.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="built-in set: another option (num_shapes, num_colours, num_distractors, noise, "
-                           "amplitude, fresh_train), VALUE a Python literal (repeatable)")
+                           "amplitude, fresh_train, fixed_places), VALUE a Python literal (repeatable)")
     data.add_argument("--randaugment", nargs=2, type=float, metavar=("OPS", "MAGNITUDE"), help="image folders: RandAugment-lite, e.g. 2 9")
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
     data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
