@@ -33,7 +33,9 @@ def add_arguments(parser) -> None:
                             f"x86 inductor quantizer) and write OUTPUT/{INT8_NAME} as `convzoo quantize --backend inductor` "
                             "does; defaults become --epochs 3 --lr 1e-4 --warmup-epochs 0")
     group.add_argument("--freeze-bn-after", type=int, metavar="EPOCHS",
-                       help="--qat: BatchNorm statistics stop updating after this many epochs (default: half the epochs, at least 1)")
+                       help="--qat: the statistics of BatchNorms left unfolded stop updating after this many epochs "
+                            "(default: half the epochs, at least 1; the BatchNorms convzoo.reparameterize folds, i.e. "
+                            "those after a convolution, are folded before QAT)")
     group.add_argument("--freeze-observers-after", type=int, metavar="EPOCHS",
                        help="--qat: quantization ranges stop updating after this many epochs (default: one more than "
                             "--freeze-bn-after, at most the epochs)")

@@ -4,17 +4,21 @@ Where plain post-training quantization (:func:`convzoo.deploy.quantize`) costs t
 accuracy, a trained float model is fine-tuned for a few epochs with the INT8 rounding simulated
 (fake quantization), so its weights adapt to it:
 
-1. :func:`prepare_qat` copies the model, switches it to the plain-PyTorch reference operators,
-   ``torch.export``-s it in train mode with its BatchNorms kept, and prepares it with torchao's
-   ``prepare_qat_pt2e`` and the ``X86InductorQuantizer`` in its QAT configuration: each
-   conv + BatchNorm pair becomes torchao's QAT pattern (the weights fake-quantized as they will
-   be once the BatchNorm is folded into them), activations and weights get fake-quantize modules
-   with moving-average min/max observers. The result is a :class:`QATModel`, an ordinary
-   trainable module;
+1. :func:`prepare_qat` copies the model, folds its BatchNorms into the convolutions
+   (:func:`convzoo.reparameterize`, as ``quantize`` does), switches it to the plain-PyTorch
+   reference operators, ``torch.export``-s it in train mode and prepares it with torchao's
+   ``prepare_qat_pt2e`` and the ``X86InductorQuantizer`` in its QAT configuration: weights
+   (per output channel) and activations get fake-quantize modules with moving-average min/max
+   observers. The result is a :class:`QATModel`, an ordinary trainable module;
 2. the caller trains it (``convzoo train --qat`` uses the ordinary trainer) and, as the QAT
-   literature does, freezes the BatchNorm statistics and then the observers after some epochs
-   (:meth:`QATModel.freeze_bn_stats`, :meth:`QATModel.freeze_observers`);
-3. :func:`convert_qat` folds the BatchNorms into the weights (``convert_pt2e``), saves the INT8
+   literature does, freezes the observers after some epochs (:meth:`QATModel.freeze_observers`).
+   Folding the BatchNorms first is the literature's "freeze the BatchNorm statistics" from the
+   start: the network computes what the INT8 program will compute. (torchao can also keep
+   conv + BatchNorm pairs as a QAT pattern that learns the statistics and folds them at
+   conversion, but matching its patterns takes minutes per model on a 2-core CPU; a BatchNorm
+   that ``reparameterize`` cannot fold goes that way, and :meth:`QATModel.freeze_bn_stats`
+   freezes it);
+3. :func:`convert_qat` converts the model (``convert_pt2e``), saves the INT8
    program exactly as ``quantize(..., backend="inductor")`` does (a ``.pt2`` that
    :func:`convzoo.deploy.load_quantized` runs through ``torch.compile``), and reports size, the
    float and INT8 top-1, their agreement and output SQNR, and the INT8 model's SQNR against
@@ -36,14 +40,15 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..export import use_reference_ops
 from . import _inductor
 from .int8 import QuantizeReport, _check_images, _check_path, _custom_op_layers, _prepare, _unquantizable_layers, check_backend
 
-# the training flag of every batch-norm operator torch.export may record is its 6th argument
-_BATCH_NORM_OPS = ("_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "batch_norm",
-                   "native_batch_norm", "cudnn_batch_norm")
+# the training flag of the batch-norm operators torch.export records is their 6th argument, of
+# dropout its 3rd
+_BATCH_NORM_OPS = ("_native_batch_norm_legit", "batch_norm", "native_batch_norm", "cudnn_batch_norm")
 _BN_TRAINING_ARG = 5
+_DROPOUT_OPS = ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+_DROPOUT_TRAINING_ARG = 2
 
 
 @dataclasses.dataclass
@@ -59,8 +64,8 @@ class QATModel(nn.Module):
     """A model prepared for quantization-aware training (by :func:`prepare_qat`): (N, C, H, W) ->
     the float model's output, with INT8 rounding simulated.
 
-    ``train()`` / ``eval()`` switch the exported graph's dropout and BatchNorm between their train
-    and eval forms (an exported graph ignores ``module.training``). In eval mode the observers
+    ``train()`` / ``eval()`` switch the exported graph's dropout and BatchNorm calls between their
+    train and eval forms (an exported graph ignores ``module.training``). In eval mode the observers
     are off, so evaluation data never moves the quantization ranges; in train mode they are on
     until :meth:`freeze_observers`. After :meth:`freeze_bn_stats` the BatchNorms use (and no
     longer update) their running statistics in train mode too.
@@ -78,15 +83,11 @@ class QATModel(nn.Module):
         return self.graph_module(x)
 
     def train(self, mode: bool = True) -> "QATModel":
-        from torchao.quantization.pt2e import (disable_observer, enable_observer, move_exported_model_to_eval,
-                                               move_exported_model_to_train)
+        from torchao.quantization.pt2e import disable_observer, enable_observer
 
         self.training = mode  # not passed on: torchao's prepared graph refuses train() / eval()
-        (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.graph_module)
-        if mode and self.bn_frozen:
-            _set_bn_training(self.graph_module, False)
-        observing = mode and not self.observers_frozen
-        self.graph_module.apply(enable_observer if observing else disable_observer)
+        _set_training_flags(self.graph_module, batch_norm=mode and not self.bn_frozen, dropout=mode)
+        self.graph_module.apply(enable_observer if mode and not self.observers_frozen else disable_observer)
         return self
 
     def freeze_bn_stats(self) -> None:
@@ -100,14 +101,43 @@ class QATModel(nn.Module):
         self.train(self.training)
 
 
-def _set_bn_training(module: torch.fx.GraphModule, training: bool) -> None:
+def _set_training_flags(module: torch.fx.GraphModule, batch_norm: bool, dropout: bool) -> None:
+    """Set the ``training`` argument of the graph's batch-norm and dropout calls.
+
+    (torchao's ``move_exported_model_to_train/eval`` rewrite these calls from patterns with the
+    default eps and momentum, which would change e.g. MobileNetV3's eps of 1e-3; flipping the flag
+    keeps every other argument.)
+    """
     for node in module.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "_opname", None) in _BATCH_NORM_OPS \
-                and len(node.args) > _BN_TRAINING_ARG and isinstance(node.args[_BN_TRAINING_ARG], bool):
-            args = list(node.args)
-            args[_BN_TRAINING_ARG] = training
-            node.args = tuple(args)
+        name = getattr(node.target, "_opname", None) if node.op == "call_function" else None
+        index = _BN_TRAINING_ARG if name in _BATCH_NORM_OPS else _DROPOUT_TRAINING_ARG if name in _DROPOUT_OPS else None
+        if index is not None and len(node.args) > index and isinstance(node.args[index], bool):
+            node.args = node.args[:index] + (batch_norm if index == _BN_TRAINING_ARG else dropout,) + node.args[index + 1:]
     module.recompile()
+
+
+def _qat_config():
+    """The x86 inductor quantizer's QAT configuration with plain fake-quantize modules.
+
+    Its default QAT modules run the fused fake-quantize kernel, which derives the scales from the
+    observed ranges by its own formula (per-channel weight scales 1/256 off the observer's
+    ``calculate_qparams``, which ``convert_pt2e`` uses): every weight would round differently in
+    the INT8 program than in training (measured: the INT8 program 20 dB from the fake-quantized
+    model, as far as INT8 is from float). The plain ``FakeQuantize`` keeps the observer's values,
+    so the fake-quantized model computes what the INT8 program computes.
+    """
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    fused = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+
+    def plain(spec, observer):
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=2 ** -12))
+
+    return dataclasses.replace(fused, input_activation=plain(fused.input_activation, MovingAverageMinMaxObserver),
+                               output_activation=plain(fused.output_activation, MovingAverageMinMaxObserver),
+                               weight=plain(fused.weight, MovingAveragePerChannelMinMaxObserver))
 
 
 def prepare_qat(model: nn.Module, sample: torch.Tensor) -> QATModel:
@@ -129,9 +159,8 @@ def prepare_qat(model: nn.Module, sample: torch.Tensor) -> QATModel:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    model = copy.deepcopy(model)
-    use_reference_ops(model)
-    model.train()
+    model = _prepare(model)  # a copy, BatchNorms folded (convzoo.reparameterize), reference operators
+    model.train()  # dropout as in training; a BatchNorm left unfolded learns its statistics
     program = _inductor.export_program(model, sample)
     custom = _custom_op_layers(program)
     if custom:
@@ -143,7 +172,7 @@ def prepare_qat(model: nn.Module, sample: torch.Tensor) -> QATModel:
         warnings.warn(f"layer {layer!r} ({type(model.get_submodule(layer)).__name__}) runs a convzoo operator with no "
                       "INT8 kernel: it stays float", UserWarning, stacklevel=2)
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True))
+    quantizer.set_global(_qat_config())
     for layer in _unquantizable_layers(model):
         quantizer.set_module_name_qconfig(layer, None)
     graph_module = program.module()
