@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..ops import dcnv3
 from ..ops._checks import plain_cpu_inference
+from .fused import has_forward_hooks
 
 __all__ = ["DCNv3"]
 
@@ -162,9 +163,10 @@ class DCNv3(nn.Module):
     def _offset_and_mask(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(self.offset(features), self.mask(features))``; in eager CPU inference one matrix
         product with the two projections' weights concatenated (built on first use and rebuilt
-        whenever a parameter changes: in-place updates such as ``load_state_dict`` bump its version)."""
+        whenever a parameter changes: in-place updates such as ``load_state_dict`` bump its version).
+        The two modules run as themselves when they carry forward hooks."""
         params = (self.offset.weight, self.offset.bias, self.mask.weight, self.mask.bias)
-        if not plain_cpu_inference(features, *params):
+        if has_forward_hooks(self.offset, self.mask) or not plain_cpu_inference(features, *params):
             return self.offset(features), self.mask(features)
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._offset_mask_cache is None or self._offset_mask_cache[0] != key:

@@ -8,7 +8,9 @@ each is one oneDNN call, the matrix product with its bias and the GELU or the ad
 the product's post-op, instead of separate passes over the activations (``addmm`` copying the
 bias into the output, the product, then GELU or the residual addition). Everywhere else
 (autograd, ``torch.compile``/``torch.export``, other dtypes and devices, FLOP counting) they are
-the plain forms, so training and traced graphs are unchanged.
+the plain forms, so training and traced graphs are unchanged. A module that carries forward
+hooks (or any global module hook is set) always runs through its own ``__call__``, so that tools
+that watch modules by hooks (pruning of unused modules, statistics) see every call.
 """
 from __future__ import annotations
 
@@ -20,15 +22,25 @@ import torch.nn.functional as F
 
 from ..ops._checks import plain_cpu_inference
 
-__all__ = ["linear_add", "linear_gelu", "linear_then_activation"]
+__all__ = ["has_forward_hooks", "linear_add", "linear_gelu", "linear_then_activation"]
+
+
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether a call of any of ``modules`` would run a forward (pre-)hook: then a fused path
+    that reads their parameters directly must not replace the call."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()  # whether this PyTorch build has oneDNN
 
 
 def _onednn_applies(*tensors: Optional[torch.Tensor]) -> bool:
-    if not torch.backends.mkldnn.is_available():
+    """Eager CPU inference (:func:`convzoo.ops._checks.plain_cpu_inference`) on float32 tensors."""
+    if not plain_cpu_inference(*tensors):
         return False
-    if any(t is not None and t.dtype != torch.float32 for t in tensors):
-        return False
-    return plain_cpu_inference(*tensors)
+    return _ONEDNN and all(t is None or t.dtype == torch.float32 for t in tensors)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -45,8 +57,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def linear_then_activation(linear: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``act(linear(x))``, through :func:`linear_gelu` when the two are a plain ``nn.Linear`` and
-    an exact ``nn.GELU`` (a swapped-in module of another type runs as it is)."""
-    if type(linear) is nn.Linear and type(act) is nn.GELU and act.approximate == "none":
+    an exact ``nn.GELU`` without hooks (a swapped-in module of another type runs as it is)."""
+    if (type(linear) is nn.Linear and type(act) is nn.GELU and act.approximate == "none"
+            and not has_forward_hooks(linear, act)):
         return linear_gelu(x, linear.weight, linear.bias)
     return act(linear(x))
 

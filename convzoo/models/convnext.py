@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.common import DropPath, LayerNorm2d
-from ..layers.fused import linear_add, linear_then_activation
+from ..layers.fused import has_forward_hooks, linear_add, linear_then_activation
 from ..layers.reparam import DepthwiseConv2d
 from ._builder import build_model
 from ._convbn import linear_drop_path_rates, run_blocks
@@ -75,7 +75,7 @@ class Mlp(nn.Module):
         hidden = linear_then_activation(self.fc1, self.act, x)
         if residual is None:
             return self.fc2(hidden)
-        if type(self.fc2) is nn.Linear:
+        if type(self.fc2) is nn.Linear and not has_forward_hooks(self.fc2):
             return linear_add(hidden, self.fc2.weight, self.fc2.bias, residual)
         return residual + self.fc2(hidden)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import DCNv3, DropPath, to_channels_first, to_channels_last
-from ..layers.fused import linear_add, linear_then_activation
+from ..layers.fused import has_forward_hooks, linear_add, linear_then_activation
 from ._builder import build_model
 from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks
 from ._registry import register_model
@@ -114,7 +114,8 @@ class MLPLayer(nn.Module):
         hidden = self.drop(linear_then_activation(self.fc1, self.act, x))
         if residual is None:
             return self.drop(self.fc2(hidden))
-        if type(self.fc2) is nn.Linear and not (self.training and self.drop.p > 0):
+        dropout_off = not (self.training and self.drop.p > 0)
+        if type(self.fc2) is nn.Linear and not has_forward_hooks(self.fc2) and dropout_off:
             return linear_add(hidden, self.fc2.weight, self.fc2.bias, residual)
         return residual + self.drop(self.fc2(hidden))
 

@@ -208,3 +208,13 @@ def test_training_after_inference_gets_the_autograd_path_gradients():
     for (name, param), untouched in zip(layer.named_parameters(), fresh.parameters()):
         assert param.grad is not None, name
         torch.testing.assert_close(param.grad, untouched.grad)
+
+
+def test_hooked_offset_and_mask_modules_see_inference_calls():
+    layer = _perturbed(DCNv3(channels=8, group=2))
+    seen = []
+    for module in (layer.offset, layer.mask):
+        module.register_forward_hook(lambda module, args, out: seen.append(module))
+    with torch.no_grad():
+        layer(torch.randn(1, 4, 4, 8))
+    assert seen == [layer.offset, layer.mask] and layer._offset_mask_cache is None

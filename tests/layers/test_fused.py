@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.profiler import profile
 
-from convzoo.layers.fused import linear_gelu, linear_then_activation
+from convzoo.layers.fused import has_forward_hooks, linear_add, linear_gelu, linear_then_activation
 
 FUSED_OP = "mkldnn::_linear_pointwise"
 
@@ -104,3 +104,55 @@ def test_exact_gelu_after_a_plain_linear_is_fused():
     with torch.no_grad():
         assert FUSED_OP in _ops_run(lambda: linear_then_activation(linear, act, x))
         torch.testing.assert_close(linear_then_activation(linear, act, x), act(linear(x)))
+
+
+@given(rows=st.integers(0, 30), in_features=st.integers(1, 50), out_features=st.integers(1, 60),
+       with_bias=st.booleans(), leading=st.sampled_from([(), (2,), (1, 3)]))
+def test_linear_add_inference_matches_the_plain_form(rows, in_features, out_features, with_bias, leading):
+    x = torch.randn(*leading, rows, in_features)
+    weight = torch.randn(out_features, in_features) / in_features**0.5
+    bias = torch.randn(out_features) if with_bias else None
+    residual = torch.randn(*leading, rows, out_features)
+    with torch.no_grad():
+        got = linear_add(x, weight, bias, residual)
+    torch.testing.assert_close(got, residual + F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_add_is_one_fused_call_only_for_a_contiguous_residual():
+    x, weight, bias = torch.randn(6, 5), torch.randn(4, 5), torch.randn(4)
+    residual = torch.randn(6, 4)
+    strided = torch.randn(4, 6).t()
+    with torch.no_grad():
+        assert FUSED_OP in _ops_run(lambda: linear_add(x, weight, bias, residual))
+        assert FUSED_OP not in _ops_run(lambda: linear_add(x, weight, bias, strided))
+        torch.testing.assert_close(linear_add(x, weight, bias, strided), strided + F.linear(x, weight, bias))
+    expected = residual.double() + torch.tensor(
+        [[sum(a * w for a, w in zip(row, col)) + float(b) for col, b in zip(weight.tolist(), bias)] for row in x.tolist()],
+        dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_add(x, weight, bias, residual).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_add_gradients():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_add, (x, weight, bias, residual))
+
+
+def test_modules_with_forward_hooks_run_as_themselves():
+    """Tools that watch modules by hooks (segmentation's pruning of unused modules) see the calls."""
+    linear, act = nn.Linear(6, 3), nn.GELU()
+    seen = []
+    linear.register_forward_pre_hook(lambda module, args: seen.append(module))
+    with torch.no_grad():
+        assert FUSED_OP not in _ops_run(lambda: linear_then_activation(linear, act, torch.randn(2, 6)))
+    assert seen == [linear]
+    assert has_forward_hooks(linear) and not has_forward_hooks(act)
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert has_forward_hooks(act)
+    finally:
+        handle.remove()
+    assert not has_forward_hooks(act)
