@@ -104,23 +104,8 @@ class OfficialConvNeXt(nn.Module):
         m = self.model
         x = m.stem(x)
         for stage in m.stages:
-            x = stage.downsample(x)
-            for block in stage.blocks:
-                x = official_convnext_block(block, x)
+            x = stage.blocks(stage.downsample(x))
         return m.head.fc(m.head.norm(x.mean((-2, -1))))
-
-
-def official_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The official MLP (Linear -> GELU -> Linear, eval) over the Linears of ``mlp``: PyTorch's ops
-    one after the other, whatever our module's forward fuses."""
-    return mlp.fc2(F.gelu(mlp.fc1(x)))
-
-
-def official_convnext_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """facebookresearch/ConvNeXt's ``Block.forward`` (eval) over the modules of our block."""
-    y = block.norm(block.conv_dw(x).permute(0, 2, 3, 1))
-    y = official_mlp(block.mlp, y) * block.gamma
-    return x + y.permute(0, 3, 1, 2)
 
 
 def official_dcnv3(dcn: DCNv3, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +135,7 @@ class OfficialInternImage(nn.Module):
         for level in m.levels:
             for layer in level.blocks:
                 x = x + official_dcnv3(layer.dcn, layer.norm1(x))
-                x = x + official_mlp(layer.mlp, layer.norm2(x))
+                x = x + layer.mlp(layer.norm2(x))
             x = level.norm(x)
             if level.downsample is not None:
                 x = level.downsample(x)

@@ -13,8 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import dcnv3
-from ..ops._checks import plain_cpu_inference
-from .fused import has_forward_hooks
 
 __all__ = ["DCNv3"]
 
@@ -114,7 +112,6 @@ class DCNv3(nn.Module):
         self.remove_center = int(remove_center)
         self.softmax = softmax
         self.impl = "auto"
-        self._offset_mask_cache = None  # see _offset_and_mask
         points = kernel_size * kernel_size - self.remove_center
 
         self.dw_conv = nn.Sequential(
@@ -160,24 +157,6 @@ class DCNv3(nn.Module):
         stop_w = start + (width_out - 1) * self.stride + 1
         return t[:, start:stop_h:self.stride, start:stop_w:self.stride]
 
-    def _offset_and_mask(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(self.offset(features), self.mask(features))``; in eager CPU inference one matrix
-        product with the two projections' weights concatenated (built on first use and rebuilt
-        whenever a parameter changes: in-place updates such as ``load_state_dict`` bump its version).
-        The two modules run as themselves when they carry forward hooks."""
-        params = (self.offset.weight, self.offset.bias, self.mask.weight, self.mask.bias)
-        if has_forward_hooks(self.offset, self.mask) or not plain_cpu_inference(features, *params):
-            return self.offset(features), self.mask(features)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if self._offset_mask_cache is None or self._offset_mask_cache[0] != key:
-            with torch.no_grad():
-                weight = torch.cat((self.offset.weight, self.mask.weight))
-                bias = torch.cat((self.offset.bias, self.mask.bias))
-            self._offset_mask_cache = (key, weight, bias)
-        _, weight, bias = self._offset_mask_cache
-        both = F.linear(features, weight, bias)
-        return both.split((self.offset.out_features, self.mask.out_features), dim=-1)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """(N, H, W, channels) -> (N, H_out, W_out, channels)."""
         if input.dim() != 4 or input.shape[3] != self.channels:
@@ -191,7 +170,8 @@ class DCNv3(nn.Module):
         x_proj = x
         features = self.dw_conv(input.permute(0, 3, 1, 2))
         features = self._at_window_centres(features, height_out, width_out)
-        offset, mask = self._offset_and_mask(features)
+        offset = self.offset(features)
+        mask = self.mask(features)
         if self.softmax:
             points = self.kernel_size * self.kernel_size - self.remove_center
             mask = F.softmax(mask.reshape(n, height_out, width_out, self.group, points), -1)

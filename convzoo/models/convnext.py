@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.common import DropPath, LayerNorm2d
-from ..layers.fused import has_forward_hooks, linear_add, linear_then_activation
 from ..layers.reparam import DepthwiseConv2d
 from ._builder import build_model
 from ._convbn import linear_drop_path_rates, run_blocks
@@ -60,9 +59,7 @@ class ConvNeXtCfg:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 on (..., C). In CPU inference fc1 and the GELU are one fused call
-    (:func:`convzoo.layers.fused.linear_then_activation`), and so are fc2 and the block's residual
-    addition when ``residual`` is given."""
+    """fc1 -> GELU -> fc2 on (..., C)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -70,14 +67,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``mlp(x)``, or ``residual + mlp(x)`` (``residual`` of ``x``'s shape)."""
-        hidden = linear_then_activation(self.fc1, self.act, x)
-        if residual is None:
-            return self.fc2(hidden)
-        if type(self.fc2) is nn.Linear and not has_forward_hooks(self.fc2):
-            return linear_add(hidden, self.fc2.weight, self.fc2.bias, residual)
-        return residual + self.fc2(hidden)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class ConvNeXtBlock(nn.Module):
@@ -108,9 +99,6 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_dw(x).permute(0, 2, 3, 1)
-        if self.gamma is None and not (self.training and isinstance(self.drop_path, DropPath)):
-            # x + mlp(norm(y)), the addition fused into fc2 in CPU inference (x channels_last)
-            return self.mlp(self.norm(y), residual=x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         y = self.mlp(self.norm(y))
         if self.gamma is not None:
             y = y * self.gamma

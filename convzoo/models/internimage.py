@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 
 from ..layers import DCNv3, DropPath, to_channels_first, to_channels_last
-from ..layers.fused import has_forward_hooks, linear_add, linear_then_activation
 from ._builder import build_model
 from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks
 from ._registry import register_model
@@ -98,9 +97,7 @@ class DownsampleLayer(nn.Module):
 
 
 class MLPLayer(nn.Module):
-    """(..., C) -> (..., C): Linear -> GELU -> dropout -> Linear -> dropout. In CPU inference the
-    first Linear and the GELU are one fused call (:func:`convzoo.layers.fused.linear_then_activation`),
-    and so are the second Linear and the block's residual addition when ``residual`` is given."""
+    """(..., C) -> (..., C): Linear -> GELU -> dropout -> Linear -> dropout."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
@@ -109,15 +106,8 @@ class MLPLayer(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``mlp(x)``, or ``residual + mlp(x)`` (``residual`` of ``x``'s shape)."""
-        hidden = self.drop(linear_then_activation(self.fc1, self.act, x))
-        if residual is None:
-            return self.drop(self.fc2(hidden))
-        dropout_off = not (self.training and self.drop.p > 0)
-        if type(self.fc2) is nn.Linear and not has_forward_hooks(self.fc2) and dropout_off:
-            return linear_add(hidden, self.fc2.weight, self.fc2.bias, residual)
-        return residual + self.drop(self.fc2(hidden))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class InternImageLayer(nn.Module):
@@ -172,8 +162,6 @@ class InternImageLayer(nn.Module):
             mlp_out = self.norm2(self.mlp(x))
         elif self.res_post_norm and not self.layer_scale:
             mlp_out = self.res_post_norm2(self.mlp(self.norm2(x)))
-        elif not self.layer_scale and not (self.training and isinstance(self.drop_path, DropPath)):
-            return self.mlp(self.norm2(x), residual=x)  # drop path inactive: x + mlp(norm2(x))
         else:
             mlp_out = self.mlp(self.norm2(x))
         return x + self.drop_path(self.gamma2 * mlp_out if self.layer_scale else mlp_out)

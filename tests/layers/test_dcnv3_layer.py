@@ -1,6 +1,4 @@
 """Tests of convzoo.layers.DCNv3 (InternImage's DCNv3 module, plus softmax=False for DCNv4)."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,54 +165,3 @@ def test_batch_size_zero_and_non_contiguous_input():
     assert layer(torch.randn(0, 4, 4, 8)).shape == (0, 4, 4, 8)
     x_nchw = torch.randn(2, 8, 5, 6)
     torch.testing.assert_close(layer(x_nchw.permute(0, 2, 3, 1)), layer(x_nchw.permute(0, 2, 3, 1).contiguous()))
-
-
-def _perturbed(layer: DCNv3, scale: float = 0.3) -> DCNv3:
-    with torch.no_grad():
-        for p in (layer.offset.weight, layer.offset.bias, layer.mask.weight, layer.mask.bias):
-            p.normal_(0, scale)
-    return layer
-
-
-@pytest.mark.parametrize("softmax", [True, False])
-def test_inference_projects_offset_and_mask_at_once_and_follows_weight_changes(softmax):
-    """No-grad CPU inference runs one product with the offset and mask weights concatenated (cached);
-    the output equals the autograd path's, and the cache follows load_state_dict and in-place edits."""
-    layer = _perturbed(DCNv3(channels=16, group=4, softmax=softmax))
-    x = torch.randn(2, 6, 7, 16)
-    with torch.no_grad():
-        fast = layer(x)
-    torch.testing.assert_close(fast, layer(x).detach(), rtol=1e-5, atol=1e-5)  # params require grad: plain path
-    assert layer._offset_mask_cache is not None
-    other = _perturbed(DCNv3(channels=16, group=4, softmax=softmax), scale=0.5)
-    layer.load_state_dict(other.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), other(x), rtol=1e-5, atol=1e-5)
-        layer.mask.bias.add_(1.0)
-        other.mask.bias.add_(1.0)
-        torch.testing.assert_close(layer(x), other(x), rtol=1e-5, atol=1e-5)
-    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in other.state_dict().items()}
-
-
-def test_training_after_inference_gets_the_autograd_path_gradients():
-    layer = _perturbed(DCNv3(channels=8, group=2))
-    fresh = copy.deepcopy(layer)
-    x = torch.randn(1, 5, 5, 8)
-    with torch.no_grad():
-        layer(x)  # fills the inference cache
-    layer(x).square().sum().backward()
-    fresh(x).square().sum().backward()
-    for (name, param), untouched in zip(layer.named_parameters(), fresh.parameters()):
-        assert param.grad is not None, name
-        torch.testing.assert_close(param.grad, untouched.grad)
-
-
-def test_hooked_offset_and_mask_modules_see_inference_calls():
-    layer = _perturbed(DCNv3(channels=8, group=2))
-    seen = []
-    for module in (layer.offset, layer.mask):
-        module.register_forward_hook(lambda module, args, out: seen.append(module))
-    with torch.no_grad():
-        layer(torch.randn(1, 4, 4, 8))
-    assert seen == [layer.offset, layer.mask] and layer._offset_mask_cache is None
