@@ -22,6 +22,7 @@ _REJECTED = {  # options that do not fit fine-tuning an exported graph, and why
     "drop_path": "--drop-path (stochastic depth would be frozen into the exported graph)",
     "grad_checkpointing": "--grad-checkpointing",
     "model_arg": "--model-arg (the model is rebuilt from --pretrained as it was trained)",
+    "bn_recalibrate": "--bn-recalibrate (the BatchNorms are folded before QAT)",
 }
 
 
