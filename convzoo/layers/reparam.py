@@ -8,7 +8,8 @@
 - :class:`ReparamLargeKernelConv`: RepLKNet's depthwise large kernel with parallel small
   (optionally dilated) kernels, each followed by BatchNorm; ``reparameterize()`` merges them all
   into one depthwise conv with bias.
-- :func:`fuse_conv_bn`; :func:`reparameterize`, which walks a model, and
+- :func:`fuse_conv_bn` (a BatchNorm after a conv) and :func:`fuse_bn_pointwise_conv` (a
+  BatchNorm before a 1x1 conv); :func:`reparameterize`, which walks a model, and
   :func:`is_reparameterized`, which reads a module's form from its structure (the form is never
   stored as a separate flag, so it cannot disagree with the weights).
 """
@@ -83,15 +84,19 @@ class PointwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def _norm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) per channel with eval-mode ``bn(x) == x * s + t``."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.weight is not None else 1 / std
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    return scale, beta - bn.running_mean * scale
+
+
 def _fused_weight_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (weight, bias) of one conv equal in eval mode to ``bn(conv(x))``."""
-    std = (bn.running_var + bn.eps).sqrt()
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
-    scale = gamma / std
-    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    scale, shift = _norm_scale_shift(bn)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = beta + (conv_bias - bn.running_mean) * scale
+    bias = shift + conv.bias * scale if conv.bias is not None else shift
     return weight, bias
 
 
@@ -131,6 +136,38 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused = _empty_like_conv(conv)
     fused.weight.copy_(weight)
     fused.bias.copy_(bias)
+    return fused
+
+
+def _check_norm_pointwise(bn, conv) -> None:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"fuse_bn_pointwise_conv expects (nn.BatchNorm2d, nn.Conv2d), got ({type(bn).__name__}, "
+                        f"{type(conv).__name__})")
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.padding) != (0, 0) or conv.groups != 1:
+        raise ValueError(f"conv must be a 1x1 conv without padding and with one group (a BatchNorm before a wider, "
+                         f"padded or grouped conv cannot be folded exactly), got kernel_size={tuple(conv.kernel_size)}, "
+                         f"padding={conv.padding}, groups={conv.groups}")
+    if bn.num_features != conv.in_channels:
+        raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.in_channels ({conv.in_channels})")
+    if bn.running_var is None:
+        raise ValueError("bn must track running statistics to be folded")
+
+
+@torch.no_grad()
+def fuse_bn_pointwise_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """Return a new conv (of ``conv``'s class, with a bias) equal in eval mode to ``conv(bn(x))``.
+
+    The BatchNorm comes *before* the conv (RepLKNet's pre-BN): eval-mode ``bn`` is ``x * s + t``
+    per input channel, so a 1x1 conv (no padding, one group, any stride) takes ``W * s`` over its
+    input channels and ``b + W @ t``.
+    ``conv.weight`` is (O, I, 1, 1); ``bn`` normalises the I input channels.
+    """
+    _check_norm_pointwise(bn, conv)
+    scale, shift = _norm_scale_shift(bn)
+    fused = _empty_like_conv(conv)
+    weight = conv.weight.flatten(1)
+    fused.weight.copy_((weight * scale).reshape(conv.weight.shape))
+    fused.bias.copy_(weight @ shift + (conv.bias if conv.bias is not None else 0))
     return fused
 
 
