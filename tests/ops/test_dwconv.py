@@ -434,7 +434,8 @@ def _op_weight_shapes(module, x):
 
 def test_compiled_inference_graph_holds_the_cropped_kernel_and_training_the_full_one():
     """Under torch.compile with a static map size, inference (no gradient) passes the cropped kernel
-    to the op, as eager inference does; with gradients the full kernel (its gradient is needed)."""
+    to the op, as eager inference does; with gradients the full kernel (its gradient is needed).
+    torch.export programs and FLOP counting keep the full kernel."""
     torch.manual_seed(0)
     module = _LargeKernel()
     x = torch.randn(1, 3, 8, 8)
@@ -446,9 +447,12 @@ def test_compiled_inference_graph_holds_the_cropped_kernel_and_training_the_full
     out, shapes = _op_weight_shapes(module, x)
     assert shapes == [(27, 27)]
     torch.testing.assert_close(out, expected)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # FLOP counting sees the full kernel
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
     assert counter.get_total_flops() == 2 * 3 * 8 * 8 * 27 * 27
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+    assert [tuple(n.args[1].meta["val"].shape[2:]) for n in program.graph.nodes if "dwconv2d" in str(n.target)] == [(27, 27)]
 
 
 def test_torch_compile_fullgraph():

@@ -118,15 +118,15 @@ def _check_args(x, weight, bias, stride, padding, dilation):
 
 def _croppable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether this call may drop the kernel taps that only read padding (:func:`crop_to_reach`):
-    CPU inference (no gradient to record), eager on plain tensors or inside ``torch.compile`` /
-    ``torch.export`` with a static map size (the graph then holds the cropped kernel, which
-    inductor's freezing folds into a constant). Not under FLOP counting or other modes, which
-    count the full kernel."""
+    CPU inference (no gradient to record), eager on plain tensors or inside ``torch.compile``
+    with a static map size (the graph then holds the cropped kernel, which inductor's freezing
+    folds into a constant). Not in ``torch.export`` programs (they keep the model's kernels) nor
+    under FLOP counting or other modes, which count the full kernel."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                                    for t in (x, weight, bias))):
         return False
     if torch.compiler.is_compiling():
-        return all(isinstance(size, int) for size in x.shape[2:])
+        return not torch.compiler.is_exporting() and all(isinstance(size, int) for size in x.shape[2:])
     return plain_cpu_eager(x, weight, bias)
 
 
