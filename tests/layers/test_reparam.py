@@ -390,6 +390,40 @@ def test_pointwise_conv_keeps_its_class_when_folded_and_is_what_conv_norm_act_bu
     assert type(conv_norm_act(8, 12, 1, stride=2).conv) is nn.Conv2d  # strided 1x1: a plain conv
 
 
+def test_pointwise_conv_eager_inference_packs_the_weight_once_and_repacks_when_it_changes():
+    """Eager float32 inference on a channels_last input runs oneDNN's conv with the weight packed
+    once per input shape; an in-place change of the weight (a load, an optimizer step) re-packs."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(16, 24).eval()
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = conv(x)
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        packed = conv._packed[1]
+        conv(x)
+        assert conv._packed[1] is packed  # reused
+        conv.load_state_dict({"weight": torch.randn(24, 16, 1, 1), "bias": torch.randn(24)})
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+        assert conv._packed[1] is not packed
+        other = torch.randn(1, 16, 3, 3).contiguous(memory_format=torch.channels_last)  # another shape
+        torch.testing.assert_close(conv(other), F.conv2d(other, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(conv)  # the packed oneDNN tensor is neither copied nor pickled
+    assert copied._packed is None and conv._packed is not None
+    buffer = io.BytesIO()
+    torch.save(conv, buffer)
+    assert pickle.loads(pickle.dumps(conv))._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), conv(x))
+    y = conv(x.requires_grad_())  # with gradients: the matrix product, differentiable
+    y.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
 def test_pointwise_conv_stays_a_conv_in_traced_graphs():
     """torch.compile/torch.export see the conv (inductor's freezing pre-packs its weight)."""
     x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
