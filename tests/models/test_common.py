@@ -20,6 +20,7 @@ SMALL = {
     "replknet": dict(depths=(1, 1, 1, 1), channels=(16, 16, 24, 32)),
     "convnext": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32)),
     "convnext_ladder": dict(depths=(1, 1, 1, 1), width=8),
+    "internimage": dict(depths=(1, 1, 2, 1), channels=16, groups=(1, 2, 4, 8)),
     "unireplknet": dict(depths=(1, 1, 1, 1), dims=(16, 16, 24, 32), kernel_sizes=((3,), (13,), (7,), (5,))),
 }
 MAX_PARAMS = 30_000_000

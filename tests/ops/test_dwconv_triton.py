@@ -136,8 +136,8 @@ def test_large_kernel_through_the_row_band_kernel(triton_device):
     """31x31, stride 1 and 2, at sizes where the band spans several tiles (the direct kernel is too slow
     for this under the interpreter; it is compared with the reference): output and input gradient."""
     for stride in (1, 2):
-        x = torch.randn(2, 3, 37, 35, requires_grad=True)
-        weight, bias = torch.randn(3, 1, 31, 31) / 31, torch.randn(3)
+        x = torch.randn(1, 2, 37, 35, requires_grad=True)
+        weight, bias = torch.randn(2, 1, 31, 31) / 31, torch.randn(2)
         x_dev = x.detach().to(triton_device).requires_grad_()
         out = dwconv2d(x_dev, weight.to(triton_device), bias.to(triton_device), stride=stride, padding="same",
                        impl="triton", triton_kernel="band")
@@ -150,15 +150,16 @@ def test_large_kernel_through_the_row_band_kernel(triton_device):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("stride,dilation,multiplier,channels,memory_format", [
-    (1, 1, 1, 1, NCHW), (2, 1, 1, 1, NCHW), (1, 1, 2, 1, NCHW), (1, 1, 1, 2, NHWC), (2, 2, 1, 1, NCHW)],
+@pytest.mark.parametrize("batch,stride,dilation,multiplier,channels,memory_format", [
+    (2, 1, 1, 1, 1, NCHW), (2, 2, 1, 1, 1, NCHW), (1, 1, 1, 2, 1, NCHW), (1, 1, 1, 1, 2, NHWC), (2, 2, 2, 1, 1, NCHW)],
     ids=["stride1", "stride2", "multiplier2", "nhwc", "stride2-dilation2"])
-def test_weight_gradient_through_the_row_band_kernel(stride, dilation, multiplier, channels, memory_format,
+def test_weight_gradient_through_the_row_band_kernel(batch, stride, dilation, multiplier, channels, memory_format,
                                                      triton_device, monkeypatch):
     """31x31 over a map narrower than the kernel and wider than one 16-column tile: the weight gradient
-    is the band kernel's (the direct one must not run) and matches the reference."""
+    is the band kernel's (the direct one must not run) and matches the reference; batch 2 where the
+    kernel must also sum over images, batch 1 where the case is about channels."""
     monkeypatch.setattr(dwconv_triton, "_launch_direct_grad_weight", pytest.fail)
-    x = torch.randn(2, channels, 23, 37).contiguous(memory_format=memory_format)
+    x = torch.randn(batch, channels, 23, 37).contiguous(memory_format=memory_format)
     weight = torch.randn(channels * multiplier, 1, 31, 31) / 31
     geometry = (stride, stride), _padding4(23, 37, (31, 31), (stride, stride), "same", (dilation, dilation)), \
         (dilation, dilation)

@@ -1,10 +1,13 @@
-"""Numba CPU kernels of the integer-bin RoI operators (imported through ``_numba.kernels`` only).
+"""Numba CPU kernels of the channel-owned RoI operators (imported through ``_numba.kernels`` only).
 
 ``ps_roi_pool`` (mean) and ``roi_pool`` (maximum), one loop per output bin over the bins of
 :func:`convzoo.ops.roi.reference.ps_roi_pool_bins` / ``roi_pool_bins``. Tasks own input
 channels (every RoI's bins reading that channel), so the backwards add without races, and a
-task's feature plane stays in cache across the RoIs. (The bilinear RoI operators run on the
-row-gather engine of :mod:`convzoo.ops._bilinear_rows`.)
+task's feature plane stays in cache across the RoIs. The position-sensitive bilinear pools
+(``ps_roi_align``, ``deform_ps_roi_pool``) sum the reference's samples the same way, tasks owning
+channel groups of the NCHW input (:func:`grouped_gather`, :func:`grouped_scatter`): no feature table
+is built, and each backward writes its channels' gradient whole. (``roi_align`` and ``deform_roi_pool``,
+whose every bin reads every channel, run on the row-gather engine of :mod:`convzoo.ops._bilinear_rows`.)
 """
 from __future__ import annotations
 
@@ -133,6 +136,111 @@ def scatter_rows(grad_rows: torch.Tensor, columns: torch.Tensor, values: torch.T
     launch(_scatter_rows, as_array(grad_rows), as_array(columns.to(torch.int64).contiguous()),
            as_array(values.to(grad.dtype).contiguous()), as_array(grad.contiguous()), chunk,
            work=values.numel() * width)
+
+
+# --------------------------------------------------------------------------------------
+# Position-sensitive bilinear pools, straight from the NCHW input
+# --------------------------------------------------------------------------------------
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _grouped_gather(input, columns, values, batch_index, group_bins, group_start, coord_sets, out):
+    """``out`` (K, Q*Cq, P) of :func:`convzoo.ops.roi.reference.bilinear_pool_fast` from ``input``
+    (N, C, H*W), C = Q*Cq*G; ``columns``/``values`` (K*Q*P, E) index the rows of the reference's
+    feature table; bins ``group_bins[group_start[g]:group_start[g + 1]]`` read group ``g``.
+
+    Tasks own ``(coordinate set q, group g)``: input channels ``(q*Cq + c)*G + g`` for every ``c``,
+    read by those bins only. A bin's entries are turned into plane offsets once and reused for
+    its ``Cq`` channels, whose planes stay in cache across the RoIs.
+    """
+    plane = input.shape[2]
+    rois, sets_channels, bins = out.shape
+    groups = group_start.shape[0] - 1
+    per_group = sets_channels // coord_sets
+    entries = columns.shape[1]
+    for parallel_task in numba.prange(coord_sets * groups):
+        task = np.int64(parallel_task)
+        q = task // groups
+        g = task - q * groups
+        pixel = np.empty(entries, dtype=np.int64)
+        for k in range(rois):
+            image = batch_index[k]
+            base = ((image * coord_sets + q) * groups + g) * plane
+            for i in range(group_start[g], group_start[g + 1]):
+                p = group_bins[i]
+                r = (k * coord_sets + q) * bins + p
+                for e in range(entries):
+                    pixel[e] = columns[r, e] - base
+                for c in range(per_group):
+                    src = input[image, (q * per_group + c) * groups + g]
+                    total = 0.0
+                    for e in range(entries):
+                        total += values[r, e] * src[pixel[e]]
+                    out[k, q * per_group + c, p] = total
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _grouped_scatter(grad, columns, values, batch_index, group_bins, group_start, coord_sets, grad_input):
+    """The input gradient (N, C, H*W) of :func:`_grouped_gather` for ``grad`` (K, Q*Cq, P), written
+    whole (no zeroing needed before); tasks own the same channels, so no two add into the same memory."""
+    plane = grad_input.shape[2]
+    rois, sets_channels, bins = grad.shape
+    groups = group_start.shape[0] - 1
+    per_group = sets_channels // coord_sets
+    entries = columns.shape[1]
+    for parallel_task in numba.prange(coord_sets * groups):
+        task = np.int64(parallel_task)
+        q = task // groups
+        g = task - q * groups
+        for image in range(grad_input.shape[0]):
+            for c in range(per_group):
+                grad_input[image, (q * per_group + c) * groups + g, :] = 0
+        pixel = np.empty(entries, dtype=np.int64)
+        for k in range(rois):
+            image = batch_index[k]
+            base = ((image * coord_sets + q) * groups + g) * plane
+            for i in range(group_start[g], group_start[g + 1]):
+                p = group_bins[i]
+                r = (k * coord_sets + q) * bins + p
+                for e in range(entries):
+                    pixel[e] = columns[r, e] - base
+                for c in range(per_group):
+                    dst = grad_input[image, (q * per_group + c) * groups + g]
+                    share = grad[k, q * per_group + c, p]
+                    for e in range(entries):
+                        dst[pixel[e]] += values[r, e] * share
+
+
+def _group_lists(bin_group: torch.Tensor, groups: int):
+    """``(group_bins, group_start)``: the bins of group ``g`` are ``group_bins[group_start[g]:group_start[g+1]]``."""
+    order = torch.argsort(bin_group, stable=True)
+    start = torch.zeros(groups + 1, dtype=torch.int64)
+    start[1:] = torch.bincount(bin_group, minlength=groups).cumsum(0)
+    return as_array(order.contiguous()), as_array(start)
+
+
+def grouped_gather(input: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, batch_index: torch.Tensor,
+                   bin_group: torch.Tensor, groups: int, coord_sets: int) -> torch.Tensor:
+    """The position-sensitive pooling (K, Q*Cq, P) of :func:`_grouped_gather`, in ``input``'s dtype
+    (float32 or float64); ``columns``/``values`` (K*Q*P, E)."""
+    n, channels, height, width = input.shape
+    rois, bins = batch_index.shape[0], bin_group.shape[0]
+    out = input.new_empty((rois, channels // groups, bins))
+    launch(_grouped_gather, as_array(input.contiguous()).reshape(n, channels, height * width),
+           as_array(columns.contiguous()), as_array(values.to(input.dtype).contiguous()),
+           as_array(batch_index.to(torch.int64).contiguous()), *_group_lists(bin_group, groups), coord_sets,
+           as_array(out), work=values.numel() * (channels // (groups * coord_sets)))
+    return out
+
+
+def grouped_scatter(grad: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, batch_index: torch.Tensor,
+                    bin_group: torch.Tensor, groups: int, coord_sets: int, input_shape) -> torch.Tensor:
+    """The input gradient (N, C, H, W) of :func:`grouped_gather` for ``grad`` (K, Q*Cq, P)."""
+    n, channels, height, width = input_shape
+    grad_input = grad.new_empty((n, channels, height * width))
+    launch(_grouped_scatter, as_array(grad.contiguous()), as_array(columns.contiguous()),
+           as_array(values.to(grad.dtype).contiguous()), as_array(batch_index.to(torch.int64).contiguous()),
+           *_group_lists(bin_group, groups), coord_sets, as_array(grad_input),
+           work=values.numel() * (channels // (groups * coord_sets)))
+    return grad_input.view(n, channels, height, width)
 
 
 def _integer_bins(bins_of, rois: torch.Tensor, height: int, width: int, geometry: PoolGeometry, dtype):

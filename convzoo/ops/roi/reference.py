@@ -13,8 +13,9 @@ Every bilinear RoI operator here (``roi_align``, ``ps_roi_align``, ``deform_roi_
 :func:`bilinear_pool` is differentiable by autograd (``impl="reference"``). The custom ops
 in ``__init__.py`` use :func:`bilinear_pool_fast` and :func:`bilinear_pool_backward`: the
 same sum as one gather of the 4 * S weighted feature rows of each output bin (Numba, one loop
-per bin: :mod:`convzoo.ops._bilinear_rows`), its transpose (a race-free scatter-add) for the
-input gradient, and ``<grad, d value / d point>`` per bin for the point gradients (all samples
+per bin: :mod:`convzoo.ops._bilinear_rows`; position-sensitive poolings read the NCHW input in
+Numba tasks that own channels, :func:`convzoo.ops.roi.cpu.grouped_gather`), its transpose (a
+race-free scatter-add) for the input gradient, and ``<grad, d value / d point>`` per bin for the point gradients (all samples
 of a bin move together), which the caller chains to the offsets analytically.
 ``ps_roi_pool`` sums integer bins through a summed-area table; ``roi_pool`` takes the maximum
 of each integer bin, one RoI at a time.
@@ -196,19 +197,28 @@ def bilinear_pool_fast(
     """:func:`bilinear_pool` as one gather of weighted feature rows per output bin (no autograd)."""
     k, coord_sets, bins, samples = y.shape
     n, channels, height, width = input.shape
-    rows = _feature_rows(input, coord_sets, groups)
-    per_group = rows.shape[1]
+    per_group = channels // (coord_sets * groups)
     out_rows = k * coord_sets * bins
-    if rows.shape[0] == 0 or samples == 0:
-        out = rows.new_zeros(out_rows, per_group)
-    else:
-        columns, corner_w, sample_w, _ = _sample_entries(
-            batch_index, bin_group, groups, height, width, y, x, weight
-        )
-        entries = (out_rows, 4 * samples)
-        values = (corner_w * sample_w.unsqueeze(-1)).reshape(entries)
-        out = _bilinear_rows.gather_sum(rows, columns.reshape(entries), values)
+    if n * per_group == 0 or samples == 0:
+        return input.new_zeros(k, coord_sets * per_group, bins)
+    columns, corner_w, sample_w, _ = _sample_entries(batch_index, bin_group, groups, height, width, y, x, weight)
+    entries = (out_rows, 4 * samples)
+    values = (corner_w * sample_w.unsqueeze(-1)).reshape(entries)
+    grouped = _grouped_kernels(input, groups)
+    if grouped is not None:
+        return grouped.grouped_gather(input, columns.reshape(entries), values, batch_index, bin_group, groups,
+                                      coord_sets)
+    out = _bilinear_rows.gather_sum(_feature_rows(input, coord_sets, groups), columns.reshape(entries), values)
     return out.reshape(k, coord_sets, bins, per_group).permute(0, 1, 3, 2).reshape(k, coord_sets * per_group, bins)
+
+
+def _grouped_kernels(input: Tensor, groups: int):
+    """The channel-owned Numba kernels (:func:`convzoo.ops.roi.cpu.grouped_gather`) for a position-
+    sensitive pooling (``groups > 1``: each input channel feeds few bins) of a CPU tensor; else None.
+    They read the NCHW input in place: no feature table is built."""
+    if groups > 1 and input.device.type == "cpu":
+        return kernels(__package__ + ".cpu")
+    return None
 
 
 # Above this many columns the shared engine's per-thread copies of the table beat column
@@ -227,6 +237,12 @@ def _scatter_rows(grad_rows: Tensor, columns: Tensor, values: Tensor, grad: Tens
         _bilinear_rows.scatter_add(grad_rows, columns, values, grad)
     else:
         cpu.scatter_rows(grad_rows, columns, values, grad)
+
+
+def _grad_rows(grad_out: Tensor, coord_sets: int, per_group: int, bins: int) -> Tensor:
+    """``grad_out`` (K, Q*Cq, P) as rows (K*Q*P, Cq), one per output bin."""
+    k = grad_out.shape[0]
+    return grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(-1, per_group)
 
 
 def bilinear_pool_backward(
@@ -251,24 +267,33 @@ def bilinear_pool_backward(
     """
     k, coord_sets, bins, samples = y.shape
     n, channels, height, width = input.shape
-    rows = _feature_rows(input, coord_sets, groups)
-    per_group = rows.shape[1]
+    per_group = channels // (coord_sets * groups)
     out_rows = k * coord_sets * bins
-    grad_input = torch.zeros_like(input) if need_input_grad else None
+    grad_input = None
     grad_y = y.new_zeros(y.shape[:-1]) if need_point_grad else None
     grad_x = x.new_zeros(x.shape[:-1]) if need_point_grad else None
-    if out_rows == 0 or samples == 0 or rows.shape[0] == 0:
-        return grad_input, grad_y, grad_x
-    g_rows = grad_out.reshape(k, coord_sets, per_group, bins).permute(0, 1, 3, 2).reshape(out_rows, per_group)
+    if out_rows == 0 or samples == 0 or n * per_group == 0:
+        return (torch.zeros_like(input) if need_input_grad else None), grad_y, grad_x
     columns, corner_w, sample_w, (ly, lx, hy, hx) = _sample_entries(
         batch_index, bin_group, groups, height, width, y, x, weight
     )
+    grouped = _grouped_kernels(input, groups)
+    g_rows = None
     if need_input_grad:
         values = (corner_w * sample_w.unsqueeze(-1)).reshape(out_rows, -1)
-        grad_rows = torch.zeros_like(rows)
-        _scatter_rows(grad_rows, columns.reshape(out_rows, -1), values, g_rows)
-        grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups)
+        if grouped is not None:
+            grad_input = grouped.grouped_scatter(grad_out.reshape(k, coord_sets * per_group, bins),
+                                                 columns.reshape(out_rows, -1), values, batch_index, bin_group,
+                                                 groups, coord_sets, input.shape)
+        else:
+            g_rows = _grad_rows(grad_out, coord_sets, per_group, bins)
+            grad_rows = input.new_zeros(n * coord_sets * groups * height * width, per_group)
+            _scatter_rows(grad_rows, columns.reshape(out_rows, -1), values, g_rows)
+            grad_input = _rows_to_input(grad_rows, input.shape, coord_sets, groups)
     if need_point_grad:
+        rows = _feature_rows(input, coord_sets, groups)
+        if g_rows is None:
+            g_rows = _grad_rows(grad_out, coord_sets, per_group, bins)
         finite = torch.isfinite(y) & torch.isfinite(x)
         y_raw = torch.where(finite, y, -1.0).reshape(out_rows, samples)
         x_raw = torch.where(finite, x, -1.0).reshape(out_rows, samples)
