@@ -21,7 +21,8 @@ Every side of a case runs the same weights (the baselines are converted from our
 the official forward) and its output is checked against the baseline's before timing. Sides:
 the official-style model (eager), convzoo eager, convzoo optimized (``optimize_for_inference``:
 layout chosen by timing, ``torch.compile`` with inductor freezing; the compile time is printed,
-not timed) and onnxruntime (CPU provider, ``intra_op_num_threads`` = the PyTorch thread count)
+not timed) and onnxruntime (CPU provider, ``intra_op_num_threads`` = the PyTorch thread count, idle
+threads not spinning)
 running ``convzoo.export.export_onnx`` of the same model (static shape; written to ``--onnx-dir``
 and reused when present, since the export takes minutes). All sides are timed interleaved, the
 order rotating every round, eval, no_grad, fp32; the table gives medians. "of peak" = the model's
@@ -233,6 +234,10 @@ def ort_session(path: str):
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads sleep instead of spinning: spinning ones kept a core busy after each run
+    # and slowed the side timed next (the official one in 3 rounds of 4: ConvNeXt-T batch 4 official
+    # 240 ms against 142 ms without spinning, in one process, 2026-12-03).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: np.ascontiguousarray(x.numpy())})[0])

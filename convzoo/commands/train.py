@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     data.add_argument("--data-seed", type=int, default=0, metavar="S", help="built-in set: seed of the images (default: 0)")
     data.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="built-in set: another option (num_shapes, num_colours, num_distractors, noise, "
-                           "amplitude, fresh_train), VALUE a Python literal (repeatable)")
+                           "amplitude, fresh_train, fixed_places), VALUE a Python literal (repeatable)")
     data.add_argument("--randaugment", nargs=2, type=float, metavar=("OPS", "MAGNITUDE"), help="image folders: RandAugment-lite, e.g. 2 9")
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
     data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
@@ -97,6 +97,9 @@ def register(subparsers) -> None:
     optim.add_argument("--accum-steps", type=int, default=1, metavar="N", help="gradient accumulation: micro-batches per optimizer step")
     optim.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
     optim.add_argument("--model-ema", type=float, default=0.0, metavar="DECAY", help="keep an EMA of the weights with this decay, e.g. 0.999 (0: off)")
+    optim.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                       help="BatchNorm models: before each validation, recompute the running statistics with the "
+                            "current weights over N training batches (precise BN; 0: off, the default)")
 
     runtime = parser.add_argument_group("run")
     runtime.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto", help="autocast precision (auto: bf16 on GPU, none on CPU)")
@@ -224,7 +227,7 @@ def _train_config(args, info):
             weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
             accum_steps=args.accum_steps, clip_grad=args.clip_grad, ema_decay=args.model_ema,
             mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, amp=amp, channels_last=args.channels_last,
-            sync_bn=args.sync_bn, workers=workers, seed=args.seed,
+            sync_bn=args.sync_bn, workers=workers, seed=args.seed, bn_recalibrate=args.bn_recalibrate,
             eval_batch_size=1 if args.task == "segmentation" and args.data else None,  # images of any size
         )
     except ValueError as err:

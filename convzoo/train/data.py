@@ -96,6 +96,7 @@ class RelationConfig:
     fresh_train: bool = True
     relation: str = "height"
     seed: int = 0
+    fixed_places: bool = False
 
     def __post_init__(self):
         if self.image_size < 24:
@@ -106,6 +107,9 @@ class RelationConfig:
             raise ValueError(f"num_colours must be in [2, {len(COLOURS)}], got {self.num_colours}")
         if self.relation not in RELATION_CLASSES:
             raise ValueError(f"relation must be one of {', '.join(RELATION_CLASSES)}, got {self.relation!r}")
+        if self.fixed_places and self.relation == "height":
+            raise ValueError("fixed_places=True puts both key marks on the same row, so the 'height' relation has "
+                             "one class only: use relation 'colour', 'shape' or 'shape+colour' with it")
         if self.num_train < 1 or self.num_val < 1 or self.num_distractors < 0:
             raise ValueError("num_train and num_val must be >= 1 and num_distractors >= 0")
 
@@ -129,6 +133,11 @@ class RelationDataset(Dataset):
     on the fly from ``(seed, split, index)``, and with ``fresh_train`` (the default) training
     images also from the epoch, so every epoch sees new pictures (an endless supply, nothing
     to memorise); nothing is stored or downloaded.
+
+    ``fixed_places`` puts the two key marks at fixed places (the middle row, the middle of each
+    quarter) instead: the relation then needs no position invariance, which networks without
+    pooling learn slowly (docs/deploy.md); shapes, colours, sides, noise and distractors are
+    drawn as before, from the same random stream.
     """
 
     def __init__(self, split: str = "train", config: RelationConfig = RelationConfig()):
@@ -185,8 +194,12 @@ class RelationDataset(Dataset):
         if cfg.relation == "height":  # the same row, or at least a quarter of the rows apart (cyclically)
             gap = rows // 4
             y_b = y_a if label == 0 else (y_a + int(rng.integers(gap, rows - gap + 1))) % rows
+        if cfg.fixed_places:
+            y_a = y_b = (size - 5) // 2
         for side, y, shape, colour in ((side_a, y_a, shape_a, colour_a), (side_b, y_b, shape_b, colour_b)):
             x = side + int(rng.integers(quarter - 5 + 1))
+            if cfg.fixed_places:
+                x = side + (quarter - 5) // 2
             self._draw_mark(image, y, x, shape, colour)
         for _ in range(cfg.num_distractors):
             x = quarter + int(rng.integers(size - 2 * quarter - 5 + 1))

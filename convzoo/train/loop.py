@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     eval_batch_size: Optional[int] = None
+    bn_recalibrate: int = 0
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if self.bn_recalibrate < 0:
+            raise ValueError(f"bn_recalibrate must be >= 0 batches (0 turns it off), got {self.bn_recalibrate}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
 
@@ -93,6 +96,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute the running statistics of every BatchNorm of ``model`` with its current weights
+    ("precise BN"): reset them, then take the cumulative average of the batch statistics over
+    ``batches`` (image tensors (N, C, H, W)), in train mode for the norms only (dropout and drop
+    path stay off), no gradient. Returns the number of BatchNorm layers (0: nothing done).
+
+    The running averages training leaves mix the statistics of weights the optimizer has since
+    changed; after a short run they can make the eval-mode network much worse than the
+    train-mode one (docs/deploy.md measures this on the MobileNets)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average
+        norm.train()
+    try:
+        for images in batches:
+            model(images)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    return len(norms)
 
 
 class ModelEma:
@@ -433,6 +465,14 @@ class Trainer:
         return {"train_loss": loss_sum / seen, "train_acc": 100.0 * correct / max(counted, 1.0),
                 "train_images_per_second": seen / seconds, "lr": lr, "train_seconds": seconds}
 
+    def _recalibration_batches(self):
+        """The first ``config.bn_recalibrate`` training batches of the epoch just trained (images only)."""
+        for index, (images, _, _) in enumerate(self.train_loader):
+            if index >= self.config.bn_recalibrate:
+                break
+            images = images.to(self.device, non_blocking=True)
+            yield images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
     def _evaluate(self, model: nn.Module) -> EvalResult:
         return evaluate(model, self.val_loader, self.device, self.config.amp, self.config.channels_last, self.info)
 
@@ -453,6 +493,9 @@ class Trainer:
             record = {"epoch": epoch + 1}
             record.update(self.train_one_epoch(epoch, on_step))
             record["step"] = self.step
+            if self.config.bn_recalibrate:
+                with autocast_context(self.device, self.config.amp):
+                    recalibrate_batchnorm(self.model, self._recalibration_batches())
             for name, result in self.validate().items():
                 prefix = "val" if name == "model" else "ema_val"
                 record.update({f"{prefix}_{key}": value for key, value in result.metrics().items()})

@@ -80,6 +80,22 @@ def test_relation_labels_follow_the_two_key_marks(relation):
     assert labels == set(range(dataset.num_classes))
 
 
+def test_relation_fixed_places_moves_only_the_key_marks():
+    # Same shapes, colours, sides and labels as the default set, the marks at the middle row of
+    # their quarters (x = 1 and 25 in 32 px), so the colour relation needs no position invariance.
+    moving = RelationDataset("train", RelationConfig(image_size=32, num_train=30, noise=0.0, relation="colour"))
+    fixed = RelationDataset("train", RelationConfig(image_size=32, num_train=30, noise=0.0, relation="colour",
+                                                    fixed_places=True))
+    for index in range(len(fixed)):
+        image, label, _ = fixed[index]
+        assert label == moving[index][1]
+        marks = [_read_mark(image[:, :, :8]), _read_mark(image[:, :, -8:])]
+        assert [m[2] for m in marks] == [13, 13]
+        assert [m[:2] for m in marks] == [_read_mark(moving[index][0][:, :, :8])[:2], _read_mark(moving[index][0][:, :, -8:])[:2]]
+        assert (image[:, :, 1:6].abs().sum() > 0) and (image[:, :, 25:30].abs().sum() > 0)
+        assert image[:, :, :1].abs().sum() == 0 and image[:, :, 6:25].abs().sum() == 0
+
+
 @pytest.mark.parametrize("relation", ["height", "shape+colour"])
 def test_relation_class_means_carry_no_label_information(relation):
     # The average image of each class is the same: no pixel position or colour tells the class.
@@ -103,6 +119,7 @@ def test_relation_class_means_carry_no_label_information(relation):
     pytest.param(lambda: RelationConfig(relation="size"), "relation must be one of height, colour, shape, shape\\+colour",
                  id="relation"),
     pytest.param(lambda: RelationDataset("test"), "split", id="split"),
+    pytest.param(lambda: RelationConfig(fixed_places=True), "fixed_places=True .* 'height' relation", id="fixed-height"),
 ])
 def test_relation_config_rejects_bad_values(make, message):
     with pytest.raises(ValueError, match=message):

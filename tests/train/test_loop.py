@@ -108,3 +108,44 @@ def test_sync_bn_on_cpu_is_refused_before_any_process_group_is_needed():
     assert wrap_model(model, DistInfo()) is model  # one process: nothing to wrap
     with pytest.raises(ValueError, match="--sync-bn needs GPUs"):
         wrap_model(model, DistInfo(rank=0, world_size=2), sync_bn=True)
+
+
+def _bn_net(momentum):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                         nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_recalibrate_batchnorm_averages_the_batch_statistics_of_the_current_weights():
+    from convzoo.train.loop import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = _bn_net(momentum=0.01).eval()
+    batches = [torch.randn(5, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    assert recalibrate_batchnorm(model, batches) == 1
+    conv, norm = model[0], model[1]
+    with torch.no_grad():
+        outs = [conv(b).transpose(0, 1).flatten(1) for b in batches]  # (C, N*H*W) per batch
+    torch.testing.assert_close(norm.running_mean, torch.stack([o.mean(1) for o in outs]).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack([o.var(1) for o in outs]).mean(0))
+    assert norm.momentum == 0.01 and not model.training and not norm.training  # modes and momentum restored
+    assert recalibrate_batchnorm(nn.Linear(2, 2), batches) == 0
+
+
+def test_trainer_bn_recalibrate_refreshes_the_running_statistics_before_validation():
+    from convzoo.train.loop import Trainer
+
+    cfg = RelationConfig(image_size=24, num_train=16, num_val=4)
+    train, val = RelationDataset("train", cfg), RelationDataset("val", cfg)
+    runs = {}
+    for batches in (0, 2):
+        torch.manual_seed(0)
+        trainer = Trainer(_bn_net(momentum=0.01), train, val, 2, TrainConfig(epochs=1, batch_size=8, bn_recalibrate=batches))
+        trainer.fit()
+        runs[batches] = trainer.model[1].running_var.clone()
+    with torch.no_grad():  # the same two batches through the final conv of the recalibrated run
+        trainer.train_sampler.set_epoch(0)
+        outs = [trainer.model[0](images).transpose(0, 1).flatten(1) for images, _, _ in trainer.train_loader]
+    torch.testing.assert_close(runs[2], torch.stack([o.var(1) for o in outs]).mean(0))
+    assert not torch.allclose(runs[0], runs[2], rtol=0.1)  # momentum 0.01 left them near their start
+    with pytest.raises(ValueError, match="bn_recalibrate"):
+        TrainConfig(bn_recalibrate=-1)

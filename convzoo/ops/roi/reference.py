@@ -213,9 +213,9 @@ def bilinear_pool_fast(
 
 
 def _grouped_kernels(input: Tensor, groups: int):
-    """The channel-owned Numba kernels (:func:`convzoo.ops.roi.cpu.grouped_gather`) for a position-
-    sensitive pooling (``groups > 1``: each input channel feeds few bins) of a CPU tensor; else None.
-    They read the NCHW input in place: no feature table is built."""
+    """The Numba kernels whose tasks own channel groups (:func:`convzoo.ops.roi.cpu.grouped_gather`)
+    for a position-sensitive pooling (``groups > 1``: each input channel feeds few bins) of a CPU
+    tensor; else None. They read the NCHW input in place: no feature table is built."""
     if groups > 1 and input.device.type == "cpu":
         return kernels(__package__ + ".cpu")
     return None
