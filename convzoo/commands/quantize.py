@@ -178,12 +178,19 @@ def run(args) -> int:
 
 def _print_report(name: str, report) -> None:
     print(f"{name}: wrote {report.path} (INT8, {report.backend}, calibrated on {report.calibration_images} images)")
-    print(f"  size        {report.int8_bytes / 2**20:.2f} MiB vs {report.fp32_bytes / 2**20:.2f} MiB FP32 "
-          f"({report.size_ratio:.2f}x smaller)")
+    print("\n".join(report_lines(report)))
+
+
+def report_lines(report) -> list:
+    """The report's lines after the first (shared with ``convzoo train --qat``)."""
+    lines = []
+    lines.append(f"  size        {report.int8_bytes / 2**20:.2f} MiB vs {report.fp32_bytes / 2**20:.2f} MiB FP32 "
+                 f"({report.size_ratio:.2f}x smaller)")
     for batch, (fp32, int8) in sorted(report.speed_ms.items()):
-        print(f"  speed       batch {batch}: {int8:.2f} ms vs {fp32:.2f} ms FP32 ({fp32 / int8:.2f}x) in {report.backend}")
-    print(f"  agreement   top-1 {100 * report.top1_agreement:.1f}% of {report.eval_images} images, output SQNR {report.sqnr_db:.1f} dB")
+        lines.append(f"  speed       batch {batch}: {int8:.2f} ms vs {fp32:.2f} ms FP32 ({fp32 / int8:.2f}x) in {report.backend}")
+    lines.append(f"  agreement   top-1 {100 * report.top1_agreement:.1f}% of {report.eval_images} images, output SQNR {report.sqnr_db:.1f} dB")
     if report.fp32_top1 is not None:
-        print(f"  top-1       INT8 {report.int8_top1:.2f}% vs FP32 {report.fp32_top1:.2f}% ({report.int8_top1 - report.fp32_top1:+.2f})")
+        lines.append(f"  top-1       INT8 {report.int8_top1:.2f}% vs FP32 {report.fp32_top1:.2f}% ({report.int8_top1 - report.fp32_top1:+.2f})")
     if report.kept_float:
-        print(f"  kept float  {', '.join(report.kept_float)}")
+        lines.append(f"  kept float  {', '.join(report.kept_float)}")
+    return lines

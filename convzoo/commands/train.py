@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 
 from . import UsageError, create_model_or_exit, parse_model_args
 from ._tools import positive_int
+from . import _qat
 from . import _segmentation as _seg
 
 DEFAULT_MODEL = "replknet_tiny"
@@ -89,10 +90,10 @@ def register(subparsers) -> None:
     optim.add_argument("--epochs", type=positive_int, default=None, help=f"epochs (default: 10, segmentation: {_seg.DEFAULTS['epochs']})")
     optim.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                        help=f"images per step per process (default: 64, segmentation: {_seg.DEFAULTS['batch_size']})")
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default: 1e-3)")
+    optim.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: 1e-3, --qat: 1e-4)")
     optim.add_argument("--min-lr", type=float, default=1e-5, help="final learning rate of the cosine schedule (default: 1e-5)")
     optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay, not on norms/biases (default: 0.05)")
-    optim.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length (default: 1)")
+    optim.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up length (default: 1, --qat: 0)")
     optim.add_argument("--label-smoothing", type=float, default=0.1, help="(default: 0.1)")
     optim.add_argument("--accum-steps", type=int, default=1, metavar="N", help="gradient accumulation: micro-batches per optimizer step")
     optim.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
@@ -112,10 +113,12 @@ def register(subparsers) -> None:
                      help="continue from OUTPUT/checkpoint.pt (or the given checkpoint)")
     runtime.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch")
     _seg.add_arguments(parser)
+    _qat.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
 _CLASSIFICATION_DEFAULTS = {"model": DEFAULT_MODEL, "train_size": 8192, "val_size": 2048, "batch_size": 64, "epochs": 10}
+_COMMON_DEFAULTS = {"lr": 1e-3, "warmup_epochs": 1.0}
 
 
 def _fill_task_defaults(args) -> None:
@@ -123,9 +126,11 @@ def _fill_task_defaults(args) -> None:
     if args.task != "segmentation":
         _seg.reject_segmentation_options(args)
     defaults = _seg.DEFAULTS if args.task == "segmentation" else _CLASSIFICATION_DEFAULTS
-    for key, value in defaults.items():
+    for key, value in {**_COMMON_DEFAULTS, **defaults, **(_qat.DEFAULTS if args.qat else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.qat:
+        _qat.fill_defaults(args)
 
 
 # ------------------------------------------------------------------------------ data
@@ -261,6 +266,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     demo = args.task == "segmentation" and args.model is None
+    _qat.check_arguments(args)
     _fill_task_defaults(args)
     model_args = {**(_seg.DEMO_MODEL_ARGS if demo else {}), **parse_model_args(args.model_arg)}
     output = args.output or os.path.join("runs", args.model)
@@ -270,6 +276,9 @@ def run(args) -> int:
         info = init_distributed(args.device)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.qat and info.enabled:
+        shutdown(info)
+        raise UsageError("--qat runs in one process: start it without torchrun")
     try:
         return _train(args, info, model_args, output, datasets, resume_path)
     finally:
@@ -289,21 +298,27 @@ def _train(args, info, model_args, output, datasets, resume_path) -> int:
     torch.manual_seed(args.seed)
     segmentation = args.task == "segmentation"
     extra = _seg.model_kwargs(args) if segmentation else {}
-    model = create_model_or_exit(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                        drop_path_rate=args.drop_path, **extra, **model_args)
+    float_model = None
+    if args.qat:
+        float_model, model = _qat.build_models(args, num_classes, val_set)
+    else:
+        model = create_model_or_exit(args.model, pretrained=args.pretrained, num_classes=num_classes,
+                                     drop_path_rate=args.drop_path, **extra, **model_args)
     if args.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise UsageError(f"{args.model} does not support --grad-checkpointing")
         model.set_grad_checkpointing(True)
-    if not segmentation:
+    if not segmentation and not args.qat:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}),
                                 **_trained_input_cfg(args, data_info, getattr(model, "in_chans", 3))}
     metadata = {"model_name": args.model, "model_args": {k: v for k, v in model_args.items()},
                 "num_classes": num_classes, "data": data_info, "task": args.task,
                 "pretrained_cfg": getattr(model, "pretrained_cfg", {})}
+    if args.qat:
+        metadata["qat"] = _qat.metadata(args)
     created = info.is_main and not os.path.isdir(output)
     try:
-        return _run_training(args, info, model, config, output, datasets, resume_path, metadata)
+        return _run_training(args, info, model, config, output, datasets, resume_path, metadata, float_model)
     except BaseException:
         # a run that stops before its first checkpoint leaves no folder behind
         if created and not os.path.exists(os.path.join(output, "checkpoint.pt")):
@@ -337,7 +352,7 @@ def _fit_batch_size(args, num_images: int, info) -> None:
     args.batch_size = lowered
 
 
-def _run_training(args, info, model, config, output, datasets, resume_path, metadata) -> int:
+def _run_training(args, info, model, config, output, datasets, resume_path, metadata, float_model=None) -> int:
     from .. import save_checkpoint
     from ..train.distributed import barrier
     from ..train.loop import Trainer, load_training_checkpoint
@@ -346,13 +361,13 @@ def _run_training(args, info, model, config, output, datasets, resume_path, meta
     segmentation = args.task == "segmentation"
     if info.is_main:
         os.makedirs(output, exist_ok=True)
-    trainer_cls = _seg.trainer_class() if segmentation else Trainer
+    trainer_cls = _seg.trainer_class() if segmentation else _qat.trainer_class(args) if args.qat else Trainer
     trainer = trainer_cls(model, train_set, val_set, num_classes, config, info, output_dir=output, metadata=metadata)
     stale = []
     if resume_path is None and info.is_main and os.path.exists(os.path.join(output, "checkpoint.pt")):
         _logger.warning("starting a new run in %s; its old files will be replaced at the end of the first "
                         "epoch (use --resume to continue it instead)", output)
-        stale = [os.path.join(output, name) for name in ("summary.json", "model.safetensors")]
+        stale = [os.path.join(output, name) for name in ("summary.json", "model.safetensors", _qat.INT8_NAME)]
     if resume_path is not None:
         try:
             state = load_training_checkpoint(resume_path)
@@ -361,6 +376,9 @@ def _run_training(args, info, model, config, output, datasets, resume_path, meta
         if state["meta"].get("task", "classification") != args.task:
             raise UsageError(f"{resume_path} is a {state['meta'].get('task', 'classification')} run; pass --task "
                              f"{state['meta'].get('task', 'classification')}")
+        if bool(state["meta"].get("qat")) != args.qat:
+            raise UsageError(f"{resume_path} is {'a' if state['meta'].get('qat') else 'no'} --qat run; "
+                             f"{'add' if state['meta'].get('qat') else 'drop'} --qat")
         if state["meta"].get("model_name") != args.model:
             raise UsageError(f"{resume_path} was trained with --model {state['meta'].get('model_name')}, not {args.model}")
         trainer.load_state_dict(state)
@@ -387,7 +405,11 @@ def _run_training(args, info, model, config, output, datasets, resume_path, meta
     start = time.perf_counter()
     history = trainer.fit(on_step=on_step, on_epoch=on_epoch)
     elapsed = time.perf_counter() - start
-    if info.is_main:
+    if info.is_main and args.qat:
+        report = _qat.finish(args, trainer, float_model, output)
+        print(write_summary(args, output, history, elapsed, task_fields={"qat": report},
+                            model_file=os.path.join(output, _qat.INT8_NAME)))
+    elif info.is_main:
         save_checkpoint(trainer.final_model(), os.path.join(output, "model.safetensors"))
         if segmentation:
             print(_seg.write_summary(args, output, history, elapsed, data_info))
@@ -412,12 +434,14 @@ CLASSIFICATION_SUMMARY = SummaryMetrics("top1", "top5", "val top-1/top-5", "best
 
 
 def write_summary(args, output: str, history, elapsed: float, metrics: SummaryMetrics = CLASSIFICATION_SUMMARY,
-                  *, task_fields: Optional[dict] = None, unreadable: Tuple[int, int] = (0, 0)) -> str:
+                  *, task_fields: Optional[dict] = None, unreadable: Tuple[int, int] = (0, 0),
+                  model_file: Optional[str] = None) -> str:
     """Writes ``output/summary.json`` from the run's epoch records; returns it as a table for the
     command to print.
 
     ``unreadable`` (train, val) adds files the data readers skipped before training to the
-    counts the epochs recorded; ``task_fields`` go into the JSON first.
+    counts the epochs recorded; ``task_fields`` go into the JSON first; ``model_file`` is the file
+    the run wrote its model to (default: OUTPUT/model.safetensors).
     """
     from ..train.loop import best_epoch
 
@@ -438,7 +462,7 @@ def write_summary(args, output: str, history, elapsed: float, metrics: SummaryMe
         "skipped_val_images": final.get("val_skipped", 0) + unreadable[1],
         "seconds_this_run": round(elapsed, 1),
         "checkpoint": os.path.join(output, "checkpoint.pt"),
-        "model_file": os.path.join(output, "model.safetensors"),
+        "model_file": model_file or os.path.join(output, "model.safetensors"),
     }
     with open(os.path.join(output, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -44,7 +44,7 @@ def _drop_unused_attributes(module: torch.fx.GraphModule) -> None:
             delattr(module.get_submodule(owner) if owner else module, attr)
 
 
-def _separate_repeated_module_calls(module: torch.fx.GraphModule) -> None:
+def separate_repeated_module_calls(module: torch.fx.GraphModule) -> None:
     """Give each call of a module called more than once (ResNet's one ``self.relu`` after both
     convs and after the residual add) its own name in the nodes' ``nn_module_stack``.
 
@@ -74,12 +74,17 @@ def quantize(program: torch.export.ExportedProgram, out_path: str, batches: Iter
     for name in keep_float:
         quantizer.set_module_name_qconfig(name, None)
     module = program.module()
-    _separate_repeated_module_calls(module)
+    separate_repeated_module_calls(module)
     prepared = prepare_pt2e(module, quantizer)
     with torch.no_grad():
         for batch in batches:
             prepared(batch)
-    converted = convert_pt2e(prepared)
+    save_converted(convert_pt2e(prepared), out_path, sample)
+
+
+def save_converted(converted: torch.fx.GraphModule, out_path: str, sample: torch.Tensor) -> None:
+    """Save a ``convert_pt2e`` result as :func:`quantize` does: the float weights it leaves beside
+    their int8 copies dropped, re-exported with a dynamic batch (sample batch >= 2)."""
     _drop_unused_attributes(converted)
     _save(torch.export.export(converted, (sample,), dynamic_shapes=_dynamic_batch()), out_path)
 
