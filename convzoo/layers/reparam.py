@@ -2,13 +2,15 @@
 
 - :class:`DepthwiseConv2d`: an ``nn.Conv2d`` with ``groups == channels`` that runs through
   :func:`convzoo.ops.dwconv2d` (same parameter names, so ``nn.Conv2d`` checkpoints load).
-- :class:`PointwiseConv2d`: an ``nn.Conv2d`` 1x1 that runs channels_last inputs as one matrix product.
+- :class:`PointwiseConv2d`: an ``nn.Conv2d`` 1x1 with fast paths for channels_last inputs
+  (a pre-packed oneDNN conv in eager inference, one matrix product in training).
 - :class:`ConvNormAct`: conv -> norm -> optional activation, named ``conv``/``bn``/``nonlinear``
   like RepLKNet-pytorch's ``conv_bn``/``conv_bn_relu``; ``reparameterize()`` folds the norm.
 - :class:`ReparamLargeKernelConv`: RepLKNet's depthwise large kernel with parallel small
   (optionally dilated) kernels, each followed by BatchNorm; ``reparameterize()`` merges them all
   into one depthwise conv with bias.
-- :func:`fuse_conv_bn`; :func:`reparameterize`, which walks a model, and
+- :func:`fuse_conv_bn` (a BatchNorm after a conv) and :func:`fuse_bn_pointwise_conv` (a
+  BatchNorm before a 1x1 conv); :func:`reparameterize`, which walks a model, and
   :func:`is_reparameterized`, which reads a module's form from its structure (the form is never
   stored as a separate flag, so it cannot disagree with the weights).
 """
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops._checks import plain_cpu_inference
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -60,38 +63,82 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """1x1 conv (stride 1, no padding, one group) that runs a ``channels_last`` input as one matrix
-    product: ``F.linear`` over the (N, H, W, C) view, whose result is already the channels_last
-    output. Other inputs, and graphs traced by ``torch.compile``/``torch.export`` (where inductor's
-    freezing pre-packs the conv's weight once, which measured faster), take ``nn.Conv2d``'s path.
-    Same parameters and keys as ``nn.Conv2d``.
+    """1x1 conv (stride 1, no padding, one group) with fast paths for ``channels_last`` inputs.
 
-    Why: at batch 1 on small maps oneDNN's 1x1 conv runs at a fraction of the matrix product's
-    speed (it reorders the weight on every call); measured on RepLKNet-31B's 1x1 convs at
-    8x8 and 4x4 on a 2-core AVX2 CPU: 10-35 GFLOP/s, ~200 of the model's ~270 ms at 128x128.
+    * Eager CPU inference in float32 (no gradient to record, plain tensors): oneDNN's 1x1 conv
+      with the weight pre-packed once into oneDNN's blocked format and kept (for the last input
+      shape seen; re-packed when the weight changes: its version counter or storage moves). This
+      is what inductor's freezing does in compiled graphs. The packed copy doubles the memory of
+      the layer's weight.
+    * Other channels_last inputs (training): one ``F.linear`` over the (N, H, W, C) view, whose
+      result is already the channels_last output.
+    * NCHW inputs, and graphs traced by ``torch.compile``/``torch.export`` (where inductor's
+      freezing pre-packs the conv's weight itself): ``nn.Conv2d``'s path.
+
+    Why: oneDNN's plain 1x1 conv reorders the weight on every call, and a matrix product repacks
+    it on every call too; at batch 1 on small maps that costs as much as the product. Measured on
+    RepLKNet-31B on a 2-core AVX2 CPU: the plain conv ran its 1x1 convs at 10-35 GFLOP/s (~200 of
+    the model's ~270 ms at 128x128); matrix products took the model to ~180 ms, the pre-packed
+    conv to ~150 ms (the [16, 1024] x [1024, 4096] product of the 4x4 stage: 11 ms vs 3 ms).
+    Same parameters and keys as ``nn.Conv2d``.
 
     Input (N, C_in, H, W) -> (N, C_out, H, W), in the input's memory format.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
+        self._packed: Optional[Tuple[tuple, torch.Tensor]] = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = None  # a oneDNN tensor: neither copied nor pickled, re-packed on first use
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_packed", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not torch.compiler.is_compiling()):
+            if x.dtype == torch.float32 and _ONEDNN and plain_cpu_inference(x, self.weight, self.bias):
+                return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(x.shape), self.bias, [0, 0],
+                                                               [1, 1], [1, 1], 1, "none", [], "")
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         return super().forward(x)
+
+    def _packed_weight(self, shape: torch.Size) -> torch.Tensor:
+        """The weight in oneDNN's blocked format for inputs of ``shape``, packed on first use."""
+        weight = self.weight
+        key = (tuple(shape), weight._version, weight.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), [0, 0], [1, 1], [1, 1], 1,
+                                                               list(shape))
+            self._packed = (key, packed)
+        return self._packed[1]
+
+
+def _onednn_available() -> bool:
+    """Whether this build has oneDNN's pre-packed convolution (``torch.ops.mkldnn``) on the CPU."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+_ONEDNN = _onednn_available()
+
+
+def _norm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) per channel with eval-mode ``bn(x) == x * s + t``."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std if bn.weight is not None else 1 / std
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    return scale, beta - bn.running_mean * scale
 
 
 def _fused_weight_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (weight, bias) of one conv equal in eval mode to ``bn(conv(x))``."""
-    std = (bn.running_var + bn.eps).sqrt()
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
-    scale = gamma / std
-    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    scale, shift = _norm_scale_shift(bn)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = beta + (conv_bias - bn.running_mean) * scale
+    bias = shift + conv.bias * scale if conv.bias is not None else shift
     return weight, bias
 
 
@@ -131,6 +178,38 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused = _empty_like_conv(conv)
     fused.weight.copy_(weight)
     fused.bias.copy_(bias)
+    return fused
+
+
+def _check_norm_pointwise(bn, conv) -> None:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"fuse_bn_pointwise_conv expects (nn.BatchNorm2d, nn.Conv2d), got ({type(bn).__name__}, "
+                        f"{type(conv).__name__})")
+    if tuple(conv.kernel_size) != (1, 1) or tuple(conv.padding) != (0, 0) or conv.groups != 1:
+        raise ValueError(f"conv must be a 1x1 conv without padding and with one group (a BatchNorm before a wider, "
+                         f"padded or grouped conv cannot be folded exactly), got kernel_size={tuple(conv.kernel_size)}, "
+                         f"padding={conv.padding}, groups={conv.groups}")
+    if bn.num_features != conv.in_channels:
+        raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.in_channels ({conv.in_channels})")
+    if bn.running_var is None:
+        raise ValueError("bn must track running statistics to be folded")
+
+
+@torch.no_grad()
+def fuse_bn_pointwise_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """Return a new conv (of ``conv``'s class, with a bias) equal in eval mode to ``conv(bn(x))``.
+
+    The BatchNorm comes *before* the conv (RepLKNet's pre-BN): eval-mode ``bn`` is ``x * s + t``
+    per input channel, so a 1x1 conv (no padding, one group, any stride) takes ``W * s`` over its
+    input channels and ``b + W @ t``.
+    ``conv.weight`` is (O, I, 1, 1); ``bn`` normalises the I input channels.
+    """
+    _check_norm_pointwise(bn, conv)
+    scale, shift = _norm_scale_shift(bn)
+    fused = _empty_like_conv(conv)
+    weight = conv.weight.flatten(1)
+    fused.weight.copy_((weight * scale).reshape(conv.weight.shape))
+    fused.bias.copy_(weight @ shift + (conv.bias if conv.bias is not None else 0))
     return fused
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.common import DropPath
-from ..layers.reparam import ReparamLargeKernelConv, conv_norm_act
+from ..layers.reparam import ConvNormAct, ReparamLargeKernelConv, conv_norm_act, fuse_bn_pointwise_conv
 from ._builder import build_model
 from ._convbn import linear_drop_path_rates, run_blocks
 from ._registry import register_model
@@ -63,6 +63,20 @@ class RepLKNetCfg:
 NormLayer = Callable[[int], nn.Module]
 
 
+@torch.no_grad()
+def _reparameterize_pre_norm_block(block: nn.Module, pre_norm: str, parts: Sequence[nn.Module]) -> None:
+    """Reparameterize ``parts`` of ``block``, then fold its pre-BN (attribute ``pre_norm``, which
+    feeds only ``block.pw1``, a 1x1 conv) into ``pw1``'s conv and replace it by ``nn.Identity``."""
+    for part in parts:
+        part.reparameterize()
+    norm = getattr(block, pre_norm)
+    if isinstance(norm, nn.Identity):
+        return
+    pw1: ConvNormAct = block.pw1
+    pw1.conv = fuse_bn_pointwise_conv(norm, pw1.conv)
+    setattr(block, pre_norm, nn.Identity())
+
+
 class RepLKBlock(nn.Module):
     """x + drop_path(pw2(relu(large_kernel(pw1(prelkb_bn(x)))))) on (N, C, H, W); without
     ``shortcut``, the branch alone (the paper's guideline-2 ablation)."""
@@ -83,6 +97,11 @@ class RepLKBlock(nn.Module):
         out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
         return x + self.drop_path(out) if self.shortcut else out
 
+    def reparameterize(self) -> None:
+        """Inference form, in place: the large kernel merged and every BatchNorm folded, the pre-BN
+        ``prelkb_bn`` into ``pw1``'s 1x1 conv (which then reads ``x`` directly)."""
+        _reparameterize_pre_norm_block(self, "prelkb_bn", (self.pw1, self.large_kernel, self.pw2))
+
 
 class ConvFFN(nn.Module):
     """x + drop_path(pw2(gelu(pw1(preffn_bn(x))))) on (N, C, H, W)."""
@@ -98,6 +117,11 @@ class ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x))))
         return x + self.drop_path(out)
+
+    def reparameterize(self) -> None:
+        """Inference form, in place: every BatchNorm folded, the pre-BN ``preffn_bn`` into ``pw1``'s
+        1x1 conv."""
+        _reparameterize_pre_norm_block(self, "preffn_bn", (self.pw1, self.pw2))
 
 
 class RepLKNetStage(nn.Module):

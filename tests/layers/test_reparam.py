@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import convzoo
 from convzoo.layers import ReparamLargeKernelConv, fuse_conv_bn, reparameterize
-from convzoo.layers.reparam import ConvNormAct, DepthwiseConv2d, conv_norm_act
+from convzoo.layers.reparam import ConvNormAct, DepthwiseConv2d, PointwiseConv2d, conv_norm_act, fuse_bn_pointwise_conv
 from convzoo.layers import is_reparameterized
 
 
@@ -102,6 +102,39 @@ def test_fuse_conv_bn_errors():
         fuse_conv_bn(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(5))
     with pytest.raises(ValueError, match="running statistics"):
         fuse_conv_bn(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        pytest.param(lambda: nn.Conv2d(4, 6, 1, bias=False), id="conv1x1"),
+        pytest.param(lambda: nn.Conv2d(4, 6, 1, stride=2), id="conv1x1-s2-bias"),
+        pytest.param(lambda: PointwiseConv2d(4, 6), id="pointwise"),
+    ],
+)
+def test_fuse_bn_pointwise_conv_equals_bn_then_conv(conv):
+    """A BatchNorm *before* a 1x1 conv (RepLKNet's pre-BN), in float64, both layouts."""
+    conv = conv().double()
+    bn = nn.BatchNorm2d(4).double()
+    randomize_bn(bn)
+    conv.eval(), bn.eval()
+    fused = fuse_bn_pointwise_conv(bn, conv)
+    assert type(fused) is type(conv) and fused.bias is not None and fused is not conv
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 4, 7, 6, dtype=torch.float64).contiguous(memory_format=memory_format)
+        torch.testing.assert_close(fused(x), conv(bn(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_bn_pointwise_conv_errors():
+    with pytest.raises(TypeError, match="expects \\(nn.BatchNorm2d, nn.Conv2d\\), got \\(Linear, Conv2d\\)"):
+        fuse_bn_pointwise_conv(nn.Linear(2, 2), nn.Conv2d(2, 4, 1))
+    for conv in (nn.Conv2d(2, 4, 3), nn.Conv2d(2, 4, 1, padding=1), nn.Conv2d(2, 4, 1, groups=2)):
+        with pytest.raises(ValueError, match="must be a 1x1 conv without padding and with one group"):
+            fuse_bn_pointwise_conv(nn.BatchNorm2d(2), conv)
+    with pytest.raises(ValueError, match="bn.num_features \\(5\\) must equal conv.in_channels \\(2\\)"):
+        fuse_bn_pointwise_conv(nn.BatchNorm2d(5), nn.Conv2d(2, 4, 1))
+    with pytest.raises(ValueError, match="running statistics"):
+        fuse_bn_pointwise_conv(nn.BatchNorm2d(2, track_running_stats=False), nn.Conv2d(2, 4, 1))
 
 
 def test_conv_norm_act_reparameterize():
@@ -331,8 +364,6 @@ def test_reparameterize_every_layer_on_its_own(make):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_pointwise_conv_equals_a_1x1_conv_with_gradients(memory_format, bias):
-    from convzoo.layers.reparam import PointwiseConv2d
-
     conv = PointwiseConv2d(3, 4, bias=bias).double()
     x = torch.randn(2, 3, 3, 2, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
     out = conv(x)
@@ -345,8 +376,6 @@ def test_pointwise_conv_equals_a_1x1_conv_with_gradients(memory_format, bias):
 
 
 def test_pointwise_conv_keeps_its_class_when_folded_and_is_what_conv_norm_act_builds():
-    from convzoo.layers.reparam import PointwiseConv2d, conv_norm_act
-
     block = conv_norm_act(8, 12, 1).eval()
     assert type(block.conv) is PointwiseConv2d and set(block.conv.state_dict()) == {"weight"}
     with torch.no_grad():
@@ -361,10 +390,42 @@ def test_pointwise_conv_keeps_its_class_when_folded_and_is_what_conv_norm_act_bu
     assert type(conv_norm_act(8, 12, 1, stride=2).conv) is nn.Conv2d  # strided 1x1: a plain conv
 
 
+def test_pointwise_conv_eager_inference_packs_the_weight_once_and_repacks_when_it_changes():
+    """Eager float32 inference on a channels_last input runs oneDNN's conv with the weight packed
+    once per input shape; an in-place change of the weight (a load, an optimizer step) re-packs."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(16, 24).eval()
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = conv(x)
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        packed = conv._packed[1]
+        conv(x)
+        assert conv._packed[1] is packed  # reused
+        conv.load_state_dict({"weight": torch.randn(24, 16, 1, 1), "bias": torch.randn(24)})
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+        assert conv._packed[1] is not packed
+        other = torch.randn(1, 16, 3, 3).contiguous(memory_format=torch.channels_last)  # another shape
+        torch.testing.assert_close(conv(other), F.conv2d(other, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(conv)  # the packed oneDNN tensor is neither copied nor pickled
+    assert copied._packed is None and conv._packed is not None
+    buffer = io.BytesIO()
+    torch.save(conv, buffer)
+    assert pickle.loads(pickle.dumps(conv))._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), conv(x))
+    y = conv(x.requires_grad_())  # with gradients: the matrix product, differentiable
+    y.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
 def test_pointwise_conv_stays_a_conv_in_traced_graphs():
     """torch.compile/torch.export see the conv (inductor's freezing pre-packs its weight)."""
-    from convzoo.layers.reparam import PointwiseConv2d
-
     x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     program = torch.export.export(PointwiseConv2d(4, 6).eval(), (x,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}

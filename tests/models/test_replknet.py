@@ -156,6 +156,24 @@ def test_official_checkpoint_loads_and_gives_the_official_output(tmp_path, wrapp
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
+def test_deployed_form_folds_every_block_batchnorm_and_keeps_the_official_output():
+    """``reparameterize`` also folds each block's pre-BN (``prelkb_bn``, ``preffn_bn``) into the 1x1
+    conv after it: only the final ``norm`` stays a BatchNorm."""
+    model = convzoo.create_model("replknet_31b", num_classes=10, **SMALL).eval()
+    randomize(model)
+    official = to_official(model.state_dict())
+    x = torch.randn(2, 3, 48, 40)
+    convzoo.reparameterize(model)
+    assert [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["norm"]
+    assert isinstance(model.stages[0].blocks[0].prelkb_bn, nn.Identity)
+    assert isinstance(model.stages[0].blocks[1].preffn_bn, nn.Identity)
+    with torch.no_grad():
+        expected = official_forward(official, x, SMALL["depths"])
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            out = model(x.contiguous(memory_format=memory_format))
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def test_structural_reparam_checkpoint_is_loaded_into_a_merged_model(tmp_path):
     source = convzoo.create_model("replknet_tiny", num_classes=10)
     randomize(source)

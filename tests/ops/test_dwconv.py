@@ -404,6 +404,57 @@ def test_cropping_keeps_the_output_on_random_shapes(height, width, kh, kw, sh, s
     torch.testing.assert_close(dwconv2d_reference(x, small, None, (sh, sw), small_padding, (dh, dw)),
                                dwconv2d_reference(x, w, None, (sh, sw), pads, (dh, dw)))
 
+class _LargeKernel(torch.nn.Module):
+    """A 27x27 depthwise conv, RepLKNet-31B's stage-3 kernel (on 8x8 maps at 128x128 only the
+    central 15x15 taps read the input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, 1, 27, 27))
+        self.bias = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return dwconv2d(x, self.weight, self.bias, padding=13)
+
+
+def _op_weight_shapes(module, x):
+    """The kernel shapes the ``convzoo::dwconv2d`` nodes of ``module``'s torch.compile graph receive."""
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=record, fullgraph=True, dynamic=False)(x)
+    shapes = [tuple(node.args[1].meta["example_value"].shape[2:]) for g in graphs for node in g.graph.nodes
+              if node.op == "call_function" and "dwconv2d" in str(node.target)]
+    return out, shapes
+
+
+def test_compiled_inference_graph_holds_the_cropped_kernel_and_training_the_full_one():
+    """Under torch.compile with a static map size, inference (no gradient) passes the cropped kernel
+    to the op, as eager inference does; with gradients the full kernel (its gradient is needed).
+    torch.export programs and FLOP counting keep the full kernel."""
+    torch.manual_seed(0)
+    module = _LargeKernel()
+    x = torch.randn(1, 3, 8, 8)
+    expected = dwconv2d_reference(x, module.weight, module.bias, (1, 1), (13, 13, 13, 13), (1, 1))
+    with torch.no_grad():
+        out, shapes = _op_weight_shapes(module, x)
+    assert shapes == [(15, 15)]
+    torch.testing.assert_close(out, expected)
+    out, shapes = _op_weight_shapes(module, x)
+    assert shapes == [(27, 27)]
+    torch.testing.assert_close(out, expected)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    assert counter.get_total_flops() == 2 * 3 * 8 * 8 * 27 * 27
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+    assert [tuple(n.args[1].meta["val"].shape[2:]) for n in program.graph.nodes if "dwconv2d" in str(n.target)] == [(27, 27)]
+
+
 def test_torch_compile_fullgraph():
     block = _Block()
     x = torch.randn(2, 4, 9, 8, requires_grad=True)

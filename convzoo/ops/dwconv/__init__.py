@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .._checks import (autocast_to_lower, check_impl, check_same, check_tensor, pair, plain_cpu_inference,
+from .._checks import (autocast_to_lower, check_impl, check_same, check_tensor, pair, plain_cpu_eager,
                        script_unsupported, use_triton)
 from . import cpu
 from .reference import dwconv2d_reference, output_shape, same_padding
@@ -79,9 +79,10 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if impl == "reference":
         return dwconv2d_reference(x, weight, bias, stride, padding4, dilation)
     backend = "triton" if use_triton("dwconv2d", impl, x) else "native"
-    if backend == "native" and plain_cpu_inference(x, weight, bias):
+    if backend == "native" and _croppable(x, weight, bias):
         weight, padding4 = crop_to_reach(x.shape, weight, stride, padding4, dilation)
-        return cpu.forward(x, weight, bias, stride, padding4, dilation)
+        if not torch.compiler.is_compiling():  # eager: past the custom op's dispatch
+            return cpu.forward(x, weight, bias, stride, padding4, dilation)
     return torch.ops.convzoo.dwconv2d(x, weight, bias, list(stride), list(padding4), list(dilation), backend,
                                       triton_kernel)
 
@@ -113,6 +114,20 @@ def _check_args(x, weight, bias, stride, padding, dilation):
             f"x of spatial size {tuple(x.shape[2:])} padded by {padding4} (top, bottom, left, right) is smaller "
             f"than the dilated kernel {(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}")
     return stride, padding4, dilation
+
+
+def _croppable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether this call may drop the kernel taps that only read padding (:func:`crop_to_reach`):
+    CPU inference (no gradient to record), eager on plain tensors or inside ``torch.compile``
+    with a static map size (the graph then holds the cropped kernel, which inductor's freezing
+    folds into a constant). Not in ``torch.export`` programs (they keep the model's kernels) nor
+    under FLOP counting or other modes, which count the full kernel."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                   for t in (x, weight, bias))):
+        return False
+    if torch.compiler.is_compiling():
+        return not torch.compiler.is_exporting() and all(isinstance(size, int) for size in x.shape[2:])
+    return plain_cpu_eager(x, weight, bias)
 
 
 def _taps_in_reach(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
