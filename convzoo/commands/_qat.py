@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Tuple
 
 from . import UsageError
 
@@ -124,16 +125,17 @@ def metadata(args) -> dict:
             "freeze_observers_after": args.freeze_observers_after}
 
 
-def finish(args, trainer, float_model, output: str) -> dict:
-    """Convert the trained model to INT8 (OUTPUT/model_int8.pt2), print the report, return it as a dict."""
+def finish(args, trainer, float_model, output: str) -> Tuple[dict, str]:
+    """Convert the trained model to INT8 (OUTPUT/model_int8.pt2); return the report as a dict and
+    as the text the train command prints."""
     from ..deploy.qat import convert_qat
     from ..train.loop import EvalBatches
     from .quantize import report_lines
 
     path = os.path.join(output, INT8_NAME)
     report = convert_qat(trainer.final_model(), path, float_model, EvalBatches(trainer.val_loader, trainer.device))
-    print(f"{args.model}: wrote {path} (INT8, inductor, quantization-aware fine-tuned for {len(trainer.history)} epochs)")
-    print("\n".join(report_lines(report)))
-    print(f"  fake-quant  INT8 agrees with the fake-quantized model on {100 * report.fake_quant_agreement:.1f}% of "
-          f"images, output SQNR {report.fake_quant_sqnr_db:.1f} dB")
-    return report.to_dict()
+    lines = [f"{args.model}: wrote {path} (INT8, inductor, quantization-aware fine-tuned for "
+             f"{len(trainer.history)} epochs)", *report_lines(report),
+             f"  fake-quant  INT8 agrees with the fake-quantized model on {100 * report.fake_quant_agreement:.1f}% "
+             f"of images, output SQNR {report.fake_quant_sqnr_db:.1f} dB"]
+    return report.to_dict(), "\n".join(lines)

@@ -183,9 +183,8 @@ def _print_report(name: str, report) -> None:
 
 def report_lines(report) -> list:
     """The report's lines after the first (shared with ``convzoo train --qat``)."""
-    lines = []
-    lines.append(f"  size        {report.int8_bytes / 2**20:.2f} MiB vs {report.fp32_bytes / 2**20:.2f} MiB FP32 "
-                 f"({report.size_ratio:.2f}x smaller)")
+    lines = [f"  size        {report.int8_bytes / 2**20:.2f} MiB vs {report.fp32_bytes / 2**20:.2f} MiB FP32 "
+             f"({report.size_ratio:.2f}x smaller)"]
     for batch, (fp32, int8) in sorted(report.speed_ms.items()):
         lines.append(f"  speed       batch {batch}: {int8:.2f} ms vs {fp32:.2f} ms FP32 ({fp32 / int8:.2f}x) in {report.backend}")
     lines.append(f"  agreement   top-1 {100 * report.top1_agreement:.1f}% of {report.eval_images} images, output SQNR {report.sqnr_db:.1f} dB")

@@ -406,7 +406,8 @@ def _run_training(args, info, model, config, output, datasets, resume_path, meta
     history = trainer.fit(on_step=on_step, on_epoch=on_epoch)
     elapsed = time.perf_counter() - start
     if info.is_main and args.qat:
-        report = _qat.finish(args, trainer, float_model, output)
+        report, report_text = _qat.finish(args, trainer, float_model, output)
+        print(report_text)
         print(write_summary(args, output, history, elapsed, task_fields={"qat": report},
                             model_file=os.path.join(output, _qat.INT8_NAME)))
     elif info.is_main:
