@@ -101,4 +101,4 @@ def launch(kernel: Callable, *args, work: int):
 
 def as_array(tensor: torch.Tensor) -> np.ndarray:
     """A NumPy view of a contiguous CPU tensor (shared memory: kernels write into torch outputs)."""
-    return tensor.detach().numpy()
+    return (tensor.detach() if tensor.requires_grad else tensor).numpy()

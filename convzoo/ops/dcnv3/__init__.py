@@ -270,7 +270,8 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     triton_path = x.dtype != torch.float64 and use_triton("dcnv3", impl, x, offset, mask)
     if not triton_path and plain_cpu_inference(x, offset, mask):
         # Eager CPU inference: the custom op's dispatch would cost as much as a small call's kernel.
-        return _run_forward(x, offset, mask, geometry, mask_softmax, triton_path=False).to(out_dtype)
+        out = _run_forward(x, offset, mask, geometry, mask_softmax, triton_path=False)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
     if not triton_path and x.shape[0] > 0 and plain_cpu_eager(x, offset, mask):
         cpu = _cpu_kernels(x)  # None without Numba: then the custom op runs the reference
         if cpu is not None:

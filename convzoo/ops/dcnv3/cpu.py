@@ -67,15 +67,19 @@ def _clamp(index, size):
 
 
 @numba.njit(inline="always")
-def _softmax_shift(logits, one):
-    """``(top, inv)`` with ``softmax(logits)[p] == exp(logits[p] - top) * inv`` (``top`` the largest logit)."""
+def _softmax(logits, probs):
+    """``probs[:] = softmax(logits)`` (one exponential per point), returns ``probs``."""
     top = logits[0]
     for p in range(1, logits.shape[0]):
         top = max(top, logits[p])
-    total = one - one
+    probs[0] = np.exp(logits[0] - top)
+    total = probs[0]
+    for p in range(1, logits.shape[0]):
+        probs[p] = np.exp(logits[p] - top)
+        total += probs[p]
     for p in range(logits.shape[0]):
-        total += np.exp(logits[p] - top)
-    return top, one / total
+        probs[p] /= total
+    return probs
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -89,19 +93,19 @@ def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, softma
     for row in numba.prange(n * height_out):
         b = row // height_out
         ho = row - b * height_out
+        probs = np.empty_like(grid_x)  # (P,) in the compute dtype
         for wo in range(width_out):
             for g in range(group):
                 acc = out[b, ho, wo, g]
                 acc[:] = 0
-                logits = mask[b, ho, wo, g]
-                top, inv = _softmax_shift(logits, one) if softmax else (one - one, one)
+                weights = _softmax(mask[b, ho, wo, g], probs) if softmax else mask[b, ho, wo, g]
                 for p in range(points):
                     loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
                     loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
                     if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
                         continue
                     iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
-                    m = np.exp(logits[p] - top) * inv if softmax else logits[p]
+                    m = weights[p]
                     my1 = m * fy
                     my0 = m - my1
                     w00 = (my0 - my0 * fx) * v00
@@ -116,14 +120,14 @@ def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, softma
 
 
 @numba.njit(inline="always")
-def _softmax_backward(logits, top, inv, grad):
-    """Turn ``grad`` (of the softmax's output) into the gradient of its ``logits``, in place:
-    ``s * (grad - sum(s * grad))`` with ``s = exp(logits - top) * inv``."""
-    dot = grad[0] - grad[0]
-    for p in range(logits.shape[0]):
-        dot += np.exp(logits[p] - top) * inv * grad[p]
-    for p in range(logits.shape[0]):
-        grad[p] = np.exp(logits[p] - top) * inv * (grad[p] - dot)
+def _softmax_backward(probs, grad):
+    """Turn ``grad`` (of the softmax's output ``probs``) into the gradient of its logits, in place:
+    ``probs * (grad - sum(probs * grad))``."""
+    dot = probs[0] * grad[0]
+    for p in range(1, probs.shape[0]):
+        dot += probs[p] * grad[p]
+    for p in range(probs.shape[0]):
+        grad[p] = probs[p] * (grad[p] - dot)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -135,14 +139,14 @@ def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_
     """
     n, height, width, group, channels = x.shape
     height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
+    probs = np.empty_like(grid_x)  # (P,) in the compute dtype
     for row in range(first_row, last_row):
         b = row // height_out
         ho = row - b * height_out
         for wo in range(width_out):
             for g in range(group):
                 go = grad_out[b, ho, wo, g]
-                logits = mask[b, ho, wo, g]
-                top, inv = _softmax_shift(logits, one) if softmax else (one - one, one)
+                weights = _softmax(mask[b, ho, wo, g], probs) if softmax else mask[b, ho, wo, g]
                 for p in range(points):
                     loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
                     loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
@@ -152,7 +156,7 @@ def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_
                     if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
                         continue
                     iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
-                    m = np.exp(logits[p] - top) * inv if softmax else logits[p]
+                    m = weights[p]
                     gy = one - fy
                     gx = one - fx
                     w00 = gy * gx * v00
@@ -188,7 +192,7 @@ def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_
                     grad_offset[b, ho, wo, g, p, 0] = (gy * (d01 - d00) + fy * (d11 - d10)) * ms
                     grad_offset[b, ho, wo, g, p, 1] = (gx * (d10 - d00) + fx * (d11 - d01)) * ms
                 if softmax:
-                    _softmax_backward(logits, top, inv, grad_mask[b, ho, wo, g])
+                    _softmax_backward(probs, grad_mask[b, ho, wo, g])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -235,15 +239,23 @@ def _constants(geometry: Geometry, height_out: int, width_out: int, dtype: torch
             scalar(1))
 
 
+def _kernel_array(tensor: torch.Tensor, dtype: torch.dtype, shape: tuple) -> np.ndarray:
+    """``tensor`` as a contiguous NumPy array of ``dtype`` and ``shape``, a view when it already is one
+    (the small calls of a batch-1 InternImage pay for every tensor operation here, ~1 us each)."""
+    if tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return as_array(tensor.contiguous()).reshape(shape)
+
+
 def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> _Prepared:
     g = geometry
     dtype = compute_dtype(x.dtype)
     n, height, width, _ = x.shape
     _, height_out, width_out, _ = offset.shape
     points = mask.shape[3] // g.group
-    arrays = (as_array(x.to(dtype).contiguous()).reshape(n, height, width, g.group, g.group_channels),
-              as_array(offset.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points, 2),
-              as_array(mask.to(dtype).contiguous()).reshape(n, height_out, width_out, g.group, points))
+    arrays = (_kernel_array(x, dtype, (n, height, width, g.group, g.group_channels)),
+              _kernel_array(offset, dtype, (n, height_out, width_out, g.group, points, 2)),
+              _kernel_array(mask, dtype, (n, height_out, width_out, g.group, points)))
     return _Prepared(dtype, arrays, _constants(g, height_out, width_out, dtype))
 
 
@@ -258,7 +270,7 @@ def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geo
     out = torch.empty((n, height_out, width_out, x.shape[3]), dtype=prep.dtype)
     launch(_forward, *prep.arrays, *prep.constants, softmax, as_array(out).reshape(prep.arrays[1].shape[:4] + (-1,)),
            work=_work(prep))
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _work(prep: _Prepared) -> int:
