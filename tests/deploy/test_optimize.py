@@ -1,7 +1,7 @@
 """convzoo.optimize_for_inference: re-parameterization on a copy, memory layout, inductor with
 freezing (scoped), the no-compiler fallback, the check against the eager model, and bad input.
 
-Only one test compiles (a tiny model: inductor's compile costs seconds even then)."""
+Two tests compile (tiny models: inductor's compile costs seconds even then)."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn as nn
+import torch.nn.functional as F
 
 import convzoo
 from convzoo.deploy.optimize import InferenceModel, cpp_compiler
@@ -68,6 +69,35 @@ def test_compiled_form_matches_eager_and_leaves_no_global_switch():
     with torch.no_grad():
         torch.testing.assert_close(fast(other), model(other), rtol=1e-4, atol=1e-5)
     assert inductor_config.freezing == before
+
+
+class _Linears(nn.Module):
+    """(1, 1024, 8, 8) -> 64 rows of 1024 -> a 1024 -> 1024 linear (64 Mi multiply-adds), GELU,
+    a 1024 -> 8 linear (0.5 Mi)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big, self.small = nn.Linear(1024, 1024), nn.Linear(1024, 8)
+
+    def forward(self, x):
+        return self.small(F.gelu(self.big(x.flatten(2).transpose(1, 2))))
+
+
+def test_large_frozen_linears_run_through_onednn_small_ones_through_mkl():
+    """The compiled code calls oneDNN's pre-packed product for the linear of at least
+    ONEDNN_LINEAR_MIN_MACS multiply-adds and MKL's for the small one; the pass is scoped too."""
+    from torch._inductor.utils import run_and_get_code
+
+    from convzoo.deploy.optimize import ONEDNN_LINEAR_MIN_MACS
+
+    assert 64 * 1024 * 1024 >= ONEDNN_LINEAR_MIN_MACS > 64 * 1024 * 8
+    model, x = _Linears().eval(), torch.randn(1, 1024, 8, 8)
+    with inductor_config.patch(fx_graph_cache=False):  # a cached graph would bring no code to read
+        fast, codes = run_and_get_code(convzoo.optimize_for_inference, model, x, memory_format="contiguous")
+    code = "\n".join(codes)
+    assert code.count("mkldnn._linear_pointwise.default(") == 1 and code.count("mkl._mkl_linear.default(") == 1
+    assert fast.compiled and fast.max_rel_error < 1e-5
+    assert inductor_config.post_grad_custom_post_pass is None
 
 
 def test_without_a_cxx_compiler_it_warns_once_and_runs_eager():
