@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.common import DropPath, LayerNorm2d
+from ..layers.prepacked import PackedLinear
 from ..layers.reparam import DepthwiseConv2d
 from ._builder import build_model
 from ._convbn import linear_drop_path_rates, run_blocks
@@ -59,13 +60,14 @@ class ConvNeXtCfg:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 on (..., C)."""
+    """fc1 -> GELU -> fc2 on (..., C); the linears pre-pack their weights for eager CPU inference
+    (:class:`convzoo.layers.prepacked.PackedLinear`)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = PackedLinear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = PackedLinear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

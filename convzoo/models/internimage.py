@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import DCNv3, DropPath, to_channels_first, to_channels_last
+from ..layers.prepacked import PackedLinear
 from ._builder import build_model
 from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks
 from ._registry import register_model
@@ -97,13 +98,14 @@ class DownsampleLayer(nn.Module):
 
 
 class MLPLayer(nn.Module):
-    """(..., C) -> (..., C): Linear -> GELU -> dropout -> Linear -> dropout."""
+    """(..., C) -> (..., C): Linear -> GELU -> dropout -> Linear -> dropout (the linears pre-pack their
+    weights for eager CPU inference: :class:`convzoo.layers.prepacked.PackedLinear`)."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = PackedLinear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = PackedLinear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
