@@ -101,10 +101,12 @@ def _sampling_from_deform_conv2d(layer: str, args: dict) -> SamplingMap:
 
 def _sampling_from_dcnv3(layer: str, args: dict) -> SamplingMap:
     from ..ops import dcnv3_offsets_to_torchvision
+    from ..ops.dcnv3.reference import softmax_points
 
     kh, kw, group = args["kernel_h"], args["kernel_w"], args["group"]
+    mask = softmax_points(args["mask"], group) if args.get("mask_softmax") else args["mask"]  # logits given
     tv_offset, tv_mask = dcnv3_offsets_to_torchvision(
-        args["offset"], args["mask"], kh, kw, group, args["dilation_h"], args["dilation_w"],
+        args["offset"], mask, kh, kw, group, args["dilation_h"], args["dilation_w"],
         args["offset_scale"], args["remove_center"],
     )
     locations = deform_conv2d_locations(

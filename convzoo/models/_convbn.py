@@ -73,6 +73,31 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing:
     return x
 
 
+class SequentialBackbone(nn.Module):
+    """Plumbing shared by the classification models whose blocks form one ``nn.Sequential``
+    ``self.features``, stage ``i`` ending with block ``self.stage_ends[i]``.
+
+    Subclasses build ``features``, ``stage_ends`` and the head (``forward_head``); this gives
+    ``forward``, ``forward_features``, ``forward_intermediates`` and gradient checkpointing.
+    """
+
+    grad_checkpointing = False
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_chans, H, W) -> the last block's output (N, num_features, h, w)."""
+        return run_blocks(self.features, x, self.grad_checkpointing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
+        """Stage outputs (N, C_i, ~H/stride_i, ~W/stride_i) for stage ``indices``, in stage order."""
+        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+
 def linear_drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float]:
     """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over ``num_blocks``
     (computed in Python so that models can be built on the meta device)."""

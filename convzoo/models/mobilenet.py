@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from ..layers import DropPath, SqueezeExcite, make_divisible
 from ._builder import build_model
 from ._convbn import (
-    Conv2dNormActivation, fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs, stages_of,
+    Conv2dNormActivation, SequentialBackbone, fold_bn_into_conv, linear_drop_path_rates, run_blocks, stage_outputs,
+    stages_of,
 )
 from ._registry import register_model
 
@@ -243,7 +244,7 @@ class InvertedResidualV2(nn.Module):
         fold_bn_into_conv(self.conv, str(last - 1), str(last))
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(SequentialBackbone):
     """MobileNetV2 in torchvision's layout: ``features.0`` (stem) .. ``features.18`` (1x1 to
     1280), ``classifier = [Dropout, Linear]``.
 
@@ -255,7 +256,6 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, cfg: MobileNetV2Cfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
-        self.grad_checkpointing = False
         in_chs = make_divisible(32 * cfg.width_mult, cfg.round_nearest)
         self.num_features = make_divisible(1280 * max(1.0, cfg.width_mult), cfg.round_nearest)
         features: List[nn.Module] = [Conv2dNormActivation(in_chans, in_chs, 3, 2, act_layer=nn.ReLU6)]
@@ -278,27 +278,13 @@ class MobileNetV2(nn.Module):
         )
         self.apply(_init_weights_torchvision)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_chans, H, W) -> (N, 1280, H/32, W/32)."""
-        return run_blocks(self.features, x, self.grad_checkpointing)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return x if pre_logits else self.classifier(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
-        """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
-        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
-
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.classifier[1] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     def reparameterize(self) -> None:
         """Fold every BatchNorm into the conv before it."""
@@ -400,7 +386,7 @@ class InvertedResidualV3(nn.Module):
         _reparameterize_children(self.block)
 
 
-class MobileNetV3(nn.Module):
+class MobileNetV3(SequentialBackbone):
     """MobileNetV3 Large/Small in torchvision's layout: ``features`` (stem, blocks, 1x1 conv to
     960/576), ``classifier = [Linear, Hardswish, Dropout, Linear]``.
 
@@ -414,7 +400,6 @@ class MobileNetV3(nn.Module):
         super().__init__()
         if cfg.arch not in _V3_ARCHS:
             raise ValueError(f"arch must be one of {sorted(_V3_ARCHS)}, got {cfg.arch!r}")
-        self.grad_checkpointing = False
         blocks, head_chs, self.stage_ends = _V3_ARCHS[cfg.arch]
         norm_layer = partial(nn.BatchNorm2d, eps=cfg.bn_eps, momentum=0.01)
 
@@ -443,29 +428,15 @@ class MobileNetV3(nn.Module):
         )
         self.apply(_init_weights_torchvision)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_chans, H, W) -> (N, 960 or 576, H/32, W/32)."""
-        return run_blocks(self.features, x, self.grad_checkpointing)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pooled features through the hidden layer; ``pre_logits`` stops before the last Linear."""
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         x = self.classifier[:3](x)
         return x if pre_logits else self.classifier[3](x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
-        """Stage outputs (N, C_i, H/stride_i, W/stride_i) for stage ``indices``, in stage order."""
-        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
-
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.classifier[3] = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     def reparameterize(self) -> None:
         """Fold every BatchNorm into the conv before it."""

@@ -14,13 +14,13 @@ module before each max-pool, then the last Fire), not 4 to 32 like the other fam
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
 from ._builder import build_model
-from ._convbn import run_blocks, stage_outputs, stages_of
+from ._convbn import SequentialBackbone
 from ._registry import register_model
 
 __all__ = ["SqueezeNet", "SqueezeNetCfg", "Fire", "checkpoint_filter_fn"]
@@ -84,7 +84,7 @@ _VERSIONS = {
 }
 
 
-class SqueezeNet(nn.Module):
+class SqueezeNet(SequentialBackbone):
     """SqueezeNet in torchvision's layout: ``features`` and ``classifier = [Dropout, Conv2d
     1x1, ReLU, AdaptiveAvgPool2d]``.
 
@@ -99,7 +99,6 @@ class SqueezeNet(nn.Module):
             raise ValueError(f"version must be one of {sorted(_VERSIONS)}, got {cfg.version!r}")
         if drop_path_rate > 0:
             raise ValueError(f"SqueezeNet has no residual branches for drop_path_rate={drop_path_rate}; use 0")
-        self.grad_checkpointing = False
         build_features, stages = _VERSIONS[cfg.version]
         self.features = build_features(in_chans)
         self.stage_ends = tuple(end for end, _ in stages)
@@ -129,30 +128,15 @@ class SqueezeNet(nn.Module):
                 nn.init.kaiming_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_chans, H, W) -> (N, 512, ~H/16, ~W/16)."""
-        return run_blocks(self.features, x, self.grad_checkpointing)
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits (N, num_classes) = pool(ReLU(conv1x1(dropout(x)))); ``pre_logits``: pooled (N, 512)."""
         if pre_logits:
             return torch.flatten(self.classifier[3](self.classifier[0](x)), 1)
         return torch.flatten(self.classifier(x), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)) -> List[torch.Tensor]:
-        """Stage outputs (N, C_i, ~H/stride_i, ~W/stride_i) for stage ``indices``, in stage order."""
-        return stage_outputs(stages_of(self.features, self.stage_ends), x, indices, self.grad_checkpointing)
-
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.classifier[1] = self._final_conv(num_classes)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SqueezeNet) -> Dict[str, torch.Tensor]:
     """torchvision's SqueezeNet layout is the native one: nothing to remap."""

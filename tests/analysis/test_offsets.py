@@ -97,14 +97,15 @@ def test_captured_deform_conv_locations_reproduce_the_operator(tap, stride):
 
 
 class FixedDCNv3(nn.Module):
-    def __init__(self, offset, mask, group, remove_center, offset_scale=1.0):
+    def __init__(self, offset, mask, group, remove_center, offset_scale=1.0, mask_softmax=False):
         super().__init__()
         self.offset, self.mask = offset, mask
         self.group, self.remove_center, self.offset_scale = group, remove_center, offset_scale
+        self.mask_softmax = mask_softmax
 
     def forward(self, x):
         return ops.dcnv3(x, self.offset, self.mask, 3, 3, 1, 1, 1, 1, 1, 1, self.group, x.shape[-1] // self.group,
-                         self.offset_scale, self.remove_center)
+                         self.offset_scale, self.remove_center, mask_softmax=self.mask_softmax)
 
 
 @pytest.mark.parametrize("remove_center, offset_scale", [(False, 1.0), (True, 0.5)], ids=["plain", "remove_center-scaled"])
@@ -129,6 +130,19 @@ def test_captured_dcnv3_locations_reproduce_the_operator(remove_center, offset_s
                 p = int(weights[i, j].argmax())
                 value = bilinear(x[0, :, :, g], *sampling.locations[0, i, j, g * points + p].tolist())
                 assert value == pytest.approx(float(expected[i, j, g]), abs=1e-9)
+
+
+def test_dcnv3_with_mask_logits_captures_the_softmax_weights():
+    """``mask_softmax=True`` hands the op logits: the captured weights are their softmax per group."""
+    group, points = 2, 9
+    x = torch.randn(1, 4, 5, group * 3, dtype=torch.float64)
+    offset = torch.randn(1, 4, 5, group * points * 2, dtype=torch.float64)
+    logits = 3 * torch.randn(1, 4, 5, group * points, dtype=torch.float64)
+    probs = torch.softmax(logits.view(1, 4, 5, group, points), -1).view(logits.shape)
+    got = capture_sampling(FixedDCNv3(offset, logits, group, False, mask_softmax=True), x)[""]
+    want = capture_sampling(FixedDCNv3(offset, probs, group, False), x)[""]
+    torch.testing.assert_close(got.weights, want.weights)
+    torch.testing.assert_close(got.locations, want.locations)
 
 
 class TwoDeformLayers(nn.Module):

@@ -1,6 +1,7 @@
 """Tests of convzoo.ops.dcnv3: naive loop from InternImage's CUDA definition, fast CPU path vs
 reference, gradients, layout converters, errors, compile/export, and the Triton kernels under
 the interpreter."""
+import contextlib
 import importlib
 import math
 
@@ -87,9 +88,9 @@ def test_matches_naive_loop(params, impl):
     torch.testing.assert_close(ops.dcnv3(x, offset, mask, *params, impl=impl), expected)
 
 
-def _grads(impl, x, offset, mask, params, grad):
+def _grads(impl, x, offset, mask, params, grad, mask_softmax=False):
     inputs = [t.detach().clone().requires_grad_() for t in (x, offset, mask)]
-    out = ops.dcnv3(*inputs, *params, impl=impl)
+    out = ops.dcnv3(*inputs, *params, mask_softmax=mask_softmax, impl=impl)
     out.backward(grad)
     return [out.detach()] + [t.grad for t in inputs]
 
@@ -100,12 +101,15 @@ RANDOM_ARGUMENTS = dict(
     kernel_h=st.integers(1, 3), kernel_w=st.integers(1, 3), stride=st.integers(1, 2),
     pad=st.integers(0, 2), dilation=st.integers(1, 2), group=st.integers(1, 3), group_channels=st.integers(1, 5),
     offset_scale=st.sampled_from([0.5, 1.0, 2.0]), remove_center=st.booleans(), spread=st.sampled_from([0.5, 4.0]),
+    mask_softmax=st.booleans(),
 )
 
 
 @given(**RANDOM_ARGUMENTS)
 def test_fast_cpu_kernels_match_reference(n, height, width, kernel_h, kernel_w, stride, pad, dilation, group,
-                                          group_channels, offset_scale, remove_center, spread):
+                                          group_channels, offset_scale, remove_center, spread, mask_softmax):
+    """The Numba kernels against the reference's autograd, with ``mask_softmax`` against the reference
+    softmax followed by the reference operator."""
     remove_center = remove_center and kernel_h * kernel_w > 1
     params = (kernel_h, kernel_w, stride, stride, pad, pad, dilation, dilation, group, group_channels, offset_scale,
               remove_center)
@@ -113,12 +117,19 @@ def test_fast_cpu_kernels_match_reference(n, height, width, kernel_h, kernel_w, 
                                                   dilation, dilation)
     assume(height_out >= 1 and width_out >= 1)
     x, offset, mask = make_inputs(params, n, height, width, spread=spread)
+    if mask_softmax:
+        mask = (mask - 0.5) * 8   # logits
     grad = torch.randn(n, height_out, width_out, group * group_channels, dtype=torch.float64)
-    want = _grads("reference", x, offset, mask, params, grad)
-    torch.testing.assert_close(cpu.dcnv3_forward(x, offset, mask, Geometry(*params)), want[0])
-    for got, expected in zip(cpu.dcnv3_backward(grad, x, offset, mask, Geometry(*params)), want[1:]):
+    want = _grads("reference", x, offset, mask, params, grad, mask_softmax)
+    geometry = Geometry(*params)
+    torch.testing.assert_close(cpu.dcnv3_forward(x, offset, mask, geometry, mask_softmax), want[0])
+    for got, expected in zip(cpu.dcnv3_backward(grad, x, offset, mask, geometry, mask_softmax), want[1:]):
         torch.testing.assert_close(got, expected)
-    for got, expected in zip(reference.dcnv3_backward(grad, x, offset, mask, *params), want[1:]):
+    probs = reference.softmax_points(mask, group) if mask_softmax else mask
+    grad_x, grad_offset, grad_probs = reference.dcnv3_backward(grad, x, offset, probs, *params)
+    if mask_softmax:
+        grad_probs = reference.softmax_points_backward(probs, grad_probs, group)
+    for got, expected in zip((grad_x, grad_offset, grad_probs), want[1:]):
         torch.testing.assert_close(got, expected)
 
 
@@ -229,6 +240,38 @@ def test_gradcheck(params, impl):
     x, offset, mask = _off_integer_offsets(params)
     inputs = [t.requires_grad_() for t in (x, offset, mask)]
     assert torch.autograd.gradcheck(lambda a, b, c: ops.dcnv3(a, b, c, *params, impl=impl), inputs)
+
+
+@pytest.mark.parametrize("through", ["eager", "custom op"])
+def test_mask_softmax_gradcheck_and_softmax_then_dcnv3(through):
+    """``mask_softmax=True`` on logits equals InternImage's softmax over each group's points followed by
+    dcnv3 (values and gradients, the centre point removed: P = 8), and passes gradcheck in float64, both
+    through the eager kernels and through the custom op (which a dispatch mode such as FLOP counting keeps)."""
+    params = CASES[2].values[0]
+    x, offset, logits = _off_integer_offsets(params)
+    logits = (logits - 0.5) * 6
+    group, points = params[8], 8
+    grad = torch.randn(1, 2, 3, params[8] * params[9], dtype=torch.float64)
+    mode = FlopCounterMode(display=False) if through == "custom op" else contextlib.nullcontext()
+    with mode:
+        got = _grads("auto", x, offset, logits, params, grad, mask_softmax=True)
+        inputs = [t.detach().clone().requires_grad_() for t in (x, offset, logits)]
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.dcnv3(a, b, c, *params, mask_softmax=True), inputs)
+    inputs = [t.detach().clone().requires_grad_() for t in (x, offset, logits)]
+    probs = torch.softmax(inputs[2].view(1, 2, 3, group, points), -1).view(inputs[2].shape)
+    out = ops.dcnv3(inputs[0], inputs[1], probs, *params, impl="reference")
+    out.backward(grad)
+    for got_tensor, want_tensor in zip(got, [out.detach()] + [t.grad for t in inputs]):
+        torch.testing.assert_close(got_tensor, want_tensor)
+    # a different test against the naive loop: it sees only the normalised mask
+    torch.testing.assert_close(got[0], naive_dcnv3(x, offset, probs.detach(), *params))
+
+
+def test_opcheck_custom_op():
+    x, offset, mask = make_inputs(CASES[1].values[0], dtype=torch.float32, requires_grad=True)
+    for mask_softmax in (False, True):
+        args = (x, offset, mask, *CASES[1].values[0], mask_softmax, False)
+        torch.library.opcheck(torch.ops.convzoo.dcnv3.default, args)
 
 
 def test_non_finite_offsets_contribute_zero():
@@ -376,15 +419,16 @@ def _good_inputs():
     (lambda a: a.update(args=GOOD[:7] + (2.0,) + GOOD[8:]), TypeError, "dilation_w must be an int"),
     (lambda a: a.update(args=GOOD[:10] + (float("nan"),)), TypeError, "offset_scale must be a finite float"),
     (lambda a: a.update(remove_center="yes"), TypeError, "remove_center must be a bool"),
+    (lambda a: a.update(mask_softmax="yes"), TypeError, "mask_softmax must be a bool"),
     (lambda a: a.update(impl="cuda"), ValueError, "impl must be one of"),
 ])
 def test_bad_arguments(change, error, match):
     x, offset, mask = _good_inputs()
-    call = dict(x=x, offset=offset, mask=mask, args=GOOD, remove_center=False, impl="auto")
+    call = dict(x=x, offset=offset, mask=mask, args=GOOD, remove_center=False, mask_softmax=False, impl="auto")
     change(call)
     with pytest.raises(error, match=match):
         ops.dcnv3(call["x"], call["offset"], call["mask"], *call["args"], remove_center=call["remove_center"],
-                  impl=call["impl"])
+                  mask_softmax=call["mask_softmax"], impl=call["impl"])
 
 
 def test_too_small_input_and_single_point_remove_center():
@@ -479,9 +523,10 @@ TRITON_CASES = [
 ]
 
 
-def _triton_grads(device, x, offset, mask, params, grad):
+def _triton_grads(device, x, offset, mask, params, grad, mask_softmax=False):
     """Output and gradients of the Triton path on ``device``, brought back to the CPU."""
-    return [t.cpu() for t in _grads("triton", *(t.to(device) for t in (x, offset, mask)), params, grad.to(device))]
+    inputs = (t.to(device) for t in (x, offset, mask))
+    return [t.cpu() for t in _grads("triton", *inputs, params, grad.to(device), mask_softmax)]
 
 
 @pytest.mark.parametrize("params, n, height, width", TRITON_CASES)
@@ -498,7 +543,8 @@ def test_triton_forward_and_gradients(params, n, height, width, triton_device):
 @settings(max_examples=10)
 @given(**{**RANDOM_ARGUMENTS, "group_channels": st.integers(1, 20)})   # past one 16-wide channel block
 def test_triton_random_shapes_match_reference(n, height, width, kernel_h, kernel_w, stride, pad, dilation, group,
-                                              group_channels, offset_scale, remove_center, spread, triton_device):
+                                              group_channels, offset_scale, remove_center, spread, mask_softmax,
+                                              triton_device):
     remove_center = remove_center and kernel_h * kernel_w > 1
     params = (kernel_h, kernel_w, stride, stride, pad, pad, dilation, dilation, group, group_channels, offset_scale,
               remove_center)
@@ -506,8 +552,8 @@ def test_triton_random_shapes_match_reference(n, height, width, kernel_h, kernel
     width = max(width, dilation * (kernel_w - 1) + 1 - 2 * pad)
     x, offset, mask = make_inputs(params, n, height, width, dtype=torch.float32, spread=spread)
     grad = torch.randn(ops.dcnv3(x, offset, mask, *params).shape)
-    got = _triton_grads(triton_device, x, offset, mask, params, grad)
-    want = _grads("reference", x, offset, mask, params, grad)
+    got = _triton_grads(triton_device, x, offset, mask, params, grad, mask_softmax)
+    want = _grads("reference", x, offset, mask, params, grad, mask_softmax)
     for name, g, w in zip(("out", "x", "offset", "mask"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 

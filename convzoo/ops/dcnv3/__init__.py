@@ -65,16 +65,18 @@ def _cpu_kernels(x: torch.Tensor):
     return kernels(__name__ + ".cpu") if x.device.type == "cpu" else None
 
 
-def _run_forward(x, offset, mask, geometry: Geometry, triton_path: bool) -> torch.Tensor:
+def _run_forward(x, offset, mask, geometry: Geometry, mask_softmax: bool, triton_path: bool) -> torch.Tensor:
     if x.shape[0] == 0 or offset.numel() == 0:
         return x.new_zeros((x.shape[0], offset.shape[1], offset.shape[2], geometry.group * geometry.group_channels))
+    cpu = None if triton_path else _cpu_kernels(x)
+    if cpu is not None:
+        return cpu.dcnv3_forward(x, offset, mask, geometry, mask_softmax)  # the softmax inside the kernel
+    if mask_softmax:
+        mask = reference.softmax_points(mask, geometry.group)
     if triton_path:
         from .triton import dcnv3_forward_triton
 
         return dcnv3_forward_triton(x, offset, mask, *geometry)
-    cpu = _cpu_kernels(x)
-    if cpu is not None:
-        return cpu.dcnv3_forward(x, offset, mask, geometry)
     with torch.no_grad():
         return reference.dcnv3_forward(x, offset, mask, *geometry)
 
@@ -82,16 +84,16 @@ def _run_forward(x, offset, mask, geometry: Geometry, triton_path: bool) -> torc
 @torch.library.custom_op("convzoo::dcnv3", mutates_args=())
 def _dcnv3_op(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
               stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-              group: int, group_channels: int, offset_scale: float, remove_center: bool,
+              group: int, group_channels: int, offset_scale: float, remove_center: bool, mask_softmax: bool,
               triton_path: bool) -> torch.Tensor:
     geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                         group_channels, offset_scale, remove_center)
-    return _run_forward(x, offset, mask, geometry, triton_path)
+    return _run_forward(x, offset, mask, geometry, mask_softmax, triton_path)
 
 
 @_dcnv3_op.register_fake
 def _dcnv3_fake(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                group, group_channels, offset_scale, remove_center, triton_path):
+                group, group_channels, offset_scale, remove_center, mask_softmax, triton_path):
     return x.new_empty((x.shape[0], offset.shape[1], offset.shape[2], group * group_channels))
 
 
@@ -99,20 +101,27 @@ def _dcnv3_fake(x, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, 
 def _dcnv3_backward_op(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
                        kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                        dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
-                       remove_center: bool, triton_path: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       remove_center: bool, mask_softmax: bool,
+                       triton_path: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                         group_channels, offset_scale, remove_center)
     if x.shape[0] == 0 or offset.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(offset), torch.zeros_like(mask)
-    if triton_path:
-        from .triton import dcnv3_backward_triton
-
-        return dcnv3_backward_triton(grad_out, x, offset, mask, *geometry)
-    cpu = _cpu_kernels(x)
+    cpu = None if triton_path else _cpu_kernels(x)
     if cpu is not None:
-        return cpu.dcnv3_backward(grad_out, x, offset, mask, geometry)
+        return cpu.dcnv3_backward(grad_out, x, offset, mask, geometry, mask_softmax)
+    # Triton and the reference take the normalised mask: the softmax and its backward run around them.
+    probs = reference.softmax_points(mask, group) if mask_softmax else mask
     with torch.no_grad():
-        return reference.dcnv3_backward(grad_out, x, offset, mask, *geometry)
+        if triton_path:
+            from .triton import dcnv3_backward_triton
+
+            grad_x, grad_offset, grad_mask = dcnv3_backward_triton(grad_out, x, offset, probs, *geometry)
+        else:
+            grad_x, grad_offset, grad_mask = reference.dcnv3_backward(grad_out, x, offset, probs, *geometry)
+        if mask_softmax:
+            grad_mask = reference.softmax_points_backward(probs, grad_mask, group)
+    return grad_x, grad_offset, grad_mask
 
 
 @_dcnv3_backward_op.register_fake
@@ -156,16 +165,16 @@ class _EagerCPU(torch.autograd.Function):
     as much as the kernels of a 14x14 InternImage layer. Same kernels, same gradients."""
 
     @staticmethod
-    def forward(ctx, x, offset, mask, geometry: Geometry, cpu):
+    def forward(ctx, x, offset, mask, geometry: Geometry, mask_softmax: bool, cpu):
         ctx.save_for_backward(x, offset, mask)
-        ctx.geometry, ctx.cpu = geometry, cpu
-        return cpu.dcnv3_forward(x, offset, mask, geometry)
+        ctx.geometry, ctx.mask_softmax, ctx.cpu = geometry, mask_softmax, cpu
+        return cpu.dcnv3_forward(x, offset, mask, geometry, mask_softmax)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, offset, mask = ctx.saved_tensors
-        return ctx.cpu.dcnv3_backward(grad_out, x, offset, mask, ctx.geometry) + (None, None)
+        return ctx.cpu.dcnv3_backward(grad_out, x, offset, mask, ctx.geometry, ctx.mask_softmax) + (None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +185,7 @@ class _EagerCPU(torch.autograd.Function):
 def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int,
           stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
           group: int, group_channels: int, offset_scale: float, remove_center: bool = False, *,
-          impl: str = "auto") -> torch.Tensor:
+          mask_softmax: bool = False, impl: str = "auto") -> torch.Tensor:
     """DCNv3 core (InternImage): grouped deformable bilinear sampling weighted by a per-point mask.
 
     See the module docstring for the exact definition (point order, offset order, sampling
@@ -187,11 +196,15 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
         offset (Tensor[N, H_out, W_out, group * P * 2]): ``(x, y)`` offset pairs per group and point,
             ``P = kernel_h * kernel_w - remove_center``.
         mask (Tensor[N, H_out, W_out, group * P]): weight of each point, already normalised
-            (DCNv3 applies a softmax over the P points of each group beforehand; DCNv4 does not).
+            (DCNv3 applies a softmax over the P points of each group beforehand; DCNv4 does not),
+            or, with ``mask_softmax``, the logits of that softmax.
         kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w: window geometry.
         group, group_channels: channel groups (each with its own offsets and mask) and their width.
         offset_scale: scale of the kernel grid and the offsets around the window centre.
         remove_center: drop the centre point of the kernel (``P = kernel_h * kernel_w - 1``).
+        mask_softmax: ``mask`` holds logits: sample with ``softmax`` of each group's ``P`` of them,
+            gradients included (the CPU kernels compute it on the fly; equal to DCNv3's
+            ``F.softmax`` over the points followed by this operator, one call instead of two).
         impl: ``"auto"`` (Triton on CUDA tensors, the fast CPU path otherwise), ``"triton"`` or
             ``"reference"`` (plain PyTorch with autograd, traceable by torch.onnx/torch.jit).
 
@@ -225,6 +238,7 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     group_channels = check_int("group_channels", group_channels, 1)
     offset_scale = check_float("offset_scale", offset_scale)
     remove_center = check_bool("remove_center", remove_center)
+    mask_softmax = check_bool("mask_softmax", mask_softmax)
     points = _num_points(kernel_h, kernel_w, remove_center)
 
     n, height, width, channels = x.shape
@@ -247,6 +261,8 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     geometry = Geometry(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                         group_channels, offset_scale, remove_center)
     if impl == "reference":
+        if mask_softmax:
+            mask = reference.softmax_points(mask, group)
         return reference.dcnv3_forward(x, offset, mask, *geometry).to(out_dtype)
     if impl == "triton" and x.dtype == torch.float64:
         raise TypeError("impl='triton' supports x of dtype float16, bfloat16 or float32, got float64")
@@ -254,12 +270,13 @@ def dcnv3(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: i
     triton_path = x.dtype != torch.float64 and use_triton("dcnv3", impl, x, offset, mask)
     if not triton_path and plain_cpu_inference(x, offset, mask):
         # Eager CPU inference: the custom op's dispatch would cost as much as a small call's kernel.
-        return _run_forward(x, offset, mask, geometry, triton_path=False).to(out_dtype)
+        return _run_forward(x, offset, mask, geometry, mask_softmax, triton_path=False).to(out_dtype)
     if not triton_path and x.shape[0] > 0 and plain_cpu_eager(x, offset, mask):
         cpu = _cpu_kernels(x)  # None without Numba: then the custom op runs the reference
         if cpu is not None:
-            return _EagerCPU.apply(x, offset, mask, geometry, cpu).to(out_dtype)
-    return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *geometry, triton_path).to(out_dtype)
+            return _EagerCPU.apply(x, offset, mask, geometry, mask_softmax, cpu).to(out_dtype)
+    return _dcnv3_op(x.contiguous(), offset.contiguous(), mask.contiguous(), *geometry, mask_softmax,
+                     triton_path).to(out_dtype)
 
 
 def _tv_shift(kernel_h: int, kernel_w: int, dilation_h: int, dilation_w: int, offset_scale: float,

@@ -66,9 +66,24 @@ def _clamp(index, size):
     return min(max(index, 0), size - 1)
 
 
+@numba.njit(inline="always")
+def _softmax_shift(logits, one):
+    """``(top, inv)`` with ``softmax(logits)[p] == exp(logits[p] - top) * inv`` (``top`` the largest logit)."""
+    top = logits[0]
+    for p in range(1, logits.shape[0]):
+        top = max(top, logits[p])
+    total = one - one
+    for p in range(logits.shape[0]):
+        total += np.exp(logits[p] - top)
+    return top, one / total
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, out):
-    """``out`` ``(N, H_out, W_out, G, C)`` of the samples (shapes in the module docstring)."""
+def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, softmax, out):
+    """``out`` ``(N, H_out, W_out, G, C)`` of the samples (shapes in the module docstring).
+
+    ``softmax``: ``mask`` holds logits, normalised over the points of each group here.
+    """
     n, height, width, group, channels = x.shape
     height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
     for row in numba.prange(n * height_out):
@@ -78,13 +93,15 @@ def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, out):
             for g in range(group):
                 acc = out[b, ho, wo, g]
                 acc[:] = 0
+                logits = mask[b, ho, wo, g]
+                top, inv = _softmax_shift(logits, one) if softmax else (one - one, one)
                 for p in range(points):
                     loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
                     loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
                     if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
                         continue
                     iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
-                    m = mask[b, ho, wo, g, p]
+                    m = np.exp(logits[p] - top) * inv if softmax else logits[p]
                     my1 = m * fy
                     my0 = m - my1
                     w00 = (my0 - my0 * fx) * v00
@@ -98,10 +115,24 @@ def _forward(x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, out):
                         acc[c] += w00 * a00[c] + w01 * a01[c] + w10 * a10[c] + w11 * a11[c]
 
 
+@numba.njit(inline="always")
+def _softmax_backward(logits, top, inv, grad):
+    """Turn ``grad`` (of the softmax's output) into the gradient of its ``logits``, in place:
+    ``s * (grad - sum(s * grad))`` with ``s = exp(logits - top) * inv``."""
+    dot = grad[0] - grad[0]
+    for p in range(logits.shape[0]):
+        dot += np.exp(logits[p] - top) * inv * grad[p]
+    for p in range(logits.shape[0]):
+        grad[p] = np.exp(logits[p] - top) * inv * (grad[p] - dot)
+
+
 @numba.njit(cache=True, nogil=True)
 def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
-                   grad_x, grad_offset, grad_mask):
-    """Backward of output rows ``first_row <= row < last_row`` (of ``N * H_out``), adding into ``grad_x``."""
+                   softmax, grad_x, grad_offset, grad_mask):
+    """Backward of output rows ``first_row <= row < last_row`` (of ``N * H_out``), adding into ``grad_x``.
+
+    ``softmax``: ``mask`` holds logits (see :func:`_forward`); ``grad_mask`` is then theirs.
+    """
     n, height, width, group, channels = x.shape
     height_out, width_out, points = offset.shape[1], offset.shape[2], offset.shape[4]
     for row in range(first_row, last_row):
@@ -110,6 +141,8 @@ def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_
         for wo in range(width_out):
             for g in range(group):
                 go = grad_out[b, ho, wo, g]
+                logits = mask[b, ho, wo, g]
+                top, inv = _softmax_shift(logits, one) if softmax else (one - one, one)
                 for p in range(points):
                     loc_x = base_x[wo] + (grid_x[p] + offset[b, ho, wo, g, p, 0]) * scale
                     loc_y = base_y[ho] + (grid_y[p] + offset[b, ho, wo, g, p, 1]) * scale
@@ -119,7 +152,7 @@ def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_
                     if not (loc_x > -1 and loc_y > -1 and loc_x < width and loc_y < height):
                         continue
                     iy, ix, fx, fy, v00, v01, v10, v11 = _corners(loc_x, loc_y, height, width, one)
-                    m = mask[b, ho, wo, g, p]
+                    m = np.exp(logits[p] - top) * inv if softmax else logits[p]
                     gy = one - fy
                     gx = one - fx
                     w00 = gy * gx * v00
@@ -154,10 +187,12 @@ def _backward_rows(first_row, last_row, grad_out, x, offset, mask, grid_x, grid_
                     ms = m * scale
                     grad_offset[b, ho, wo, g, p, 0] = (gy * (d01 - d00) + fy * (d11 - d10)) * ms
                     grad_offset[b, ho, wo, g, p, 1] = (gx * (d10 - d00) + fx * (d11 - d01)) * ms
+                if softmax:
+                    _softmax_backward(logits, top, inv, grad_mask[b, ho, wo, g])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _backward(grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, by_batch,
+def _backward(grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, softmax, by_batch,
               grad_x_copies, grad_offset, grad_mask):
     """Backward; ``grad_x_copies`` ``(copies, N, H, W, G, C)``, zeroed.
 
@@ -173,7 +208,7 @@ def _backward(grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, 
             first, last, copy = task * height_out, (task + 1) * height_out, 0
         else:
             first, last, copy = task * rows // tasks, (task + 1) * rows // tasks, task
-        _backward_rows(first, last, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one,
+        _backward_rows(first, last, grad_out, x, offset, mask, grid_x, grid_y, base_x, base_y, scale, one, softmax,
                        grad_x_copies[copy], grad_offset, grad_mask)
 
 
@@ -212,12 +247,16 @@ def _prepare(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry
     return _Prepared(dtype, arrays, _constants(g, height_out, width_out, dtype))
 
 
-def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """Forward (no autograd): ``(N, H, W, G*C)`` -> ``(N, H_out, W_out, G*C)`` in x's dtype."""
+def dcnv3_forward(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, geometry: Geometry,
+                  softmax: bool = False) -> torch.Tensor:
+    """Forward (no autograd): ``(N, H, W, G*C)`` -> ``(N, H_out, W_out, G*C)`` in x's dtype.
+
+    ``softmax``: ``mask`` holds logits, normalised over the points of each group by the kernel.
+    """
     prep = _prepare(x, offset, mask, geometry)
     n, height_out, width_out = offset.shape[:3]
     out = torch.empty((n, height_out, width_out, x.shape[3]), dtype=prep.dtype)
-    launch(_forward, *prep.arrays, *prep.constants, as_array(out).reshape(prep.arrays[1].shape[:4] + (-1,)),
+    launch(_forward, *prep.arrays, *prep.constants, softmax, as_array(out).reshape(prep.arrays[1].shape[:4] + (-1,)),
            work=_work(prep))
     return out.to(x.dtype)
 
@@ -236,8 +275,9 @@ def _backward_copies(n: int, x_bytes: int, work: int) -> Tuple[bool, int]:
 
 
 def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor,
-                   geometry: Geometry) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(grad_x, grad_offset, grad_mask)``, each in the dtype of its input."""
+                   geometry: Geometry, softmax: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(grad_x, grad_offset, grad_mask)``, each in the dtype of its input (``softmax``: as
+    :func:`dcnv3_forward`; ``grad_mask`` is then that of the logits)."""
     prep = _prepare(x, offset, mask, geometry)
     x_array, offset_array, mask_array = prep.arrays
     grad = as_array(grad_out.to(prep.dtype).contiguous()).reshape(offset_array.shape[:4] + (-1,))
@@ -246,7 +286,7 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     grad_x = torch.zeros((copies,) + tuple(x.shape), dtype=prep.dtype)
     grad_offset = torch.empty(offset.shape, dtype=prep.dtype)
     grad_mask = torch.empty(mask.shape, dtype=prep.dtype)
-    launch(_backward, grad, *prep.arrays, *prep.constants, by_batch,
+    launch(_backward, grad, *prep.arrays, *prep.constants, softmax, by_batch,
            as_array(grad_x).reshape((copies,) + x_array.shape), as_array(grad_offset).reshape(offset_array.shape),
            as_array(grad_mask).reshape(mask_array.shape), work=work)
     grad_x = grad_x[0] if copies == 1 else grad_x.sum(0)

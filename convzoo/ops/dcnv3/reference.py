@@ -205,3 +205,21 @@ def dcnv3_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor
     grad_offset = grad_offset.reshape(offset.shape).to(offset.dtype)
     grad_mask = grad_mask.reshape(mask.shape).to(mask.dtype)
     return grad_x, grad_offset, grad_mask
+
+
+def softmax_points(logits: torch.Tensor, group: int) -> torch.Tensor:
+    """Softmax of ``(N, H_out, W_out, group * P)`` mask logits over the ``P`` points of each group
+    (DCNv3's mask normalisation), computed in the compute dtype, returned in the logits' dtype."""
+    n, height_out, width_out, channels = logits.shape
+    grouped = logits.to(compute_dtype(logits.dtype)).reshape(n, height_out, width_out, group, channels // group)
+    return torch.softmax(grouped, -1).reshape(logits.shape).to(logits.dtype)
+
+
+def softmax_points_backward(probs: torch.Tensor, grad: torch.Tensor, group: int) -> torch.Tensor:
+    """Gradient of the logits of :func:`softmax_points` from its output ``probs`` and the gradient
+    ``grad`` of that output: ``probs * (grad - sum over the group's points of probs * grad)``."""
+    n, height_out, width_out, channels = probs.shape
+    dtype = compute_dtype(probs.dtype)
+    s = probs.to(dtype).reshape(n, height_out, width_out, group, channels // group)
+    g = grad.to(dtype).reshape(s.shape)
+    return (s * (g - (s * g).sum(-1, keepdim=True))).reshape(probs.shape).to(grad.dtype)
