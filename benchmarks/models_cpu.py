@@ -57,8 +57,8 @@ import convzoo
 from convzoo.analysis.complexity import count_flops
 from convzoo.export import export_onnx
 from convzoo.layers import DCNv3
-from convzoo.layers.prepacked import PackedLinear
-from convzoo.layers.reparam import DepthwiseConv2d, PointwiseConv2d
+from convzoo.layers.prepacked import PackedConv2d, PackedLinear
+from convzoo.layers.reparam import DepthwiseConv2d
 from convzoo.models.replknet import merge_large_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +67,8 @@ from dcnv3 import dcnv3_grid_sample  # noqa: E402
 
 
 def with_plain_convs(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose depthwise and 1x1 convs are plain ``nn.Conv2d`` (NCHW, PyTorch's path)
-    and whose pre-packed linears are plain ``nn.Linear``."""
+    """A copy of ``model`` whose depthwise, 1x1 and pre-packed convs are plain ``nn.Conv2d`` (PyTorch's
+    path) and whose pre-packed linears are plain ``nn.Linear``."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -76,7 +76,7 @@ def with_plain_convs(model: nn.Module) -> nn.Module:
                 plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 plain.load_state_dict(child.state_dict())
                 setattr(parent, name, plain)
-            elif isinstance(child, (DepthwiseConv2d, PointwiseConv2d)):
+            elif isinstance(child, (DepthwiseConv2d, PackedConv2d)):
                 plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
                                   child.padding, child.dilation, child.groups, bias=child.bias is not None)
                 plain.load_state_dict(child.state_dict())

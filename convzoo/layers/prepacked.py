@@ -7,8 +7,9 @@
 - :class:`PackedLinear`: ``nn.Linear`` (same parameters, keys and maths) whose eager float32 CPU
   inference runs ``torch.ops.mkldnn._linear_pointwise`` on a pre-packed weight, the bias added
   inside the product.
-
-:class:`convzoo.layers.reparam.PointwiseConv2d` (1x1 convs) uses the same mixin.
+- :class:`PackedConv2d`: ``nn.Conv2d`` whose eager float32 CPU inference on ``channels_last``
+  inputs runs ``torch.ops.mkldnn._convolution_pointwise`` on a weight pre-packed for the input's
+  shape. :class:`convzoo.layers.reparam.PointwiseConv2d` (1x1 convs) builds on it.
 
 Why: PyTorch's eager ``F.linear`` (MKL's ``addmm``) and oneDNN's plain conv repack the weight on
 every call, and inside a model each weight is read cold once per forward. Packing it once is
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from ..ops._checks import plain_cpu_inference
 
-__all__ = ["PrepackedWeight", "PackedLinear"]
+__all__ = ["PrepackedWeight", "PackedLinear", "PackedConv2d"]
 
 
 def onednn_has(*op_names: str) -> bool:
@@ -92,3 +93,42 @@ class PackedLinear(PrepackedWeight, nn.Linear):
 
     def _pack(self, weight: torch.Tensor, hint) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+class PackedConv2d(PrepackedWeight, nn.Conv2d):
+    """``nn.Conv2d`` with a pre-packed oneDNN conv in eager inference on ``channels_last`` inputs.
+
+    * Eager float32 CPU inference (as :class:`PackedLinear`) on a ``channels_last`` input with
+      zero padding given as numbers: ``torch.ops.mkldnn._convolution_pointwise`` on the weight
+      packed once per input shape (the last shape seen is kept); the output is ``channels_last``.
+    * Everything else (NCHW inputs, training, ``torch.compile``/``torch.export`` graphs, where
+      inductor's freezing packs the weight itself): ``nn.Conv2d``'s path.
+
+    Same parameters and keys as ``nn.Conv2d``. Why: oneDNN's conv reorders the weight on every
+    call; for the strided 2x2/3x3 convs of ConvNeXt's and InternImage's stems and downsampling
+    layers that took 1-2 ms of a 0.7 ms conv (a 2-core AVX2 CPU, benchmarks/RESULTS.md).
+    Input (N, C_in, H, W) -> (N, C_out, H_out, W_out).
+    """
+
+    _PACKABLE = onednn_has("_convolution_pointwise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packs_conv(x):
+            return self._packed_conv(x)
+        return super().forward(x)
+
+    def _packs_conv(self, x: torch.Tensor) -> bool:
+        """Whether the packed conv may run: a channels_last 4-d input (not also contiguous), zero
+        padding given as numbers, and :meth:`PrepackedWeight._packs_for`."""
+        return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str) and self._packs_for(x))
+
+    def _packed_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(tuple(x.shape)), self.bias,
+                                                       list(self.padding), list(self.stride), list(self.dilation),
+                                                       self.groups, "none", [], "")
+
+    def _pack(self, weight: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        """The weight in oneDNN's blocked format for inputs of ``shape``."""
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(self.padding), list(self.stride),
+                                                         list(self.dilation), self.groups, list(shape))

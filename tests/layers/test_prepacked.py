@@ -1,4 +1,4 @@
-"""PackedLinear: nn.Linear with a pre-packed oneDNN product in eager float32 CPU inference."""
+"""PackedLinear and PackedConv2d: nn.Linear / nn.Conv2d with pre-packed oneDNN weights in eager float32 CPU inference."""
 import copy
 import io
 import pickle
@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from convzoo.layers.prepacked import PackedLinear
+from convzoo.layers.prepacked import PackedConv2d, PackedLinear
+from convzoo.layers.reparam import fuse_conv_bn
 
 
 def _inputs():
@@ -137,3 +138,61 @@ def test_convnext_and_internimage_blocks_run_packed_and_match_the_plain_path(mon
             monkeypatch.setattr(PackedLinear, "_PACKABLE", False)
             torch.testing.assert_close(packed, block(x), rtol=1e-5, atol=1e-5)
             monkeypatch.undo()
+
+
+def _channels_last(*shape):
+    return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("geometry", [
+    pytest.param(dict(kernel_size=3, stride=2, padding=1, bias=False), id="3x3-s2"),
+    pytest.param(dict(kernel_size=2, stride=2), id="2x2-s2"),
+    pytest.param(dict(kernel_size=4, stride=4), id="4x4-s4"),
+    pytest.param(dict(kernel_size=3, padding=2, dilation=2, groups=2), id="dilated-grouped"),
+    pytest.param(dict(kernel_size=3, padding=1, groups=8), id="depthwise"),
+])
+def test_packed_conv_equals_the_plain_conv_and_keeps_the_layout(geometry):
+    torch.manual_seed(0)
+    conv = PackedConv2d(8, 8, **geometry).eval()
+    x = _channels_last(2, 8, 9, 10)
+    plain = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    with torch.no_grad():
+        out = conv(x)
+        assert conv._packed is not None  # the packed path ran
+        torch.testing.assert_close(out, plain.detach(), rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        packed = conv._packed[1]
+        conv(x)
+        assert conv._packed[1] is packed  # reused for the same shape
+        other = _channels_last(1, 8, 6, 7)  # another shape: packed for it
+        torch.testing.assert_close(conv(other), F.conv2d(other, conv.weight, conv.bias, conv.stride, conv.padding,
+                                                         conv.dilation, conv.groups), rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(-1)  # an in-place change: re-packed
+        torch.testing.assert_close(conv(x), -plain.detach() + (2 * conv.bias.view(1, -1, 1, 1) if conv.bias is not None
+                                                              else 0), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_conv_takes_nn_conv2ds_path_otherwise():
+    """NCHW inputs, gradients, other padding modes, string padding, export: nn.Conv2d's path; the keys
+    are nn.Conv2d's, and folding a BatchNorm keeps the class."""
+    torch.manual_seed(0)
+    conv = PackedConv2d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        out = conv(x)
+    assert conv._packed is None and out.is_contiguous()  # NCHW in, NCHW out
+    y = conv(x.contiguous(memory_format=torch.channels_last).requires_grad_())
+    y.sum().backward()
+    assert conv._packed is None and conv.weight.grad is not None
+    reflect = PackedConv2d(4, 6, 3, padding=1, padding_mode="reflect").eval()
+    same = PackedConv2d(4, 6, 3, padding="same").eval()
+    with torch.no_grad():
+        for layer in (reflect, same):
+            xl = x.contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(layer(xl), nn.Conv2d.forward(layer, x))
+            assert layer._packed is None
+    assert set(conv.state_dict()) == set(nn.Conv2d(4, 6, 3).state_dict())
+    program = torch.export.export(conv.eval(), (x.contiguous(memory_format=torch.channels_last),))
+    assert {str(n.target) for n in program.graph.nodes if n.op == "call_function"} == {"aten.conv2d.default"}
+    bn = nn.BatchNorm2d(6).eval()
+    assert type(fuse_conv_bn(conv, bn)) is PackedConv2d
