@@ -35,6 +35,11 @@ def test_packed_path_equals_the_plain_linear(bias):
             assert layer._packed is not None, name  # the packed path ran
             torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5, msg=name)
             assert out.shape == (*x.shape[:-1], 40)
+    with torch.inference_mode():  # inference mode takes the packed path too, with the same packed copy
+        packed = layer._packed[1]
+        x = _inputs()[0][1]
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        assert layer._packed[1] is packed
 
 
 def test_packs_once_and_repacks_when_the_weight_changes():
