@@ -139,9 +139,10 @@ def _freezing():
 
 
 #: Frozen float32 linears of at least this many multiply-adds (rows x in x out) run through
-#: oneDNN's pre-packed product instead of MKL's (RESULTS.md, 2026-12-03: ConvNeXt-T's 115 M-MAC
-#: products 8-24 % faster alone, the whole model 5-15 % faster; at InternImage-T's <= 51 M-MAC
-#: products the two are within +-10 % either way and the model was 4-6 % slower with oneDNN).
+#: oneDNN's pre-packed product instead of MKL's (RESULTS.md, 2026-12-03: 7 of ConvNeXt-T's 8
+#: product shapes, 115 M multiply-adds each, 5-24 % faster alone, the compiled model 4-6 % faster;
+#: at InternImage-T's <= 51 M-MAC products the two are within 10 % either way and its compiled
+#: model was 4-6 % slower with every linear on oneDNN).
 ONEDNN_LINEAR_MIN_MACS = 64 * 2**20
 
 
