@@ -11,15 +11,15 @@ Steps, each checked:
    which layout wins depends on the model, the batch, the size and the CPU's oneDNN kernels, and
    a rule would be wrong somewhere. The weights are converted, and every input is converted on
    the way in.
-3. **Compile** (``compile="auto"`` or ``True``): ``torch.compile`` (inductor) with inductor's freezing, which
-   turns the weights into constants so it can fold them into the convolutions and pre-pack the
-   oneDNN/MKL weights; the large float32 linears are then moved from MKL's pre-packed product
-   to oneDNN's (a graph pass, :func:`_onednn_linear_pass`). Freezing and the pass are fields of
-   ``torch._inductor.config`` read when inductor compiles (the first call of each input shape),
-   so they are set only around each call of the returned model (``config.patch``), never left
-   on for other code. On the CPU inductor needs a
-   C++ compiler; without one (no ``g++``, or ``CXX`` naming a missing program) the eager model is
-   returned, with one ``RuntimeWarning``.
+3. **Compile** (``compile="auto"`` or ``True``): ``torch.compile`` (inductor) with inductor's
+   freezing, which turns the weights into constants so it can fold them into the convolutions
+   and pre-pack the oneDNN/MKL weights; the large float32 linears are then moved from MKL's
+   pre-packed product to oneDNN's (a graph pass, :func:`_onednn_linear_pass`). Freezing and the
+   pass are fields of ``torch._inductor.config`` read when inductor compiles (the first call of
+   each input shape), so they are set only around each call of the returned model
+   (``config.patch``), never left on for other code. On the CPU inductor needs a C++ compiler;
+   without one (no ``g++``, or ``CXX`` naming a missing program) the eager model is returned,
+   with one ``RuntimeWarning``.
 4. **Keep the faster form** (``compile="auto"``, the default): the compiled and the eager
    module are timed on the example (one warm-up and three runs each, interleaved) and the
    eager one is kept when its median is at least 5 % lower (measured: InternImage-T, whose eager
