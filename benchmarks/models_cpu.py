@@ -276,7 +276,8 @@ def run_case(key: str, batch: int, size: int, repeats: int, warmup: int, clock, 
                 raise RuntimeError(f"{name} b{batch} {size}: {side} differs from the official-style model by {err:.2e}")
         ms = interleaved_median_ms([lambda fn=fn: fn(x) for fn in sides.values()], repeats, warmup, clock)
     flops = count_flops(ours, (1, 3, size, size)).flops
-    label = f"{name}, batch {batch}, {size}x{size} (optimized: {optimized.memory_format})"
+    label = (f"{name}, batch {batch}, {size}x{size} (optimized: {optimized.memory_format}, "
+             f"{'compiled' if optimized.compiled else 'eager kept'})")
     return (label, batch, *ms, flops / 1e9, compile_s)
 
 
