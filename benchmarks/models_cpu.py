@@ -10,12 +10,15 @@ and convzoo's optimized path (``convzoo.optimize_for_inference``) vs onnxruntime
 * ConvNeXt-T. Baseline: facebookresearch/ConvNeXt's form, the 7x7 depthwise conv an
   ``nn.Conv2d(groups=C)`` on NCHW tensors, layer scale a separate multiply. Ours:
   ``convzoo.reparameterize(convzoo.create_model("convnext_tiny"))`` (layer scale folded into the
-  second linear of each block), depthwise convs through ``convzoo.ops.dwconv2d``.
+  second linear of each block), depthwise convs through ``convzoo.ops.dwconv2d``, the linears
+  ``PackedLinear`` (weights pre-packed for oneDNN in eager inference; plain ``nn.Linear`` on the
+  official side).
 * InternImage-T. Baseline: OpenGVLab/InternImage's classification model with its pure-PyTorch
   DCNv3 module (``DCNv3_pytorch``, whose core ``dcnv3_core_pytorch`` samples with
   ``F.grid_sample``; here ``dcnv3_grid_sample`` of benchmarks/dcnv3.py, the same formulation), the
   head's BatchNorm kept. Ours: ``convzoo.reparameterize(model)`` (that BatchNorm folded), DCNv3
-  through ``convzoo.ops.dcnv3`` (Numba on the CPU).
+  through ``convzoo.ops.dcnv3`` (Numba on the CPU), the linears ``PackedLinear`` (plain
+  ``nn.Linear`` on the official side).
 
 Every side of a case runs the same weights (the baselines are converted from our model and run
 the official forward) and its output is checked against the baseline's before timing. Sides:
@@ -54,7 +57,8 @@ import convzoo
 from convzoo.analysis.complexity import count_flops
 from convzoo.export import export_onnx
 from convzoo.layers import DCNv3
-from convzoo.layers.reparam import DepthwiseConv2d, PointwiseConv2d
+from convzoo.layers.prepacked import PackedConv2d, PackedLinear
+from convzoo.layers.reparam import DepthwiseConv2d
 from convzoo.models.replknet import merge_large_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,11 +67,16 @@ from dcnv3 import dcnv3_grid_sample  # noqa: E402
 
 
 def with_plain_convs(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose depthwise and 1x1 convs are plain ``nn.Conv2d`` (NCHW, PyTorch's path)."""
+    """A copy of ``model`` whose depthwise, 1x1 and pre-packed convs are plain ``nn.Conv2d`` (PyTorch's
+    path) and whose pre-packed linears are plain ``nn.Linear``."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (DepthwiseConv2d, PointwiseConv2d)):
+            if isinstance(child, PackedLinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain)
+            elif isinstance(child, (DepthwiseConv2d, PackedConv2d)):
                 plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
                                   child.padding, child.dilation, child.groups, bias=child.bias is not None)
                 plain.load_state_dict(child.state_dict())
@@ -184,7 +193,7 @@ def internimage_pair(size: int):
     ours = convzoo.create_model("internimage_t").eval()
     randomize_norms(ours)
     randomize_dcnv3(ours)
-    official = OfficialInternImage(copy.deepcopy(ours)).eval()
+    official = OfficialInternImage(with_plain_convs(ours)).eval()
     convzoo.reparameterize(ours)  # the head's BatchNorm folded into its 1x1 conv
     return "InternImage-T", official, ours
 
@@ -267,7 +276,8 @@ def run_case(key: str, batch: int, size: int, repeats: int, warmup: int, clock, 
                 raise RuntimeError(f"{name} b{batch} {size}: {side} differs from the official-style model by {err:.2e}")
         ms = interleaved_median_ms([lambda fn=fn: fn(x) for fn in sides.values()], repeats, warmup, clock)
     flops = count_flops(ours, (1, 3, size, size)).flops
-    label = f"{name}, batch {batch}, {size}x{size} (optimized: {optimized.memory_format})"
+    label = (f"{name}, batch {batch}, {size}x{size} (optimized: {optimized.memory_format}, "
+             f"{'compiled' if optimized.compiled else 'eager kept'})")
     return (label, batch, *ms, flops / 1e9, compile_s)
 
 

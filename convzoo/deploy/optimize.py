@@ -11,14 +11,22 @@ Steps, each checked:
    which layout wins depends on the model, the batch, the size and the CPU's oneDNN kernels, and
    a rule would be wrong somewhere. The weights are converted, and every input is converted on
    the way in.
-3. **Compile** (``compile=True``): ``torch.compile`` (inductor) with inductor's freezing, which
-   turns the weights into constants so it can fold them into the convolutions and pre-pack the
-   oneDNN/MKL weights. Freezing is a field of ``torch._inductor.config`` read when inductor
-   compiles (the first call of each input shape), so it is switched on only around each call of
-   the returned model (``config.patch``), never left on for other code. On the CPU inductor needs a
-   C++ compiler; without one (no ``g++``, or ``CXX`` naming a missing program) the eager model is
-   returned, with one ``RuntimeWarning``.
-4. **Verify**: the result is run on the example and compared with the caller's eager model
+3. **Compile** (``compile="auto"`` or ``True``): ``torch.compile`` (inductor) with inductor's
+   freezing, which turns the weights into constants so it can fold them into the convolutions
+   and pre-pack the oneDNN/MKL weights; the large float32 linears are then moved from MKL's
+   pre-packed product to oneDNN's (a graph pass, :func:`_onednn_linear_pass`). Freezing and the
+   pass are fields of ``torch._inductor.config`` read when inductor compiles (the first call of
+   each input shape), so they are set only around each call of the returned model
+   (``config.patch``), never left on for other code. On the CPU inductor needs a C++ compiler;
+   without one (no ``g++``, or ``CXX`` naming a missing program) the eager model is returned,
+   with one ``RuntimeWarning``.
+4. **Keep the faster form** (``compile="auto"``, the default): the compiled and the eager
+   module are timed on the example (one warm-up and three runs each, interleaved) and the
+   eager one is kept when its median is at least 5 % lower (measured: InternImage-T, whose eager
+   form runs pre-packed linears and skips the custom ops' dispatch, ran 12 % faster eager than
+   compiled, RESULTS.md 2026-12-03). The discarded compiled graph stays in ``torch.compile``'s
+   caches (its memory is not returned). ``compile=True`` always keeps the compiled form.
+5. **Verify**: the result is run on the example and compared with the caller's eager model
    (before any of the above): the largest absolute difference over the largest absolute value of
    the eager output must not exceed ``tolerance`` (default 1e-3: float32 re-association in folded
    and fused layers stays near 1e-6..1e-5; a wrong rewrite gives order 1); otherwise a
@@ -32,11 +40,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import statistics
 import time
 import warnings
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -52,6 +61,7 @@ MEMORY_FORMATS = {"auto": None, "contiguous": torch.contiguous_format, "channels
 DEFAULT_TOLERANCE = 1e-3
 _LAYOUT_RUNS = 3  # timed eager runs per layout for memory_format="auto" (after one warm-up)
 _LAYOUT_MARGIN = 0.95  # channels_last must be at least 5 % faster to be chosen
+_EAGER_MARGIN = 0.95  # with compile="auto", eager must be at least 5 % faster than compiled to be kept
 
 
 class InferenceModel(nn.Module):
@@ -62,7 +72,10 @@ class InferenceModel(nn.Module):
     form when there is one (with inductor freezing switched on for the call), else ``module``.
 
     Attributes: ``memory_format`` (``"contiguous"`` or ``"channels_last"``), ``compiled`` (bool),
-    ``compile_seconds`` (the first, compiling call on the example; None when not compiled),
+    ``compile_seconds`` (the first, compiling call on the example; None when nothing was
+    compiled),
+    ``timed_ms`` (with ``compile="auto"``: the medians ``{"compiled": ms, "eager": ms}`` on the
+    example that chose between them; else None),
     ``max_rel_error`` (max |optimized - eager| / max |eager| on the example), ``tolerance``.
     """
 
@@ -74,6 +87,7 @@ class InferenceModel(nn.Module):
         # registered submodules so the parameters are not listed twice
         self.__dict__["_compiled"] = compiled
         self.compile_seconds: Optional[float] = None
+        self.timed_ms: Optional[dict] = None
         self.max_rel_error: Optional[float] = None
         self.tolerance: Optional[float] = None
         self.train(False)
@@ -89,9 +103,14 @@ class InferenceModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         """(N, C, H, W) -> the model's output, without autograd."""
+        return self.run(x, compiled=self.compiled)
+
+    def run(self, x: torch.Tensor, *, compiled: bool) -> Any:
+        """:meth:`forward` through the compiled form (``compiled=True``, which must exist) or
+        the eager ``module``."""
         x = x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
         with torch.no_grad():
-            if self._compiled is None:
+            if not compiled:
                 return self.module(x)
             with _freezing():
                 return self._compiled(x)
@@ -102,11 +121,72 @@ class InferenceModel(nn.Module):
 
 @contextlib.contextmanager
 def _freezing():
-    """Inductor's freezing switched on for the duration of the block only."""
+    """Inductor's freezing switched on for the duration of the block only, with the graph pass of
+    :func:`_onednn_linear_pass` (unless the caller set a post-grad pass of their own).
+
+    Inductor's notice that it generates no code for complex operators is silenced here: the
+    FFT path of ``dwconv2d`` (large kernels on CPUs without AVX-512) traces complex products,
+    which run as ATen calls, and with freezing the kernels' spectra become constants (measured
+    faster than the custom-op call it replaced, RESULTS.md 2026-12-03)."""
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(freezing=True):
+    patches = {"freezing": True}
+    if inductor_config.post_grad_custom_post_pass is None and torch.backends.mkldnn.is_available():
+        patches["post_grad_custom_post_pass"] = _onednn_linear_pass()
+    with inductor_config.patch(**patches), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
         yield
+
+
+#: Frozen float32 linears of at least this many multiply-adds (rows x in x out) run through
+#: oneDNN's pre-packed product instead of MKL's (RESULTS.md, 2026-12-03: 7 of ConvNeXt-T's 8
+#: product shapes, 115 M multiply-adds each, 5-24 % faster alone, the compiled model 4-6 % faster;
+#: at InternImage-T's <= 51 M-MAC products the two are within 10 % either way and its compiled
+#: model was 4-6 % slower with every linear on oneDNN).
+ONEDNN_LINEAR_MIN_MACS = 64 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear_pass():
+    """The inductor post-grad pass that swaps large frozen MKL linears for oneDNN's.
+
+    With freezing, inductor packs every float32 linear's weight for MKL
+    (``mkl._mkl_linear``). For products of at least :data:`ONEDNN_LINEAR_MIN_MACS` this pass
+    packs the (constant) weight for oneDNN instead, once, at compile time, and calls
+    ``mkldnn._linear_pointwise`` (same inputs, same (M, N) output). Built on first use: it
+    subclasses an inductor class, and importing inductor takes seconds."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    mkl_linear = (torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_linear.default)
+
+    class OneDNNLinears(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            module = graph.owning_module
+            for node in list(graph.nodes):
+                if node.op != "call_function" or node.target not in mkl_linear:
+                    continue
+                x, _, weight, bias, rows = node.args
+                if weight.op != "get_attr" or not isinstance(rows, int):
+                    continue
+                value = getattr(module, weight.target)
+                if value.dtype != torch.float32 or rows * value.numel() < ONEDNN_LINEAR_MIN_MACS:
+                    continue
+                name = f"{weight.target}_onednn"
+                module.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(value, rows))
+                with graph.inserting_before(node):
+                    packed = graph.get_attr(name)
+                    packed.meta["val"] = weight.meta["val"]
+                    linear = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
+                                                 (x, packed, bias, "none", [], ""))
+                linear.meta.update(node.meta)
+                node.replace_all_uses_with(linear)
+                graph.erase_node(node)
+            graph.eliminate_dead_code()
+
+        def uuid(self) -> str:
+            return f"convzoo.optimize.onednn_linears.v1.{ONEDNN_LINEAR_MIN_MACS}"
+
+    return OneDNNLinears()
 
 
 def cpp_compiler() -> Optional[str]:
@@ -120,7 +200,7 @@ def cpp_compiler() -> Optional[str]:
         return None
 
 
-def _check_arguments(model, example_input, memory_format, tolerance) -> None:
+def _check_arguments(model, example_input, compile, memory_format, tolerance) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, InferenceModel):
@@ -140,6 +220,8 @@ def _check_arguments(model, example_input, memory_format, tolerance) -> None:
     if parameter is not None and (parameter.device != example_input.device or parameter.dtype != example_input.dtype):
         raise ValueError(f"example_input is {example_input.dtype} on {example_input.device} but the model's parameters "
                          f"are {parameter.dtype} on {parameter.device}; move one to the other")
+    if not (isinstance(compile, bool) or compile == "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
@@ -190,11 +272,23 @@ def choose_memory_format(module: nn.Module, x: torch.Tensor) -> str:
     return choice
 
 
+def _eager_is_faster(result: "InferenceModel", x: torch.Tensor) -> bool:
+    """Time ``result``'s compiled form and its eager module on ``x`` (module doc, step 4); the
+    medians go to ``result.timed_ms``. True when eager is at least 5 % faster."""
+    forms = {"compiled": lambda: result.run(x, compiled=True), "eager": lambda: result.run(x, compiled=False)}
+    times = {name: [] for name in forms}
+    for _ in range(_LAYOUT_RUNS + 1):
+        for name, run in forms.items():
+            _time_into(run, times[name])
+    result.timed_ms = {name: statistics.median(t[1:]) for name, t in times.items()}
+    return result.timed_ms["eager"] < _EAGER_MARGIN * result.timed_ms["compiled"]
+
+
 def optimize_for_inference(
     model: nn.Module,
     example_input: torch.Tensor,
     *,
-    compile: bool = True,
+    compile: Union[bool, str] = "auto",
     memory_format: str = "auto",
     inplace: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -206,8 +300,10 @@ def optimize_for_inference(
         example_input (Tensor[N, C, H, W]): a typical input (the shape the model will mostly
             see; on the model's device and dtype). The layout is timed and the compiled form
             built and checked on it.
-        compile: ``torch.compile`` with inductor freezing (falls back to eager with a warning
-            when the CPU has no C++ compiler).
+        compile: ``"auto"``: ``torch.compile`` with inductor freezing, kept unless the eager
+            module is at least 5 % faster on the example (module doc); ``True``: compiled,
+            always kept; ``False``: eager. Either compiling value falls back to eager with a
+            warning when the CPU has no C++ compiler.
         memory_format: ``"auto"`` (timed, module doc), ``"contiguous"`` or ``"channels_last"``.
         inplace: re-parameterize ``model`` itself instead of a deep copy (the caller's
             training form is then gone).
@@ -225,7 +321,7 @@ def optimize_for_inference(
         >>> fast = convzoo.optimize_for_inference(model, torch.randn(1, 3, 224, 224))
         >>> logits = fast(images)
     """
-    _check_arguments(model, example_input, memory_format, tolerance)
+    _check_arguments(model, example_input, compile, memory_format, tolerance)
     with torch.no_grad():
         expected = model(example_input)
     if not all(torch.isfinite(t).all() for t in _outputs(expected)):
@@ -256,6 +352,12 @@ def optimize_for_inference(
             f"(max |difference| / max |eager output|), above tolerance={tolerance:g}; try compile=False or "
             f"memory_format='contiguous' to find the step at fault"
         )
+    if compiled is not None and compile == "auto" and _eager_is_faster(result, example_input):
+        result.__dict__["_compiled"] = None
+        result.max_rel_error = max_rel_error(result(example_input), expected)
+    if result.timed_ms is not None:
+        _logger.info("compiled %.1f ms, eager %.1f ms (median of %d) -> %s", result.timed_ms["compiled"],
+                     result.timed_ms["eager"], _LAYOUT_RUNS, "compiled" if result.compiled else "eager")
     _logger.info("optimized: %s, compiled=%s, max relative difference to eager %.2e",
                  memory_format, result.compiled, result.max_rel_error)
     return result

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import dcnv3
+from .prepacked import PackedLinear
 
 __all__ = ["DCNv3"]
 
@@ -120,10 +121,10 @@ class DCNv3(nn.Module):
             _norm_nchw_to_nhwc(channels, norm_layer, factory),
             _activation(act_layer),
         )
-        self.offset = nn.Linear(channels, group * points * 2, **factory)
-        self.mask = nn.Linear(channels, group * points, **factory)
-        self.input_proj = nn.Linear(channels, channels, **factory)
-        self.output_proj = nn.Linear(channels, channels, **factory)
+        self.offset = PackedLinear(channels, group * points * 2, **factory)
+        self.mask = PackedLinear(channels, group * points, **factory)
+        self.input_proj = PackedLinear(channels, channels, **factory)
+        self.output_proj = PackedLinear(channels, channels, **factory)
         if center_feature_scale:
             self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels, **factory))
             self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, **factory))

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops._checks import plain_cpu_inference
+from .prepacked import PackedConv2d
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -62,14 +62,14 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().extra_repr() + f", impl={self.impl!r}"
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(PackedConv2d):
     """1x1 conv (stride 1, no padding, one group) with fast paths for ``channels_last`` inputs.
 
     * Eager CPU inference in float32 (no gradient to record, plain tensors): oneDNN's 1x1 conv
       with the weight pre-packed once into oneDNN's blocked format and kept (for the last input
-      shape seen; re-packed when the weight changes: its version counter or storage moves). This
-      is what inductor's freezing does in compiled graphs. The packed copy doubles the memory of
-      the layer's weight.
+      shape seen; re-packed when the weight changes), as
+      :class:`convzoo.layers.prepacked.PackedConv2d` does. This is what inductor's freezing does in
+      compiled graphs. The packed copy doubles the memory of the layer's weight.
     * Other channels_last inputs (training): one ``F.linear`` over the (N, H, W, C) view, whose
       result is already the channels_last output.
     * NCHW inputs, and graphs traced by ``torch.compile``/``torch.export`` (where inductor's
@@ -87,43 +87,14 @@ class PointwiseConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
-        self._packed: Optional[Tuple[tuple, torch.Tensor]] = None
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_packed"] = None  # a oneDNN tensor: neither copied nor pickled, re-packed on first use
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_packed", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not torch.compiler.is_compiling()):
-            if x.dtype == torch.float32 and _ONEDNN and plain_cpu_inference(x, self.weight, self.bias):
-                return torch.ops.mkldnn._convolution_pointwise(x, self._packed_weight(x.shape), self.bias, [0, 0],
-                                                               [1, 1], [1, 1], 1, "none", [], "")
+            if self._packs_for(x):
+                return self._packed_conv(x)
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
-        return super().forward(x)
-
-    def _packed_weight(self, shape: torch.Size) -> torch.Tensor:
-        """The weight in oneDNN's blocked format for inputs of ``shape``, packed on first use."""
-        weight = self.weight
-        key = (tuple(shape), weight._version, weight.data_ptr())
-        if self._packed is None or self._packed[0] != key:
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), [0, 0], [1, 1], [1, 1], 1,
-                                                               list(shape))
-            self._packed = (key, packed)
-        return self._packed[1]
-
-
-def _onednn_available() -> bool:
-    """Whether this build has oneDNN's pre-packed convolution (``torch.ops.mkldnn``) on the CPU."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-_ONEDNN = _onednn_available()
+        return nn.Conv2d.forward(self, x)
 
 
 def _norm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +131,8 @@ def _empty_like_conv(conv: nn.Conv2d) -> nn.Conv2d:
         return out
     if isinstance(conv, PointwiseConv2d):
         return PointwiseConv2d(conv.in_channels, conv.out_channels, bias=True, **kw)
-    return nn.Conv2d(
+    cls = PackedConv2d if isinstance(conv, PackedConv2d) else nn.Conv2d
+    return cls(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode, **kw,
     )

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.common import DropPath, LayerNorm2d
+from ..layers.prepacked import PackedConv2d, PackedLinear
 from ..layers.reparam import DepthwiseConv2d
 from ._builder import build_model
 from ._convbn import linear_drop_path_rates, run_blocks
@@ -59,13 +60,14 @@ class ConvNeXtCfg:
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 on (..., C)."""
+    """fc1 -> GELU -> fc2 on (..., C); the linears pre-pack their weights for eager CPU inference
+    (:class:`convzoo.layers.prepacked.PackedLinear`)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = PackedLinear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = PackedLinear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -144,7 +146,7 @@ class ConvNeXtStage(Stage):
         if not downsample:
             down = nn.Identity()
         elif dilations[1] == 1:
-            down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+            down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), PackedConv2d(in_dim, dim, 2, stride=2))
         else:
             down = nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), _SamePaddedConv2d(in_dim, dim, 2, dilation=dilations[0]))
         super().__init__(down, [
@@ -235,7 +237,7 @@ class ConvNeXt(StagedClassifier):
 
     def __init__(self, cfg: ConvNeXtCfg, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=1e-6))
+        self.stem = nn.Sequential(PackedConv2d(in_chans, cfg.dims[0], 4, stride=4), LayerNorm2d(cfg.dims[0], eps=1e-6))
         rates = linear_drop_path_rates(drop_path_rate, sum(cfg.depths))
         self.stages = nn.ModuleList()
         self.feature_info = []

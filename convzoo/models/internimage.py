@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import DCNv3, DropPath, to_channels_first, to_channels_last
+from ..layers.prepacked import PackedConv2d, PackedLinear
 from ._builder import build_model
 from ._convbn import fold_bn_into_conv, linear_drop_path_rates, run_blocks
 from ._registry import register_model
@@ -72,10 +73,10 @@ class StemLayer(nn.Module):
 
     def __init__(self, in_chans: int = 3, out_chs: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, out_chs // 2, kernel_size=3, stride=2, padding=1)
+        self.conv1 = PackedConv2d(in_chans, out_chs // 2, kernel_size=3, stride=2, padding=1)
         self.norm1 = _layer_norm(out_chs // 2)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(out_chs // 2, out_chs, kernel_size=3, stride=2, padding=1)
+        self.conv2 = PackedConv2d(out_chs // 2, out_chs, kernel_size=3, stride=2, padding=1)
         self.norm2 = _layer_norm(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +90,7 @@ class DownsampleLayer(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = PackedConv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
         self.norm = _layer_norm(2 * channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,13 +98,14 @@ class DownsampleLayer(nn.Module):
 
 
 class MLPLayer(nn.Module):
-    """(..., C) -> (..., C): Linear -> GELU -> dropout -> Linear -> dropout."""
+    """(..., C) -> (..., C): Linear -> GELU -> dropout -> Linear -> dropout (the linears pre-pack their
+    weights for eager CPU inference: :class:`convzoo.layers.prepacked.PackedLinear`)."""
 
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = PackedLinear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = PackedLinear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """convzoo.optimize_for_inference: re-parameterization on a copy, memory layout, inductor with
 freezing (scoped), the no-compiler fallback, the check against the eager model, and bad input.
 
-Only one test compiles (a tiny model: inductor's compile costs seconds even then)."""
+Three tests compile (tiny models: inductor's compile costs seconds even then)."""
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn as nn
+import torch.nn.functional as F
 
 import convzoo
 from convzoo.deploy.optimize import InferenceModel, cpp_compiler
@@ -56,8 +58,9 @@ def test_compiled_form_matches_eager_and_leaves_no_global_switch():
     before = inductor_config.freezing
     with torch.no_grad():
         expected = model(x)
-    fast = convzoo.optimize_for_inference(model, x, memory_format="channels_last")
+    fast = convzoo.optimize_for_inference(model, x, compile=True, memory_format="channels_last")
     assert isinstance(fast, InferenceModel) and fast.compiled and fast.compile_seconds > 0
+    assert fast.timed_ms is None  # compile=True keeps the compiled form without timing it
     assert fast.max_rel_error < 1e-5
     assert inductor_config.freezing == before  # freezing was scoped to the calls
     # the caller's model keeps its training form (re-parameterized on a copy)
@@ -68,6 +71,62 @@ def test_compiled_form_matches_eager_and_leaves_no_global_switch():
     with torch.no_grad():
         torch.testing.assert_close(fast(other), model(other), rtol=1e-4, atol=1e-5)
     assert inductor_config.freezing == before
+
+
+class _Linears(nn.Module):
+    """(1, 1024, 8, 8) -> 64 rows of 1024 -> a 1024 -> 1024 linear (64 Mi multiply-adds), GELU,
+    a 1024 -> 8 linear (0.5 Mi)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big, self.small = nn.Linear(1024, 1024), nn.Linear(1024, 8)
+
+    def forward(self, x):
+        return self.small(F.gelu(self.big(x.flatten(2).transpose(1, 2))))
+
+
+def _slowed(monkeypatch, slow_form: str) -> None:
+    """InferenceModel.run sleeps 50 ms more for ``slow_form`` ("compiled" or "eager"): the
+    timed choice of compile="auto" then has one clear answer."""
+    run = InferenceModel.run
+
+    def slowed(self, x, *, compiled):
+        if compiled == (slow_form == "compiled"):
+            time.sleep(0.05)
+        return run(self, x, compiled=compiled)
+
+    monkeypatch.setattr(InferenceModel, "run", slowed)
+
+
+def test_large_frozen_linears_run_through_onednn_small_ones_through_mkl(monkeypatch):
+    """The compiled code calls oneDNN's pre-packed product for the linear of at least
+    ONEDNN_LINEAR_MIN_MACS multiply-adds and MKL's for the small one; the pass is scoped too.
+    compile="auto" keeps the compiled form when it is the faster one."""
+    from torch._inductor.utils import run_and_get_code
+
+    from convzoo.deploy.optimize import ONEDNN_LINEAR_MIN_MACS
+
+    assert 64 * 1024 * 1024 >= ONEDNN_LINEAR_MIN_MACS > 64 * 1024 * 8
+    model, x = _Linears().eval(), torch.randn(1, 1024, 8, 8)
+    _slowed(monkeypatch, "eager")
+    with inductor_config.patch(fx_graph_cache=False):  # a cached graph would bring no code to read
+        fast, codes = run_and_get_code(convzoo.optimize_for_inference, model, x, memory_format="contiguous")
+    code = "\n".join(codes)
+    assert code.count("mkldnn._linear_pointwise.default(") == 1 and code.count("mkl._mkl_linear.default(") == 1
+    assert fast.compiled and fast.max_rel_error < 1e-5
+    assert fast.timed_ms["eager"] > fast.timed_ms["compiled"] + 40
+    assert inductor_config.post_grad_custom_post_pass is None
+
+
+def test_auto_keeps_the_eager_module_when_it_is_faster(monkeypatch):
+    model, x = _tiny(), torch.randn(1, 3, 16, 16)
+    _slowed(monkeypatch, "compiled")
+    fast = convzoo.optimize_for_inference(model, x, memory_format="contiguous")
+    assert not fast.compiled and fast.compile_seconds > 0  # compiled, timed, discarded
+    assert fast.timed_ms["compiled"] > fast.timed_ms["eager"] + 40
+    assert fast.max_rel_error < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_cxx_compiler_it_warns_once_and_runs_eager():
@@ -152,6 +211,7 @@ def test_bad_input_is_refused_before_any_work(make, error, message):
 @pytest.mark.parametrize("option, message", [
     (dict(memory_format="nhwc"), "memory_format must be one of auto, contiguous, channels_last, got 'nhwc'"),
     (dict(tolerance=0), "tolerance must be a positive number, got 0"),
+    (dict(compile="yes"), "compile must be True, False or 'auto', got 'yes'"),
 ])
 def test_bad_options_are_refused(option, message):
     model = _tiny()

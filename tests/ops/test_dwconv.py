@@ -160,9 +160,9 @@ def cpu_capability(monkeypatch):
     """Pretend to run on a CPU with the given instruction set (the cached choices are cleared)."""
     def pretend(capability):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        cpu.cpu_capability.cache_clear()
+        cpu._read_cpu_capability.cache_clear()
     yield pretend
-    cpu.cpu_capability.cache_clear()
+    cpu._read_cpu_capability.cache_clear()
 
 
 def test_fft_paths_with_a_kernel_wider_than_the_transform():
@@ -417,8 +417,9 @@ class _LargeKernel(torch.nn.Module):
         return dwconv2d(x, self.weight, self.bias, padding=13)
 
 
-def _op_weight_shapes(module, x):
-    """The kernel shapes the ``convzoo::dwconv2d`` nodes of ``module``'s torch.compile graph receive."""
+def _conv_weight_shapes(module, x):
+    """The kernel shapes of the depthwise convs in ``module``'s torch.compile graph: of its
+    ``convzoo::dwconv2d`` nodes and of its plain ``conv2d`` nodes (traced inference)."""
     graphs = []
 
     def record(graph_module, example_inputs):
@@ -427,25 +428,35 @@ def _op_weight_shapes(module, x):
 
     torch._dynamo.reset()
     out = torch.compile(module, backend=record, fullgraph=True, dynamic=False)(x)
-    shapes = [tuple(node.args[1].meta["example_value"].shape[2:]) for g in graphs for node in g.graph.nodes
-              if node.op == "call_function" and "dwconv2d" in str(node.target)]
+    shapes = [(_node_kind(node), tuple(node.args[1].meta["example_value"].shape[2:])) for g in graphs
+              for node in g.graph.nodes if _node_kind(node)]
     return out, shapes
 
 
+def _node_kind(node):
+    """"op" for a ``convzoo::dwconv2d`` node, "conv" for a plain conv2d, None otherwise."""
+    if node.op != "call_function":
+        return None
+    if "dwconv2d" in str(node.target):
+        return "op"
+    return "conv" if node.target in (torch.conv2d, F.conv2d) else None
+
+
 def test_compiled_inference_graph_holds_the_cropped_kernel_and_training_the_full_one():
-    """Under torch.compile with a static map size, inference (no gradient) passes the cropped kernel
-    to the op, as eager inference does; with gradients the full kernel (its gradient is needed).
-    torch.export programs and FLOP counting keep the full kernel."""
+    """Under torch.compile with a static map size, inference (no gradient) traces the plain conv
+    with the cropped kernel, as eager inference runs it; with gradients the custom op gets the
+    full kernel (its gradient is needed). torch.export programs and FLOP counting keep the full
+    kernel."""
     torch.manual_seed(0)
     module = _LargeKernel()
     x = torch.randn(1, 3, 8, 8)
     expected = dwconv2d_reference(x, module.weight, module.bias, (1, 1), (13, 13, 13, 13), (1, 1))
     with torch.no_grad():
-        out, shapes = _op_weight_shapes(module, x)
-    assert shapes == [(15, 15)]
+        out, shapes = _conv_weight_shapes(module, x)
+    assert shapes == [("conv", (15, 15))]
     torch.testing.assert_close(out, expected)
-    out, shapes = _op_weight_shapes(module, x)
-    assert shapes == [(27, 27)]
+    out, shapes = _conv_weight_shapes(module, x)
+    assert shapes == [("op", (27, 27))]
     torch.testing.assert_close(out, expected)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
@@ -453,6 +464,41 @@ def test_compiled_inference_graph_holds_the_cropped_kernel_and_training_the_full
     with torch.no_grad():
         program = torch.export.export(module, (x,))
     assert [tuple(n.args[1].meta["val"].shape[2:]) for n in program.graph.nodes if "dwconv2d" in str(n.target)] == [(27, 27)]
+
+
+@pytest.mark.parametrize("capability,size,kernel,path", [
+    (None, 16, 7, "direct"), ("AVX2", 32, 31, "fft"), ("AVX512", 32, 31, "direct")])
+def test_compiled_inference_traces_the_native_path_without_graph_break(cpu_capability, capability, size, kernel,
+                                                                        path):
+    """Inference under torch.compile runs the native path inside the graph (one graph, no break
+    at the depthwise conv, whose CPU-capability query is a constant there): plain conv2d nodes
+    that inductor's freezing pre-packs and fuses, or the FFT's ops, instead of the custom op.
+    ``capability`` None: this CPU's own query (a torch function dynamo cannot trace)."""
+    if capability is not None:
+        cpu_capability(capability)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 1, kernel, kernel), torch.randn(3)
+    x = torch.randn(2, 3, size, size)
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def block(x):
+        return dwconv2d(x, weight, bias, padding="same").relu() + x
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(block, backend=record, fullgraph=True, dynamic=False)(x)
+    torch._dynamo.reset()
+    expected = (dwconv2d_reference(x, weight, bias, (1, 1), (kernel // 2,) * 4, (1, 1)).relu() + x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert len(graphs) == 1
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert not any("dwconv2d" in t or "capability" in t for t in targets), targets
+    assert any("rfft2" in t for t in targets) == (path == "fft"), targets
+    assert any(_node_kind(node) == "conv" for node in graphs[0].graph.nodes) == (path == "direct"), targets
 
 
 def test_torch_compile_fullgraph():

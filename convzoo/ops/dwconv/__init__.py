@@ -80,9 +80,10 @@ def dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         return dwconv2d_reference(x, weight, bias, stride, padding4, dilation)
     backend = "triton" if use_triton("dwconv2d", impl, x) else "native"
     if backend == "native" and _croppable(x, weight, bias):
+        # Past the custom op: eager skips its dispatch; torch.compile traces the plain convs
+        # (or FFTs), so inductor's freezing pre-packs the weights and fuses what follows.
         weight, padding4 = crop_to_reach(x.shape, weight, stride, padding4, dilation)
-        if not torch.compiler.is_compiling():  # eager: past the custom op's dispatch
-            return cpu.forward(x, weight, bias, stride, padding4, dilation)
+        return cpu.forward(x, weight, bias, stride, padding4, dilation)
     return torch.ops.convzoo.dwconv2d(x, weight, bias, list(stride), list(padding4), list(dilation), backend,
                                       triton_kernel)
 

@@ -61,9 +61,17 @@ FFT_CHUNK_ELEMENTS = 1 << 23
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_capability() -> str:
-    """This CPU's instruction set as PyTorch names it ("AVX512", "AVX2", ...), read once."""
+def _read_cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
+
+
+@torch.compiler.assume_constant_result
+def cpu_capability() -> str:
+    """This CPU's instruction set as PyTorch names it ("AVX512", "AVX2", ...), read once.
+
+    A constant for ``torch.compile``: dynamo calls it while tracing and bakes the string into the
+    graph (the query itself, a torch function returning a string, would break the graph)."""
+    return _read_cpu_capability()
 
 
 def jit_dw_max_kernel_width() -> int:
