@@ -10,6 +10,8 @@ group ``g`` and channel ``c`` of that group::
 Point order is x-major: point ``p`` enumerates ``ix`` in ``range(kernel_w)`` (outer) and ``iy``
 in ``range(kernel_h)`` (inner), so ``p = ix * kernel_h + iy``; with ``remove_center`` the point
 ``(ix, iy) == (kernel_w // 2, kernel_h // 2)`` is skipped and the later points move up by one.
+With ``mask_softmax=True`` the ``mask`` argument holds logits and ``mask[n, ho, wo, g*P + p]`` above
+is their softmax over the ``P`` points of group ``g`` (DCNv3's normalisation, done inside the op).
 The offset channels hold ``(x, y)`` pairs: ``offset[..., 2*(g*P + p)]`` is the x offset and
 ``offset[..., 2*(g*P + p) + 1]`` the y offset of point ``p`` of group ``g``. With
 ``half_w = (dilation_w * (kernel_w - 1)) // 2`` (likewise ``half_h``)::

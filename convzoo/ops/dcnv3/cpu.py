@@ -16,6 +16,10 @@ kernels run in parallel over the ``N * H_out`` output rows:
   are enough of them (it writes ``grad_x`` directly), otherwise a contiguous block of output rows
   with its own zeroed copy of ``grad_x``, and the copies are summed afterwards. No two threads
   ever add into the same memory.
+
+With ``softmax`` the mask holds logits: both kernels normalise each group's ``P`` of them into a
+per-row scratch before sampling (one exponential per point), and the backward turns the mask
+gradient into that of the logits.
 """
 from __future__ import annotations
 
