@@ -57,7 +57,8 @@ class DCNv3(nn.Module):
     ``input_proj`` projects the input; a depthwise conv + norm + activation of the input predicts,
     per output pixel, ``group * P * 2`` offsets (``offset``) and ``group * P`` mask logits
     (``mask``), normalised by a softmax over the P points of each group (``softmax=True``,
-    DCNv3) or used as they are (``softmax=False``, DCNv4); :func:`convzoo.ops.dcnv3` samples the
+    DCNv3, applied inside :func:`convzoo.ops.dcnv3` via ``mask_softmax``) or used as they are
+    (``softmax=False``, DCNv4); :func:`convzoo.ops.dcnv3` samples the
     projected features; ``output_proj`` mixes the channels.
 
     With ``stride > 1`` (which InternImage's module does not support) the offsets, mask and
@@ -162,7 +163,7 @@ class DCNv3(nn.Module):
         """(N, H, W, channels) -> (N, H_out, W_out, channels)."""
         if input.dim() != 4 or input.shape[3] != self.channels:
             raise ValueError(f"input must have shape (N, H, W, {self.channels}), got {tuple(input.shape)}")
-        n, height, width, _ = input.shape
+        height, width = input.shape[1:3]
         span = self.dilation * (self.kernel_size - 1) + 1
         height_out = (height + 2 * self.pad - span) // self.stride + 1
         width_out = (width + 2 * self.pad - span) // self.stride + 1
@@ -173,16 +174,13 @@ class DCNv3(nn.Module):
         features = self._at_window_centres(features, height_out, width_out)
         offset = self.offset(features)
         mask = self.mask(features)
-        if self.softmax:
-            points = self.kernel_size * self.kernel_size - self.remove_center
-            mask = F.softmax(mask.reshape(n, height_out, width_out, self.group, points), -1)
-            mask = mask.reshape(n, height_out, width_out, self.group * points)
         mask = mask.to(x.dtype)
         offset = offset.to(x.dtype)
 
         k = self.kernel_size
         x = dcnv3(x, offset, mask, k, k, self.stride, self.stride, self.pad, self.pad, self.dilation, self.dilation,
-                  self.group, self.group_channels, self.offset_scale, bool(self.remove_center), impl=self.impl)
+                  self.group, self.group_channels, self.offset_scale, bool(self.remove_center),
+                  mask_softmax=self.softmax, impl=self.impl)
         if self.center_feature_scale:
             gate = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight,
                                           self.center_feature_scale_proj_bias))
