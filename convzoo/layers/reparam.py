@@ -89,10 +89,10 @@ class PointwiseConv2d(PackedConv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packs_conv(x):
+            return self._packed_conv(x)
         if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                 and not torch.compiler.is_compiling()):
-            if self._packs_for(x):
-                return self._packed_conv(x)
             return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         return nn.Conv2d.forward(self, x)
 
